@@ -1,0 +1,119 @@
+"""The cost model a plant bids with.
+
+cost = clone cost + boot cost + the sum of the remaining actions' expected
+seconds + a load term. An action's expected seconds come, in this order of
+preference, from the plant's history of measured runs of that step
+(``history``), from the DAG's ``cost`` hint, or from ``default_seconds``.
+Among the images that can serve a request, the bid uses the one whose
+remaining actions cost least (ties: the one that embodies more steps, then
+the name). Every figure of the sum is kept in the bid's breakdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .dag import Action, Dag
+from .matching import CachedImage, Match, candidates, flatten
+from .errors import NoSuchImageError
+from .steps import step_digest
+
+DEFAULT_ACTION_SECONDS = 5.0
+
+
+class StepHistory(Protocol):
+    """Measured durations of steps on one plant (the plant's records implement it)."""
+
+    def expected_seconds(self, digest: str) -> float | None:
+        """Expected seconds of the step with ``digest``, or None if it was never measured."""
+
+
+@dataclass(frozen=True)
+class CostItem:
+    """One term of a bid: what it is for, its seconds, and where the figure came from.
+
+    ``source`` is one of 'clone', 'boot', 'history', 'hint', 'default', 'load'.
+    """
+
+    label: str
+    seconds: float
+    source: str
+    node: str | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class Bid:
+    """An offer to make the VM: the image to clone, what remains, and the cost's breakdown."""
+
+    image: str
+    cost: float
+    items: tuple[CostItem, ...]
+    remaining: tuple[str, ...]
+    matched: int
+
+    @property
+    def action_seconds(self) -> float:
+        return sum(item.seconds for item in self.items if item.source in ("history", "hint", "default"))
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A refusal to bid, with the reason (and each image's own reason)."""
+
+    reason: str
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CostModel:
+    """A plant's costs. ``clone_seconds`` and ``boot_seconds`` are measured by the plant."""
+
+    clone_seconds: float = 0.05
+    boot_seconds: float = 0.0
+    default_seconds: float = DEFAULT_ACTION_SECONDS
+    history: StepHistory | None = None
+
+    def action_item(self, action: Action) -> CostItem:
+        """The expected seconds of one action, with their source."""
+        digest = step_digest(action)
+        measured = self.history.expected_seconds(digest) if self.history is not None else None
+        if measured is not None:
+            return CostItem(f"{action.kind} {action.id}", float(measured), "history", action.id, digest)
+        if action.cost is not None:
+            return CostItem(f"{action.kind} {action.id}", float(action.cost), "hint", action.id, digest)
+        return CostItem(f"{action.kind} {action.id}", self.default_seconds, "default", action.id, digest)
+
+    def estimate(self, request: Dag, images: Iterable[CachedImage], load_seconds: float = 0.0) -> Bid | Decline:
+        """The bid for ``request`` on the best image, or a :class:`Decline` saying why none serves."""
+        pool = list(images)
+        try:
+            matches, reasons = candidates(request, pool)
+        except NoSuchImageError as exc:
+            return Decline(exc.message)
+        if not matches:
+            if not pool:
+                return Decline("the warehouse has no cached images")
+            detail = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
+            return Decline(f"no cached image embodies a prefix of this DAG ({detail})", reasons)
+        flat = flatten(request, {image.name: image.dag for image in pool})
+        best: tuple[float, int, str] | None = None
+        chosen: tuple[Match, list[CostItem]] | None = None
+        for match in matches:
+            items = [self.action_item(flat.nodes[node_id]) for node_id in match.remaining]  # type: ignore[arg-type]
+            seconds = sum(item.seconds for item in items)
+            key = (seconds, -len(match.matched), match.image)
+            if best is None or key < best:
+                best, chosen = key, (match, items)
+        assert chosen is not None
+        match, items = chosen
+        terms = [CostItem(f"clone {match.image}", self.clone_seconds, "clone")]
+        if self.boot_seconds:
+            terms.append(CostItem("boot", self.boot_seconds, "boot"))
+        terms.extend(items)
+        if load_seconds:
+            terms.append(CostItem("load", load_seconds, "load"))
+        return Bid(image=match.image, cost=round(sum(t.seconds for t in terms), 6), items=tuple(terms),
+                   remaining=match.remaining, matched=len(match.matched))

@@ -1,0 +1,217 @@
+"""The DAG's XML form: load (hardened, XSD-validated, rule-checked) and write.
+
+:func:`load_dag` is the single way a DAG document becomes a :class:`Dag`;
+the shop, the plant and the CLI all use it, so a DAG that one of them
+accepts the others accept too. Errors name the line and the node.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from decimal import Decimal
+from pathlib import Path
+
+from lxml import etree
+
+from .dag import (
+    DEFAULT_TIMEOUT,
+    Action,
+    BlankStart,
+    Dag,
+    Edge,
+    FileAction,
+    Hardware,
+    ImageStart,
+    MountAction,
+    NetworkAction,
+    Node,
+    ScriptAction,
+)
+from .errors import Problem, SchemaInvalidError
+from .rules import check_dag
+from .xmlload import parse_xml
+
+DAG_NS = "urn:vmshop:dag:1"
+VM_ROOT = f"{{{DAG_NS}}}vm"
+DAG_ROOT = f"{{{DAG_NS}}}dag"
+DAG_XSD = "vmdag-1.0.xsd"
+
+
+def xsd_dir() -> Path:
+    """Where the published schemas live (``VMSHOP_XSD_DIR`` overrides)."""
+    override = os.environ.get("VMSHOP_XSD_DIR")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "xsd"
+
+
+@functools.lru_cache(maxsize=None)
+def load_schema(name: str) -> etree.XMLSchema:
+    """The compiled XSD ``name`` from :func:`xsd_dir` (compiled once per process)."""
+    root = parse_xml((xsd_dir() / name).read_bytes(), what=f"schema {name}", max_depth=64)
+    return etree.XMLSchema(root)
+
+
+def validate_against(schema_name: str, root: etree._Element, what: str) -> None:
+    """Raise :class:`SchemaInvalidError` with every XSD error (line and node) of ``root``."""
+    schema = load_schema(schema_name)
+    if schema.validate(root):
+        return
+    problems = [Problem(_clean(entry.message), entry.line or None, _node_at(root, entry.line))
+                for entry in schema.error_log]
+    raise SchemaInvalidError(f"{what} does not match the schema {schema_name}: {problems[0].message}", problems)
+
+
+def load_dag(data: bytes | str, what: str = "DAG") -> Dag:
+    """Parse, validate and rule-check a ``<vm>`` request document."""
+    root = parse_xml(data, what=what, expected_root=VM_ROOT)
+    validate_against(DAG_XSD, root, what)
+    dag = dag_from_element(root)
+    check_dag(dag, what)
+    return dag
+
+
+def load_embedded_dag(root: etree._Element, what: str) -> Dag:
+    """Validate and rule-check an embedded ``<dag>`` element (an image's lineage).
+
+    The element is validated as a document of its own, so it must be a
+    ``<dag>`` in the DAG namespace; lines stay those of the enclosing file.
+    """
+    validate_against(DAG_XSD, root, what)
+    dag = dag_from_element(root)
+    check_dag(dag, what)
+    return dag
+
+
+def dag_from_element(root: etree._Element) -> Dag:
+    """Build the model from a schema-valid ``<vm>`` or ``<dag>`` element."""
+    nodes: dict[str, Node] = {}
+    edges: list[Edge] = []
+    attributes: dict[str, str] = {}
+    description = None
+    for child in root:
+        if not isinstance(child.tag, str):
+            continue  # comments and processing instructions
+        local = etree.QName(child).localname
+        if local == "description":
+            description = (child.text or "").strip()
+        elif local == "attributes":
+            for attribute in child.iterchildren(f"{{{DAG_NS}}}attribute"):
+                attributes[attribute.get("name")] = attribute.get("value")
+        elif local == "nodes":
+            for element in child:
+                if isinstance(element.tag, str):
+                    node = _node(element)
+                    nodes.setdefault(node.id, node)
+        elif local == "edges":
+            for element in child.iterchildren(f"{{{DAG_NS}}}edge"):
+                edges.append(Edge(element.get("from"), element.get("to"), element.sourceline))
+    return Dag(nodes=nodes, edges=edges, attributes=attributes, name=root.get("name"), description=description)
+
+
+def _node(element: etree._Element) -> Node:
+    kind = etree.QName(element).localname
+    get = element.get
+    node_id = get("id")
+    line = element.sourceline
+    if kind == "blank":
+        hardware = Hardware(memory=int(get("memory")), vcpus=int(get("vcpus", "1")),
+                            disk=int(get("disk")), arch=get("arch", "x86_64"))
+        return BlankStart(node_id, line, hardware=hardware)
+    if kind == "image":
+        return ImageStart(node_id, line, name=get("name"), memory=_int(get("memory")), vcpus=_int(get("vcpus")))
+    cost = float(Decimal(get("cost"))) if get("cost") is not None else None
+    if kind == "script":
+        return ScriptAction(node_id, line, cost=cost, interpreter=get("interpreter", "/bin/sh"),
+                            body=element.text or "", script_timeout=int(get("timeout", str(DEFAULT_TIMEOUT))))
+    if kind == "file":
+        return FileAction(node_id, line, cost=cost, path=get("path"), mode=int(get("mode", "0644"), 8),
+                          content=element.text or "")
+    if kind == "network":
+        return NetworkAction(node_id, line, cost=cost, mode=get("mode", "pool"), address=get("address"),
+                             prefix=int(get("prefix", "24")), gateway=get("gateway"), hostname=get("hostname"))
+    if kind == "mount":
+        return MountAction(node_id, line, cost=cost, source=get("source"), target=get("target"),
+                           readonly=get("readonly", "true") in ("true", "1"))
+    raise ValueError(f"unknown node kind {kind!r}")  # the schema makes this unreachable
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _clean(message: str) -> str:
+    return message.replace(f"{{{DAG_NS}}}", "")
+
+
+def _node_at(root: etree._Element, line: int | None) -> str | None:
+    """The id of the node (or the endpoint of the edge) written at ``line``."""
+    if not line:
+        return None
+    for element in root.iter():
+        if isinstance(element.tag, str) and element.sourceline == line:
+            for key in ("id", "to", "name"):
+                if element.get(key):
+                    return element.get(key)
+    return None
+
+
+# Writing ------------------------------------------------------------------
+
+def dag_to_element(dag: Dag, root_tag: str = VM_ROOT) -> etree._Element:
+    """The XML element for ``dag`` (``<vm>`` by default, or ``<dag>``)."""
+    E = lambda local, **attrs: etree.Element(f"{{{DAG_NS}}}{local}",  # noqa: E731
+                                            {k: str(v) for k, v in attrs.items() if v is not None},
+                                            nsmap={None: DAG_NS} if local in ("vm", "dag") else None)
+    root = E(etree.QName(root_tag).localname, name=dag.name)
+    if dag.description:
+        etree.SubElement(root, f"{{{DAG_NS}}}description").text = dag.description
+    if dag.attributes:
+        attributes = etree.SubElement(root, f"{{{DAG_NS}}}attributes")
+        for name, value in dag.attributes.items():
+            attributes.append(E("attribute", name=name, value=value))
+    nodes = etree.SubElement(root, f"{{{DAG_NS}}}nodes")
+    for node in dag:
+        nodes.append(_node_element(node, E))
+    if dag.edges:
+        edges = etree.SubElement(root, f"{{{DAG_NS}}}edges")
+        for edge in dag.edges:
+            edges.append(E("edge", **{"from": edge.source, "to": edge.target}))
+    return root
+
+
+def dag_to_xml(dag: Dag, root_tag: str = VM_ROOT) -> str:
+    """``dag`` as an indented XML document (round-trips through :func:`load_dag`)."""
+    root = dag_to_element(dag, root_tag)
+    etree.indent(root, space="  ")
+    return etree.tostring(root, encoding="unicode") + "\n"
+
+
+def _node_element(node: Node, E: object) -> etree._Element:
+    make = E  # type: ignore[assignment]
+    cost = _decimal(node.cost) if isinstance(node, Action) else None
+    if isinstance(node, BlankStart):
+        hw = node.hardware
+        return make("blank", id=node.id, memory=hw.memory, vcpus=hw.vcpus, disk=hw.disk, arch=hw.arch)  # type: ignore[operator]
+    if isinstance(node, ImageStart):
+        return make("image", id=node.id, name=node.name, memory=node.memory, vcpus=node.vcpus)  # type: ignore[operator]
+    if isinstance(node, ScriptAction):
+        element = make("script", id=node.id, interpreter=node.interpreter, timeout=node.script_timeout, cost=cost)  # type: ignore[operator]
+        element.text = node.body
+        return element
+    if isinstance(node, FileAction):
+        element = make("file", id=node.id, path=node.path, mode=f"{node.mode:04o}", cost=cost)  # type: ignore[operator]
+        element.text = node.content
+        return element
+    if isinstance(node, NetworkAction):
+        return make("network", id=node.id, mode=node.mode, address=node.address, prefix=node.prefix,  # type: ignore[operator]
+                    gateway=node.gateway, hostname=node.hostname, cost=cost)
+    if isinstance(node, MountAction):
+        return make("mount", id=node.id, source=node.source, target=node.target,  # type: ignore[operator]
+                    readonly="true" if node.readonly else "false", cost=cost)
+    raise TypeError(f"cannot write node {node!r}")
+
+
+def _decimal(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return format(Decimal(repr(value)).normalize(), "f")

@@ -1,0 +1,189 @@
+"""The project's exceptions.
+
+Every error a client can cause is a :class:`VMShopError` with a stable
+``code``. The code is the SOAP fault code (``Client.<Code>`` for problems
+with the request, ``Server.<Code>`` for problems on our side), so a code
+means the same thing in a Python exception, in a SOAP fault and in the
+CLI's exit status. Codes are part of the public contract: never rename one.
+
+Errors about a document carry the line and, where known, the id of the DAG
+node they concern; ``str(error)`` names both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a document: a message, its line and its node."""
+
+    message: str
+    line: int | None = None
+    node: str | None = None
+
+    def __str__(self) -> str:
+        where = []
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.node is not None:
+            where.append(f"node '{self.node}'")
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+
+class VMShopError(Exception):
+    """Base of the project's errors. ``CODE`` is stable and is the fault code."""
+
+    CODE = "Server.InternalError"
+
+    def __init__(self, message: str, problems: list[Problem] | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.problems: list[Problem] = list(problems or [])
+        self.code: str = code or self.CODE
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return self.message
+        return self.message + "\n" + "\n".join(f"  {p}" for p in self.problems)
+
+    @property
+    def line(self) -> int | None:
+        return self.problems[0].line if self.problems else None
+
+    @property
+    def node(self) -> str | None:
+        return self.problems[0].node if self.problems else None
+
+# Documents -------------------------------------------------
+
+
+class XMLSyntaxError(VMShopError):
+    """The document is not well-formed XML."""
+
+    CODE = "Client.XMLSyntax"
+
+
+class DoctypeRefusedError(VMShopError):
+    """The document has a DOCTYPE; none is accepted."""
+
+    CODE = "Client.DoctypeRefused"
+
+
+class DocumentTooLargeError(VMShopError):
+    """The document exceeds the size or depth limit."""
+
+    CODE = "Client.DocumentTooLarge"
+
+
+class WrongRootError(VMShopError):
+    """The document's root element is not the one expected."""
+
+    CODE = "Client.WrongRoot"
+
+
+class SchemaInvalidError(VMShopError):
+    """The document breaks the XSD."""
+
+    CODE = "Client.SchemaInvalid"
+
+
+class DagInvalidError(VMShopError):
+    """The DAG breaks a rule XSD can't express (cycle, start node, reachability)."""
+
+    CODE = "Client.DagInvalid"
+
+# Requests --------------------------------------------------
+
+
+class NoSuchImageError(VMShopError):
+    """No cached image has that name."""
+
+    CODE = "Client.NoSuchImage"
+
+
+class NoSuchVMError(VMShopError):
+    """No VM has that id."""
+
+    CODE = "Client.NoSuchVM"
+
+
+class QueryInvalidError(VMShopError):
+    """The query is malformed or names an unknown attribute."""
+
+    CODE = "Client.QueryInvalid"
+
+
+class NotSupportedError(VMShopError):
+    """The operation or option is not supported here."""
+
+    CODE = "Client.NotSupported"
+
+
+class DeclinedError(VMShopError):
+    """No cached image or resource can serve the request."""
+
+    CODE = "Client.Declined"
+
+# Plants and guests -----------------------------------------
+
+
+class CapacityExhaustedError(VMShopError):
+    """The plant has no room for another VM."""
+
+    CODE = "Server.CapacityExhausted"
+
+
+class PoolExhaustedError(VMShopError):
+    """The plant has no free address in its pool."""
+
+    CODE = "Server.PoolExhausted"
+
+
+class ActionFailedError(VMShopError):
+    """A configuration action failed inside the guest."""
+
+    CODE = "Server.ActionFailed"
+
+
+class BackendError(VMShopError):
+    """The hypervisor backend failed."""
+
+    CODE = "Server.BackendError"
+
+
+class NoPlantError(VMShopError):
+    """No plant could create the VM."""
+
+    CODE = "Server.NoPlantAvailable"
+
+
+class PlantGoneError(VMShopError):
+    """The plant holding the VM does not answer."""
+
+    CODE = "Server.PlantGone"
+
+
+class ConfigurationError(VMShopError):
+    """A configuration file is wrong."""
+
+    CODE = "Server.Configuration"
+
+
+ALL_ERRORS: tuple[type[VMShopError], ...] = (
+    XMLSyntaxError, DoctypeRefusedError, DocumentTooLargeError, WrongRootError, SchemaInvalidError,
+    DagInvalidError, NoSuchImageError, NoSuchVMError, QueryInvalidError, NotSupportedError,
+    DeclinedError, CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError,
+    NoPlantError, PlantGoneError, ConfigurationError,
+)
+ERROR_BY_CODE: dict[str, type[VMShopError]] = {cls.CODE: cls for cls in ALL_ERRORS}
+
+
+def error_for_code(code: str, message: str) -> VMShopError:
+    """Rebuild the project error for a fault code (clients use this); unknown codes give the base class."""
+    code = code.split(":", 1)[-1]  # zeep reports 'soap11env:Client.X'
+    cls = ERROR_BY_CODE.get(code)
+    if cls is None:
+        return VMShopError(message, None, code)
+    return cls(message)
