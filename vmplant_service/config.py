@@ -1,0 +1,217 @@
+"""The plant's configuration: ``configuration_vmplant.xml``.
+
+:func:`load_config` reads it with the hardened loader, validates it against
+``xsd/vmplant-config-1.0.xsd`` and checks what the schema can't say; a
+relative path in it is taken relative to the file's own directory, so every
+path of a :class:`PlantConfig` is absolute. :func:`write_config` writes a
+file that :func:`load_config` reads back into an equal configuration.
+Errors are :class:`ConfigurationError` or the loader's and schema's own
+errors (:class:`SchemaInvalidError`, ...), each naming its line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from lxml import etree
+
+from vmshop_common.addresses import read_addresses
+from vmshop_common.dagxml import validate_against
+from vmshop_common.errors import ConfigurationError, Problem
+from vmshop_common.xmlload import parse_xml, parse_xml_file
+
+CONFIG_NS = "urn:vmshop:vmplant-config:1"
+CONFIG_ROOT = f"{{{CONFIG_NS}}}vmplant"
+CONFIG_XSD = "vmplant-config-1.0.xsd"
+CONFIG_FILE = "configuration_vmplant.xml"
+NETWORK_MODES = ("vde", "none")
+DEFAULT_PORT = 8090
+DEFAULT_CAPACITY_VMS = 8
+DEFAULT_CAPACITY_MEMORY = 4096
+RECORDS_FILE = "records.sqlite3"
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@dataclass(frozen=True)
+class PlantConfig:
+    """A plant's configuration; every path is absolute.
+
+    ``public_url`` is the address the plant's WSDL names; it is empty when
+    the plant listens on a wildcard host or on port 0 and none was given
+    (the service then derives it at run time). ``switch_dir`` is set when
+    ``network_mode`` is 'vde' (default: ``state_dir/switch``); ``ip_file`` is
+    set when it is 'vde'.
+    """
+
+    name: str
+    listen_host: str
+    listen_port: int
+    public_url: str
+    warehouse_dir: Path
+    state_dir: Path
+    backend: str = "qemu"
+    backend_options: dict[str, str] = field(default_factory=dict, hash=False)
+    network_mode: str = "none"
+    ip_file: Path | None = None
+    switch_dir: Path | None = None
+    capacity_vms: int = DEFAULT_CAPACITY_VMS
+    capacity_memory: int = DEFAULT_CAPACITY_MEMORY
+    datastore: Path | None = None
+    shops_file: Path | None = None
+    source: Path | None = field(default=None, compare=False)
+
+    @property
+    def records_path(self) -> Path:
+        """The plant's SQLite records, in its state directory."""
+        return self.state_dir / RECORDS_FILE
+
+    def shops(self) -> list[tuple[str, int]]:
+        """The shops this plant trusts and notifies (none without a shops file); ConfigurationError if bad."""
+        return read_addresses(self.shops_file) if self.shops_file is not None else []
+
+
+def default_public_url(host: str, port: int) -> str:
+    """``http://host:port/`` (brackets for IPv6), or '' for a wildcard host or port 0."""
+    if host in _WILDCARDS or port == 0:
+        return ""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def load_config(path: str | Path) -> PlantConfig:
+    """Read and check the configuration file ``path`` (see the module docstring)."""
+    source = Path(path).absolute()
+    what = f"plant configuration {source}"
+    try:
+        root = parse_xml_file(source, what=what, expected_root=CONFIG_ROOT)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the {what}: {exc.strerror or exc}") from None
+    return _config_from_root(root, source, what)
+
+
+def config_from_xml(data: bytes | str, source: str | Path) -> PlantConfig:
+    """Check the configuration text ``data`` as if it were the file ``source`` (paths relative to its directory)."""
+    source = Path(source).absolute()
+    what = f"plant configuration {source}"
+    return _config_from_root(parse_xml(data, what=what, expected_root=CONFIG_ROOT), source, what)
+
+
+def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantConfig:
+    validate_against(CONFIG_XSD, root, what)
+    base = source.parent
+
+    def element(local: str) -> etree._Element | None:
+        return root.find(f"{{{CONFIG_NS}}}{local}")
+
+    def path_of(local: str, attribute: str) -> Path | None:
+        found = element(local)
+        if found is None or found.get(attribute) is None:
+            return None
+        return _absolute(base, found.get(attribute))
+
+    def fail(message: str, at: etree._Element | None) -> ConfigurationError:
+        line = at.sourceline if at is not None else root.sourceline
+        return ConfigurationError(f"{what}: {message}", [Problem(message, line)])
+
+    listen = element("listen")
+    assert listen is not None  # required by the schema
+    host, port = listen.get("host", "127.0.0.1"), int(listen.get("port"))
+    if ":" in host and not _is_ipv6(host):
+        raise fail(f"'{host}' is not a host name or an IP address", listen)
+    public = element("public")
+    public_url = public.get("url") if public is not None else default_public_url(host, port)
+    if public is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise fail(f"the public URL '{public_url}' is not an http(s) URL with a host", public)
+    backend = element("backend")
+    options: dict[str, str] = {}
+    if backend is not None:
+        for option in backend.iterchildren(f"{{{CONFIG_NS}}}option"):
+            options[option.get("name")] = option.get("value")
+    network = element("network")
+    mode = network.get("mode") if network is not None else "none"
+    ip_file = path_of("network", "ipfile")
+    switch_dir = path_of("network", "switch-dir")
+    state_dir = path_of("state", "dir")
+    assert state_dir is not None
+    if mode == "vde":
+        if ip_file is None:
+            raise fail("network mode 'vde' needs an ipfile (the address pool)", network)
+        switch_dir = switch_dir or state_dir / "switch"
+    capacity = element("capacity")
+    warehouse_dir = path_of("warehouse", "dir")
+    assert warehouse_dir is not None
+    return PlantConfig(
+        name=root.get("name"), listen_host=host, listen_port=port, public_url=public_url,
+        warehouse_dir=warehouse_dir, state_dir=state_dir,
+        backend=backend.get("name") if backend is not None else "qemu", backend_options=options,
+        network_mode=mode, ip_file=ip_file, switch_dir=switch_dir,
+        capacity_vms=int(capacity.get("vms")) if capacity is not None else DEFAULT_CAPACITY_VMS,
+        capacity_memory=int(capacity.get("memory")) if capacity is not None else DEFAULT_CAPACITY_MEMORY,
+        datastore=path_of("datastore", "dir"), shops_file=path_of("shops", "file"), source=source)
+
+
+def _absolute(base: Path, value: str) -> Path:
+    """``value`` as an absolute, normalised path (relative to ``base``); symlinks are left alone."""
+    return Path(os.path.normpath(base / Path(value).expanduser()))
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def config_to_xml(config: PlantConfig) -> str:
+    """The configuration file's text for ``config`` (paths written absolute)."""
+    ns = CONFIG_NS
+
+    def add(local: str, **attributes: object) -> etree._Element:
+        return etree.SubElement(root, f"{{{ns}}}{local}",
+                                {k.replace("_", "-"): str(v) for k, v in attributes.items() if v is not None})
+
+    root = etree.Element(f"{{{ns}}}vmplant", {"name": config.name}, nsmap={None: ns})
+    add("listen", host=config.listen_host, port=config.listen_port)
+    if config.public_url:
+        add("public", url=config.public_url)
+    add("warehouse", dir=config.warehouse_dir)
+    add("state", dir=config.state_dir)
+    backend = add("backend", name=config.backend)
+    for name, value in config.backend_options.items():
+        etree.SubElement(backend, f"{{{ns}}}option", {"name": name, "value": value})
+    add("network", mode=config.network_mode, ipfile=config.ip_file, switch_dir=config.switch_dir)
+    add("capacity", vms=config.capacity_vms, memory=config.capacity_memory)
+    if config.datastore is not None:
+        add("datastore", dir=config.datastore)
+    if config.shops_file is not None:
+        add("shops", file=config.shops_file)
+    etree.indent(root, space="  ")
+    body = etree.tostring(root, encoding="unicode")
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            "<!-- VMPlant configuration (xsd/vmplant-config-1.0.xsd); written by scripts/configure_vmplant.py -->\n"
+            + body + "\n")
+
+
+def write_config(config: PlantConfig, path: str | Path) -> Path:
+    """Write ``config`` to ``path`` atomically (a file :func:`load_config` reads back equal); returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(config_to_xml(config))
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o644)
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,321 @@
+"""The warehouse: the plant's cached images, listed in ``index.txt``.
+
+A warehouse is a directory holding ``index.txt``: one absolute path of an
+image configuration file per line (blank lines and ``#`` comment lines are
+allowed). An image configuration file (``xsd/vmimage-1.0.xsd``) names the
+image, its disk, how to boot it, its hardware and the DAG it embodies.
+
+:func:`load_image_config` reads one such file and checks everything about
+it: the hardened loader, the XSD, the embedded DAG (``load_embedded_dag``:
+its own XSD and the DAG rules), and on the host: each file it names exists,
+is a regular readable file, and a relative name (relative to the directory
+the configuration file really is in) stays inside that directory even
+through symlinks; the disk's content agrees with its declared format; the
+hardware agrees with the DAG's blank start node.
+
+:meth:`Warehouse.load` reads every entry; a bad entry is reported (index
+line, code, message) and skipped, never fatal for the others. Entries whose
+lineage (a DAG starting from ``<image name="parent">``) names an image the
+warehouse lacks, or loops, are skipped too. The set of images is replaced
+at once, so readers see either the old or the new warehouse.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lxml import etree
+
+from vmshop_common.dag import BlankStart, Dag, Hardware
+from vmshop_common.dagxml import DAG_NS, DAG_ROOT, load_embedded_dag, validate_against
+from vmshop_common.errors import (
+    ConfigurationError,
+    NoSuchImageError,
+    Problem,
+    SchemaInvalidError,
+    VMShopError,
+)
+from vmshop_common.matching import CachedImage, flatten
+from vmshop_common.xmlload import parse_xml_file
+
+IMAGE_NS = "urn:vmshop:image:1"
+IMAGE_ROOT = f"{{{IMAGE_NS}}}image"
+IMAGE_XSD = "vmimage-1.0.xsd"
+INDEX_NAME = "index.txt"
+DISK_FORMATS = ("qcow2", "raw")
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """A cached image, as its configuration file describes it.
+
+    ``disk``, ``kernel`` and ``initrd`` are absolute, resolved paths of
+    existing regular files; ``dag`` is the (valid) DAG the image embodies.
+    """
+
+    name: str
+    config_path: Path
+    disk: Path
+    disk_format: str
+    kernel: Path | None
+    initrd: Path | None
+    cmdline: str
+    machine: str
+    hardware: Hardware
+    dag: Dag = field(hash=False)
+    description: str | None = None
+
+    def cached_image(self) -> CachedImage:
+        """What matching and the cost model need of this image."""
+        return CachedImage(name=self.name, dag=self.dag, hardware=self.hardware)
+
+
+@dataclass(frozen=True)
+class WarehouseProblem:
+    """A warehouse entry that was skipped: the file, its line in index.txt, the error's code and message."""
+
+    path: str
+    line: int | None
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{INDEX_NAME} line {self.line}" if self.line is not None else INDEX_NAME
+        return f"{where}: {self.path}: {self.message} [{self.code}]"
+
+
+def load_image_config(path: str | Path) -> ImageInfo:
+    """Read, validate and check the image configuration file ``path``.
+
+    Raises a :class:`VMShopError`: XMLSyntaxError / DoctypeRefusedError /
+    DocumentTooLargeError / WrongRootError for the document, SchemaInvalidError
+    for the XSD (image or embedded DAG), DagInvalidError for the DAG's rules,
+    ConfigurationError for the files it names and for disagreements; each
+    names the line of the configuration file where it can.
+    """
+    config_path = Path(path)
+    what = f"image configuration {config_path}"
+    try:
+        real = config_path.resolve(strict=True)
+        if not real.is_file():
+            raise ConfigurationError(f"{what} is not a regular file")
+        root = parse_xml_file(real, what=what, expected_root=IMAGE_ROOT)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {what}: {exc.strerror or exc}") from None
+    validate_against(IMAGE_XSD, root, what)
+    base = real.parent
+
+    dag_element = next(child for child in root if isinstance(child.tag, str) and child.tag.startswith(f"{{{DAG_NS}}}"))
+    if dag_element.tag != DAG_ROOT:
+        local = etree.QName(dag_element).localname
+        raise SchemaInvalidError(f"{what} must embody a <dag>, not a <{local}>",
+                                 [Problem(f"<{local}> where <dag> is expected", dag_element.sourceline)])
+    dag = load_embedded_dag(dag_element, f"the DAG of {what}")
+
+    disk_el = _child(root, "disk")
+    boot_el = _child(root, "boot")
+    hw_el = _child(root, "hardware")
+    assert disk_el is not None and hw_el is not None  # the schema requires them
+    hardware = Hardware(memory=int(hw_el.get("memory")), vcpus=int(hw_el.get("vcpus", "1")),
+                        disk=int(hw_el.get("disk")), arch=hw_el.get("arch", "x86_64"))
+    disk_format = disk_el.get("format")
+    disk = _host_file(base, disk_el.get("file"), "disk", what, disk_el.sourceline)
+    _check_format(disk, disk_format, what, disk_el.sourceline)
+    kernel = initrd = None
+    cmdline, machine = "", "pc"
+    if boot_el is not None:
+        kernel = _host_file(base, boot_el.get("kernel"), "kernel", what, boot_el.sourceline)
+        if boot_el.get("initrd") is not None:
+            initrd = _host_file(base, boot_el.get("initrd"), "initrd", what, boot_el.sourceline)
+        cmdline = boot_el.get("cmdline", "")
+        machine = boot_el.get("machine", "pc")
+    start = dag.start
+    if isinstance(start, BlankStart):
+        _check_hardware(hardware, start, what, hw_el.sourceline)
+    description_el = _child(root, "description")
+    description = (description_el.text or "").strip() if description_el is not None else None
+    return ImageInfo(name=root.get("name"), config_path=real, disk=disk, disk_format=disk_format, kernel=kernel,
+                     initrd=initrd, cmdline=cmdline, machine=machine, hardware=hardware, dag=dag,
+                     description=description)
+
+
+def _child(root: etree._Element, local: str) -> etree._Element | None:
+    return root.find(f"{{{IMAGE_NS}}}{local}")
+
+
+def _host_file(base: Path, name: str, label: str, what: str, line: int | None) -> Path:
+    """The resolved path of a file the configuration names (see the module docstring for the rules)."""
+    given = Path(name)
+    if given.is_absolute():
+        target = given
+    else:
+        target = base / given
+    try:
+        resolved = target.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on older Pythons
+        reason = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be resolved ({exc})"
+        raise ConfigurationError(f"{what}: the {label} file {target} {reason}", [Problem(f"no {label} file", line)]) \
+            from None
+    if not given.is_absolute() and not resolved.is_relative_to(base):
+        raise ConfigurationError(
+            f"{what}: the {label} file '{name}' leads to {resolved}, outside the configuration's directory {base}",
+            [Problem(f"{label} file escapes the image's directory", line)])
+    try:
+        mode = resolved.stat().st_mode
+    except OSError as exc:
+        raise ConfigurationError(f"{what}: cannot stat the {label} file {resolved}: {exc}",
+                                 [Problem(f"{label} file unreadable", line)]) from None
+    if not stat.S_ISREG(mode):
+        raise ConfigurationError(f"{what}: the {label} file {resolved} is not a regular file",
+                                 [Problem(f"{label} is not a regular file", line)])
+    if not os.access(resolved, os.R_OK):
+        raise ConfigurationError(f"{what}: the {label} file {resolved} is not readable",
+                                 [Problem(f"{label} file unreadable", line)])
+    return resolved
+
+
+def _check_format(disk: Path, disk_format: str, what: str, line: int | None) -> None:
+    """The disk's first bytes must agree with its declared format (a raw disk must not look like qcow2)."""
+    try:
+        with open(disk, "rb") as handle:
+            magic = handle.read(len(QCOW2_MAGIC))
+    except OSError as exc:
+        raise ConfigurationError(f"{what}: cannot read the disk {disk}: {exc}", [Problem("disk unreadable", line)]) \
+            from None
+    if disk_format == "qcow2" and magic != QCOW2_MAGIC:
+        raise ConfigurationError(f"{what}: the disk {disk} is declared qcow2 but is not a qcow2 image",
+                                 [Problem("disk is not qcow2", line)])
+    if disk_format == "raw" and magic == QCOW2_MAGIC:
+        raise ConfigurationError(f"{what}: the disk {disk} is declared raw but holds a qcow2 image",
+                                 [Problem("disk declared raw is qcow2", line)])
+
+
+def _check_hardware(hardware: Hardware, start: BlankStart, what: str, line: int | None) -> None:
+    blank = start.hardware
+    if hardware.arch != blank.arch:
+        raise ConfigurationError(
+            f"{what}: the hardware is {hardware.arch} but the DAG's blank node '{start.id}' is {blank.arch}",
+            [Problem("architecture disagrees with the DAG", line)])
+    if hardware.disk < blank.disk:
+        raise ConfigurationError(
+            f"{what}: the hardware's disk ({hardware.disk} GiB) is smaller than the DAG's blank node "
+            f"'{start.id}' ({blank.disk} GiB)", [Problem("disk smaller than the DAG's", line)])
+
+
+class Warehouse:
+    """The cached images of the warehouse in ``directory`` (loaded on construction).
+
+    Thread-safe: :meth:`load` may run while other threads read
+    :attr:`images`, which is replaced as a whole.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._lock = threading.Lock()
+        self._images: dict[str, ImageInfo] = {}
+        self._problems: list[WarehouseProblem] = []
+        self.load()
+
+    @property
+    def index_path(self) -> Path:
+        return self.directory / INDEX_NAME
+
+    @property
+    def images(self) -> dict[str, ImageInfo]:
+        """Name -> image, for every entry that loaded (a copy; the warehouse's own view is unchanged)."""
+        return dict(self._images)
+
+    @property
+    def problems(self) -> list[WarehouseProblem]:
+        """What the last :meth:`load` skipped, in index order."""
+        return list(self._problems)
+
+    def get(self, name: str) -> ImageInfo:
+        """The image called ``name``; raises NoSuchImageError."""
+        try:
+            return self._images[name]
+        except KeyError:
+            raise NoSuchImageError(f"the warehouse has no image named '{name}'") from None
+
+    def cached_images(self) -> list[CachedImage]:
+        """Every image as matching sees it, in name order."""
+        return [info.cached_image() for _, info in sorted(self._images.items())]
+
+    def load(self) -> list[WarehouseProblem]:
+        """Re-read index.txt and every entry; returns (and keeps) the problems of the skipped entries.
+
+        A missing or unreadable index.txt gives an empty warehouse and one problem.
+        """
+        with self._lock:
+            images: dict[str, ImageInfo] = {}
+            lines: dict[str, tuple[int, str]] = {}  # name -> (index line, entry as written)
+            problems: list[WarehouseProblem] = []
+            try:
+                text = self.index_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(WarehouseProblem(str(self.index_path), None, ConfigurationError.CODE,
+                                                 f"cannot read the warehouse index: {exc}"))
+                text = ""
+            for number, raw in enumerate(text.splitlines(), start=1):
+                entry = raw.strip()
+                if not entry or entry.startswith("#"):
+                    continue
+                problem = self._load_entry(entry, number, images, lines)
+                if problem is not None:
+                    problems.append(problem)
+            problems.extend(self._check_lineages(images, lines))
+            problems.sort(key=lambda p: (p.line or 0))
+            self._images = images
+            self._problems = problems
+            return list(problems)
+
+    def _load_entry(self, entry: str, number: int, images: dict[str, ImageInfo],
+                    lines: dict[str, tuple[int, str]]) -> WarehouseProblem | None:
+        if not Path(entry).is_absolute():
+            return WarehouseProblem(entry, number, ConfigurationError.CODE,
+                                    "the path is not absolute (index.txt lists absolute paths)")
+        try:
+            info = load_image_config(entry)
+        except VMShopError as exc:
+            return WarehouseProblem(entry, number, exc.code, str(exc))
+        except (OSError, ValueError) as exc:  # defensive: nothing about one entry may stop the others
+            return WarehouseProblem(entry, number, ConfigurationError.CODE, f"cannot load: {exc}")
+        if info.name in images:
+            return WarehouseProblem(entry, number, ConfigurationError.CODE,
+                                    f"duplicate image name '{info.name}' (first on line {lines[info.name][0]})")
+        images[info.name] = info
+        lines[info.name] = (number, entry)
+        return None
+
+    @staticmethod
+    def _check_lineages(images: dict[str, ImageInfo],
+                        lines: dict[str, tuple[int, str]]) -> list[WarehouseProblem]:
+        """Drop images whose lineage is broken (repeatedly: a child of a dropped image goes too)."""
+        problems: list[WarehouseProblem] = []
+        changed = True
+        while changed:
+            changed = False
+            dags = {name: info.dag for name, info in images.items()}
+            for name, info in list(images.items()):
+                if isinstance(info.dag.start, BlankStart):
+                    continue
+                reason = None
+                try:
+                    flat = flatten(info.dag, dags)
+                    arch = flat.start.hardware.arch  # type: ignore[union-attr]
+                    if arch != info.hardware.arch:
+                        reason = f"its lineage is {arch} but its hardware is {info.hardware.arch}"
+                except NoSuchImageError as exc:
+                    reason = exc.message
+                if reason is not None:
+                    number, entry = lines[name]
+                    problems.append(WarehouseProblem(entry, number, NoSuchImageError.CODE,
+                                                     f"image '{name}': {reason}"))
+                    del images[name]
+                    changed = True
+        return problems
