@@ -1,0 +1,345 @@
+"""Build and start a Spyne SOAP server on Twisted: what the shop and the plants share.
+
+Usage (in the reactor thread)::
+
+    from vmshop_common.soap.server import build_site, listen, bound_port
+
+    site = build_site([ShopService], tns="urn:vmshop:shop:1",
+                      public_url="http://shop.example.org:8080/")
+    port = listen(site, "127.0.0.1", 8080)   # 127.0.0.1 unless told otherwise
+    print(bound_port(port))
+
+:func:`build_site` may run in any thread; :func:`listen` must run in the
+reactor thread.
+
+Contract:
+
+* The WSDL is built once, at start-up, for the configured public URL, and
+  every ``GET ...?wsdl`` (any path, also ``.wsdl``) answers exactly that
+  document, whatever Host header the caller sends. :func:`wsdl_document`
+  builds the same bytes, so a checked-in WSDL can be compared with it.
+  A public URL containing ``{port}`` is completed by :func:`listen` with the
+  bound port (for servers on port 0); until then ``?wsdl`` answers a fault.
+* Requests are SOAP 1.1 validated against the generated schema
+  (``Soap11(validator='lxml')``): an invalid request gets the SOAP fault
+  ``Client.SchemaValidationError`` (HTTP 500, as SOAP 1.1 wants for faults).
+* A body containing a DOCTYPE (in any encoding lxml understands) is refused
+  before spyne parses it: SOAP fault :data:`DOCTYPE_REFUSED`
+  (``Client.DoctypeRefused``, HTTP 500).
+* A body over ``max_body_bytes`` gets the SOAP fault
+  :data:`~vmshop_common.soap.compat.REQUEST_TOO_LONG`
+  (``Client.RequestTooLong``) with HTTP 413.
+* Nothing answers an HTML error page: unexpected errors are the SOAP fault
+  ``Server`` ("Internal Error"). A Fault raised by a method reaches the
+  client with its own code (``Client.X`` -> zeep's ``soap11env:Client.X``).
+* Service methods may return a ``Deferred`` (see ``compat``).
+* Spyne's logging is tamed by :func:`configure_spyne_logging`: no request
+  bodies at ERROR, client faults at INFO on ``vmshop_common.soap``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+# compat first: it must be imported before spyne (and spyne.server.twisted).
+from vmshop_common.soap import compat  # noqa: F401
+
+# isort: split
+from lxml import etree
+from spyne import Application
+from spyne.interface.wsdl import Wsdl11
+from spyne.model.fault import Fault
+from spyne.protocol.soap import Soap11
+from twisted.internet.interfaces import IListeningPort
+from twisted.web.server import Request
+
+from vmshop_common.soap.compat import (
+    DEFAULT_MAX_BODY_BYTES,
+    REQUEST_TOO_LONG,
+    CompatTwistedWebResource,
+    LimitedSite,
+)
+
+logger = logging.getLogger("vmshop_common.soap")
+
+DOCTYPE_REFUSED = "Client.DoctypeRefused"
+"""Stable fault code for a request with a DOCTYPE (same as ``errors.DoctypeRefusedError.CODE``)."""
+
+WSDL_NOT_READY = "Server.WsdlNotReady"
+"""Fault code for ``?wsdl`` before :func:`listen` completed a ``{port}`` public URL."""
+
+DEFAULT_HOST = "127.0.0.1"
+
+SOAP_HTTP_TRANSPORT = "http://schemas.xmlsoap.org/soap/http"
+
+# spyne loggers that log whole request documents, or log client faults at ERROR
+# with a traceback (we log those ourselves, briefly, at INFO).
+_SILENCED_SPYNE_LOGGERS = (
+    "spyne.protocol.soap.soap11.invalid",
+    "spyne.protocol.xml.invalid",
+    "spyne.application.client",
+    "spyne.server._base",
+)
+
+
+class _TruncateFilter(logging.Filter):
+    """Cut a log message to ``limit`` characters, keeping its head and its tail.
+
+    Spyne logs values with ``%r``; the tail is kept because that is where a
+    logged traceback names the exception.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > self.limit:
+            half = self.limit // 2
+            cut = len(message) - 2 * half
+            record.msg = f"{message[:half]} [... {cut} characters cut ...] {message[-half:]}"
+            record.args = None
+        return True
+
+
+def configure_spyne_logging(level: int = logging.WARNING, max_message_chars: int = 4000) -> None:
+    """Make spyne's logging fit for a server. Idempotent.
+
+    * ``spyne`` logs at ``level`` and above (it is chatty at DEBUG/INFO);
+    * the loggers that log whole request bodies (``*.invalid``) and the ones
+      that log each client fault at ERROR with a traceback are silenced:
+      the resource logs each fault on ``vmshop_common.soap`` instead (client
+      faults at INFO, others at WARNING), uncaught exceptions in methods still
+      reach ``spyne.application.server`` at CRITICAL with their traceback;
+    * every message of a spyne logger is cut to ``max_message_chars`` (its
+      head and tail are kept).
+    """
+    logging.getLogger("spyne").setLevel(level)
+    for name in _SILENCED_SPYNE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    names = [n for n in logging.Logger.manager.loggerDict if n == "spyne" or n.startswith("spyne.")]
+    for name in names:
+        lg = logging.getLogger(name)
+        for old in [f for f in lg.filters if isinstance(f, _TruncateFilter)]:
+            lg.removeFilter(old)
+        lg.addFilter(_TruncateFilter(max_message_chars))
+
+
+# --- DOCTYPE refusal --------------------------------------------------------------
+
+
+class _PrologDone(Exception):
+    pass
+
+
+class _PrologTarget:
+    """lxml parser target that notes a DOCTYPE and stops at the root element."""
+
+    def __init__(self) -> None:
+        self.found: str | None = None
+
+    def doctype(self, name: str | None, pubid: str | None, system: str | None) -> None:
+        self.found = name or "?"
+        raise _PrologDone()
+
+    def start(self, tag: str, attrib: Any, nsmap: Any = None) -> None:
+        raise _PrologDone()
+
+    def end(self, tag: str) -> None:
+        pass
+
+    def data(self, data: str) -> None:
+        pass
+
+    def close(self) -> None:
+        return None
+
+
+def find_doctype(body: bytes) -> str | None:
+    """Name of the DOCTYPE declared in the XML document ``body``, or ``None``.
+
+    Only the prolog is parsed (parsing stops at the root element), with no DTD
+    loading, no entity resolution and no network, so the check is cheap and
+    safe; the encoding is whatever lxml detects (UTF-16 bodies included).
+    Malformed XML yields ``None``: spyne's parser reports it afterwards.
+    """
+    target = _PrologTarget()
+    parser = etree.XMLParser(target=target, resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+    try:
+        etree.fromstring(body, parser)
+    except _PrologDone:
+        pass
+    except etree.XMLSyntaxError:
+        pass
+    return target.found
+
+
+def refuse_doctype(body: bytes) -> None:
+    """Raise the SOAP fault :data:`DOCTYPE_REFUSED` if ``body`` declares a DOCTYPE."""
+    name = find_doctype(body)
+    if name is not None:
+        raise Fault(DOCTYPE_REFUSED, "a DOCTYPE is not accepted in a request")
+
+
+# --- application, WSDL, resource, site ----------------------------------------------
+
+
+def build_application(
+    services: Sequence[Any], tns: str, *, name: str | None = None, validator: str | None = "lxml"
+) -> Application:
+    """A spyne ``Application`` speaking SOAP 1.1 in and out for ``services`` in namespace ``tns``.
+
+    ``validator='lxml'`` (default) validates each request against the
+    generated schema; ``None`` accepts anything that deserializes. ``name``
+    is the application name (it names the WSDL service, port type and binding).
+    """
+    return Application(
+        list(services),
+        tns=tns,
+        name=name,
+        in_protocol=Soap11(validator=validator),
+        out_protocol=Soap11(),
+    )
+
+
+def wsdl_document(app: Application, public_url: str) -> bytes:
+    """The WSDL of ``app`` with ``public_url`` as its soap:address, as served.
+
+    Deterministic: the same application and URL give the same bytes, equal to
+    what a server built by :func:`build_site` with that URL serves on ``?wsdl``.
+    A trailing ``?wsdl``/``.wsdl`` on ``public_url`` is dropped (spyne does so).
+    Sets ``app.transport`` to SOAP over HTTP (spyne's application registry
+    leaves it at ``noconn://null.spyne`` until a server is built, and zeep
+    refuses a binding with that transport).
+    """
+    app.transport = SOAP_HTTP_TRANSPORT
+    wsdl = Wsdl11(app.interface)
+    wsdl.build_interface_document(public_url)
+    document = wsdl.get_interface_document()
+    assert isinstance(document, bytes)
+    return document
+
+
+class SoapResource(CompatTwistedWebResource):
+    """The project's SOAP resource: fixed WSDL only, DOCTYPEs refused."""
+
+    def render_wsdl(self, request: Request) -> bytes:
+        """The fixed WSDL; never one built from the caller's Host header."""
+        if self.wsdl is None:
+            return self.fault_response(
+                request, Fault(WSDL_NOT_READY, "the public URL is not known yet"), "503 Service Unavailable"
+            )
+        request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
+        return self.wsdl
+
+    def inspect_body(self, body: bytes) -> None:
+        """Refuse a DOCTYPE before spyne parses the body."""
+        refuse_doctype(body)
+
+
+class SoapSite(LimitedSite):
+    """A Twisted ``Site`` serving one :class:`SoapResource` on every path.
+
+    Attributes: ``app`` (the spyne Application), ``soap_resource``, ``public_url``
+    (as configured, possibly with ``{port}``), ``wsdl`` (the served document,
+    ``None`` until the URL is complete), ``max_body_bytes``.
+    """
+
+    def __init__(self, app: Application, public_url: str, *, max_body_bytes: int | None, **kwargs: Any) -> None:
+        self.app = app
+        self.public_url = public_url
+        self.soap_resource = SoapResource(app, max_body_bytes=max_body_bytes, wsdl=None)
+        super().__init__(self.soap_resource, max_body_bytes=max_body_bytes, **kwargs)
+        self.wsdl: bytes | None = None
+        if "{port}" not in public_url:
+            self.set_public_url(public_url)
+
+    def set_public_url(self, url: str) -> None:
+        """Build the WSDL for ``url`` (once) and serve it from now on."""
+        self.public_url = url
+        self.wsdl = wsdl_document(self.app, url)
+        self.soap_resource.wsdl = self.wsdl
+        logger.info("WSDL of %s built for %s", self.app.name, url)
+
+
+def build_site(
+    services: Sequence[Any] | Application,
+    tns: str | None,
+    public_url: str,
+    *,
+    name: str | None = None,
+    validator: str | None = "lxml",
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+    timeout: float = 60,
+) -> SoapSite:
+    """A Twisted ``Site`` serving ``services`` (or a ready ``Application``) as SOAP 1.1.
+
+    :param services: spyne ``ServiceBase`` subclasses, or an ``Application``
+        (then ``tns``, ``name`` and ``validator`` are ignored).
+    :param tns: target namespace of the services.
+    :param public_url: the address clients use (soap:address of the WSDL),
+        e.g. ``http://plant1.example.org:9001/``. May contain ``{port}``:
+        :func:`listen` fills it in with the bound port.
+    :param max_body_bytes: largest request body; longer ones get
+        ``Client.RequestTooLong`` (HTTP 413). ``None``: no limit.
+    :param timeout: idle timeout of a connection, seconds.
+
+    Also calls :func:`configure_spyne_logging`.
+    """
+    configure_spyne_logging()
+    if isinstance(services, Application):
+        app = services
+    else:
+        if tns is None:
+            raise ValueError("tns is required when services are given")
+        app = build_application(services, tns, name=name, validator=validator)
+    return SoapSite(app, public_url, max_body_bytes=max_body_bytes, timeout=timeout)
+
+
+def listen(site: SoapSite | Any, host: str = DEFAULT_HOST, port: int = 0, *, reactor: Any = None) -> IListeningPort:
+    """Listen on ``host:port`` (TCP) for ``site``; returns the listening port.
+
+    Call it in the reactor thread (before ``reactor.run()`` or from a reactor
+    callback). Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free
+    port (see :func:`bound_port`). If the site's public URL contains
+    ``{port}`` it is completed with the bound port and the WSDL built now.
+    Stop with ``port.stopListening()`` (a Deferred).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    if host in ("", "0.0.0.0", "::"):
+        logger.warning("listening on all interfaces (%r): the SOAP server is reachable from the network", host)
+    listening = reactor.listenTCP(port, site, interface=host)
+    if isinstance(site, SoapSite) and site.wsdl is None and "{port}" in site.public_url:
+        site.set_public_url(site.public_url.format(port=bound_port(listening)))
+    return listening
+
+
+def bound_port(listening: IListeningPort) -> int:
+    """The TCP port number a listening port (from :func:`listen`) is bound to."""
+    address: Any = listening.getHost()  # type: ignore[misc]
+    return int(address.port)
+
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DOCTYPE_REFUSED",
+    "REQUEST_TOO_LONG",
+    "WSDL_NOT_READY",
+    "SoapResource",
+    "SoapSite",
+    "bound_port",
+    "build_application",
+    "build_site",
+    "configure_spyne_logging",
+    "find_doctype",
+    "listen",
+    "refuse_doctype",
+    "wsdl_document",
+]
