@@ -1,0 +1,174 @@
+"""The backend contract: what a plant asks of a hypervisor.
+
+One :class:`Backend` per plant, loaded by name from the plant's
+configuration (:func:`vmplant_service.backends.load_backend`). The plant
+calls these methods from a thread pool, never from the reactor thread, so
+they may block; they must be safe to call from several threads at once for
+different VMs.
+
+Rules every backend keeps (the contract tests in
+``tests/test_backend_contract.py`` check each of them on every backend):
+
+1. ``start(spec)`` boots a guest from ``spec.disk`` (a qcow2 overlay the
+   plant already made; the backend never writes the cached image) and
+   returns once the hypervisor process runs; it does not wait for the guest
+   OS. If it raises (always ``BackendError`` for a spec it cannot run or a
+   hypervisor that fails, with the hypervisor's own words), nothing of the
+   VM is left running and every file the backend made under
+   ``spec.run_dir`` is gone (the plant owns the overlay and the channel
+   directory and removes them itself). Starting an id that already runs
+   raises.
+2. ``state(vm_id)`` translates the hypervisor's own state, at this edge
+   only, to :class:`VMState`; an unknown or vanished VM is ``STOPPED`` if
+   the backend knows it stopped, else ``UNKNOWN`` — never an exception.
+   A VM whose hypervisor process lives but does not answer is ``UNKNOWN``.
+   It is cheap enough to poll (the plant's "is it alive?" while waiting).
+3. ``stop(vm_id, timeout)`` asks the guest to power down (ACPI), waits up
+   to ``timeout`` seconds, then kills it. It returns once no process of the
+   VM is left. Calling it for a VM that is already gone, or unknown, is
+   not an error. It keeps the VM's files (``destroy`` removes them).
+4. ``destroy(vm_id)`` kills the VM at once and removes everything the
+   backend made for it (pidfile, sockets, logs under ``run_dir``, and
+   ``run_dir`` itself if that leaves it empty). Safe to repeat; safe for a
+   VM the backend never heard of (it then does nothing: a backend finds a
+   VM's files only through a spec it was given by ``start`` or ``adopt``).
+   Before a process is killed its identity is checked (pids get reused).
+5. ``adopt(spec)`` re-attaches to a VM a previous plant process started
+   (after a plant restart): it returns True if the guest is still running
+   (and the backend now controls it again), False if it is gone or does
+   not answer (the plant then reclaims what the VM held, calling
+   ``destroy``). Either way the backend remembers the spec, so that
+   ``destroy`` can kill a hypervisor process that lives on unanswering.
+6. ``running()`` lists the ids of VMs this backend instance controls
+   (started or adopted) whose guest is still there, sorted.
+7. ``capabilities()`` says what the backend can do on this host right now;
+   it is cheap and never boots anything.
+
+A backend is built as ``Backend(options)`` from the plant configuration's
+string options; an option it cannot use raises ``ConfigurationError``.
+Every wait inside a backend has a deadline: no method blocks forever.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class VMState(enum.Enum):
+    """Hypervisor-independent VM states (backends translate to these at their edge)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A network card with MAC ``mac`` (lower-case, colon-separated).
+
+    ``kind`` 'user': the hypervisor's user-mode network; the guest reaches
+    nothing outside it (not the host, not any other address) and the host
+    reaches the guest's port 80 through ``host_port`` on 127.0.0.1 (no
+    forward when None). ``kind`` 'segment': the plant's host-only segment;
+    ``switch`` is its VDE control socket.
+    """
+
+    kind: str
+    mac: str
+    host_port: int | None = None
+    switch: str | None = None
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Everything a backend needs to run one VM.
+
+    ``disk`` is the VM's own overlay; ``kernel``/``initrd``/``cmdline`` boot
+    it directly; ``channel_dir`` is the host side of the VM's configuration
+    share (9p tag ``vmshop``); ``data_dir`` an optional read-only share of
+    application data (9p tag ``vmdata``); ``run_dir`` is the backend's own
+    directory for this VM (pidfile, control socket, console log).
+    """
+
+    vm_id: str
+    disk: Path
+    memory: int
+    vcpus: int
+    run_dir: Path
+    channel_dir: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    machine: str = "pc"
+    arch: str = "x86_64"
+    data_dir: Path | None = None
+    nics: tuple[Nic, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do here.
+
+    ``available`` False comes with a ``reason``; ``accelerator`` is how
+    guests run ('kvm', 'tcg'; 'auto' while not yet probed; 'none' for the
+    fake); ``max_memory`` (MiB) and ``max_vcpus`` bound one guest;
+    ``networks`` are the :class:`Nic` kinds ``start`` accepts; ``channel``
+    says how the channel directory reaches the guest ('9p' share).
+    """
+
+    name: str
+    available: bool
+    reason: str = ""
+    accelerator: str = ""
+    architectures: tuple[str, ...] = ("x86_64",)
+    max_memory: int = 0
+    max_vcpus: int = 0
+    networks: tuple[str, ...] = ()
+    channel: str = ""
+
+
+class Backend(abc.ABC):
+    """A hypervisor driver; see the module docstring for the rules."""
+
+    name = "abstract"
+
+    def __init__(self, options: dict[str, str] | None = None) -> None:
+        self.options: dict[str, str] = dict(options or {})
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this backend can do on this host right now."""
+
+    @abc.abstractmethod
+    def start(self, spec: GuestSpec) -> None:
+        """Boot the guest (rule 1)."""
+
+    @abc.abstractmethod
+    def state(self, vm_id: str) -> VMState:
+        """The VM's state, translated at this edge (rule 2)."""
+
+    @abc.abstractmethod
+    def stop(self, vm_id: str, timeout: float = 30.0) -> None:
+        """Graceful power-down, then kill after ``timeout`` (rule 3)."""
+
+    @abc.abstractmethod
+    def destroy(self, vm_id: str) -> None:
+        """Kill now and remove the backend's files; safe to repeat (rule 4)."""
+
+    @abc.abstractmethod
+    def adopt(self, spec: GuestSpec) -> bool:
+        """Re-attach to a VM started by an earlier plant process (rule 5)."""
+
+    @abc.abstractmethod
+    def running(self) -> list[str]:
+        """Ids of the VMs this backend controls (rule 6)."""
+
+    def close(self) -> None:
+        """Release the backend's own resources (VMs are left as they are)."""
+        return None

@@ -1,0 +1,615 @@
+"""The QEMU backend: one daemonized ``qemu-system-x86_64`` per VM.
+
+Each VM's QEMU runs with ``-daemonize``, so it outlives the plant process;
+what the backend needs to find it again lives in the VM's ``run_dir``:
+
+- ``qemu.pid``: QEMU's pidfile. A pid is trusted only while
+  ``/proc/PID/cmdline`` names this very pidfile (pids get reused);
+- ``qmp.sock``: the QMP control socket (state, power-down);
+- ``console.log``: the guest's serial console;
+- ``qemu.err``: what QEMU printed before it daemonized (errors, warnings).
+
+The guest boots its kernel directly; its disk is the plant's overlay
+(``cache=unsafe``: the overlay is a throw-away clone that never outlives
+the host, so the guest's flushes need not reach the host's disk); the
+configuration channel is a virtio-9p share (tag ``vmshop``), application
+data an optional read-only one (tag ``vmdata``). NICs: 'user' is QEMU's
+user-mode network with ``restrict=on`` (the guest reaches no address
+outside QEMU, not even the host) and one forward from 127.0.0.1 to the
+guest's port 80; 'segment' plugs into the plant's VDE switch.
+
+Options (strings, from the plant's configuration):
+
+- ``qemu_binary``: default ``qemu-system-x86_64`` (looked up in PATH);
+- ``accel``: ``auto`` (default), ``kvm`` or ``tcg``. ``auto`` never trusts
+  ``/dev/kvm`` alone: it boots the image's kernel under KVM once, with a
+  deadline, and uses KVM only if the guest reached user space; the answer
+  is cached in ``<state_dir>/accel-probe.json`` (default
+  ``~/.cache/vmshop``), keyed by QEMU's version, the host kernel, the guest
+  kernel and the machine type;
+- ``state_dir``: where the probe's cache lives;
+- ``probe_timeout``: seconds a KVM probe boot may take (default 5);
+- ``disk_cache``: QEMU's cache mode for the overlay (default ``unsafe``);
+- ``qmp_timeout``: seconds each QMP exchange may take (default 5);
+- ``start_timeout``: seconds QEMU may take to daemonize (default 30);
+- ``max_vcpus``: vCPUs a guest may have (default: the host's CPU count);
+- ``memory_fraction``: share of the host's memory guests may use (default 0.75).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmshop_common.errors import BackendError, ConfigurationError
+
+from ..segment import read_pid
+from .base import Backend, Capabilities, GuestSpec, VMState
+from .qmp import QMPClient, QMPError
+
+log = logging.getLogger(__name__)
+
+#: QEMU's run states (QAPI ``RunState``) as VMStates; anything else is UNKNOWN.
+QEMU_STATES: dict[str, VMState] = {
+    "running": VMState.RUNNING,
+    "paused": VMState.PAUSED,
+    "prelaunch": VMState.PAUSED,
+    "debug": VMState.PAUSED,
+    "suspended": VMState.PAUSED,
+    "inmigrate": VMState.PAUSED,
+    "postmigrate": VMState.PAUSED,
+    "finish-migrate": VMState.PAUSED,
+    "save-vm": VMState.PAUSED,
+    "restore-vm": VMState.PAUSED,
+    "shutdown": VMState.STOPPED,
+    "guest-panicked": VMState.CRASHED,
+    "internal-error": VMState.CRASHED,
+    "io-error": VMState.CRASHED,
+    "watchdog": VMState.CRASHED,
+}
+
+#: The port of the guest that a 'user' NIC's host port forwards to (the guest's httpd).
+GUEST_HTTP_PORT = 80
+NIC_KINDS = ("user", "segment")
+ARCHITECTURES = ("x86_64",)
+ACCELERATORS = ("auto", "kvm", "tcg")
+DISK_CACHES = ("unsafe", "writeback", "none", "writethrough", "directsync")
+#: Longest unix socket path the kernel accepts (sun_path is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+POLL = 0.05
+#: Seconds a process may take to disappear after SIGKILL.
+KILL_WAIT = 10.0
+#: What the probe's init prints once the guest kernel has started user space.
+PROBE_MARKER = "VMSHOP-ACCEL-PROBE-OK"
+PROBE_CMDLINE = ("console=ttyS0 quiet loglevel=0 panic=-1 "
+                 f'rdinit=/bin/sh -- -c "echo {PROBE_MARKER}; /bin/busybox poweroff -f"')
+
+
+def translate_status(status: str) -> VMState:
+    """QEMU's run state (QMP ``query-status``) as a VMState: the backend's one translation."""
+    return QEMU_STATES.get(status, VMState.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files the backend makes in a VM's run directory (absolute paths)."""
+
+    run_dir: Path
+
+    @classmethod
+    def of(cls, run_dir: Path) -> RunPaths:
+        return cls(Path(run_dir).absolute())
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def qmp(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.run_dir / "qemu.err"
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.pidfile, self.qmp, self.console, self.stderr)
+
+
+def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str = "unsafe") -> list[str]:
+    """The command line that runs ``spec`` under QEMU (daemonized; see the module docstring)."""
+    paths = RunPaths.of(spec.run_dir)
+    command = [
+        binary,
+        "-name", f"vmshop-{spec.vm_id}",
+        "-machine", spec.machine,
+        "-accel", accelerator,
+        "-m", f"{spec.memory}M",
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    ]
+    if spec.kernel is not None:
+        command += ["-kernel", str(Path(spec.kernel).absolute())]
+        if spec.initrd is not None:
+            command += ["-initrd", str(Path(spec.initrd).absolute())]
+        if spec.cmdline:
+            command += ["-append", spec.cmdline]
+    command += ["-drive", f"file={Path(spec.disk).absolute()},if=virtio,format=qcow2,cache={disk_cache}"]
+    command += ["-fsdev", f"local,id=cfg,path={Path(spec.channel_dir).absolute()},security_model=none",
+                "-device", "virtio-9p-pci,fsdev=cfg,mount_tag=vmshop"]
+    if spec.data_dir is not None:
+        command += ["-fsdev", f"local,id=data,path={Path(spec.data_dir).absolute()},security_model=none,readonly=on",
+                    "-device", "virtio-9p-pci,fsdev=data,mount_tag=vmdata"]
+    for index, nic in enumerate(spec.nics):
+        netdev = f"net{index}"
+        if nic.kind == "user":
+            forward = f",hostfwd=tcp:127.0.0.1:{nic.host_port}-:{GUEST_HTTP_PORT}" if nic.host_port else ""
+            command += ["-netdev", f"user,id={netdev},restrict=on{forward}"]
+        else:
+            command += ["-netdev", f"vde,id={netdev},sock={nic.switch}"]
+        command += ["-device", f"virtio-net-pci,netdev={netdev},mac={nic.mac},romfile="]
+    command += [
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-serial", f"file:{paths.console}",
+        "-pidfile", str(paths.pidfile),
+        "-daemonize",
+    ]
+    return command
+
+
+def _proc_args(pid: int) -> list[str]:
+    """The command line of process ``pid`` ([] if it is gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def qemu_pid(paths: RunPaths) -> int | None:
+    """The pid of the live QEMU that owns ``paths``' pidfile, or None.
+
+    A pid read from the pidfile counts only if that process's command line
+    names this pidfile: a pid reused by another process is never ours.
+    """
+    pid = read_pid(paths.pidfile)
+    if pid is None or pid <= 1:
+        return None
+    if str(paths.pidfile) not in _proc_args(pid) or _is_zombie(pid):
+        return None
+    return pid
+
+
+def _host_memory_mib() -> int:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode(errors="replace").strip()
+
+
+@dataclass
+class _VM:
+    spec: GuestSpec
+    paths: RunPaths
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class QemuBackend(Backend):
+    """VMs as daemonized QEMU processes; see the module docstring for the options."""
+
+    name = "qemu"
+
+    def __init__(self, options: dict[str, str] | None = None) -> None:
+        super().__init__(options)
+        options = self.options
+        self.binary = options.get("qemu_binary", "qemu-system-x86_64")
+        self.accel = options.get("accel", "auto")
+        if self.accel not in ACCELERATORS:
+            raise ConfigurationError(f"qemu backend: accel must be one of {', '.join(ACCELERATORS)}, "
+                                     f"not {self.accel!r}")
+        self.disk_cache = options.get("disk_cache", "unsafe")
+        if self.disk_cache not in DISK_CACHES:
+            raise ConfigurationError(f"qemu backend: disk_cache must be one of {', '.join(DISK_CACHES)}")
+        state_dir = options.get("state_dir")
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.state_dir = Path(state_dir) if state_dir else cache_home / "vmshop"
+        self.probe_timeout = _number(options, "probe_timeout", 5.0)
+        self.qmp_timeout = _number(options, "qmp_timeout", 5.0)
+        self.start_timeout = _number(options, "start_timeout", 30.0)
+        self.memory_fraction = _number(options, "memory_fraction", 0.75)
+        self.max_vcpus = int(_number(options, "max_vcpus", float(os.cpu_count() or 1)))
+        self._vms: dict[str, _VM] = {}
+        self._ended: set[str] = set()
+        self._lock = threading.Lock()
+        self._accel_lock = threading.Lock()
+        self._decisions: dict[str, str] = {}
+        self._version: str | None = None
+
+    # Where QEMU is and what it can do ----------------------------------------------
+    def _binary_path(self) -> str | None:
+        if os.sep in self.binary:
+            return self.binary if os.access(self.binary, os.X_OK) else None
+        return shutil.which(self.binary)
+
+    def qemu_version(self) -> str:
+        """QEMU's version line (cached; BackendError if QEMU cannot run)."""
+        if self._version is None:
+            binary = self._binary_path()
+            if binary is None:
+                raise BackendError(f"{self.binary} is not installed (Debian package qemu-system-x86)")
+            try:
+                out = subprocess.run([binary, "--version"], capture_output=True, timeout=30, check=True).stdout
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise BackendError(f"cannot run {binary} --version: {exc}") from None
+            self._version = out.decode(errors="replace").splitlines()[0].strip() if out else "unknown"
+        return self._version
+
+    def capabilities(self) -> Capabilities:
+        binary = self._binary_path()
+        return Capabilities(
+            name=self.name, available=binary is not None,
+            reason="" if binary is not None else f"{self.binary} is not installed",
+            accelerator=self._known_accelerator() if binary is not None else "",
+            architectures=ARCHITECTURES, networks=NIC_KINDS, channel="9p",
+            max_memory=int(_host_memory_mib() * self.memory_fraction), max_vcpus=self.max_vcpus)
+
+    # Accelerator ---------------------------------------------------------------------
+    @property
+    def probe_cache(self) -> Path:
+        return self.state_dir / "accel-probe.json"
+
+    def _probe_key(self, spec: GuestSpec) -> str:
+        kernel = Path(spec.kernel).absolute() if spec.kernel else None
+        try:
+            stamp = f"{kernel.stat().st_size}:{kernel.stat().st_mtime_ns}" if kernel else "-"
+        except OSError:
+            stamp = "?"
+        return "|".join((self.qemu_version(), os.uname().release, str(kernel), stamp, spec.machine))
+
+    def _read_cache(self) -> dict[str, dict[str, object]]:
+        try:
+            data = json.loads(self.probe_cache.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _known_accelerator(self) -> str:
+        """kvm/tcg if fixed or already decided for this QEMU on this host; else 'auto'."""
+        if self.accel != "auto":
+            return self.accel
+        if self._decisions:
+            return list(self._decisions.values())[-1]
+        try:
+            prefix = f"{self.qemu_version()}|{os.uname().release}|"
+        except BackendError:
+            return "auto"
+        found = {str(entry.get("accel")) for key, entry in self._read_cache().items()
+                 if key.startswith(prefix) and isinstance(entry, dict)}
+        return found.pop() if len(found) == 1 else "auto"
+
+    def accelerator_for(self, spec: GuestSpec) -> str:
+        """'kvm' or 'tcg' for booting ``spec`` (probing once per QEMU, host, kernel and machine)."""
+        if self.accel != "auto":
+            return self.accel
+        with self._accel_lock:
+            key = self._probe_key(spec)
+            if key in self._decisions:
+                return self._decisions[key]
+            entry = self._read_cache().get(key)
+            if isinstance(entry, dict) and entry.get("accel") in ("kvm", "tcg"):
+                decision = str(entry["accel"])
+            else:
+                started = time.monotonic()
+                works = self._kvm_usable() and self.probe_kvm(spec)
+                decision = "kvm" if works else "tcg"
+                self._write_cache(key, {"accel": decision, "seconds": round(time.monotonic() - started, 2),
+                                        "probed": time.time()})
+                log.info("accelerator probe for %s: %s", spec.kernel, decision)
+            self._decisions[key] = decision
+            return decision
+
+    @staticmethod
+    def _kvm_usable() -> bool:
+        """Whether KVM could work at all (its device is there and ours); a probe boot still decides."""
+        return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+    def probe_kvm(self, spec: GuestSpec) -> bool:
+        """Boot ``spec``'s kernel and initramfs under KVM; True if its init printed the marker in time.
+
+        The initramfs must have ``/bin/sh`` (busybox); without an initramfs
+        there is nothing to probe with, and the answer is False (TCG).
+        """
+        binary = self._binary_path()
+        if binary is None or spec.kernel is None or spec.initrd is None:
+            return False
+        with tempfile.TemporaryDirectory(prefix="vmshop-probe-") as tmp:
+            console = Path(tmp) / "console.log"
+            command = [binary, "-machine", spec.machine, "-accel", "kvm", "-m", "128M", "-smp", "1",
+                       "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                       "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", PROBE_CMDLINE,
+                       "-serial", f"file:{console}"]
+            with open(Path(tmp) / "stderr", "wb") as err:
+                try:
+                    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=err, start_new_session=True)
+                except OSError:
+                    return False
+            deadline = time.monotonic() + self.probe_timeout
+            try:
+                while time.monotonic() < deadline:
+                    if PROBE_MARKER in _tail(console, 4096):
+                        return True
+                    if proc.poll() is not None:
+                        return PROBE_MARKER in _tail(console, 4096)
+                    time.sleep(POLL)
+                return False
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                try:
+                    proc.wait(timeout=KILL_WAIT)
+                except subprocess.TimeoutExpired:
+                    log.error("the KVM probe QEMU (pid %d) did not die", proc.pid)
+
+    def _write_cache(self, key: str, entry: dict[str, object]) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            data = self._read_cache()
+            data[key] = entry
+            tmp = self.probe_cache.with_name(f".{self.probe_cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.probe_cache)
+        except OSError as exc:
+            log.warning("cannot cache the accelerator probe in %s: %s", self.probe_cache, exc)
+
+    # The contract ----------------------------------------------------------------------
+    def start(self, spec: GuestSpec) -> None:
+        self._check(spec)
+        paths = RunPaths.of(spec.run_dir)
+        with self._lock:
+            if spec.vm_id in self._vms and qemu_pid(self._vms[spec.vm_id].paths) is not None:
+                raise BackendError(f"VM {spec.vm_id} already runs")
+            if qemu_pid(paths) is not None:
+                raise BackendError(f"a QEMU of {paths.run_dir} still runs; adopt or destroy VM {spec.vm_id} first")
+            # Claim the id now, so a second start of it fails instead of racing this one.
+            self._vms[spec.vm_id] = _VM(spec, paths)
+            self._ended.discard(spec.vm_id)
+        binary = self._binary_path()
+        try:
+            if binary is None:
+                raise BackendError(f"{self.binary} is not installed (Debian package qemu-system-x86)")
+            accelerator = self.accelerator_for(spec)
+            _remove(paths)
+            paths.run_dir.mkdir(parents=True, exist_ok=True)
+            self._launch(qemu_command(spec, binary, accelerator, self.disk_cache), spec, paths)
+        except BaseException:
+            try:
+                self._kill(paths)
+            finally:
+                _remove(paths)
+            with self._lock:
+                self._vms.pop(spec.vm_id, None)
+            raise
+
+    def _launch(self, command: list[str], spec: GuestSpec, paths: RunPaths) -> None:
+        """Run QEMU until it daemonizes; BackendError (with QEMU's words) unless the VM then runs."""
+        try:
+            with open(paths.stderr, "wb") as err:
+                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                        start_new_session=True)
+        except OSError as exc:
+            raise BackendError(f"cannot run {command[0]}: {exc}") from None
+        try:
+            status = proc.wait(timeout=self.start_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise BackendError(f"QEMU did not start VM {spec.vm_id} within {self.start_timeout:g} s: "
+                               f"{_tail(paths.stderr)}") from None
+        if status != 0:
+            raise BackendError(f"QEMU could not start VM {spec.vm_id} (exit status {status}): "
+                               f"{_tail(paths.stderr) or 'no message'}")
+        if qemu_pid(paths) is None:
+            raise BackendError(f"QEMU for VM {spec.vm_id} exited right after it started: "
+                               f"{_tail(paths.stderr)} {_tail(paths.console, 600)}".strip())
+        try:
+            with QMPClient(paths.qmp, self.qmp_timeout) as qmp:
+                qmp.execute("query-status")
+        except QMPError as exc:
+            raise BackendError(f"QEMU for VM {spec.vm_id} does not answer on QMP: {exc}") from None
+
+    def _check(self, spec: GuestSpec) -> None:
+        """Refuse a spec QEMU could not run, before anything is made."""
+        def need_file(path: Path | None, label: str) -> None:
+            if path is not None and not Path(path).is_file():
+                raise BackendError(f"VM {spec.vm_id}: the {label} {path} is not a file")
+
+        if not VM_ID.match(spec.vm_id):
+            raise BackendError(f"{spec.vm_id!r} is not a usable VM id")
+        if spec.arch not in ARCHITECTURES:
+            raise BackendError(f"VM {spec.vm_id}: the qemu backend runs {', '.join(ARCHITECTURES)}, not {spec.arch}")
+        if spec.memory < 1 or spec.vcpus < 1:
+            raise BackendError(f"VM {spec.vm_id}: memory and vcpus must be positive")
+        need_file(spec.disk, "disk")
+        need_file(spec.kernel, "kernel")
+        need_file(spec.initrd, "initrd")
+        if spec.initrd is not None and spec.kernel is None:
+            raise BackendError(f"VM {spec.vm_id}: an initrd needs a kernel")
+        if not Path(spec.channel_dir).is_dir():
+            raise BackendError(f"VM {spec.vm_id}: the channel directory {spec.channel_dir} does not exist")
+        if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
+            raise BackendError(f"VM {spec.vm_id}: the data directory {spec.data_dir} does not exist")
+        paths = [spec.disk, spec.channel_dir, spec.run_dir, spec.kernel, spec.initrd, spec.data_dir]
+        paths += [Path(nic.switch) for nic in spec.nics if nic.switch]
+        if any("," in str(path) for path in paths if path is not None):
+            raise BackendError(f"VM {spec.vm_id}: QEMU option values cannot hold ',' (a path has one)")
+        for nic in spec.nics:
+            if nic.kind not in NIC_KINDS:
+                raise BackendError(f"VM {spec.vm_id}: no NIC of kind {nic.kind!r} (only {', '.join(NIC_KINDS)})")
+            if not MAC.match(nic.mac):
+                raise BackendError(f"VM {spec.vm_id}: {nic.mac!r} is not a MAC address (lower-case hex)")
+            if nic.kind == "user" and nic.host_port is not None and not 0 < nic.host_port < 65536:
+                raise BackendError(f"VM {spec.vm_id}: {nic.host_port} is not a TCP port")
+            if nic.kind == "segment" and (not nic.switch or not Path(nic.switch).exists()):
+                raise BackendError(f"VM {spec.vm_id}: the segment's switch {nic.switch} is not running")
+        if len(str(RunPaths.of(spec.run_dir).qmp).encode()) > MAX_SOCKET_PATH:
+            raise BackendError(f"VM {spec.vm_id}: the run directory {spec.run_dir} is too long for a unix socket")
+
+    def state(self, vm_id: str) -> VMState:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            return VMState.STOPPED if vm_id in self._ended else VMState.UNKNOWN
+        if qemu_pid(vm.paths) is None:
+            return VMState.STOPPED
+        try:
+            with vm.lock, QMPClient(vm.paths.qmp, self.qmp_timeout) as qmp:
+                status = qmp.execute("query-status").get("status", "")
+        except QMPError:
+            # QEMU may have exited between the two looks; else it is there but mute.
+            return VMState.STOPPED if qemu_pid(vm.paths) is None else VMState.UNKNOWN
+        return translate_status(str(status))
+
+    def stop(self, vm_id: str, timeout: float = 30.0) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is None or qemu_pid(vm.paths) is None:
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            with vm.lock, QMPClient(vm.paths.qmp, min(self.qmp_timeout, max(timeout, 0.1))) as qmp:
+                status = qmp.execute("query-status").get("status", "")
+                if translate_status(str(status)) == VMState.RUNNING:
+                    qmp.execute("system_powerdown")
+                else:
+                    deadline = 0.0  # a guest that does not run cannot hear the power button
+        except QMPError as exc:
+            log.info("VM %s: no ACPI power-down (%s); it will be killed after %g s", vm_id, exc, timeout)
+        if not _wait_gone(vm.paths, deadline):
+            log.warning("VM %s is still there (power-down asked, %g s allowed): killing it", vm_id, timeout)
+            self._kill(vm.paths)
+
+    def destroy(self, vm_id: str) -> None:
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        if vm is None:
+            return
+        self._kill(vm.paths)
+        _remove(vm.paths)
+        with self._lock:
+            self._vms.pop(vm_id, None)
+            self._ended.add(vm_id)
+
+    def _kill(self, paths: RunPaths) -> None:
+        """SIGKILL the VM's QEMU (only if the pid really is it) and wait until it is gone."""
+        pid = qemu_pid(paths)
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        if not _wait_gone(paths, time.monotonic() + KILL_WAIT):
+            raise BackendError(f"QEMU (pid {pid}) of {paths.run_dir} survived SIGKILL for {KILL_WAIT:g} s")
+
+    def adopt(self, spec: GuestSpec) -> bool:
+        """Re-attach to the QEMU whose pidfile is in ``spec.run_dir``; True only if its guest is running.
+
+        The VM is tracked even when this returns False, so that ``destroy``
+        can still kill a QEMU that lives on but no longer answers QMP.
+        """
+        paths = RunPaths.of(spec.run_dir)
+        vm = _VM(spec, paths)
+        with self._lock:
+            self._vms[spec.vm_id] = vm
+            self._ended.discard(spec.vm_id)
+        if qemu_pid(paths) is None:
+            return False
+        try:
+            with vm.lock, QMPClient(paths.qmp, self.qmp_timeout) as qmp:
+                status = qmp.execute("query-status").get("status", "")
+        except QMPError as exc:
+            log.warning("VM %s: QEMU runs but does not answer QMP: %s", spec.vm_id, exc)
+            return False
+        return translate_status(str(status)) == VMState.RUNNING
+
+    def running(self) -> list[str]:
+        with self._lock:
+            vms = list(self._vms.items())
+        return sorted(vm_id for vm_id, vm in vms if qemu_pid(vm.paths) is not None)
+
+    def ex_console(self, vm_id: str) -> str:
+        """The tail of the guest's serial console ('' for an unknown VM)."""
+        vm = self._vms.get(vm_id)
+        return _tail(vm.paths.console, 8000) if vm is not None else ""
+
+
+def _wait_gone(paths: RunPaths, deadline: float) -> bool:
+    """Wait until no QEMU of ``paths`` is left; False if one still is at ``deadline``."""
+    while qemu_pid(paths) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def _remove(paths: RunPaths) -> None:
+    """Remove the backend's files for one VM, and its run directory if that is then empty."""
+    for path in paths.all():
+        try:
+            path.unlink(missing_ok=True)
+        except IsADirectoryError:
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+        paths.run_dir.rmdir()
+    except OSError:
+        pass
+
+
+def _number(options: dict[str, str], name: str, default: float) -> float:
+    value = options.get(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigurationError(f"qemu backend: option {name} must be a number, not {value!r}") from None
+    if number <= 0:
+        raise ConfigurationError(f"qemu backend: option {name} must be positive")
+    return number
