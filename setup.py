@@ -29,6 +29,7 @@ setup(
     entry_points={
         "console_scripts": [
             "vmshop=vmshop_service.cli:main",
+            "vmplant=vmplant_service.main:main",
         ],
     },
 )

@@ -19,28 +19,13 @@ from pathlib import Path
 
 from vmshop_common.errors import BackendError
 
+from .processes import owned_pid, pid_alive
+
 
 def mac_for(vm_id: str, index: int) -> str:
     """A stable, locally administered MAC for NIC ``index`` of ``vm_id`` (QEMU's 52:54:00 prefix)."""
     digest = hashlib.sha256(f"{vm_id}/{index}".encode()).digest()
     return "52:54:00:" + ":".join(f"{byte:02x}" for byte in digest[:3])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 class VdeSegment:
@@ -58,8 +43,7 @@ class VdeSegment:
         return self.directory / "switch.pid"
 
     def running(self) -> bool:
-        pid = read_pid(self.pidfile)
-        return pid is not None and pid_alive(pid) and self.control.exists()
+        return owned_pid(self.pidfile, str(self.control)) is not None and self.control.exists()
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the switch unless it already runs (adopting one a previous plant left)."""
@@ -82,8 +66,8 @@ class VdeSegment:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the switch (safe to repeat) and remove its sockets."""
-        pid = read_pid(self.pidfile)
-        if pid is not None and pid_alive(pid):
+        pid = owned_pid(self.pidfile, str(self.control))
+        if pid is not None:
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while pid_alive(pid) and time.monotonic() < deadline:

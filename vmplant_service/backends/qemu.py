@@ -53,7 +53,7 @@ from pathlib import Path
 
 from vmshop_common.errors import BackendError, ConfigurationError
 
-from ..segment import read_pid
+from ..processes import owned_pid
 from .base import Backend, Capabilities, GuestSpec, VMState
 from .qmp import QMPClient, QMPError
 
@@ -173,37 +173,13 @@ def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str
     return command
 
 
-def _proc_args(pid: int) -> list[str]:
-    """The command line of process ``pid`` ([] if it is gone or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            raw = handle.read()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            stat = handle.read()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
-
-
 def qemu_pid(paths: RunPaths) -> int | None:
     """The pid of the live QEMU that owns ``paths``' pidfile, or None.
 
     A pid read from the pidfile counts only if that process's command line
     names this pidfile: a pid reused by another process is never ours.
     """
-    pid = read_pid(paths.pidfile)
-    if pid is None or pid <= 1:
-        return None
-    if str(paths.pidfile) not in _proc_args(pid) or _is_zombie(pid):
-        return None
-    return pid
+    return owned_pid(paths.pidfile, str(paths.pidfile))
 
 
 def _host_memory_mib() -> int:

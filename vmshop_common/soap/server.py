@@ -220,7 +220,22 @@ def wsdl_document(app: Application, public_url: str) -> bytes:
     wsdl.build_interface_document(public_url)
     document = wsdl.get_interface_document()
     assert isinstance(document, bytes)
-    return document
+    return _canonical(document)
+
+
+def _canonical(document: bytes) -> bytes:
+    """The WSDL with its schema's types in a fixed order, indented.
+
+    spyne emits types in set order, which changes with Python's hash seed
+    from one process to the next; sorting makes the document byte-stable.
+    """
+    root = etree.fromstring(document, etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False))
+    for schema in root.iter("{http://www.w3.org/2001/XMLSchema}schema"):
+        children = list(schema)
+        schema[:] = sorted(children, key=lambda child: (
+            etree.QName(child).localname != "import", etree.QName(child).localname, child.get("name") or ""))
+    etree.indent(root, space="  ")
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n"
 
 
 class SoapResource(CompatTwistedWebResource):

@@ -1,0 +1,113 @@
+"""``vmplant``: run a VMPlant server from its ``configuration_vmplant.xml``.
+
+Start-up order: load the configuration, open the records, read the
+warehouse (bad entries are logged and skipped), start the host-only segment,
+reconcile records with the guests that still run (re-adopt or reclaim),
+then listen. On SIGTERM/SIGINT the server stops listening; guests keep
+running and are re-adopted by the next start. The segment is stopped only
+when no VM is left on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vmshop_common.soap import compat  # noqa: F401  (before spyne)
+
+# isort: split
+from twisted.python.threadpool import ThreadPool
+
+from vmshop_common.errors import ConfigurationError, VMShopError
+from vmshop_common.soap.server import bound_port, build_site, configure_spyne_logging, listen
+
+from .backends import load_backend
+from .config import PlantConfig, load_config
+from .ippool import IPPool
+from .plant import Plant
+from .records import PlantRecords
+from .segment import VdeSegment
+from .service import APP_NAME, PlantRuntime, VMPlantService
+from .warehouse import Warehouse
+from .wire import TNS
+
+log = logging.getLogger("vmplant")
+#: Threads for plant work: every create holds one for its whole duration.
+MAX_THREADS = 64
+
+
+def build_plant(config: PlantConfig) -> Plant:
+    """Every part of the plant, from its configuration (nothing listens yet)."""
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    # Backend options come from the configuration only: the accelerator probe's cache, for one,
+    # is per host (~/.cache/vmshop), not per plant.
+    backend = load_backend(config.backend, dict(config.backend_options))
+    records = PlantRecords(config.records_path)
+    warehouse = Warehouse(Path(config.warehouse_dir))
+    for problem in warehouse.problems:
+        log.warning("warehouse entry skipped: %s line %s: [%s] %s", problem.path, problem.line, problem.code,
+                    problem.message)
+    pool = segment = None
+    if config.network_mode == "vde":
+        if config.ip_file is None:
+            raise ConfigurationError("network mode vde needs an ip file (<network ipfile=...>)")
+        pool = IPPool(Path(config.ip_file))
+        segment = VdeSegment(Path(config.switch_dir) if config.switch_dir else state / "switch")
+        segment.start()
+    return Plant(config, backend, records, warehouse, pool, segment)
+
+
+def serve(config: PlantConfig, host: str | None = None, port: int | None = None) -> int:
+    """Run the plant until the reactor stops."""
+    from twisted.internet import reactor
+
+    plant = build_plant(config)
+    report = plant.recover()
+    if report["adopted"] or report["failed"]:
+        log.info("recovered: adopted %s, failed %s", report["adopted"], report["failed"])
+    pool = ThreadPool(minthreads=2, maxthreads=MAX_THREADS, name="vmplant")
+    pool.start()
+    host = host or config.listen_host
+    port = config.listen_port if port is None else port
+    public = config.public_url or f"http://{host}:{{port}}/"
+    site = build_site([VMPlantService], TNS, public, name=APP_NAME)
+    site.app.vmplant = PlantRuntime(plant, reactor, pool)
+    listening = listen(site, host, port)
+    url = site.public_url.replace("{port}", str(bound_port(listening)))
+    print(f"vmplant {config.name} listening on http://{host}:{bound_port(listening)}/ (public {url})", flush=True)
+
+    def shutdown() -> None:
+        pool.stop()
+        if plant.segment is not None and not plant.records.live_vms():
+            plant.segment.stop()
+        plant.backend.close()
+        plant.records.close()
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)  # type: ignore[attr-defined,arg-type]
+    reactor.run()  # type: ignore[attr-defined,misc]
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmplant", description="Run a VMPlant server.")
+    parser.add_argument("--config", default="configuration_vmplant.xml", help="the plant's configuration file")
+    parser.add_argument("--host", help="listen on this address instead of the configured one")
+    parser.add_argument("--port", type=int, help="listen on this port instead of the configured one (0: any)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_spyne_logging()
+    try:
+        config = load_config(Path(args.config))
+        return serve(config, args.host, args.port)
+    except VMShopError as exc:
+        print(f"vmplant: [{exc.code}] {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""The plant: makes, configures, describes and collects VMs on one host.
+
+This is the plant without SOAP (``service.py`` puts it on the wire). Every
+method may block (QEMU tools, the guest's agent, SQLite) and is called from
+a thread pool; several may run at once, so shared decisions (capacity, the
+IP pool, VM ids) are taken under one lock.
+
+Guarantees:
+- a create that fails, at any step, leaves nothing behind: no process, no
+  overlay, no channel directory, no pool address, no record; the error
+  says which step failed;
+- records are written to SQLite (durable) before a method returns;
+- a VM is only ever created from a DAG that :func:`load_dag` accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmshop_common.cost import Bid, CostModel, Decline
+from vmshop_common.dag import Action, Dag, MountAction, NetworkAction
+from vmshop_common.dagxml import dag_to_xml, load_dag
+from vmshop_common.errors import (
+    ActionFailedError,
+    CapacityExhaustedError,
+    DeclinedError,
+    NoSuchImageError,
+    NoSuchVMError,
+    NotSupportedError,
+    Problem,
+    VMShopError,
+)
+from vmshop_common.matching import flatten
+
+from .backends.base import Backend, GuestSpec, Nic, VMState
+from .channel import ActionContext, ActionResult, Channel
+from .clone import make_overlay
+from .config import PlantConfig
+from .ippool import IPPool
+from .records import PlantRecords, VMRecord
+from .segment import VdeSegment, mac_for
+from .warehouse import ImageInfo, Warehouse
+
+log = logging.getLogger(__name__)
+
+VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LIVE_STATES = ("creating", "booting", "configuring", "running", "collecting")
+#: Seconds a guest may take from QEMU's start to its agent's first word.
+BOOT_TIMEOUT = 180.0
+#: Seconds a guest gets to power down before it is killed.
+STOP_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    record: VMRecord
+    bid: Bid
+    results: tuple[ActionResult, ...]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Plant:
+    """One host's VMs. ``clock`` gives wall-clock seconds (records' times)."""
+
+    def __init__(self, config: PlantConfig, backend: Backend, records: PlantRecords, warehouse: Warehouse,
+                 pool: IPPool | None = None, segment: VdeSegment | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.backend = backend
+        self.records = records
+        self.warehouse = warehouse
+        self.pool = pool
+        self.segment = segment
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
+        self.state_dir = Path(config.state_dir)
+        for sub in ("overlays", "channels", "run"):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    # Costs ------------------------------------------------------------------
+    def cost_model(self) -> CostModel:
+        return CostModel(clone_seconds=self.records.metric("clone_seconds") or 0.05,
+                         boot_seconds=self.records.metric("boot_seconds") or 5.0,
+                         history=self.records)
+
+    def _load_seconds(self) -> float:
+        # A busy plant is slower: every VM being created now competes for the CPU while it boots.
+        return round(len(self._reserved) * (self.records.metric("boot_seconds") or 5.0) / 2, 6)
+
+    def estimate(self, dag_xml: str) -> Bid | Decline:
+        """A bid for the DAG, or a decline with the reason. Invalid DAGs raise."""
+        return self.estimate_dag(load_dag(dag_xml))
+
+    def estimate_dag(self, dag: Dag) -> Bid | Decline:
+        images = [info.cached_image() for info in self.warehouse.images.values()]
+        try:
+            flat = flatten(dag, {image.name: image.dag for image in images})
+        except NoSuchImageError as exc:
+            return Decline(exc.message)
+        reason = self._unservable(flat)
+        if reason:
+            return Decline(reason)
+        return self.cost_model().estimate(dag, images, self._load_seconds())
+
+    def _unservable(self, flat: Dag) -> str | None:
+        """Why this plant can never serve the (flattened) DAG, or None."""
+        hardware = flat.start.hardware  # type: ignore[union-attr]
+        caps = self.backend.capabilities()
+        if not caps.available:
+            return f"backend {caps.name} is not available here: {caps.reason}"
+        if hardware.arch not in caps.architectures:
+            return f"backend {caps.name} runs {', '.join(caps.architectures)}, not {hardware.arch}"
+        if hardware.memory > self.config.capacity_memory:
+            return f"{hardware.memory} MiB is more than this plant's {self.config.capacity_memory} MiB for guests"
+        if caps.max_memory and hardware.memory > caps.max_memory:
+            return f"{hardware.memory} MiB is more than backend {caps.name} allows ({caps.max_memory} MiB)"
+        if caps.max_vcpus and hardware.vcpus > caps.max_vcpus:
+            return f"{hardware.vcpus} vCPUs is more than backend {caps.name} allows ({caps.max_vcpus})"
+        for action in flat.actions:
+            if isinstance(action, NetworkAction) and self.pool is None:
+                return f"action '{action.id}' needs a host-only network, which this plant does not have"
+            if isinstance(action, MountAction):
+                store = self.config.datastore
+                if store is None:
+                    return f"action '{action.id}' mounts data, and this plant has no data store"
+                if not (Path(store) / action.source).is_dir():
+                    return f"action '{action.id}' mounts '{action.source}', which this plant's data store lacks"
+        return None
+
+    # Create -----------------------------------------------------------------
+    def create(self, dag_xml: str, owner: str = "", vm_id: str | None = None) -> CreateResult:
+        """Make the VM the DAG describes; returns when it is configured (see the module's guarantees)."""
+        dag = load_dag(dag_xml)
+        estimate = self.estimate_dag(dag)
+        if isinstance(estimate, Decline):
+            if estimate.reason.startswith("no cached image is named"):
+                raise NoSuchImageError(estimate.reason)
+            raise DeclinedError(f"this plant cannot make the VM: {estimate.reason}")
+        info = self.warehouse.get(estimate.image)
+        flat = flatten(dag, {name: image.dag for name, image in self.warehouse.images.items()})
+        hardware = flat.start.hardware  # type: ignore[union-attr]
+        vm_id = vm_id or uuid.uuid4().hex[:12]
+        if not VM_ID.match(vm_id):
+            raise DeclinedError(f"'{vm_id}' is not a valid VM id", [Problem("bad VM id", None, None)])
+        self._reserve(vm_id, hardware.memory)
+        paths = self._paths(vm_id)
+        try:
+            return self._build(vm_id, dag, flat, estimate, info, owner, paths)
+        except BaseException as exc:
+            self._reclaim(vm_id, paths, forget=True)
+            if isinstance(exc, VMShopError):
+                raise
+            log.exception("create %s failed", vm_id)
+            raise ActionFailedError(f"creating VM {vm_id} failed: {exc}") from exc
+        finally:
+            with self._lock:
+                self._reserved.pop(vm_id, None)
+
+    def _reserve(self, vm_id: str, memory: int) -> None:
+        with self._lock:
+            live = [r for r in self.records.live_vms()]
+            if vm_id in self._reserved or any(r.vm_id == vm_id for r in live):
+                raise DeclinedError(f"a VM with id '{vm_id}' exists already")
+            try:
+                self.records.get_vm(vm_id)
+                raise DeclinedError(f"the id '{vm_id}' was used before")
+            except NoSuchVMError:
+                pass
+            count = len(live) + len(self._reserved)
+            used = sum(r.memory for r in live) + sum(self._reserved.values())
+            if count >= self.config.capacity_vms:
+                raise CapacityExhaustedError(f"this plant runs {count} VMs, its limit")
+            if used + memory > self.config.capacity_memory:
+                raise CapacityExhaustedError(
+                    f"{memory} MiB asked, {self.config.capacity_memory - used} MiB of guest memory free")
+            self._reserved[vm_id] = memory
+
+    def _paths(self, vm_id: str) -> dict[str, Path]:
+        return {"overlay": self.state_dir / "overlays" / f"{vm_id}.qcow2",
+                "channel": self.state_dir / "channels" / vm_id,
+                "run": self.state_dir / "run" / vm_id}
+
+    def _build(self, vm_id: str, dag: Dag, flat: Dag, bid: Bid, info: ImageInfo, owner: str,
+               paths: dict[str, Path]) -> CreateResult:
+        hardware = flat.start.hardware  # type: ignore[union-attr]
+        address = None
+        if self.pool is not None:
+            address = self.pool.checkout(vm_id).address
+        clone_seconds = make_overlay(info.disk, info.disk_format, paths["overlay"],
+                                     hardware.disk if hardware.disk > info.hardware.disk else None)
+        self._remember("clone_seconds", clone_seconds)
+        channel = Channel(paths["channel"])
+        channel.create()
+        spec = self._spec(vm_id, info, hardware.memory, hardware.vcpus, paths)
+        now = self.clock()
+        record = VMRecord(vm_id=vm_id, owner=owner, state="booting", image=info.name, memory=hardware.memory,
+                          vcpus=hardware.vcpus, disk=hardware.disk, arch=hardware.arch, address=address,
+                          overlay=str(paths["overlay"]), channel_dir=str(paths["channel"]), run_dir=str(paths["run"]),
+                          created=now, updated=now, collected=None, error=None, dag_xml=dag_to_xml(dag),
+                          host_port=_user_port(spec), mac=_segment_mac(spec), attributes=dict(dag.attributes))
+        self.records.add_vm(record)
+        started = time.monotonic()
+        self.backend.start(spec)
+        channel.wait_agent(BOOT_TIMEOUT, alive=lambda: self.backend.state(vm_id) == VMState.RUNNING)
+        self._remember("boot_seconds", time.monotonic() - started)
+        self.records.update_vm(vm_id, state="configuring")
+        results = self._run_actions(vm_id, flat, list(bid.remaining), channel, record)
+        self.records.update_vm(vm_id, state="running")
+        return CreateResult(self.records.get_vm(vm_id), bid, tuple(results))
+
+    def _spec(self, vm_id: str, info: ImageInfo, memory: int, vcpus: int, paths: dict[str, Path]) -> GuestSpec:
+        nics = [Nic("user", mac_for(vm_id, 0), host_port=free_port())]
+        if self.segment is not None:
+            nics.append(Nic("segment", mac_for(vm_id, 1), switch=str(self.segment.control)))
+        datastore = Path(self.config.datastore) if self.config.datastore else None
+        return GuestSpec(vm_id=vm_id, disk=paths["overlay"], memory=memory, vcpus=vcpus, run_dir=paths["run"],
+                         channel_dir=paths["channel"], kernel=info.kernel, initrd=info.initrd, cmdline=info.cmdline,
+                         machine=info.machine, arch=info.hardware.arch, data_dir=datastore, nics=tuple(nics))
+
+    def _remember(self, metric: str, seconds: float) -> None:
+        previous = self.records.metric(metric)
+        value = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+        self.records.set_metric(metric, value)
+
+    def _context(self, record: VMRecord) -> ActionContext:
+        return ActionContext(address=record.address, prefix=self.pool.prefix if self.pool is not None else 24,
+                             segment_mac=record.mac,
+                             datastore=Path(self.config.datastore) if self.config.datastore else None)
+
+    def _run_actions(self, vm_id: str, dag: Dag, order: list[str], channel: Channel,
+                     record: VMRecord) -> list[ActionResult]:
+        """Run ``order`` (action ids of ``dag``) in the guest, one by one; ActionFailedError on the first failure."""
+        context = self._context(record)
+        results = []
+        for node_id in order:
+            action = dag.nodes[node_id]
+            assert isinstance(action, Action)
+            name = channel.submit(action, context)
+            started = self.clock()
+            result = channel.wait(name, action.timeout, alive=lambda: self.backend.state(vm_id) == VMState.RUNNING)
+            self.records.add_action_run(vm_id=vm_id, node_id=node_id, digest=_digest(action), kind=action.kind,
+                                        started=started, seconds=result.elapsed, status=result.status,
+                                        output=result.output, ok=result.ok)
+            results.append(result)
+            if not result.ok:
+                why = (f"timed out after {action.timeout} s" if result.timed_out
+                       else f"exited with status {result.status}")
+                raise ActionFailedError(
+                    f"action '{node_id}' ({action.kind}) {why}: {result.output.strip()[-400:]}",
+                    [Problem(why, action.line, node_id)])
+        return results
+
+    # Configure, describe, collect -------------------------------------------
+    def configure(self, vm_id: str, dag_xml: str) -> tuple[ActionResult, ...]:
+        """Run the DAG's actions on a running VM, in DAG order (its start node stands for the VM as it is)."""
+        dag = load_dag(dag_xml)
+        record = self.records.get_vm(vm_id)
+        if record.state != "running":
+            raise NotSupportedError(f"VM {vm_id} is {record.state}; only a running VM can be configured")
+        for action in dag.actions:
+            if isinstance(action, NetworkAction) and self.pool is None:
+                raise DeclinedError(f"action '{action.id}' needs a host-only network, which this plant lacks")
+        order = [n for n in dag.topological_order() if isinstance(dag.nodes[n], Action)]
+        with self._lock:
+            self.records.update_vm(vm_id, state="configuring")
+        try:
+            results = self._run_actions(vm_id, dag, order, Channel(Path(record.channel_dir)), record)
+        finally:
+            alive = self.backend.state(vm_id) == VMState.RUNNING
+            self.records.update_vm(vm_id, state="running" if alive else "failed",
+                                   **({} if alive else {"error": "the guest stopped while being configured"}))
+        return tuple(results)
+
+    def describe(self, vm_id: str) -> VMRecord:
+        return self.records.get_vm(vm_id)
+
+    def list_vms(self, include_collected: bool = False) -> list[VMRecord]:
+        return self.records.list_vms(include_collected=include_collected)
+
+    def collect(self, vm_id: str) -> VMRecord:
+        """Stop the VM, delete its clone, release its address; the record stays. Collecting twice is fine."""
+        record = self.records.get_vm(vm_id)
+        if record.state in ("collected", "failed"):
+            return record
+        with self._lock:
+            if vm_id in self._reserved:
+                raise NotSupportedError(f"VM {vm_id} is still being created; collect it when it is made")
+            self.records.update_vm(vm_id, state="collecting")
+        try:
+            self.backend.stop(vm_id, STOP_TIMEOUT)
+        finally:
+            self._reclaim(vm_id, self._paths(vm_id), forget=False)
+            self.records.update_vm(vm_id, state="collected", collected=self.clock())
+        return self.records.get_vm(vm_id)
+
+    def _reclaim(self, vm_id: str, paths: dict[str, Path], forget: bool) -> None:
+        """Free everything ``vm_id`` holds; with ``forget`` also its records. Never raises."""
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("destroy", lambda: self.backend.destroy(vm_id)),
+            ("overlay", lambda: paths["overlay"].unlink(missing_ok=True)),
+            ("channel", lambda: shutil.rmtree(paths["channel"], ignore_errors=True)),
+            ("run dir", lambda: shutil.rmtree(paths["run"], ignore_errors=True)),
+        ]
+        if self.pool is not None:
+            pool = self.pool
+            steps.append(("address", lambda: pool.release(vm_id)))
+        if forget:
+            steps.append(("record", lambda: self.records.delete_vm(vm_id)))
+        for label, step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - reclaiming goes on whatever one step does
+                log.exception("reclaiming %s of VM %s failed", label, vm_id)
+
+    # Start-up -----------------------------------------------------------------
+    def recover(self) -> dict[str, list[str]]:
+        """Reconcile records with the guests that really run (after a plant restart).
+
+        Running VMs whose guest still runs are re-adopted; VMs whose guest is
+        gone, and creates that a restart interrupted, are marked failed and
+        everything they held is reclaimed. Returns {'adopted': [...], 'failed': [...]}.
+        """
+        adopted, failed = [], []
+        for record in self.records.live_vms():
+            paths = self._paths(record.vm_id)
+            ok = False
+            info = self.warehouse.images.get(record.image)
+            if info is not None:
+                # Adopt every live VM, even one a restart caught while booting: only an adopted
+                # VM's process can be found (and killed) by the backend.
+                alive = self.backend.adopt(self._spec(record.vm_id, info, record.memory, record.vcpus, paths))
+                ok = alive and record.state in ("running", "configuring")
+            if ok:
+                if record.state != "running":
+                    self.records.update_vm(record.vm_id, state="running")
+                adopted.append(record.vm_id)
+            else:
+                self._reclaim(record.vm_id, paths, forget=False)
+                self.records.update_vm(record.vm_id, state="failed", collected=self.clock(),
+                                       error=f"the guest was gone when the plant restarted (it was {record.state})")
+                failed.append(record.vm_id)
+        if self.pool is not None:
+            self.pool.reconcile(set(adopted))
+        live = set(adopted)
+        for sub, suffix in (("overlays", ".qcow2"), ("channels", ""), ("run", "")):
+            for leftover in (self.state_dir / sub).iterdir():
+                if leftover.name.removesuffix(suffix) not in live:
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+        return {"adopted": adopted, "failed": failed}
+
+    def info(self) -> dict[str, object]:
+        caps = self.backend.capabilities()
+        live = self.records.live_vms()
+        used = sum(r.memory for r in live) + sum(self._reserved.values())
+        return {
+            "name": self.config.name, "backend": caps.name, "available": caps.available,
+            "accelerator": caps.accelerator, "reason": caps.reason,
+            "capacity_vms": self.config.capacity_vms, "running_vms": len(live),
+            "capacity_memory": self.config.capacity_memory, "free_memory": self.config.capacity_memory - used,
+            "free_addresses": self.pool.free_count() if self.pool is not None else 0,
+            "images": sorted(self.warehouse.images), "architectures": list(caps.architectures),
+            "clone_seconds": self.records.metric("clone_seconds"), "boot_seconds": self.records.metric("boot_seconds"),
+        }
+
+
+def _digest(action: Action) -> str:
+    from vmshop_common.steps import step_digest
+    return step_digest(action)
+
+
+def _user_port(spec: GuestSpec) -> int | None:
+    return next((nic.host_port for nic in spec.nics if nic.kind == "user"), None)
+
+
+def _segment_mac(spec: GuestSpec) -> str | None:
+    return next((nic.mac for nic in spec.nics if nic.kind == "segment"), None)

@@ -1,0 +1,113 @@
+"""The plant's SOAP service: :class:`~vmplant_service.plant.Plant` on the wire.
+
+Every operation runs the plant's (blocking) work on the plant's own thread
+pool and returns a Deferred, so the reactor never waits for QEMU, the
+guest or SQLite. Failures become SOAP faults with the project's stable
+codes (:mod:`vmshop_common.soap.faults`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from vmshop_common.soap import compat  # noqa: F401  (before spyne)
+
+# isort: split
+from spyne import Boolean, ServiceBase, Unicode, rpc
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from vmshop_common.soap.faults import failure_to_fault
+
+from .plant import Plant
+from .wire import ActionRun, CreateResult, Estimate, PlantInfo, VMInfo, estimate_out, info_out, run_out, vm_out
+
+T = TypeVar("T")
+APP_NAME = "VMPlant"
+MAX_DAG_CHARS = 1024 * 1024
+
+
+class PlantRuntime:
+    """What the service methods reach through ``ctx.app.vmplant``: the plant and its thread pool."""
+
+    def __init__(self, plant: Plant, reactor: Any, pool: ThreadPool) -> None:
+        self.plant = plant
+        self.reactor = reactor
+        self.pool = pool
+
+    def run(self, work: Callable[[], T]) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.pool, work).addErrback(failure_to_fault)
+
+
+def _runtime(ctx: Any) -> PlantRuntime:
+    return ctx.app.vmplant  # type: ignore[no-any-return]
+
+
+Dag = Unicode(max_len=MAX_DAG_CHARS, min_occurs=1, nillable=False)
+VmId = Unicode(max_len=64, min_occurs=1, nillable=False)
+
+
+class VMPlantService(ServiceBase):
+    """The five operations for one host, plus describe, list and plant info."""
+
+    @rpc(Dag, _returns=Estimate)
+    def estimateCost(ctx, dag: str):  # noqa: N802, N805
+        """Bid for making the VM the DAG describes: cost and breakdown, or a decline with the reason."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: estimate_out(rt.plant.config.name, rt.plant.estimate(dag)))
+
+    @rpc(Dag, Unicode(max_len=256), Unicode(max_len=64), _returns=CreateResult)
+    def createVM(ctx, dag: str, owner: str | None, vm_id: str | None):  # noqa: N802, N805
+        """Make the VM; answers once it is configured. ``vm_id`` lets the caller choose the id."""
+        rt = _runtime(ctx)
+
+        def work() -> CreateResult:
+            made = rt.plant.create(dag, owner or "", vm_id or None)
+            runs = [run_out(node, result) for node, result in zip(made.bid.remaining, made.results, strict=False)]
+            return CreateResult(vm=vm_out(made.record, list(made.bid.remaining)),
+                                estimate=estimate_out(rt.plant.config.name, made.bid), runs=runs)
+
+        return rt.run(work)
+
+    @rpc(VmId, Dag, _returns=ActionRun.customize(max_occurs="unbounded"))
+    def configureVM(ctx, vm_id: str, dag: str):  # noqa: N802, N805
+        """Run the DAG's actions on the VM in DAG order; their results."""
+        rt = _runtime(ctx)
+
+        def work() -> list[ActionRun]:
+            results = rt.plant.configure(vm_id, dag)
+            return [run_out(result.name.split("-", 1)[1], result) for result in results]
+
+        return rt.run(work)
+
+    @rpc(VmId, _returns=VMInfo)
+    def describeVM(ctx, vm_id: str):  # noqa: N802, N805
+        """The VM's record, its state current."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: _vm_with_steps(rt.plant, vm_id))
+
+    @rpc(Boolean, _returns=VMInfo.customize(max_occurs="unbounded"))
+    def listVMs(ctx, include_collected: bool | None):  # noqa: N802, N805
+        """Every VM the plant holds (and, if asked, the collected ones)."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: [vm_out(r) for r in rt.plant.list_vms(bool(include_collected))])
+
+    @rpc(VmId, _returns=VMInfo)
+    def collectVM(ctx, vm_id: str):  # noqa: N802, N805
+        """Stop the VM, delete its clone, release its address; collecting twice is not an error."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: vm_out(rt.plant.collect(vm_id)))
+
+    @rpc(_returns=PlantInfo)
+    def plantInfo(ctx):  # noqa: N802, N805
+        """Backend, capacity, free memory and addresses, cached images, measured costs."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: info_out(rt.plant.info()))
+
+
+def _vm_with_steps(plant: Plant, vm_id: str) -> VMInfo:
+    record = plant.describe(vm_id)
+    steps = [run.node_id for run in plant.records.action_runs(vm_id) if run.ok]
+    return vm_out(record, steps)

@@ -1,0 +1,131 @@
+"""The plant's SOAP types (what ``wsdl/vmplant.wsdl`` describes) and their conversion from the model.
+
+Times are seconds since the epoch (UTC) as doubles; absent values are
+omitted (nillable). Lists are plain repeated elements.
+"""
+
+from __future__ import annotations
+
+from vmshop_common.soap import compat  # noqa: F401  (before spyne)
+
+# isort: split
+from spyne import Boolean, ComplexModel, Double, Integer, Unicode
+
+from vmshop_common.cost import Bid, Decline
+
+from .channel import ActionResult
+from .records import VMRecord
+
+TNS = "urn:vmshop:vmplant:1"
+
+
+def _many(model: type) -> type:
+    return model.customize(max_occurs="unbounded")  # type: ignore[attr-defined, no-any-return]
+
+
+class CostItem(ComplexModel):
+    __namespace__ = TNS
+    label = Unicode
+    seconds = Double
+    source = Unicode
+    node = Unicode
+
+
+class Estimate(ComplexModel):
+    """A bid (accepted) with its breakdown, or a decline with the reason."""
+
+    __namespace__ = TNS
+    plant = Unicode
+    accepted = Boolean
+    cost = Double
+    image = Unicode
+    reason = Unicode
+    items = _many(CostItem)
+    remaining = _many(Unicode)
+
+
+class Attribute(ComplexModel):
+    __namespace__ = TNS
+    name = Unicode
+    value = Unicode
+
+
+class VMInfo(ComplexModel):
+    __namespace__ = TNS
+    vm_id = Unicode
+    owner = Unicode
+    state = Unicode
+    image = Unicode
+    memory = Integer
+    vcpus = Integer
+    disk = Integer
+    arch = Unicode
+    address = Unicode
+    host_port = Integer
+    created = Double
+    updated = Double
+    collected = Double
+    error = Unicode
+    attributes = _many(Attribute)
+    steps = _many(Unicode)
+
+
+class ActionRun(ComplexModel):
+    __namespace__ = TNS
+    node = Unicode
+    status = Integer
+    ok = Boolean
+    timed_out = Boolean
+    seconds = Double
+    output = Unicode
+
+
+class CreateResult(ComplexModel):
+    __namespace__ = TNS
+    vm = VMInfo
+    estimate = Estimate
+    runs = _many(ActionRun)
+
+
+class PlantInfo(ComplexModel):
+    __namespace__ = TNS
+    name = Unicode
+    backend = Unicode
+    available = Boolean
+    accelerator = Unicode
+    reason = Unicode
+    capacity_vms = Integer
+    running_vms = Integer
+    capacity_memory = Integer
+    free_memory = Integer
+    free_addresses = Integer
+    images = _many(Unicode)
+    architectures = _many(Unicode)
+    clone_seconds = Double
+    boot_seconds = Double
+
+
+def estimate_out(plant: str, result: Bid | Decline) -> Estimate:
+    if isinstance(result, Decline):
+        return Estimate(plant=plant, accepted=False, reason=result.reason, items=[], remaining=[])
+    items = [CostItem(label=i.label, seconds=i.seconds, source=i.source, node=i.node) for i in result.items]
+    return Estimate(plant=plant, accepted=True, cost=result.cost, image=result.image, items=items,
+                    remaining=list(result.remaining))
+
+
+def vm_out(record: VMRecord, steps: list[str] | None = None) -> VMInfo:
+    return VMInfo(vm_id=record.vm_id, owner=record.owner, state=record.state, image=record.image,
+                  memory=record.memory, vcpus=record.vcpus, disk=record.disk, arch=record.arch,
+                  address=record.address, host_port=record.host_port, created=record.created,
+                  updated=record.updated, collected=record.collected, error=record.error,
+                  attributes=[Attribute(name=k, value=v) for k, v in sorted((record.attributes or {}).items())],
+                  steps=list(steps or []))
+
+
+def run_out(node: str, result: ActionResult) -> ActionRun:
+    return ActionRun(node=node, status=result.status, ok=result.ok, timed_out=result.timed_out,
+                     seconds=result.elapsed, output=result.output)
+
+
+def info_out(info: dict[str, object]) -> PlantInfo:
+    return PlantInfo(**info)
