@@ -30,6 +30,7 @@ setup(
         "console_scripts": [
             "vmshop=vmshop_service.cli:main",
             "vmplant=vmplant_service.main:main",
+            "vmshop-server=vmshop_service.main:main",
         ],
     },
 )

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Prepare a VMShop's configuration file, configuration_vmshop.xml.
+
+Asks for each value (with a default) on a terminal, or takes them as flags;
+with --yes, or without a terminal, the defaults fill whatever no flag gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vmshop_common.errors import VMShopError
+from vmshop_service.config import CONFIG_FILE, ShopConfig, load_config, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PLANTS_FILE = ROOT / "addresses" / "vmplant_addresses.txt"
+
+
+def ask(label: str, default: str, interactive: bool) -> str:
+    if not interactive:
+        return default
+    answer = input(f"{label} [{default}]: ").strip()
+    return answer or default
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", help="the shop's name (default vmshop)")
+    parser.add_argument("--host", help="address the shop listens on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port the shop listens on (default 8080; 0: any)")
+    parser.add_argument("--public-url", help="the URL its WSDL and VM references name (default http://HOST:PORT/)")
+    parser.add_argument("--database", help="the VM registry, SQLite (default ./var/vmshop/registry.sqlite3)")
+    parser.add_argument("--plants-file", help=f"the plant list (default {PLANTS_FILE})")
+    parser.add_argument("--bid-timeout", type=float, help="seconds a plant has to bid (default 10)")
+    parser.add_argument("--poll-interval", type=float, help="seconds between state refreshes (default 5)")
+    parser.add_argument("--output", default=CONFIG_FILE, help=f"where to write (default ./{CONFIG_FILE})")
+    parser.add_argument("--yes", action="store_true", help="take defaults for everything not given")
+    args = parser.parse_args(argv)
+    interactive = sys.stdin.isatty() and not args.yes
+
+    def value(flag: object, label: str, default: str) -> str:
+        return str(flag) if flag is not None else ask(label, default, interactive)
+
+    try:
+        name = value(args.name, "shop name", "vmshop")
+        host = value(args.host, "listen address", "127.0.0.1")
+        port = int(value(args.port, "port", "8080"))
+        default_url = f"http://{host}:{port}/" if port else ""
+        public_url = value(args.public_url, "public URL", default_url)
+        database = Path(value(args.database, "registry database", str(Path("var/vmshop/registry.sqlite3"))))
+        plants_file = Path(value(args.plants_file, "plant list file", str(PLANTS_FILE)))
+        config = ShopConfig(name=name, listen_host=host, listen_port=port, public_url=public_url,
+                            database=database.absolute(), plants_file=plants_file.absolute(),
+                            bid_timeout=float(value(args.bid_timeout, "bid timeout (s)", "10")),
+                            poll_interval=float(value(args.poll_interval, "state refresh interval (s)", "5")))
+        config.database.parent.mkdir(parents=True, exist_ok=True)
+        if not config.plants_file.exists():
+            config.plants_file.parent.mkdir(parents=True, exist_ok=True)
+            config.plants_file.write_text("# VMPlant servers this shop uses: one host:port per line\n127.0.0.1:8090\n")
+            print(f"wrote {config.plants_file} (127.0.0.1:8090; edit it for your site)")
+        written = write_config(config, args.output)
+        load_config(written)
+    except (ValueError, OSError, VMShopError) as exc:
+        print(f"configure_vmshop: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

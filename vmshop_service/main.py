@@ -1,0 +1,93 @@
+"""``vmshop-server``: run a VMShop server from its ``configuration_vmshop.xml``.
+
+Start-up: open the registry, read the plant list, check the plants (a plant
+that does not answer is marked down, not fatal), reconcile creates a
+previous run left unfinished, start the lease and state timers, listen.
+SIGHUP re-reads the plant list. SIGTERM/SIGINT stop the server; the
+registry is durable, so a restarted shop knows every VM it had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vmshop_common.soap import compat  # noqa: F401  (before spyne)
+
+# isort: split
+from vmshop_common.errors import VMShopError
+from vmshop_common.soap.server import bound_port, build_site, configure_spyne_logging, listen
+
+from .config import ShopConfig, load_config
+from .plants import PlantDirectory
+from .registry import Registry
+from .service import APP_NAME, VMShopService
+from .shop import Shop
+from .wire import TNS
+
+log = logging.getLogger("vmshop")
+
+
+def serve(config: ShopConfig, host: str | None = None, port: int | None = None) -> int:
+    from twisted.internet import reactor
+
+    rx: Any = reactor
+    rx.suggestThreadPoolSize(16)
+    registry = Registry(config.database)
+    plants = PlantDirectory(config.plants_file, config.call_timeout, rx, clock=__import__("time").time)
+    plants.load()
+    shop = Shop(config, registry, plants, rx)
+    host = host or config.listen_host
+    port = config.listen_port if port is None else port
+    public = config.public_url or f"http://{host}:{{port}}/"
+    site = build_site([VMShopService], TNS, public, name=APP_NAME)
+    site.app.vmshop = shop
+    listening = listen(site, host, port)
+    shop.public_url = site.public_url.replace("{port}", str(bound_port(listening)))
+    print(f"vmshop {config.name} listening on http://{host}:{bound_port(listening)}/ (public {shop.public_url})",
+          flush=True)
+
+    def reload_plants(*_: Any) -> None:
+        def work() -> None:
+            try:
+                shop.reload_plants()
+            except VMShopError as exc:
+                log.error("plant list not reloaded: %s", exc)
+        rx.callFromThread(work)
+
+    signal.signal(signal.SIGHUP, reload_plants)
+    rx.callWhenRunning(lambda: shop.start().addErrback(lambda f: log.error("start-up: %s", f.getTraceback())))
+
+    def shutdown() -> Any:
+        d = shop.stop()
+        d.addBoth(lambda _: registry.close())
+        return d
+
+    rx.addSystemEventTrigger("before", "shutdown", shutdown)
+    rx.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmshop-server", description="Run a VMShop server.")
+    parser.add_argument("--config", default="configuration_vmshop.xml", help="the shop's configuration file")
+    parser.add_argument("--host", help="listen on this address instead of the configured one")
+    parser.add_argument("--port", type=int, help="listen on this port instead of the configured one (0: any)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_spyne_logging()
+    try:
+        return serve(load_config(Path(args.config)), args.host, args.port)
+    except VMShopError as exc:
+        print(f"vmshop-server: [{exc.code}] {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

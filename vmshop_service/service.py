@@ -1,0 +1,109 @@
+"""The shop's SOAP service: :class:`~vmshop_service.shop.Shop` on the wire.
+
+The five operations of the original (create, configure, estimate, query,
+collect), describe and the plants' health, and the WSRF-style resource
+operations on a VM (its resource-properties document, GetResourceProperty,
+QueryResourceProperties with XPath 1.0, SetTerminationTime, Destroy). Every
+per-VM operation takes the VM's endpoint reference. Every method returns a
+Deferred; failures become SOAP faults with the project's stable codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmshop_common.soap import compat  # noqa: F401  (before spyne)
+
+# isort: split
+from spyne import Double, Integer, ServiceBase, Unicode, rpc
+from twisted.internet import defer
+
+from vmshop_common.soap.faults import failure_to_fault
+
+from .wire import ActionRun, CreateResult, EndpointReference, Estimate, PlantStatus, VMInfo
+
+APP_NAME = "VMShop"
+MAX_DAG_CHARS = 1024 * 1024
+
+Dag = Unicode(max_len=MAX_DAG_CHARS, min_occurs=1, nillable=False)
+Epr = EndpointReference.customize(min_occurs=1, nillable=False)
+Strings = Unicode.customize(max_occurs="unbounded")
+
+
+def _shop(ctx: Any) -> Any:
+    return ctx.app.vmshop
+
+
+def _call(ctx: Any, method: str, *args: Any) -> defer.Deferred[Any]:
+    """Run ``shop.method(*args)`` (which may return a Deferred) with failures turned into faults."""
+    return defer.maybeDeferred(getattr(_shop(ctx), method), *args).addErrback(failure_to_fault)
+
+
+class VMShopService(ServiceBase):
+    """VMShop: virtual machines for Grid computing, made where they cost least."""
+
+    @rpc(Dag, Unicode(max_len=256), Double, Unicode(max_len=64), _returns=CreateResult)
+    def createVM(ctx, dag, owner, termination_time, vm_key):  # noqa: N802, N805
+        """Create a VM from the DAG on the plant that bids least; re-bid if that plant fails.
+        termination_time (epoch seconds) sets the VM's lease; vm_key lets the caller choose its key."""
+        return _call(ctx, "create", dag, owner or "", termination_time, vm_key or None)
+
+    @rpc(Dag, _returns=Estimate)
+    def estimateCost(ctx, dag):  # noqa: N802, N805
+        """Every plant's bid for the DAG and the best of them (nothing is created)."""
+        return _call(ctx, "estimate", dag)
+
+    @rpc(Epr, Dag, _returns=ActionRun.customize(max_occurs="unbounded"))
+    def configureVM(ctx, vm, dag):  # noqa: N802, N805
+        """Run the DAG's actions inside the VM, in DAG order; their results."""
+        return _call(ctx, "configure", vm, dag)
+
+    @rpc(Unicode(max_len=4096), Integer, _returns=VMInfo.customize(max_occurs="unbounded"))
+    def queryVMs(ctx, query, limit):  # noqa: N802, N805
+        """VMs matching a conjunction of attribute-value terms, e.g. 'memory>=256 state=running project=x'."""
+        return _call(ctx, "query", query or "", limit)
+
+    @rpc(Epr, _returns=VMInfo)
+    def describeVM(ctx, vm):  # noqa: N802, N805
+        """The VM's registry entry (state kept current from its plant)."""
+        return _call(ctx, "describe", vm)
+
+    @rpc(Epr, _returns=VMInfo)
+    def collectVM(ctx, vm):  # noqa: N802, N805
+        """Destroy the VM on its plant and keep the record that it existed; collecting twice is fine."""
+        return _call(ctx, "collect", vm)
+
+    @rpc(Epr, _returns=VMInfo)
+    def destroy(ctx, vm):  # noqa: N805
+        """WSRF Destroy: collect the VM now."""
+        return _call(ctx, "collect", vm)
+
+    @rpc(Epr, Double, _returns=VMInfo)
+    def setTerminationTime(ctx, vm, termination_time):  # noqa: N802, N805
+        """WSRF SetTerminationTime: the VM is collected when this time (epoch seconds) passes; nil: never."""
+        return _call(ctx, "set_termination", vm, termination_time)
+
+    @rpc(Epr, _returns=Unicode)
+    def getResourcePropertyDocument(ctx, vm):  # noqa: N802, N805
+        """The VM's resource-properties document (namespace urn:vmshop:vm-resource:1)."""
+        return _call(ctx, "resource_document", vm)
+
+    @rpc(Epr, Unicode(max_len=256), _returns=Strings)
+    def getResourceProperty(ctx, vm, name):  # noqa: N802, N805
+        """WSRF GetResourceProperty: the property elements named (e.g. 'rp:Memory'), as XML."""
+        return _call(ctx, "resource_property", vm, name)
+
+    @rpc(Epr, Unicode(max_len=1024), _returns=Strings)
+    def queryResourceProperties(ctx, vm, xpath):  # noqa: N802, N805
+        """WSRF QueryResourceProperties: an XPath 1.0 expression over the document (prefix rp)."""
+        return _call(ctx, "resource_query", vm, xpath)
+
+    @rpc(_returns=PlantStatus.customize(max_occurs="unbounded"))
+    def listPlants(ctx):  # noqa: N802, N805
+        """The plants this shop knows, with their health."""
+        return _call(ctx, "plants_list")
+
+    @rpc(_returns=PlantStatus.customize(max_occurs="unbounded"))
+    def reloadPlants(ctx):  # noqa: N802, N805
+        """Re-read the plant list (addresses/vmplant_addresses.txt) and check each plant."""
+        return _call(ctx, "reload_plants")

@@ -1,0 +1,386 @@
+"""The shop: places VMs on plants, keeps the registry, answers queries.
+
+Everything here runs in the reactor thread and returns Deferreds; calls to
+plants go through non-blocking SOAP clients, registry and DAG work that
+could take a while goes to the reactor's thread pool.
+
+Guarantees:
+- a DAG is validated (the same loader and rules as the plants') before any
+  plant sees it; a bad DAG changes nothing;
+- a create is registered (durably) under its key as 'placing' as soon as it
+  starts, so callers can watch it; if no plant can make the VM the entry
+  is removed again and the fault lists every plant's reason;
+- a VM's lease (termination time) is enforced by a timer that reads the
+  registry, so it survives a shop restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import zeep.exceptions
+from twisted.internet import defer, task, threads
+
+from vmshop_common.dagxml import load_dag
+from vmshop_common.errors import (
+    DeclinedError,
+    NoPlantError,
+    NoSuchVMError,
+    NotSupportedError,
+    PlantGoneError,
+    Problem,
+    VMShopError,
+)
+from vmshop_common.soap.faults import from_fault
+
+from . import resource
+from .broker import BidResult, call_for_bids, rank, rejection
+from .config import ShopConfig
+from .plants import PlantDirectory, describe_failure
+from .registry import Registry, VMEntry
+from .wire import (
+    ActionRun,
+    Attribute,
+    Bid,
+    CostItem,
+    CreateResult,
+    EndpointReference,
+    Estimate,
+    PlantStatus,
+    VMInfo,
+)
+
+log = logging.getLogger(__name__)
+KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CREATING_STATES = ("placing", "creating")
+
+
+class Shop:
+    """The shop's behaviour; ``reactor`` and ``clock`` (wall-clock seconds) are injected."""
+
+    def __init__(self, config: ShopConfig, registry: Registry, plants: PlantDirectory, reactor: Any,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.registry = registry
+        self.plants = plants
+        self.reactor = reactor
+        self.clock = clock
+        self.public_url = config.public_url
+        self._creating: set[str] = set()
+        self._collecting: set[str] = set()
+        self._loops: list[task.LoopingCall] = []
+
+    # Life cycle ---------------------------------------------------------------
+    def start(self) -> defer.Deferred[Any]:
+        """Check the plants, reconcile unfinished creates, and start the lease and state timers."""
+        for interval, work in ((self.config.lease_interval, self.enforce_leases),
+                               (self.config.poll_interval, self.refresh)):
+            loop = task.LoopingCall(work)
+            loop.clock = self.reactor
+            loop.start(interval, now=False).addErrback(lambda f: log.error("timer failed: %s", f.getTraceback()))
+            self._loops.append(loop)
+        return self.refresh().addCallback(lambda _: self.enforce_leases())
+
+    def stop(self) -> defer.Deferred[Any]:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        return self.plants.close()
+
+    # References ---------------------------------------------------------------
+    def epr(self, key: str) -> EndpointReference:
+        return EndpointReference(Address=self.public_url, VMKey=key)
+
+    def _key(self, reference: Any) -> str:
+        """The VM key of an endpoint reference that names this shop."""
+        address = (getattr(reference, "Address", None) or "").rstrip("/")
+        key = getattr(reference, "VMKey", None) or ""
+        if address and self.public_url and address != self.public_url.rstrip("/"):
+            raise NoSuchVMError(f"the endpoint reference names the shop {address}; this is {self.public_url}")
+        if not KEY.match(key):
+            raise NoSuchVMError(f"'{key}' is not a VM key")
+        return key
+
+    def _entry(self, reference: Any) -> defer.Deferred[VMEntry]:
+        key = self._key(reference)
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.registry.get, key)
+
+    def _in_thread(self, work: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args, **kwargs)
+
+    # Estimate -----------------------------------------------------------------
+    @defer.inlineCallbacks
+    def estimate(self, dag_xml: str) -> Any:
+        yield self._in_thread(load_dag, dag_xml)
+        bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
+        ranked = rank(bids)
+        best = ranked[0] if ranked else None
+        return Estimate(plant=best.plant if best else None, cost=best.cost if best else None,
+                        image=best.image if best else None, items=list(best.items) if best else [],
+                        remaining=list(best.remaining) if best else [], bids=[_bid_out(b) for b in bids])
+
+    # Create -------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def create(self, dag_xml: str, owner: str, termination: float | None, key: str | None) -> Any:
+        dag = yield self._in_thread(load_dag, dag_xml)
+        key = key or "vm-" + uuid.uuid4().hex[:12]
+        if not KEY.match(key):
+            raise DeclinedError(f"'{key}' is not a valid VM key", [Problem("bad key")])
+        start = dag.start
+        hardware = getattr(start, "hardware", None)
+        entry = VMEntry(vm_id=key, owner=owner, state="placing", dag_xml=dag_xml, termination=termination,
+                        attributes=dict(dag.attributes), created=self.clock(), updated=self.clock(),
+                        memory=hardware.memory if hardware else getattr(start, "memory", None),
+                        vcpus=hardware.vcpus if hardware else getattr(start, "vcpus", None),
+                        disk=hardware.disk if hardware else None, arch=hardware.arch if hardware else None,
+                        image=getattr(start, "name", None))
+        try:
+            yield self._in_thread(self.registry.add, entry)
+        except ValueError:
+            raise DeclinedError(f"a VM with the key '{key}' exists already") from None
+        self._creating.add(key)
+        try:
+            result = yield self._place(key, dag_xml, owner)
+        except BaseException:
+            yield self._in_thread(self.registry.delete, key)
+            raise
+        finally:
+            self._creating.discard(key)
+        return result
+
+    @defer.inlineCallbacks
+    def _place(self, key: str, dag_xml: str, owner: str) -> Any:
+        bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
+        attempts: list[str] = []
+        for bid in rank(bids):
+            handle = self.plants.get(bid.plant)
+            yield self._in_thread(self.registry.update, key, state="creating", plant=bid.plant, plant_vm_id=key,
+                                  cost=bid.cost, image=bid.image)
+            try:
+                made = yield handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml,
+                                                             owner=owner, vm_id=key)
+            except Exception as exc:  # noqa: BLE001 - every failure means: try the next bidder
+                status, reason = describe_failure(exc)
+                attempts.append(f"{bid.plant}: {reason}")
+                log.warning("create %s on %s failed (%s): %s; trying the next bidder", key, bid.plant, status,
+                            reason)
+                if status in ("timeout", "down"):
+                    # The plant may still make it: ask it to collect what it has under this key.
+                    handle.client.call("collectVM", vm_id=key).addErrback(lambda _: None)
+                continue
+            vm = made.vm
+            yield self._in_thread(self.registry.update, key, state=vm.state, image=vm.image, memory=vm.memory,
+                                  vcpus=vm.vcpus, disk=vm.disk, arch=vm.arch, address=vm.address,
+                                  host_port=vm.host_port, steps=list(vm.steps or []))
+            attempts.append(f"{bid.plant}: created")
+            entry = yield self._in_thread(self.registry.get, key)
+            return CreateResult(vm=self.vm_out(entry), plant=bid.plant, cost=bid.cost,
+                                bids=[_bid_out(b) for b in bids], attempts=attempts,
+                                runs=[_run_out(run) for run in made.runs or []])
+        reasons = [f"{b.plant}: {rejection(b)}" for b in bids if rejection(b) is not None] + attempts
+        if not bids:
+            reasons = ["this shop has no plants (see its plant list file)"]
+        raise NoPlantError("no plant could create the VM: " + "; ".join(reasons),
+                           [Problem(reason) for reason in reasons])
+
+    # Per-VM operations ----------------------------------------------------------
+    @defer.inlineCallbacks
+    def describe(self, reference: Any) -> Any:
+        entry = yield self._entry(reference)
+        if entry.state in CREATING_STATES and entry.plant:
+            # Finer progress from the plant (booting, configuring) while the create runs.
+            try:
+                remote = yield self.plants.get(entry.plant).client.call_with_timeout(
+                    min(5.0, self.config.call_timeout), "describeVM", vm_id=entry.plant_vm_id)
+                entry.state = f"creating:{remote.state}"
+            except Exception:  # noqa: BLE001 - progress is best effort
+                pass
+        return self.vm_out(entry)
+
+    @defer.inlineCallbacks
+    def configure(self, reference: Any, dag_xml: str) -> Any:
+        yield self._in_thread(load_dag, dag_xml)
+        entry = yield self._entry(reference)
+        if entry.state != "running":
+            raise NotSupportedError(f"VM {entry.vm_id} is {entry.state}; only a running VM can be configured")
+        handle = self._plant_of(entry)
+        try:
+            runs = yield handle.client.call_with_timeout(self.config.create_timeout, "configureVM",
+                                                         vm_id=entry.plant_vm_id, dag=dag_xml)
+        except zeep.exceptions.Fault as fault:
+            raise from_fault(fault) from None
+        except Exception as exc:  # noqa: BLE001
+            raise PlantGoneError(f"plant {entry.plant} holding VM {entry.vm_id} does not answer: "
+                                 f"{describe_failure(exc)[1]}") from None
+        runs = list(runs or [])
+        steps = list(entry.steps or []) + [run.node for run in runs if run.ok]
+        yield self._in_thread(self.registry.update, entry.vm_id, steps=steps)
+        return [_run_out(run) for run in runs]
+
+    @defer.inlineCallbacks
+    def collect(self, reference: Any) -> Any:
+        entry = yield self._entry(reference)
+        result = yield self._collect_entry(entry)
+        return result
+
+    @defer.inlineCallbacks
+    def _collect_entry(self, entry: VMEntry) -> Any:
+        if entry.collected is not None or entry.state in ("collected", "failed"):
+            return self.vm_out(entry)
+        if entry.vm_id in self._creating:
+            raise NotSupportedError(f"VM {entry.vm_id} is still being created; collect it when it is made")
+        handle = self._plant_of(entry)
+        self._collecting.add(entry.vm_id)
+        try:
+            try:
+                remote = yield handle.client.call("collectVM", vm_id=entry.plant_vm_id)
+                state, error = remote.state, remote.error
+            except zeep.exceptions.Fault as fault:
+                problem = from_fault(fault)
+                if not isinstance(problem, NoSuchVMError):
+                    raise problem from None
+                state, error = "collected", "the plant had no record of it"
+            except Exception as exc:  # noqa: BLE001
+                raise PlantGoneError(f"plant {entry.plant} holding VM {entry.vm_id} does not answer: "
+                                     f"{describe_failure(exc)[1]}") from None
+            if state != "failed":
+                state = "collected"
+            yield self._in_thread(self.registry.update, entry.vm_id, state=state, collected=self.clock(),
+                                  error=error)
+        finally:
+            self._collecting.discard(entry.vm_id)
+        updated = yield self._in_thread(self.registry.get, entry.vm_id)
+        return self.vm_out(updated)
+
+    def _plant_of(self, entry: VMEntry) -> Any:
+        if not entry.plant:
+            raise PlantGoneError(f"VM {entry.vm_id} has no plant")
+        return self.plants.get(entry.plant)
+
+    @defer.inlineCallbacks
+    def set_termination(self, reference: Any, termination: float | None) -> Any:
+        entry = yield self._entry(reference)
+        if entry.collected is not None:
+            raise NotSupportedError(f"VM {entry.vm_id} was collected already")
+        yield self._in_thread(self.registry.update, entry.vm_id, termination=termination)
+        updated = yield self._in_thread(self.registry.get, entry.vm_id)
+        if termination is not None and termination <= self.clock():
+            yield self.enforce_leases()
+            updated = yield self._in_thread(self.registry.get, entry.vm_id)
+        return self.vm_out(updated)
+
+    # Queries ------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def query(self, text: str, limit: int | None) -> Any:
+        entries = yield self._in_thread(self.registry.query, text, limit)
+        return [self.vm_out(entry) for entry in entries]
+
+    @defer.inlineCallbacks
+    def resource_document(self, reference: Any) -> Any:
+        from lxml import etree
+        entry = yield self._entry(reference)
+        return etree.tostring(resource.properties_document(entry, self.clock()), encoding="unicode")
+
+    @defer.inlineCallbacks
+    def resource_property(self, reference: Any, name: str) -> Any:
+        entry = yield self._entry(reference)
+        return resource.get_resource_property(entry, name or "", self.clock())
+
+    @defer.inlineCallbacks
+    def resource_query(self, reference: Any, xpath: str) -> Any:
+        entry = yield self._entry(reference)
+        return resource.query_resource_properties(entry, xpath or "", self.clock())
+
+    # Plants -------------------------------------------------------------------
+    def plants_status(self) -> list[PlantStatus]:
+        return [_plant_out(handle) for handle in self.plants.all()]
+
+    def plants_list(self) -> defer.Deferred[Any]:
+        return self.plants.check_all(min(5.0, self.config.call_timeout)).addCallback(lambda _: self.plants_status())
+
+    def reload_plants(self) -> defer.Deferred[Any]:
+        self.plants.load()
+        return self.plants_list()
+
+    # Timers -------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def enforce_leases(self) -> Any:
+        """Collect every VM whose termination time has passed (the timer survives restarts: it reads the registry)."""
+        due = yield self._in_thread(self.registry.due_terminations, self.clock())
+        for entry in due:
+            if entry.vm_id in self._collecting or entry.vm_id in self._creating or entry.state in CREATING_STATES:
+                continue
+            try:
+                yield self._collect_entry(entry)
+                log.info("lease of VM %s ran out: collected", entry.vm_id)
+            except VMShopError as exc:
+                log.warning("lease of VM %s ran out, but collecting it failed: %s", entry.vm_id, exc)
+
+    @defer.inlineCallbacks
+    def refresh(self) -> Any:
+        """Check every plant and bring the registry's states up to date with what the plants report."""
+        yield self.plants.check_all(min(5.0, self.config.call_timeout))
+        for handle in self.plants.all():
+            if not handle.up:
+                continue
+            try:
+                vms = yield handle.client.call("listVMs", include_collected=True)
+            except Exception as exc:  # noqa: BLE001
+                self.plants.mark(handle, False, describe_failure(exc)[1])
+                continue
+            reported = {vm.vm_id: vm for vm in vms or []}
+            entries = yield self._in_thread(self.registry.query, f'plant="{handle.url}"', None)
+            for entry in entries:
+                if entry.collected is not None or entry.vm_id in self._creating:
+                    continue
+                vm = reported.get(entry.plant_vm_id or "")
+                if vm is None:
+                    if entry.state in CREATING_STATES:  # a create the shop was stopped in the middle of
+                        yield self._in_thread(self.registry.delete, entry.vm_id)
+                    continue
+                changes: dict[str, Any] = {}
+                if vm.state != entry.state:
+                    changes["state"] = vm.state
+                if vm.state in ("collected", "failed"):
+                    changes["collected"] = vm.collected or self.clock()
+                    changes["error"] = vm.error
+                if entry.state in CREATING_STATES:
+                    changes.update(address=vm.address, host_port=vm.host_port, image=vm.image, memory=vm.memory)
+                if changes:
+                    yield self._in_thread(self.registry.update, entry.vm_id, **changes)
+
+    # Output -------------------------------------------------------------------
+    def vm_out(self, entry: VMEntry) -> VMInfo:
+        return VMInfo(epr=self.epr(entry.vm_id), vm_id=entry.vm_id, owner=entry.owner, state=entry.state,
+                      plant=entry.plant, plant_vm_id=entry.plant_vm_id, image=entry.image, memory=entry.memory,
+                      vcpus=entry.vcpus, disk=entry.disk, arch=entry.arch, address=entry.address,
+                      host_port=entry.host_port, created=entry.created, updated=entry.updated,
+                      termination=entry.termination, collected=entry.collected, cost=entry.cost,
+                      error=entry.error, steps=list(entry.steps or []),
+                      attributes=[Attribute(name=k, value=v) for k, v in sorted(entry.attributes.items())])
+
+
+def _bid_out(bid: BidResult) -> Bid:
+    items = [CostItem(label=i.label, seconds=i.seconds, source=i.source, node=i.node) for i in bid.items]
+    return Bid(plant=bid.plant, status=bid.status, cost=bid.cost, image=bid.image, reason=bid.reason,
+               seconds=bid.seconds, items=items)
+
+
+def _run_out(run: Any) -> ActionRun:
+    return ActionRun(node=run.node, status=run.status, ok=run.ok, timed_out=run.timed_out, seconds=run.seconds,
+                     output=run.output)
+
+
+def _plant_out(handle: Any) -> PlantStatus:
+    info = handle.info
+    return PlantStatus(address=handle.url, up=handle.up, name=getattr(info, "name", None),
+                       backend=getattr(info, "backend", None), accelerator=getattr(info, "accelerator", None),
+                       running_vms=getattr(info, "running_vms", None), capacity_vms=getattr(info, "capacity_vms", None),
+                       free_memory=getattr(info, "free_memory", None), images=list(getattr(info, "images", None) or []),
+                       last_error=handle.last_error, last_seen=handle.last_seen)
