@@ -174,7 +174,8 @@ class Plant:
 
     def _reserve(self, vm_id: str, memory: int) -> None:
         with self._lock:
-            live = [r for r in self.records.live_vms()]
+            # A VM being created is both reserved and (once recorded) live: count it once.
+            live = [r for r in self.records.live_vms() if r.vm_id not in self._reserved]
             if vm_id in self._reserved or any(r.vm_id == vm_id for r in live):
                 raise DeclinedError(f"a VM with id '{vm_id}' exists already")
             try:
@@ -271,20 +272,27 @@ class Plant:
         """Run the DAG's actions on a running VM, in DAG order (its start node stands for the VM as it is)."""
         dag = load_dag(dag_xml)
         record = self.records.get_vm(vm_id)
-        if record.state != "running":
-            raise NotSupportedError(f"VM {vm_id} is {record.state}; only a running VM can be configured")
         for action in dag.actions:
             if isinstance(action, NetworkAction) and self.pool is None:
                 raise DeclinedError(f"action '{action.id}' needs a host-only network, which this plant lacks")
         order = [n for n in dag.topological_order() if isinstance(dag.nodes[n], Action)]
         with self._lock:
+            record = self.records.get_vm(vm_id)
+            if record.state != "running":
+                raise NotSupportedError(f"VM {vm_id} is {record.state}; only a running VM can be configured")
             self.records.update_vm(vm_id, state="configuring")
         try:
             results = self._run_actions(vm_id, dag, order, Channel(Path(record.channel_dir)), record)
         finally:
             alive = self.backend.state(vm_id) == VMState.RUNNING
-            self.records.update_vm(vm_id, state="running" if alive else "failed",
-                                   **({} if alive else {"error": "the guest stopped while being configured"}))
+            with self._lock:
+                # A collect that ran meanwhile decides the VM's state.
+                ours = self.records.get_vm(vm_id).state == "configuring"
+                if ours:
+                    self.records.update_vm(vm_id, state="running" if alive else "failed",
+                                           **({} if alive else {"error": "the guest stopped while being configured"}))
+            if ours and not alive:
+                self._reclaim(vm_id, self._paths(vm_id), forget=False)
         return tuple(results)
 
     def describe(self, vm_id: str) -> VMRecord:
@@ -296,6 +304,8 @@ class Plant:
     def collect(self, vm_id: str) -> VMRecord:
         """Stop the VM, delete its clone, release its address; the record stays. Collecting twice is fine."""
         record = self.records.get_vm(vm_id)
+        if record.state == "failed":
+            self._reclaim(vm_id, self._paths(vm_id), forget=False)  # safe to repeat
         if record.state in ("collected", "failed"):
             return record
         with self._lock:
@@ -370,7 +380,9 @@ class Plant:
     def info(self) -> dict[str, object]:
         caps = self.backend.capabilities()
         live = self.records.live_vms()
-        used = sum(r.memory for r in live) + sum(self._reserved.values())
+        with self._lock:
+            reserved = dict(self._reserved)
+        used = sum(r.memory for r in live if r.vm_id not in reserved) + sum(reserved.values())
         return {
             "name": self.config.name, "backend": caps.name, "available": caps.available,
             "accelerator": caps.accelerator, "reason": caps.reason,
