@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .dag import Action, Dag
-from .matching import CachedImage, Match, candidates, flatten
 from .errors import NoSuchImageError
+from .matching import CachedImage, Match, candidates, flatten
 from .steps import step_digest
 
 DEFAULT_ACTION_SECONDS = 5.0

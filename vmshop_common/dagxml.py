@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def xsd_dir() -> Path:
     return Path(override) if override else Path(__file__).resolve().parent.parent / "xsd"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_schema(name: str) -> etree.XMLSchema:
     """The compiled XSD ``name`` from :func:`xsd_dir` (compiled once per process)."""
     root = parse_xml((xsd_dir() / name).read_bytes(), what=f"schema {name}", max_depth=64)
@@ -56,8 +57,11 @@ def validate_against(schema_name: str, root: etree._Element, what: str) -> None:
     schema = load_schema(schema_name)
     if schema.validate(root):
         return
-    problems = [Problem(_clean(entry.message), entry.line or None, _node_at(root, entry.line))
-                for entry in schema.error_log]
+    at_line = _elements_by_line(root)
+    problems = []
+    for entry in schema.error_log:
+        message = _clean(entry.message)
+        problems.append(Problem(message, entry.line or None, _node_at(at_line, entry.line, message)))
     raise SchemaInvalidError(f"{what} does not match the schema {schema_name}: {problems[0].message}", problems)
 
 
@@ -114,44 +118,76 @@ def _node(element: etree._Element) -> Node:
     node_id = get("id")
     line = element.sourceline
     if kind == "blank":
-        hardware = Hardware(memory=int(get("memory")), vcpus=int(get("vcpus", "1")),
-                            disk=int(get("disk")), arch=get("arch", "x86_64"))
+        hardware = Hardware(memory=_integer(get("memory")), vcpus=_integer(get("vcpus", "1")),
+                            disk=_integer(get("disk")), arch=get("arch", "x86_64"))
         return BlankStart(node_id, line, hardware=hardware)
     if kind == "image":
         return ImageStart(node_id, line, name=get("name"), memory=_int(get("memory")), vcpus=_int(get("vcpus")))
     cost = float(Decimal(get("cost"))) if get("cost") is not None else None
     if kind == "script":
         return ScriptAction(node_id, line, cost=cost, interpreter=get("interpreter", "/bin/sh"),
-                            body=element.text or "", script_timeout=int(get("timeout", str(DEFAULT_TIMEOUT))))
+                            body=_text(element), script_timeout=_integer(get("timeout", str(DEFAULT_TIMEOUT))))
     if kind == "file":
         return FileAction(node_id, line, cost=cost, path=get("path"), mode=int(get("mode", "0644"), 8),
-                          content=element.text or "")
+                          content=_text(element))
     if kind == "network":
         return NetworkAction(node_id, line, cost=cost, mode=get("mode", "pool"), address=get("address"),
-                             prefix=int(get("prefix", "24")), gateway=get("gateway"), hostname=get("hostname"))
+                             prefix=_integer(get("prefix", "24")), gateway=get("gateway"), hostname=get("hostname"))
     if kind == "mount":
         return MountAction(node_id, line, cost=cost, source=get("source"), target=get("target"),
-                           readonly=get("readonly", "true") in ("true", "1"))
+                           readonly=get("readonly", "true").strip() in ("true", "1"))
     raise ValueError(f"unknown node kind {kind!r}")  # the schema makes this unreachable
 
 
+def _integer(value: str) -> int:
+    """An xs:integer the schema accepted: it may have whitespace, a sign and any number of leading zeros
+    (more than Python's 4300-digit limit for ``int()``), and it is never negative here."""
+    return int(value.strip().lstrip("+-").lstrip("0") or "0")
+
+
 def _int(value: str | None) -> int | None:
-    return int(value) if value is not None else None
+    return _integer(value) if value is not None else None
+
+
+def _text(element: etree._Element) -> str:
+    """All the text of a body, also the parts after a comment or processing instruction inside it."""
+    return "".join(element.xpath("text()"))
 
 
 def _clean(message: str) -> str:
     return message.replace(f"{{{DAG_NS}}}", "")
 
 
-def _node_at(root: etree._Element, line: int | None) -> str | None:
-    """The id of the node (or the endpoint of the edge) written at ``line``."""
-    if not line:
-        return None
+_KEY_SEQUENCE = re.compile(r"key-sequence \['([^']*)'\]")
+_ELEMENT_NAMED = re.compile(r"^Element '([^']+)'(?:, attribute '([^']+)')?")
+
+
+def _elements_by_line(root: etree._Element) -> dict[int, list[etree._Element]]:
+    """The elements written at each line (built once: a document may have thousands of errors)."""
+    index: dict[int, list[etree._Element]] = {}
     for element in root.iter():
-        if isinstance(element.tag, str) and element.sourceline == line:
-            for key in ("id", "to", "name"):
-                if element.get(key):
-                    return element.get(key)
+        if isinstance(element.tag, str) and element.sourceline:
+            index.setdefault(element.sourceline, []).append(element)
+    return index
+
+
+def _node_at(at_line: dict[int, list[etree._Element]], line: int | None, message: str) -> str | None:
+    """The id of the node (or the endpoint of the edge) that the error at ``line`` is about."""
+    key = _KEY_SEQUENCE.search(message)
+    if key:  # a duplicate id, or an edge naming a node that does not exist: that id
+        return key.group(1)
+    named = _ELEMENT_NAMED.match(message)
+    elements = at_line.get(line or 0, [])
+    if named:  # prefer the element the message names (several may share a line), with the value it quotes
+        elements = [e for e in elements if etree.QName(e).localname == named.group(1)] or elements
+        if named.group(2):
+            elements = [e for e in elements if f"'{e.get(named.group(2))}'" in message] or elements
+    for element in elements:
+        if named and named.group(2) in ("from", "to") and element.get(named.group(2)):
+            return element.get(named.group(2))
+        for attribute in ("id", "to", "name"):
+            if element.get(attribute):
+                return element.get(attribute)
     return None
 
 

@@ -8,8 +8,9 @@ A request is expanded the same way against the warehouse's images.
 An image can serve a request (:func:`match_image`) when
 - both start from blank hardware of the same architecture, the request's
   disk is at least the image's;
-- every step of the image is a step of the request (same digest; a step
-  that occurs k times is matched occurrence by occurrence in order);
+- every step of the image is a step of the request (same digest; when a
+  step occurs several times, the occurrences are paired by a bounded search
+  that prefers request steps whose predecessors are already paired);
 - each matched step comes with all of its predecessors in the request
   (the image is a prefix of the request), and the image never ran two
   steps in the opposite order of the request's.
@@ -19,10 +20,11 @@ request's deterministic topological order.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .dag import Action, BlankStart, Dag, Edge, Hardware, ImageStart
+from .dag import Action, BlankStart, Dag, Edge, Hardware, Node
 from .errors import NoSuchImageError, Problem
 from .steps import step_digest
 
@@ -83,23 +85,112 @@ def flatten(dag: Dag, images: Mapping[str, Dag], _seen: tuple[str, ...] = ()) ->
     return Dag(nodes=nodes, edges=edges, attributes=dict(dag.attributes), name=dag.name, description=dag.description)
 
 
-def _with_id(node: object, new_id: str) -> object:
+def _with_id(node: Node, new_id: str) -> Node:
     from dataclasses import replace
-    return replace(node, id=new_id)  # type: ignore[type-var]
+    return replace(node, id=new_id)
 
 
-def _occurrences(dag: Dag) -> dict[tuple[str, int], str]:
-    """(digest, k) -> id of the k-th action with that digest in topological order."""
-    result: dict[tuple[str, int], str] = {}
-    counts: dict[str, int] = {}
-    for node_id in dag.topological_order():
-        node = dag.nodes[node_id]
-        if isinstance(node, Action):
-            digest = step_digest(node)
-            k = counts.get(digest, 0)
-            counts[digest] = k + 1
-            result[(digest, k)] = node_id
-    return result
+SEARCH_BUDGET = 250_000  # work (node visits) allowed for pairing alternatives after the first try fails
+
+
+def _pair_steps(req: Dag, img: Dag, name: str) -> dict[str, str] | str:
+    """Pair every action of ``img`` with an action of ``req`` with the same digest, so that the
+    paired request actions include all their predecessors and the image never ran two of them in
+    the opposite order of the request's: request node id -> image node id, or the reason why not.
+
+    Without repeated steps the pairing is forced. A repeated step may have to be paired with
+    another of its occurrences than the first in topological order (the image can be a prefix
+    that took a later one), so pairings are searched depth first, occurrences whose predecessors
+    are all paired first; the first pairing is always checked in full, the alternatives get
+    :data:`SEARCH_BUDGET` (the search is exponential in the worst case; when the budget runs
+    out the image is declined, which is safe).
+    """
+    req_order = req.topological_order()
+    position = {node_id: index for index, node_id in enumerate(req_order)}
+    req_ancestors = req.ancestors()
+    needs = {n: {a for a in req_ancestors[n] if isinstance(req.nodes[a], Action)}
+             for n in req_order if isinstance(req.nodes[n], Action)}
+    digest_of = {n: step_digest(req.nodes[n]) for n in needs}  # type: ignore[arg-type]
+    by_digest: dict[str, list[str]] = {}
+    for n in req_order:
+        if n in needs:
+            by_digest.setdefault(digest_of[n], []).append(n)
+    steps = [(n, step_digest(img.nodes[n])) for n in img.topological_order()  # type: ignore[arg-type]
+             if isinstance(img.nodes[n], Action)]
+    total = Counter(digest for _, digest in steps)
+    seen: Counter[str] = Counter()
+    for image_node, digest in steps:
+        seen[digest] += 1
+        if seen[digest] > len(by_digest.get(digest, ())):
+            return f"image '{name}' has step '{image_node}' ({img.nodes[image_node].kind}) that the request does not"
+    img_ancestors = img.ancestors()
+    leaf_cost = sum(len(img_ancestors[image_node]) for image_node, _ in steps)
+
+    def verdict(paired: dict[str, str]) -> str | None:
+        for req_node in paired:
+            missing = [a for a in needs[req_node] if a not in paired]
+            if missing:
+                return (f"image '{name}' ran step '{req_node}' without its predecessor '{sorted(missing)[0]}' "
+                        f"(the image is not a prefix of the request)")
+        reverse = {image_node: req_node for req_node, image_node in paired.items()}
+        for image_node, before in img_ancestors.items():
+            later = reverse.get(image_node)
+            for earlier in before:
+                if earlier in reverse and later is not None and later in req_ancestors[reverse[earlier]]:
+                    return (f"image '{name}' ran '{earlier}' before '{image_node}'; "
+                            f"the request orders them the other way")
+        return None
+
+    chosen: list[str] = []  # chosen[i]: the request action paired with steps[i]
+    used: set[str] = set()
+    consumed: Counter[str] = Counter()
+    reason: str | None = None
+    work, limit = 0, None
+
+    def options() -> list[str]:
+        free = [n for n in by_digest[steps[len(chosen)][1]] if n not in used]
+        return sorted(free, key=lambda n: (not needs[n] <= used, position[n]))
+
+    frames = [options()] if steps else []
+    while True:
+        if len(chosen) == len(steps):
+            paired = {req_node: steps[i][0] for i, req_node in enumerate(chosen)}
+            work += leaf_cost + len(needs)
+            problem = verdict(paired)
+            if problem is None:
+                return paired
+            reason = reason or problem
+        else:
+            frame, digest = frames[-1], steps[len(chosen)][1]
+            pushed = False
+            while frame and (limit is None or work < limit):
+                candidate = frame.pop(0)
+                work += len(needs[candidate]) + len(frame) + 1
+                # A predecessor that no later image step can be paired with: this can never be a prefix.
+                lost = sorted(a for a in needs[candidate] if a not in used
+                              and total[digest_of[a]] - consumed[digest_of[a]] - (digest_of[a] == digest) <= 0)
+                if lost:
+                    reason = reason or (f"image '{name}' ran step '{candidate}' without its predecessor '{lost[0]}' "
+                                        f"(the image is not a prefix of the request)")
+                    continue
+                chosen.append(candidate)
+                used.add(candidate)
+                consumed[digest] += 1
+                if len(chosen) < len(steps):
+                    frames.append(options())
+                pushed = True
+                break
+            if pushed:
+                continue
+            frames.pop()
+        if limit is None:
+            limit = work + SEARCH_BUDGET
+        if not chosen or work >= limit:
+            assert reason is not None
+            return reason
+        undone = chosen.pop()
+        used.discard(undone)
+        consumed[steps[len(chosen)][1]] -= 1
 
 
 def match_image(request: Dag, image: CachedImage, images: Mapping[str, Dag] | None = None) -> Match | str:
@@ -118,26 +209,12 @@ def match_image(request: Dag, image: CachedImage, images: Mapping[str, Dag] | No
     if want.hardware.arch != have.hardware.arch:
         return f"image '{image.name}' is {have.hardware.arch}; the request wants {want.hardware.arch}"
     if want.hardware.disk < image.hardware.disk:
-        return f"image '{image.name}' has a {image.hardware.disk} GiB disk; the request asks for {want.hardware.disk} GiB"
-    req_steps = _occurrences(req)
-    matched: dict[str, str] = {}
-    for key, image_node in _occurrences(img).items():
-        if key not in req_steps:
-            node = img.nodes[image_node]
-            return f"image '{image.name}' has step '{image_node}' ({node.kind}) that the request does not"
-        matched[req_steps[key]] = image_node
-    ancestors = req.ancestors()
-    for req_node in matched:
-        missing = [a for a in ancestors[req_node] if isinstance(req.nodes[a], Action) and a not in matched]
-        if missing:
-            return (f"image '{image.name}' ran step '{req_node}' without its predecessor '{sorted(missing)[0]}' "
-                    f"(the image is not a prefix of the request)")
-    img_ancestors = img.ancestors()
-    reverse = {image_node: req_node for req_node, image_node in matched.items()}
-    for image_node, before in img_ancestors.items():
-        for earlier in before:
-            if earlier in reverse and image_node in reverse and reverse[image_node] in ancestors[reverse[earlier]]:
-                return f"image '{image.name}' ran '{earlier}' before '{image_node}'; the request orders them the other way"
+        return (f"image '{image.name}' has a {image.hardware.disk} GiB disk; "
+                f"the request asks for {want.hardware.disk} GiB")
+    paired = _pair_steps(req, img, image.name)
+    if isinstance(paired, str):
+        return paired
+    matched = paired
     remaining = tuple(n for n in req.topological_order() if isinstance(req.nodes[n], Action) and n not in matched)
     return Match(image=image.name, matched=matched, remaining=remaining)
 

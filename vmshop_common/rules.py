@@ -33,15 +33,15 @@ def find_problems(dag: Dag) -> list[Problem]:
     if not starts:
         problems.append(Problem("the DAG has no start node (a <blank> or an <image>)", None, None))
     for extra in starts[1:]:
-        problems.append(
-            Problem(f"a second start node; the first is '{starts[0].id}' (exactly one is allowed)", extra.line, extra.id)
-        )
+        problems.append(Problem(f"a second start node; the first is '{starts[0].id}' (exactly one is allowed)",
+                                extra.line, extra.id))
     seen_edges: set[tuple[str, str]] = set()
     for edge in dag.edges:
         if edge.source == edge.target:
             problems.append(Problem(f"edge from '{edge.source}' to itself", edge.line, edge.source))
         elif (edge.source, edge.target) in seen_edges:
-            problems.append(Problem(f"edge from '{edge.source}' to '{edge.target}' is repeated", edge.line, edge.target))
+            problems.append(Problem(f"edge from '{edge.source}' to '{edge.target}' is repeated",
+                                    edge.line, edge.target))
         seen_edges.add((edge.source, edge.target))
         for end in (edge.source, edge.target):
             if end not in dag.nodes:
@@ -49,8 +49,8 @@ def find_problems(dag: Dag) -> list[Problem]:
         target = dag.nodes.get(edge.target)
         if target is not None and target.is_start and edge.source in dag.nodes:
             problems.append(
-                Problem(f"edge from '{edge.source}' into start node '{edge.target}': actions come only after the start node",
-                        edge.line, edge.target)
+                Problem(f"edge from '{edge.source}' into start node '{edge.target}': "
+                        "actions come only after the start node", edge.line, edge.target)
             )
     for cycle in find_cycles(dag):
         node = dag.nodes[cycle[0]]
@@ -126,8 +126,8 @@ def _cycle_in(members: set[str], succ: dict[str, list[str]], dag: Dag) -> list[s
         following = []
         for node in frontier:
             for child in succ[node]:
-                if child not in members:
-                    continue
+                if child not in members or child == node:
+                    continue  # a self edge is a problem of its own, not the cycle through the component
                 if child == first:
                     path = [node]
                     while path[-1] != first:
@@ -164,6 +164,6 @@ def _node_problems(node: object) -> list[Problem]:
             value = getattr(node, attribute)
             if ".." in value.split("/"):
                 problems.append(Problem(f"{attribute} '{value}' has a '..' segment", node.line, node.id))
-            if value.rstrip("/") == "":
+            if not [segment for segment in value.split("/") if segment not in ("", ".")]:
                 problems.append(Problem(f"{attribute} '{value}' is the root directory", node.line, node.id))
     return problems

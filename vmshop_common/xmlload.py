@@ -31,6 +31,7 @@ MAX_DEPTH = 32
 
 _DOCTYPE = re.compile(rb"<!\s*DOCTYPE", re.IGNORECASE)
 _ENTITY = re.compile(rb"<!\s*ENTITY", re.IGNORECASE)
+_UTF8_NAMES = ("UTF-8", "UTF8", "US-ASCII", "ASCII")
 
 
 def _parser() -> etree.XMLParser:
@@ -98,6 +99,11 @@ def parse_xml(
         raise XMLSyntaxError(f"{what} could not be read as XML", [Problem(str(exc), None)]) from None
     if root.getroottree().docinfo.doctype:
         raise DoctypeRefusedError(f"{what} has a DOCTYPE; DTDs are refused", [Problem("DOCTYPE", 1)])
+    encoding = root.getroottree().docinfo.encoding or "UTF-8"
+    if encoding.upper() not in _UTF8_NAMES:
+        # A declared legacy encoding would be decoded differently from what the byte scan
+        # above saw (and str input, which we encode as UTF-8, would be garbled): UTF-8 only.
+        raise XMLSyntaxError(f"{what} must be encoded in UTF-8", [Problem(f"declared encoding {encoding}", 1)])
     _check_depth(root, what, max_depth)
     if expected_root is not None and root.tag != expected_root:
         raise WrongRootError(
