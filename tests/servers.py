@@ -1,10 +1,11 @@
-"""Real VMPlant server processes for integration tests.
+"""Real VMPlant and VMShop server processes for integration tests.
 
-:func:`start_plant` writes a configuration with ``scripts/configure_vmplant.py``
-(as an operator would), starts ``python -m vmplant_service.main`` on a port
-the OS picks, and waits (polling, with a deadline) until it listens.
-:meth:`PlantProcess.cleanup` leaves nothing behind: the server, every QEMU
-whose files live in the plant's state directory, and the VDE switch.
+:func:`start_plant` and :func:`start_shop` write a configuration with
+``scripts/configure_vmplant.py`` / ``scripts/configure_vmshop.py`` (as an
+operator would), start the server on a port the OS picks, and wait
+(polling, with a deadline) until it listens. ``cleanup()`` leaves nothing
+behind: the server, and for a plant every QEMU whose files live in its state
+directory and its VDE switch.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import zeep
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANT_WSDL = ROOT / "wsdl" / "vmplant.wsdl"
 PLANT_BINDING = "{urn:vmshop:vmplant:1}VMPlant"
+SHOP_WSDL = ROOT / "wsdl" / "vmshop.wsdl"
+SHOP_BINDING = "{urn:vmshop:vmshop:1}VMShop"
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -42,37 +46,43 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 @dataclass
-class PlantProcess:
+class ServerProcess:
+    """A server started from its configuration file; ``url`` is where it listens."""
+
     directory: Path
     config: Path
     state_dir: Path
     log: Path
-    extra_args: list[str] = field(default_factory=list)
+    module: str = "vmplant_service.main"
+    wsdl: Path = PLANT_WSDL
+    binding: str = PLANT_BINDING
+    port: int = 0
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
+    service: Any = None
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start the server (on the port it had before, if it ran already) and wait until it listens."""
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "vmplant_service.main", "--config", str(self.config), "--port", "0",
-                 *self.extra_args],
+                [sys.executable, "-m", self.module, "--config", str(self.config), "--port", str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=str(self.directory))
         deadline = time.monotonic() + timeout
         while True:
             text = self.log.read_bytes()[offset:].decode(errors="replace")
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+/)", text)
+            found = re.search(r"listening on (http://127\.0\.0\.1:(\d+)/)", text)
             if found:
-                self.url = found.group(1)
+                self.url, self.port = found.group(1), int(found.group(2))
                 return
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the plant did not start:\n{text}")
             time.sleep(0.05)
 
     def client(self, timeout: float = 300) -> zeep.Client:
-        """A zeep client built from the checked-in WSDL, pointed at this plant."""
-        client = zeep.Client(str(PLANT_WSDL), transport=zeep.Transport(timeout=timeout, operation_timeout=timeout))
-        self.service = client.create_service(PLANT_BINDING, self.url)
+        """A zeep client built from the checked-in WSDL, pointed at this server (also kept as ``service``)."""
+        client = zeep.Client(str(self.wsdl), transport=zeep.Transport(timeout=timeout, operation_timeout=timeout))
+        self.service = client.create_service(self.binding, self.url)
         return client
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
@@ -89,7 +99,7 @@ class PlantProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def cleanup(self) -> None:
-        """Stop the server and kill anything of this plant's that still runs."""
+        """Stop the server and kill anything of its own that still runs (a plant's guests, its switch)."""
         self.stop()
         marker = str(self.state_dir)
         deadline = time.monotonic() + 10
@@ -105,10 +115,14 @@ class PlantProcess:
             time.sleep(0.05)
 
 
+PlantProcess = ServerProcess
+
+
 def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capacity_vms: int = 4,
                 capacity_memory: int = 2048, network: str = "vde", backend: str = "qemu",
                 public_url: str | None = None, datastore: Path | None = None, pool_count: int = 8,
-                backend_options: dict[str, str] | None = None) -> PlantProcess:
+                backend_options: dict[str, str] | None = None,
+                metrics: dict[str, float] | None = None) -> ServerProcess:
     """Configure (with scripts/configure_vmplant.py) and start a plant in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     state = directory / "state"
@@ -125,10 +139,46 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
     for key, value in (backend_options or {}).items():
         args += ["--backend-option", f"{key}={value}"]
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory))
-    plant = PlantProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log")
+    if metrics:
+        # What the plant measured on earlier runs (clone and boot seconds) is what it bids with.
+        from vmplant_service.records import PlantRecords
+        with PlantRecords(state / "records.sqlite3") as records:
+            for key, value in metrics.items():
+                records.set_metric(key, value)
+    plant = ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log")
+    return _started(plant)
+
+
+def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, poll_interval: float = 0.5,
+               lease_interval: float = 0.2, public_url: str | None = None) -> ServerProcess:
+    """Configure and start a shop whose plant list holds ``plants`` (``host:port`` each)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    plants_file = directory / "vmplant_addresses.txt"
+    plants_file.write_text("# plants of this test\n" + "".join(f"{plant}\n" for plant in plants))
+    config = directory / "configuration_vmshop.xml"
+    args = [sys.executable, str(ROOT / "scripts" / "configure_vmshop.py"), "--yes", "--port", "0",
+            "--database", str(directory / "registry.sqlite3"), "--plants-file", str(plants_file),
+            "--bid-timeout", str(bid_timeout), "--poll-interval", str(poll_interval), "--output", str(config)]
+    if public_url:
+        args += ["--public-url", public_url]
+    subprocess.run(args, check=True, capture_output=True, cwd=str(directory))
+    from vmshop_service.config import load_config, write_config
+    write_config(replace(load_config(config), lease_interval=lease_interval), config)
+    shop = ServerProcess(directory=directory, config=config, state_dir=directory, log=directory / "shop.log",
+                         module="vmshop_service.main", wsdl=SHOP_WSDL, binding=SHOP_BINDING)
+    return _started(shop)
+
+
+def _started(server: ServerProcess) -> ServerProcess:
     try:
-        plant.start()
+        server.start()
     except BaseException:
-        plant.cleanup()
+        server.cleanup()
         raise
-    return plant
+    server.client()
+    return server
+
+
+def host_port(server: ServerProcess) -> str:
+    """``127.0.0.1:PORT`` of a running server, as a plant list names it."""
+    return server.url.removeprefix("http://").rstrip("/")

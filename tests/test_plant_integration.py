@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import zeep.exceptions
-from plant_process import ROOT, PlantProcess, processes_mentioning, start_plant
+from servers import ROOT, PlantProcess, processes_mentioning, start_plant
 
 from vmplant_service.ippool import IPPool
 from vmshop_common.dagxml import DAG_NS

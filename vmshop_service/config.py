@@ -55,14 +55,14 @@ def load_config(path: str | Path) -> ShopConfig:
         element = root.find(f"{{{CONFIG_NS}}}{local}")
         return default if element is None else element.get(attribute, default)
 
-    def path(local: str, attribute: str) -> Path:
+    def path_of(local: str, attribute: str) -> Path:
         value = Path(str(get(local, attribute)))
         return value if value.is_absolute() else source.parent / value
 
     return ShopConfig(
         name=root.get("name", "vmshop"), listen_host=str(get("listen", "host", "127.0.0.1")),
         listen_port=int(str(get("listen", "port", "8080"))), public_url=str(get("public", "url", "")),
-        database=path("database", "path"), plants_file=path("plants", "file"),
+        database=path_of("database", "path"), plants_file=path_of("plants", "file"),
         bid_timeout=float(str(get("timeouts", "bid", "10"))),
         create_timeout=float(str(get("timeouts", "create", "900"))),
         call_timeout=float(str(get("timeouts", "call", "60"))),

@@ -17,6 +17,7 @@ BACKENDS: dict[str, str] = {
     "qemu": "vmplant_service.backends.qemu:QemuBackend",
     "fake": "vmplant_service.backends.fake:FakeBackend",
     "fake-failstart": "vmplant_service.backends.fake:FailingStartBackend",
+    "fake-slowbid": "vmplant_service.backends.fake:SlowBidBackend",
 }
 
 

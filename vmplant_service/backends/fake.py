@@ -25,7 +25,8 @@ Options: ``boot_seconds`` (default 0.05), ``max_memory`` (MiB, default
 65536), ``max_vcpus`` (default 64), ``architectures`` (comma-separated,
 default ``x86_64``).
 
-Subclasses each inject one failure (:class:`FailingStartBackend`).
+Subclasses each inject one failure (:class:`FailingStartBackend`) or delay
+(:class:`SlowBidBackend`).
 """
 
 from __future__ import annotations
@@ -270,6 +271,16 @@ class FailingStartBackend(FakeBackend):
 
     def _boot(self, vm: _FakeVM) -> None:
         raise BackendError(f"VM {vm.spec.vm_id}: injected start failure")
+
+
+class SlowBidBackend(FakeBackend):
+    """A fake that takes ``bid_delay`` seconds (default 1) to say what it can do: a plant slow to bid."""
+
+    name = "fake-slowbid"
+
+    def capabilities(self) -> Capabilities:
+        time.sleep(float(self.options.get("bid_delay", "1")))
+        return super().capabilities()
 
 
 def _remove(vm: _FakeVM) -> None:
