@@ -214,3 +214,54 @@ def test_plants_and_reload(shop: ServerProcess, plants: dict[str, ServerProcess]
     finally:
         plants_file.write_text(original)
         shop.service.reloadPlants()
+
+
+def test_served_wsdl_is_the_checked_in_one(tmp_path: Path) -> None:
+    import urllib.request
+    shop = start_shop(tmp_path / "shop", [], public_url="http://localhost:8080/")
+    try:
+        request = urllib.request.Request(shop.url + "?wsdl", headers={"Host": "evil.example.org"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.read() == (ROOT / "wsdl" / "vmshop.wsdl").read_bytes()
+    finally:
+        shop.cleanup()
+
+
+def test_checked_in_wsdl_files_are_current() -> None:
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_wsdl.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_vm_whose_plant_is_gone_is_reported_as_such(tmp_path: Path, warehouse_dir: Path) -> None:
+    import signal
+    plant = start_plant(tmp_path / "plant", warehouse_dir, name="doomed", backend="fake", network="none")
+    shop = start_shop(tmp_path / "shop", [host_port(plant)])
+    try:
+        vm = shop.service.createVM(dag=script_dag(), owner="erin").vm
+        plant.stop(signal.SIGKILL)
+        for call in (lambda: shop.service.collectVM(vm=vm.epr),
+                     lambda: shop.service.configureVM(vm=vm.epr, dag=script_dag("echo again"))):
+            with pytest.raises(zeep.exceptions.Fault) as info:
+                call()
+            assert fault_code(info) == "Server.PlantGone" and plant.url in info.value.message
+        wait_for(lambda: not shop.service.listPlants()[0].up, what="the plant to be marked down")
+        assert shop.service.describeVM(vm=vm.epr).state == "running"  # as last known; not invented
+    finally:
+        shop.cleanup()
+        plant.cleanup()
+
+
+def test_sighup_rereads_the_plant_list(tmp_path: Path, plants: dict[str, ServerProcess]) -> None:
+    import signal
+    shop = start_shop(tmp_path / "shop", [host_port(plants["fast"])])
+    try:
+        (shop.directory / "vmplant_addresses.txt").write_text(
+            f"{host_port(plants['fast'])}\n{host_port(plants['medium'])}\n")
+        assert shop.process is not None
+        shop.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(shop.service.listPlants()) == 2, what="the plant list to be re-read")
+    finally:
+        shop.cleanup()
