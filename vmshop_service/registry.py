@@ -54,7 +54,7 @@ class VMEntry:
     image: str | None = None
     memory: int | None = None  # MiB
     vcpus: int | None = None
-    disk: int | None = None  # MiB
+    disk: int | None = None  # GiB
     arch: str | None = None
     address: str | None = None  # its address from the plant's pool
     host_port: int | None = None

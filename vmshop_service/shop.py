@@ -98,11 +98,13 @@ class Shop:
         return EndpointReference(Address=self.public_url, VMKey=key)
 
     def _key(self, reference: Any) -> str:
-        """The VM key of an endpoint reference that names this shop."""
-        address = (getattr(reference, "Address", None) or "").rstrip("/")
+        """The VM key of an endpoint reference sent to this shop.
+
+        The reference's Address is not compared with the public URL: a client
+        that reached this shop (by whatever name: localhost, an alias, a
+        proxy) means this shop, and the key decides.
+        """
         key = getattr(reference, "VMKey", None) or ""
-        if address and self.public_url and address != self.public_url.rstrip("/"):
-            raise NoSuchVMError(f"the endpoint reference names the shop {address}; this is {self.public_url}")
         if not KEY.match(key):
             raise NoSuchVMError(f"'{key}' is not a VM key")
         return key
