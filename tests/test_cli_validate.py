@@ -164,8 +164,6 @@ def test_file_whose_read_fails(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[Client.Unreadable]" in out
 
 
-@pytest.mark.xfail(strict=True, reason="cli.validate_file catches OSError only; open() raises ValueError for a "
-                                       "path with a NUL byte, which ends the whole run as an internal error")
 def test_path_with_a_nul_byte_is_unreadable_not_internal(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "bad\x00name.xml", str(GOOD))
     assert status == EXIT_IO

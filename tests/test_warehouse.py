@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -251,11 +250,14 @@ def test_an_image_serves_a_request_through_the_cost_model(tmp_path: Path) -> Non
     assert isinstance(bid, Bid) and bid.image == "tiny" and bid.remaining == ("run",)
 
 
-def test_the_real_guest_image_if_it_was_built() -> None:
-    directory = Path(os.environ.get("VMSHOP_WAREHOUSE", Path(__file__).resolve().parent.parent / "var" / "warehouse"))
-    if not (directory / "index.txt").is_file():
-        pytest.skip("no guest image (scripts/build_guest_image.sh builds it)")
-    warehouse = Warehouse(directory)
+def test_the_real_guest_image_serves_every_sample(warehouse_dir: Path) -> None:
+    warehouse = Warehouse(warehouse_dir)
     assert warehouse.problems == []
     info = warehouse.get("tiny")
     assert info.disk_format == "qcow2" and info.kernel is not None and info.kernel.is_file()
+    samples = Path(__file__).resolve().parent.parent / "scripts"
+    for sample in sorted(samples.glob("sample_*.xml")):
+        bid = CostModel().estimate(load_dag(sample.read_bytes()), warehouse.cached_images())
+        assert isinstance(bid, Bid) and bid.image == "tiny", (sample.name, bid)
+    blank = CostModel().estimate(load_dag((samples / "sample_blank.xml").read_bytes()), warehouse.cached_images())
+    assert isinstance(blank, Bid) and blank.remaining == ("report",)  # the image embodies its "os" step

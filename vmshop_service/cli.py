@@ -119,8 +119,9 @@ def validate_file(path: str) -> tuple[int, dict[str, object]]:
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_BYTES + 1)
-    except OSError as exc:
-        return EXIT_IO, {"file": path, "valid": False, "code": "Client.Unreadable", "message": exc.strerror or str(exc),
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        message = getattr(exc, "strerror", None) or str(exc)
+        return EXIT_IO, {"file": path, "valid": False, "code": "Client.Unreadable", "message": message,
                          "problems": []}
     try:
         dag = load_dag(data, what=path)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything VMShop needs on a fresh Debian 12 machine, idempotently:
+# Debian packages (QEMU, VDE, tools the guest image is built with), the
+# Python environment in .venv, and the guest image in var/warehouse.
+# Re-running it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+APT_PACKAGES=(qemu-system-x86 qemu-utils vde2 busybox-static e2fsprogs cpio xz-utils iproute2)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.vmshop-installed
+if [[ ! -f $stamp || setup.py -nt $stamp ]]; then
+  echo "setup: installing Python packages"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
+
+WAREHOUSE=${VMSHOP_WAREHOUSE:-$ROOT/var/warehouse}
+# The build is idempotent: it does nothing (in about 2 s) unless its inputs changed.
+bash scripts/build_guest_image.sh "$WAREHOUSE"
+echo "setup: ready (python: .venv, warehouse: $WAREHOUSE)"
