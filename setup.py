@@ -24,6 +24,7 @@ setup(
             "hypothesis==6.170.15",
             "ruff==0.17.6",
             "mypy==2.4.1",
+            "suds-community==1.2.0",
         ],
     },
     entry_points={
