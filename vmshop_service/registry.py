@@ -40,6 +40,8 @@ from vmshop_common.errors import ConfigurationError, NoSuchVMError, QueryInvalid
 from .query import ATTRIBUTE_NAME, BUILTIN_ATTRIBUTES, Query, compile_query, parse_number, parse_query
 
 SCHEMA_VERSION = 1
+#: The largest query limit (SQLite's integers are 64-bit; a larger one would overflow).
+MAX_LIMIT = 2**63 - 1
 
 
 @dataclass
@@ -270,6 +272,23 @@ class Registry:
         except sqlite3.IntegrityError as exc:
             raise ValueError(f"cannot update VM '{vm_id}': {exc}") from None
 
+    def update_if_unchanged(self, vm_id: str, since: float, **fields: Any) -> bool:
+        """:meth:`update`, only if the VM is still registered, not collected, and not updated after ``since``.
+
+        For changes computed from an older view (a plant's report taken at
+        ``since``, epoch seconds): a change the shop made meanwhile wins.
+        Returns whether the VM was changed.
+        """
+        with self._lock:
+            try:
+                entry = self.get(vm_id)
+            except NoSuchVMError:
+                return False
+            if entry.collected is not None or entry.updated > since:
+                return False
+            self.update(vm_id, **fields)
+            return True
+
     def set_attributes(self, vm_id: str, attributes: dict[str, str], *, replace: bool = False) -> None:
         """Set user attributes of a VM: merged into the existing ones, or replacing them all if ``replace``.
 
@@ -322,8 +341,8 @@ class Registry:
     def query_sql(self, q: Query | str, limit: int | None = None) -> tuple[str, list[object]]:
         """The SQL statement and parameters :meth:`query` runs (for ``EXPLAIN QUERY PLAN`` and tests)."""
         query = parse_query(q) if isinstance(q, str) else tuple(q)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise QueryInvalidError(f"limit must be a non-negative integer, not {limit!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT):
+            raise QueryInvalidError(f"limit must be a non-negative integer of at most {MAX_LIMIT}, not {limit!r}")
         with self._lock:
             conn = self._connection()
 

@@ -17,6 +17,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import uuid
@@ -58,6 +59,15 @@ from .wire import (
 log = logging.getLogger(__name__)
 KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CREATING_STATES = ("placing", "creating")
+#: The latest termination time (9999-12-31T23:59:59Z): later ones can't be written as an xs:dateTime.
+MAX_TERMINATION = 253402300799.0
+
+
+def check_termination(termination: float | None) -> None:
+    """Refuse a termination time that is not a finite epoch time from 0 to :data:`MAX_TERMINATION`."""
+    if termination is not None and not (math.isfinite(termination) and 0 <= termination <= MAX_TERMINATION):
+        raise DeclinedError(f"termination time {termination!r} is not epoch seconds from 0 to {MAX_TERMINATION:.0f}",
+                            [Problem("bad termination time")])
 
 
 class Shop:
@@ -80,11 +90,17 @@ class Shop:
         """Check the plants, reconcile unfinished creates, and start the lease and state timers."""
         for interval, work in ((self.config.lease_interval, self.enforce_leases),
                                (self.config.poll_interval, self.refresh)):
-            loop = task.LoopingCall(work)
+            loop = task.LoopingCall(self._safely, work)
             loop.clock = self.reactor
-            loop.start(interval, now=False).addErrback(lambda f: log.error("timer failed: %s", f.getTraceback()))
+            loop.start(interval, now=False)
             self._loops.append(loop)
         return self.refresh().addCallback(lambda _: self.enforce_leases())
+
+    @staticmethod
+    def _safely(work: Callable[[], Any]) -> defer.Deferred[Any]:
+        """Run one timer round; a failure is logged and the timer goes on (a LoopingCall would stop)."""
+        return defer.maybeDeferred(work).addErrback(
+            lambda failure: log.error("%s failed: %s", getattr(work, "__name__", work), failure.getTraceback()))
 
     def stop(self) -> defer.Deferred[Any]:
         for loop in self._loops:
@@ -131,6 +147,7 @@ class Shop:
     @defer.inlineCallbacks
     def create(self, dag_xml: str, owner: str, termination: float | None, key: str | None) -> Any:
         dag = yield self._in_thread(load_dag, dag_xml)
+        check_termination(termination)
         key = key or "vm-" + uuid.uuid4().hex[:12]
         if not KEY.match(key):
             raise DeclinedError(f"'{key}' is not a valid VM key", [Problem("bad key")])
@@ -267,6 +284,7 @@ class Shop:
 
     @defer.inlineCallbacks
     def set_termination(self, reference: Any, termination: float | None) -> Any:
+        check_termination(termination)
         entry = yield self._entry(reference)
         if entry.collected is not None:
             raise NotSupportedError(f"VM {entry.vm_id} was collected already")
@@ -331,6 +349,7 @@ class Shop:
         for handle in self.plants.all():
             if not handle.up:
                 continue
+            seen = time.time()  # the registry stamps its changes with time.time()
             try:
                 vms = yield handle.client.call("listVMs", include_collected=True)
             except Exception as exc:  # noqa: BLE001
@@ -339,7 +358,7 @@ class Shop:
             reported = {vm.vm_id: vm for vm in vms or []}
             entries = yield self._in_thread(self.registry.query, f'plant="{handle.url}"', None)
             for entry in entries:
-                if entry.collected is not None or entry.vm_id in self._creating:
+                if entry.collected is not None or entry.vm_id in self._creating or entry.vm_id in self._collecting:
                     continue
                 vm = reported.get(entry.plant_vm_id or "")
                 if vm is None:
@@ -355,7 +374,8 @@ class Shop:
                 if entry.state in CREATING_STATES:
                     changes.update(address=vm.address, host_port=vm.host_port, image=vm.image, memory=vm.memory)
                 if changes:
-                    yield self._in_thread(self.registry.update, entry.vm_id, **changes)
+                    # A create or collect that ended since the plant's report was taken wins over it.
+                    yield self._in_thread(self.registry.update_if_unchanged, entry.vm_id, seen, **changes)
 
     # Output -------------------------------------------------------------------
     def vm_out(self, entry: VMEntry) -> VMInfo:

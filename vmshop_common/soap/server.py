@@ -26,6 +26,12 @@ Contract:
 * A body containing a DOCTYPE (in any encoding lxml understands) is refused
   before spyne parses it: SOAP fault :data:`DOCTYPE_REFUSED`
   (``Client.DoctypeRefused``, HTTP 500).
+* A body sent as anything but XML (``Content-Type`` other than ``text/xml``,
+  ``application/soap+xml`` or ``application/xml``; ``multipart/related``
+  SwA/MTOM bodies among them, which spyne would take apart and parse past
+  the DOCTYPE check) is refused: SOAP fault :data:`NOT_XML`
+  (``Client.RequestNotAllowed``, HTTP 415). Without a Content-Type spyne
+  answers the same code with HTTP 405.
 * A body over ``max_body_bytes`` gets the SOAP fault
   :data:`~vmshop_common.soap.compat.REQUEST_TOO_LONG`
   (``Client.RequestTooLong``) with HTTP 413.
@@ -49,6 +55,7 @@ from vmshop_common.soap import compat  # noqa: F401
 # isort: split
 from lxml import etree
 from spyne import Application
+from spyne.error import RequestNotAllowed
 from spyne.interface.wsdl import Wsdl11
 from spyne.model.fault import Fault
 from spyne.protocol.soap import Soap11
@@ -66,6 +73,12 @@ logger = logging.getLogger("vmshop_common.soap")
 
 DOCTYPE_REFUSED = "Client.DoctypeRefused"
 """Stable fault code for a request with a DOCTYPE (same as ``errors.DoctypeRefusedError.CODE``)."""
+
+NOT_XML = RequestNotAllowed.CODE  # "Client.RequestNotAllowed"
+"""Stable fault code for a request whose Content-Type is not an XML media type (HTTP 415)."""
+
+XML_MEDIA_TYPES = frozenset({"text/xml", "application/soap+xml", "application/xml"})
+"""The media types a request body may be sent as."""
 
 WSDL_NOT_READY = "Server.WsdlNotReady"
 """Fault code for ``?wsdl`` before :func:`listen` completed a ``{port}`` public URL."""
@@ -250,6 +263,15 @@ class SoapResource(CompatTwistedWebResource):
         request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
         return self.wsdl
 
+    def handle_rpc(self, request: Request) -> bytes | int:
+        """Refuse a body that is not sent as XML (see the module's contract), else run the call."""
+        header = request.getHeader(b"Content-Type")
+        media = header.split(b";", 1)[0].strip().lower().decode("latin-1") if header else ""
+        if media and media not in XML_MEDIA_TYPES and not self._body_too_long(request):
+            fault = RequestNotAllowed(f"a request is sent as text/xml, not as {media[:100]}")
+            return self.fault_response(request, fault, "415 Unsupported Media Type")
+        return super().handle_rpc(request)
+
     def inspect_body(self, body: bytes) -> None:
         """Refuse a DOCTYPE before spyne parses the body."""
         refuse_doctype(body)
@@ -345,8 +367,10 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_MAX_BODY_BYTES",
     "DOCTYPE_REFUSED",
+    "NOT_XML",
     "REQUEST_TOO_LONG",
     "WSDL_NOT_READY",
+    "XML_MEDIA_TYPES",
     "SoapResource",
     "SoapSite",
     "bound_port",
