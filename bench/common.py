@@ -1,0 +1,434 @@
+"""What the benchmark rows share: the run's context and cleanup, server processes, a raw SOAP client,
+bare QEMU guests, statistics and verdicts.
+
+Everything a run makes lives under one short temporary directory (unix socket
+paths are limited to 107 bytes); every process it starts names that
+directory on its command line, so a last sweep can find (and kill, by pid)
+whatever a failure left behind.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import servers  # noqa: E402  (tests/servers.py: start_plant, start_shop, ServerProcess)
+
+WAREHOUSE = Path(os.environ.get("VMSHOP_WAREHOUSE") or ROOT / "var" / "warehouse")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- the run: options, temporary directory, cleanup --------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the results table (``result``: PASS, MISS ..., info, ERROR ...)."""
+
+    key: str
+    measured: str
+    figures: str
+    ratio: str
+    target: str
+    result: str
+    notes: list[str] = field(default_factory=list)
+
+
+class Cleanup:
+    """A stack of undo steps; ``run()`` calls them newest first and never raises."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], Any]]] = []
+
+    def push(self, label: str, step: Callable[[], Any]) -> Callable[[], Any]:
+        self._steps.append((label, step))
+        return step
+
+    def run(self) -> None:
+        while self._steps:
+            label, step = self._steps.pop()
+            try:
+                step()
+            except BaseException as exc:  # noqa: BLE001 - cleanup goes on whatever one step does
+                log(f"cleanup of {label} failed: {exc!r}")
+
+
+@dataclass
+class Context:
+    quick: bool
+    root: Path
+    cleanup: Cleanup
+    accelerator: str = "?"
+
+    def n(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def directory(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=False)
+        return path
+
+
+def kill_processes_under(root: Path) -> list[int]:
+    """SIGKILL every live process whose command line names ``root`` (all of them ours); their pids."""
+    marker = str(root)
+    killed: list[int] = []
+    deadline = time.monotonic() + 15
+    while True:
+        pids = servers.processes_mentioning(marker)
+        if not pids or time.monotonic() > deadline:
+            return killed
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- server processes ------------------------------------------------------------------------------
+
+
+def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend: str = "qemu", network: str = "vde",
+                 capacity_vms: int = 4, capacity_memory: int = 2048, pool_count: int = 8,
+                 start_timeout: float = 300.0, client: bool = True) -> servers.ServerProcess:
+    """tests/servers.py's start_plant, with a longer start deadline (many plants start at once on 2 cores).
+
+    Registers the plant's cleanup (the server, its guests, its switch) at once.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    state = directory / "state"
+    config = directory / "configuration_vmplant.xml"
+    args = [sys.executable, str(ROOT / "scripts" / "configure_vmplant.py"), "--yes", "--name", name,
+            "--port", "0", "--warehouse", str(WAREHOUSE), "--state-dir", str(state), "--backend", backend,
+            "--network", network, "--capacity-vms", str(capacity_vms), "--capacity-memory", str(capacity_memory),
+            "--pool-count", str(pool_count), "--shops-file", str(directory / "vmshop_addresses.txt"),
+            "--output", str(config)]
+    subprocess.run(args, check=True, capture_output=True, cwd=str(directory), timeout=start_timeout)
+    plant = servers.ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log")
+    ctx.cleanup.push(f"plant {name}", plant.cleanup)
+    plant.start(timeout=start_timeout)
+    if client:
+        plant.client()
+    return plant
+
+
+def launch_shop(ctx: Context, directory: Path, plants: list[str], **kwargs: Any) -> servers.ServerProcess:
+    """tests/servers.py's start_shop with the production defaults for its timers and bid timeout
+    (the tests' 0.5 s state refresh would poll every plant twice a second), its cleanup registered."""
+    kwargs.setdefault("bid_timeout", 10.0)
+    kwargs.setdefault("poll_interval", 5.0)
+    kwargs.setdefault("lease_interval", 1.0)
+    shop = servers.start_shop(directory, plants, **kwargs)
+    ctx.cleanup.push(f"shop {directory.name}", shop.cleanup)
+    return shop
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+# --- a raw SOAP client: prebuilt envelopes over one keep-alive connection ---------------------------
+
+
+def envelope(client: Any, service: Any, operation: str, **kwargs: Any) -> bytes:
+    """The request zeep would send for ``operation`` (built once, posted many times)."""
+    from lxml import etree
+
+    return bytes(etree.tostring(client.create_message(service, operation, **kwargs), xml_declaration=True,
+                                encoding="utf-8"))
+
+
+class RawSoap:
+    """POSTs prebuilt SOAP envelopes over one HTTP/1.1 keep-alive connection (no client-side parsing)."""
+
+    def __init__(self, url: str, timeout: float = 120.0) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.path = parts.path or "/"
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, body: bytes, action: str = "") -> bytes:
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self.conn.request("POST", self.path, body, {"Content-Type": "text/xml; charset=utf-8",
+                                                             "SOAPAction": f'"{action}"'})
+                answer = self.conn.getresponse()
+                data = answer.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+                if attempt:
+                    raise
+                continue
+            if answer.will_close:
+                self.close()
+            if answer.status != 200 or b"Fault>" in data[:2000]:
+                raise RuntimeError(f"SOAP {action} answered HTTP {answer.status}: {data[:600]!r}")
+            return data
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def rate(call: Callable[[], Any], seconds: float) -> tuple[int, float]:
+    """Call ``call`` back to back for ``seconds``; (calls, elapsed seconds)."""
+    count = 0
+    started = time.perf_counter()
+    end = started + seconds
+    while True:
+        call()
+        count += 1
+        now = time.perf_counter()
+        if now >= end:
+            return count, now - started
+
+
+def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = call()
+    return time.perf_counter() - started, result
+
+
+# --- bare QEMU guests: the qemu backend's own command line, started by hand ------------------------
+
+
+@dataclass
+class BareGuest:
+    """One guest started with ``qemu_command`` (as the qemu backend would), outside any plant."""
+
+    spec: Any
+    command: list[str]
+    clone_seconds: float
+    proc: subprocess.Popen[bytes] | None = None
+    launched: float = 0.0
+    ready: float | None = None
+
+    @property
+    def paths(self) -> Any:
+        from vmplant_service.backends.qemu import RunPaths
+
+        return RunPaths.of(self.spec.run_dir)
+
+    @property
+    def ready_file(self) -> Path:
+        return Path(self.spec.channel_dir) / "agent" / "ready"
+
+
+def tiny_image() -> Any:
+    """The warehouse's 'tiny' image as the plant reads it (ImageInfo)."""
+    from vmplant_service.warehouse import Warehouse
+
+    return Warehouse(WAREHOUSE).get("tiny")
+
+
+def tiny_spec_for_probe() -> Any:
+    from vmplant_service.backends.base import GuestSpec
+
+    info = tiny_image()
+    return GuestSpec(vm_id="probe", disk=info.disk, memory=info.hardware.memory, vcpus=info.hardware.vcpus,
+                     run_dir=Path("/nonexistent"), channel_dir=Path("/nonexistent"), kernel=info.kernel,
+                     initrd=info.initrd, cmdline=info.cmdline, machine=info.machine)
+
+
+def prepare_bare(directory: Path, vm_id: str, switch: Any, accelerator: str) -> BareGuest:
+    """Clone the tiny image, make the channel share and the run directory, build the command (nothing runs)."""
+    from vmplant_service.backends.base import GuestSpec, Nic
+    from vmplant_service.backends.qemu import QemuBackend, qemu_command
+    from vmplant_service.channel import Channel
+    from vmplant_service.clone import make_overlay
+    from vmplant_service.plant import free_port
+    from vmplant_service.segment import mac_for
+
+    info = tiny_image()
+    base = directory / vm_id
+    base.mkdir(parents=True)
+    overlay = base / "disk.qcow2"
+    clone_seconds = make_overlay(info.disk, info.disk_format, overlay)
+    channel = Channel(base / "channel")
+    channel.create()
+    (base / "run").mkdir()
+    # The NICs a plant with a host-only segment gives each VM (plant.Plant._spec).
+    nics = [Nic("user", mac_for(vm_id, 0), host_port=free_port())]
+    if switch is not None:
+        nics.append(Nic("segment", mac_for(vm_id, 1), switch=str(switch.control)))
+    spec = GuestSpec(vm_id=vm_id, disk=overlay, memory=info.hardware.memory, vcpus=info.hardware.vcpus,
+                     run_dir=base / "run", channel_dir=channel.directory, kernel=info.kernel, initrd=info.initrd,
+                     cmdline=info.cmdline, machine=info.machine, arch=info.hardware.arch, nics=tuple(nics))
+    backend = QemuBackend({})
+    binary = shutil.which(backend.binary) or backend.binary
+    return BareGuest(spec, qemu_command(spec, binary, accelerator, backend.disk_cache), clone_seconds)
+
+
+def launch_bare(guest: BareGuest) -> None:
+    paths = guest.paths
+    with open(paths.stderr, "wb") as err:
+        guest.launched = time.monotonic()
+        guest.proc = subprocess.Popen(guest.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=err, start_new_session=True)
+
+
+def wait_bare(guests: list[BareGuest], timeout: float = 600.0) -> None:
+    """Wait until every guest's agent wrote ``agent/ready`` (polling every 10 ms); RuntimeError otherwise."""
+    from vmplant_service.backends.qemu import qemu_pid
+
+    deadline = time.monotonic() + timeout
+    last_alive_check = 0.0
+    while True:
+        now = time.monotonic()
+        pending = [g for g in guests if g.ready is None]
+        for guest in pending:
+            if guest.ready_file.exists():
+                guest.ready = now
+        pending = [g for g in guests if g.ready is None]
+        if not pending:
+            return
+        for guest in pending:
+            assert guest.proc is not None
+            status = guest.proc.poll()
+            if status not in (None, 0):
+                raise RuntimeError(f"QEMU of {guest.spec.vm_id} failed (status {status}): "
+                                   f"{guest.paths.stderr.read_text(errors='replace')[-600:]}")
+        if now - last_alive_check > 1.0:
+            last_alive_check = now
+            for guest in pending:
+                assert guest.proc is not None
+                if guest.proc.poll() == 0 and qemu_pid(guest.paths) is None:
+                    console = _tail(guest.paths.console)
+                    raise RuntimeError(f"the guest {guest.spec.vm_id} stopped before its agent was ready: {console}")
+        if now > deadline:
+            raise RuntimeError(f"{len(pending)} guest(s) not ready within {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def _tail(path: Path, limit: int = 600) -> str:
+    try:
+        return path.read_bytes()[-limit:].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_bare(guest: BareGuest) -> None:
+    """SIGKILL the guest's QEMU (by its pidfile, only if that pid really is it) and wait until it is gone."""
+    from vmplant_service.backends.qemu import qemu_pid
+
+    paths = guest.paths
+    pid = qemu_pid(paths)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while qemu_pid(paths) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    if guest.proc is not None and guest.proc.poll() is None:
+        # Still in front of -daemonize (killed early): it is our child.
+        guest.proc.kill()
+    if guest.proc is not None:
+        try:
+            guest.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def start_switch(ctx: Context, directory: Path) -> Any:
+    """A VDE switch like a plant's segment (for bare guests' second NIC); stopped at cleanup."""
+    from vmplant_service.segment import VdeSegment
+
+    segment = VdeSegment(directory)
+    ctx.cleanup.push("vde switch", segment.stop)
+    segment.start()
+    return segment
+
+
+def _cpu_times() -> tuple[int, int]:
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+
+def settle(min_idle: float = 0.6, timeout: float = 30.0) -> float:
+    """Wait (up to ``timeout``) until the CPUs were at least ``min_idle`` idle over half a second.
+
+    Servers that just started (imports, first refreshes) or guests just killed should not weigh on the
+    next measurement. Returns the last idle fraction seen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        idle0, total0 = _cpu_times()
+        time.sleep(0.5)
+        idle1, total1 = _cpu_times()
+        idle = (idle1 - idle0) / max(1, total1 - total0)
+        if idle >= min_idle or time.monotonic() > deadline:
+            return idle
+
+
+# --- statistics, formatting, verdicts --------------------------------------------------------------
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1000
+    return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def sec(seconds: float) -> str:
+    return f"{seconds:.2f} s"
+
+
+def spread(values: list[float], unit: Callable[[float], str]) -> str:
+    return f"{unit(min(values))}..{unit(max(values))}, n={len(values)}" if len(values) > 1 else "n=1"
+
+
+def at_most(value: float, limit: float, show: Callable[[float], str]) -> str:
+    """PASS if value <= limit, else MISS with the excess (absolute and relative)."""
+    if value <= limit:
+        return "PASS"
+    return f"MISS by {show(value - limit)} (+{(value / limit - 1) * 100:.0f}% over the limit)"
+
+
+def at_least(value: float, limit: float, show: Callable[[float], str]) -> str:
+    if value >= limit:
+        return "PASS"
+    return f"MISS by {show(limit - value)}"
+
+
+def x(value: float) -> str:
+    return f"{value:.2f}x"

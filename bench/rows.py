@@ -1,0 +1,500 @@
+"""The benchmark's rows: each function measures one target of the issue and returns its table rows.
+
+Every function registers the undo of whatever it starts on ``ctx.cleanup``
+as soon as it exists; ``run.py`` runs the cleanup after each row, whether
+the row finished, failed or was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import common
+from common import (
+    Context,
+    RawSoap,
+    Row,
+    at_least,
+    at_most,
+    envelope,
+    log,
+    median,
+    ms,
+    sec,
+    spread,
+    timed,
+    x,
+)
+
+from vmshop_common.dagxml import DAG_NS
+
+#: A DAG from the cached image "tiny" with one small script action.
+CREATE_DAG = (f'<vm xmlns="{DAG_NS}" name="bench"><attributes><attribute name="project" value="bench"/></attributes>'
+              '<nodes><image id="s" name="tiny"/><script id="run" timeout="60">echo configured $(uname -s)</script>'
+              '</nodes><edges><edge from="s" to="run"/></edges></vm>')
+
+
+def _check_created(made: Any, where: str) -> None:
+    vm = made.vm
+    runs = list(made.runs or [])
+    if vm.state != "running" or not runs or not all(run.ok for run in runs) or "configured" not in runs[-1].output:
+        raise RuntimeError(f"{where}: the VM is not configured as asked: state {vm.state}, runs {runs!r}")
+
+
+# --- 1. clones ------------------------------------------------------------------------------------------
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=600)
+
+
+def _sparse_base(path: Path, size_gib: int) -> None:
+    """A qcow2 of ``size_gib`` virtual GiB holding 64 MiB of non-zero data at its start, middle and end."""
+    _qemu_img("create", "-q", "-f", "qcow2", str(path), f"{size_gib}G")
+    size_mib = size_gib * 1024
+    commands: list[str] = []
+    for index, offset in enumerate((0, size_mib // 3, size_mib // 2, size_mib - 16)):
+        commands += ["-c", f"write -P 0x{0x11 * (index + 1):02x} {offset}M 16M"]
+    subprocess.run(["qemu-io", "-f", "qcow2", *commands, str(path)], check=True, capture_output=True, timeout=600)
+
+
+def _full_copy(source: Path, target: Path) -> None:
+    """Every byte of the virtual disk written to a raw file, then fsynced (a durable copy).
+
+    Without the fsync the time is mostly the page cache's mood (0.3 s or 2.7 s for the same 1 GiB here).
+    """
+    _qemu_img("convert", "-S", "0", "-O", "raw", str(source), str(target))
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def row_clone(ctx: Context) -> list[Row]:
+    from vmplant_service.clone import make_overlay
+
+    directory = ctx.directory("clone")
+    info = common.tiny_image()
+    n = ctx.n(20, 10)
+    virtual = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(info.disk)], check=True,
+                                        capture_output=True, timeout=60).stdout)["virtual-size"]
+    allocated = info.disk.stat().st_size
+
+    def overlay_of(base: Path, fmt: str, name: str) -> float:
+        target = directory / name
+        seconds = make_overlay(base, fmt, target)
+        target.unlink()
+        return seconds
+
+    for i in range(2):  # warm-up: qemu-img's binary and libraries in the page cache
+        overlay_of(info.disk, info.disk_format, f"warm{i}.qcow2")
+    tiny = [overlay_of(info.disk, info.disk_format, f"tiny{i}.qcow2") for i in range(n)]
+
+    log("clone: making sparse 1 GiB and 20 GiB qcow2 bases")
+    base1, base20 = directory / "base1g.qcow2", directory / "base20g.qcow2"
+    _sparse_base(base1, 1)
+    _sparse_base(base20, 20)
+    one, twenty = [], []
+    for i in range(n):  # alternating, so both see the same machine
+        one.append(overlay_of(base1, "qcow2", f"o1-{i}.qcow2"))
+        twenty.append(overlay_of(base20, "qcow2", f"o20-{i}.qcow2"))
+
+    copies, tiny_copies = [], []
+    for i in range(ctx.n(3, 1)):
+        log(f"clone: full copies {i + 1}")
+        for source, out, name in ((base1, copies, "full1g.raw"), (info.disk, tiny_copies, "fulltiny.raw")):
+            target = directory / name
+            os.sync()  # each copy starts with no dirty pages of earlier writes to flush
+            seconds, _ = timed(lambda s=source, t=target: _full_copy(s, t))
+            out.append(seconds)
+            target.unlink()
+    common.remove_tree(directory)
+
+    t, o, w, c, tc = median(tiny), median(one), median(twenty), median(copies), median(tiny_copies)
+    full = "full copy = `qemu-img convert -S 0 -O raw` (every byte of the virtual disk written) + fsync"
+    return [
+        Row("1a", f"Clone from a cached image: `make_overlay` of tiny (a {allocated / 2**20:.0f} MiB qcow2 "
+                  f"of {virtual / 2**20:.0f} MiB virtual), median", f"{ms(t)} ({spread(tiny, ms)})",
+            f"{t / tc:.3f}x of a full copy of it ({sec(tc)})", "<= 50 ms", at_most(t, 0.050, ms),
+            [f"tiny {full}: {sec(tc)} median ({spread(tiny_copies, sec)})"]),
+        Row("1b", "Clone of a 20 GiB image / clone of a 1 GiB image (sparse qcow2 bases, 64 MiB of data each; "
+                  "alternating, medians)", f"20 GiB: {ms(w)}; 1 GiB: {ms(o)}", x(w / o), "<= 1.5x",
+            at_most(w / o, 1.5, x), [f"1 GiB: {spread(one, ms)}; 20 GiB: {spread(twenty, ms)}"]),
+        Row("1c", "Full copy of the 1 GiB image (reference: what a clone was in the original)",
+            f"{sec(c)} ({spread(copies, sec)})", f"{c / o:.0f}x the overlay clone of it", "(reference)", "info",
+            [f"1 GiB {full}"]),
+    ]
+
+
+# --- 2. one create vs one bare boot -----------------------------------------------------------------------
+
+
+def row_create(ctx: Context) -> list[Row]:
+    directory = ctx.directory("create")
+    switch = common.start_switch(ctx, directory / "sw")
+    log("create: starting a qemu plant and a shop")
+    plant = common.launch_plant(ctx, directory / "plant", network="vde", capacity_vms=4, pool_count=8)
+    shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(plant)])
+    numbers = iter(range(1, 10_000))
+    bare_dir = directory / "bare"
+
+    def bare() -> tuple[float, float]:
+        guest = common.prepare_bare(bare_dir, f"b{next(numbers)}", switch, ctx.accelerator)
+        ctx.cleanup.push(f"bare guest {guest.spec.vm_id}", lambda: common.kill_bare(guest))
+        try:
+            common.launch_bare(guest)
+            common.wait_bare([guest], timeout=300)
+            assert guest.ready is not None
+            return guest.ready - guest.launched, guest.clone_seconds
+        finally:
+            common.kill_bare(guest)
+            common.remove_tree(bare_dir / guest.spec.vm_id)
+
+    def via_shop() -> float:
+        seconds, made = timed(lambda: shop.service.createVM(dag=CREATE_DAG, owner="bench"))
+        try:
+            _check_created(made, "shop createVM")
+        finally:
+            shop.service.collectVM(vm=made.vm.epr)
+        return seconds
+
+    def via_plant() -> float:
+        seconds, made = timed(lambda: plant.service.createVM(dag=CREATE_DAG, owner="bench"))
+        try:
+            _check_created(made, "plant createVM")
+        finally:
+            plant.service.collectVM(vm_id=made.vm.vm_id)
+        return seconds
+
+    common.settle()
+    log("create: warm-up boot (kernel and image in the page cache)")
+    bare()
+    bares, clones, shops, plants = [], [], [], []
+    kinds = [("bare", bare), ("shop", via_shop), ("plant", via_plant)]
+    for i in range(ctx.n(3, 1)):
+        order = kinds if i % 2 == 0 else kinds[::-1]  # alternate the order, so each sees similar machine states
+        for name, work in order:
+            log(f"create: round {i + 1}: {name}")
+            if name == "bare":
+                boot, clone = bare()  # type: ignore[misc]
+                bares.append(boot)
+                clones.append(clone)
+            elif name == "shop":
+                shops.append(work())  # type: ignore[arg-type]
+            else:
+                plants.append(work())  # type: ignore[arg-type]
+    info = plant.service.plantInfo()
+    b, s, p = median(bares), median(shops), median(plants)
+    left = plant.service.listVMs(include_collected=False) or []
+    if left:
+        raise RuntimeError(f"VMs left on the plant after collecting: {[v.vm_id for v in left]}")
+    return [
+        Row("2a", "Create through the shop, request to configured guest (tiny + 1 script action; real shop, real "
+                  "qemu plant), vs a bare QEMU boot of the same image to `agent/ready`, medians",
+            f"shop create: {sec(s)}; bare boot: {sec(b)}", x(s / b), "<= 1.25x", at_most(s / b, 1.25, x),
+            [f"shop create {spread(shops, sec)}; bare boot {spread(bares, sec)}; bare = the qemu backend's "
+             "`qemu_command` (overlay, 9p share, user NIC and VDE NIC) started by hand, its clone made before the "
+             "clock starts, timed from QEMU's launch to the agent's `agent/ready`"]),
+        Row("2b", "Create on the plant directly (createVM on the plant, no shop), median",
+            f"plant create: {sec(p)}; clone in it: {ms(info.clone_seconds or 0)}",
+            f"{x(p / b)} of the bare boot", "(not a target)", "info",
+            [f"plant create {spread(plants, sec)}; bare clones {ms(median(clones))} median; the plant's clone "
+             f"figure is its running average (clone_seconds), its boot average {sec(info.boot_seconds or 0)}"]),
+    ]
+
+
+# --- 3. bids from 32 plants vs 1 ---------------------------------------------------------------------------
+
+
+def row_bids(ctx: Context) -> list[Row]:
+    directory = ctx.directory("bids")
+    count = 32
+    log(f"bids: starting {count} fake-backend plants in parallel")
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(common.launch_plant, ctx, directory / f"p{i}", name=f"p{i}", backend="fake",
+                               network="none", client=False) for i in range(count)]
+        plants = [future.result() for future in futures]
+    start_seconds = time.monotonic() - started
+    addresses = [common.servers.host_port(p) for p in plants]
+    shop32 = common.launch_shop(ctx, directory / "shop32", addresses, bid_timeout=30)
+    shop1 = common.launch_shop(ctx, directory / "shop1", addresses[:1], bid_timeout=30)
+    rss = sum(common.rss_mib(p.process.pid) for p in plants if p.process is not None)
+
+    idle = common.settle()
+    for shop, expected in ((shop32, count), (shop1, 1)):
+        estimate = shop.service.estimateCost(dag=CREATE_DAG)
+        statuses = [bid.status for bid in estimate.bids or []]
+        if statuses != ["bid"] * expected:
+            raise RuntimeError(f"expected {expected} bids, got {statuses}")
+    calls = {}
+    for shop in (shop32, shop1):
+        raw = RawSoap(shop.url)
+        body = envelope(shop.service._client, shop.service, "estimateCost", dag=CREATE_DAG)
+        calls[shop.url] = (raw, body)
+        for _ in range(5):  # warm-up
+            raw.post(body, "estimateCost")
+    n = ctx.n(20, 8)
+    t32, t1 = [], []
+    for _ in range(n):  # alternating
+        for shop, out in ((shop32, t32), (shop1, t1)):
+            raw, body = calls[shop.url]
+            out.append(timed(lambda r=raw, b=body: r.post(b, "estimateCost"))[0])
+    for raw, _ in calls.values():
+        raw.close()
+    a, b = median(t32), median(t1)
+    return [Row("3", f"estimateCost through the shop with {count} plants vs with 1 (fake backend; real plant "
+                     "processes; prebuilt envelope over keep-alive HTTP; medians after warm-up, alternating)",
+                f"{count} plants: {ms(a)}; 1 plant: {ms(b)}", x(a / b), "<= 1.5x", at_most(a / b, 1.5, x),
+                [f"{count} plants: {spread(t32, ms)}; 1 plant: {spread(t1, ms)}; {count} plants started in "
+                 f"{sec(start_seconds)}, {rss:.0f} MiB RSS together; CPU {idle * 100:.0f}% idle before measuring"])]
+
+
+# --- 4 and 5. registries with many VMs ------------------------------------------------------------------------
+
+STATES = ("running", "collected", "failed", "booting", "configuring")
+STATE_WEIGHTS = (60, 25, 5, 5, 5)
+IMAGES = ("tiny", "debian12", "ubuntu24", "centos9", "alpine3", "fedora40", "rocky9", "arch", "suse15", "gentoo")
+MEMORY = (128, 256, 512, 1024, 2048)
+
+
+def registry_with(path: Path, count: int) -> float:
+    """Fill a Registry at ``path`` with ``count`` varied VMs (one bulk_add); the seconds it took."""
+    from vmshop_service.registry import Registry, VMEntry
+
+    rng = random.Random(20240501)
+    owners = max(10, count // 100)
+    projects = max(10, count // 100)
+    now = time.time()
+    entries = []
+    for i in range(count):
+        state = rng.choices(STATES, STATE_WEIGHTS)[0]
+        created = now - (count - i) * 3.0
+        entries.append(VMEntry(
+            vm_id=f"vm-{i:08d}", owner=f"user{i % owners}", state=state,
+            plant=f"127.0.0.1:{9100 + rng.randrange(32)}", plant_vm_id=f"vm-{i:08d}", image=rng.choice(IMAGES),
+            memory=rng.choice(MEMORY), vcpus=rng.choice((1, 2, 4)), disk=rng.choice((1, 4, 20)), arch="x86_64",
+            address=f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}", host_port=None, created=created,
+            updated=created, termination=None, collected=created + 60 if state in ("collected", "failed") else None,
+            cost=round(rng.uniform(1, 30), 2), steps=["hw", "os", "run"],
+            attributes={"project": f"p{rng.randrange(projects)}", "rank": str(i % 1000)}))
+    with Registry(path) as registry:
+        seconds, _ = timed(lambda: registry.bulk_add(entries))
+    return seconds
+
+
+def row_throughput(ctx: Context) -> list[Row]:
+    import soap_harness
+    import zeep
+
+    directory = ctx.directory("throughput")
+    log("throughput: echo server, a fake plant, a shop with 1,000 VMs")
+    echo = soap_harness.start_subprocess_server("bench.echo_server:make_site", timeout=120)
+    ctx.cleanup.push("echo server", echo.stop)
+    plant = common.launch_plant(ctx, directory / "plant", backend="fake", network="none", client=False)
+    (directory / "shop").mkdir()
+    registry_with(directory / "shop" / "registry.sqlite3", 1000)
+    shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(plant)])
+    query = "owner=user3 rank<50"
+    found = shop.service.queryVMs(query=query, limit=None) or []
+    if not found:
+        raise RuntimeError(f"the query {query!r} found nothing")
+    echo_client = zeep.Client(echo.url + "?wsdl")
+    targets = {
+        "echo": (RawSoap(echo.url), envelope(echo_client, echo_client.service, "echo", text=CREATE_DAG), "echo"),
+        "estimate": (RawSoap(shop.url), envelope(shop.service._client, shop.service, "estimateCost", dag=CREATE_DAG),
+                     "estimateCost"),
+        "query": (RawSoap(shop.url), envelope(shop.service._client, shop.service, "queryVMs", query=query,
+                                              limit=None), "queryVMs"),
+    }
+    counts = {name: [0, 0.0] for name in targets}
+    seconds = ctx.n(10, 3)
+    common.settle()
+    for raw, body, action in targets.values():
+        for _ in range(20):  # warm-up
+            raw.post(body, action)
+    for round_ in range(ctx.n(2, 1)):
+        for name, (raw, body, action) in targets.items():
+            log(f"throughput: round {round_ + 1}: {name} for {seconds} s")
+            calls, elapsed = common.rate(lambda r=raw, b=body, a=action: r.post(b, a), seconds)
+            counts[name][0] += calls
+            counts[name][1] += elapsed
+    for raw, _, _ in targets.values():
+        raw.close()
+    rates = {name: calls / elapsed for name, (calls, elapsed) in counts.items()}
+    e = rates["echo"]
+    method = ("sequential, one client: prebuilt envelopes (built by zeep) POSTed over one keep-alive HTTP "
+              f"connection, {seconds} s x {ctx.n(2, 1)} round(s) each, alternating; echo = a trivial Spyne "
+              "service on `build_site` + Twisted in its own process, echoing the same DAG text")
+    return [
+        Row("4a", "estimateCost throughput through the shop (1 fake plant) vs a bare Spyne echo",
+            f"estimate: {rates['estimate']:.0f} req/s; echo: {e:.0f} req/s", f"{rates['estimate'] / e * 100:.0f}%",
+            ">= 60%", at_least(rates["estimate"] / e * 100, 60, lambda v: f"{v:.0f} points"), [method]),
+        Row("4b", f"queryVMs throughput (`{query}`, {len(found)} of 1,000 VMs) vs the same echo",
+            f"query: {rates['query']:.0f} req/s; echo: {e:.0f} req/s", f"{rates['query'] / e * 100:.0f}%",
+            ">= 60%", at_least(rates["query"] / e * 100, 60, lambda v: f"{v:.0f} points"), []),
+    ]
+
+
+def row_query(ctx: Context) -> list[Row]:
+    from vmshop_service.registry import Registry
+
+    directory = ctx.directory("query")
+    (directory / "shop").mkdir()
+    database = directory / "shop" / "registry.sqlite3"
+    count = 100_000
+    log(f"query: registering {count:,} VMs")
+    fill = registry_with(database, count)
+    queries = ["owner=user42 state=running", "project=p17 memory>=512"]
+    n = ctx.n(50, 20)
+    server: dict[str, list[float]] = {q: [] for q in queries}
+    gets: list[float] = []
+    found: dict[str, int] = {}
+    plans: dict[str, str] = {}
+    with Registry(database) as registry:
+        for q in queries:
+            found[q] = len(registry.query(q))  # warm-up
+            sql, params = registry.query_sql(q)
+            plans[q] = "; ".join(registry.explain(sql, params))
+        registry.get("vm-00050000")
+        for i in range(n):  # alternating
+            for q in queries:
+                server[q].append(timed(lambda q=q: registry.query(q))[0])
+            gets.append(timed(lambda i=i: registry.get(f"vm-{(i * 7919) % count:08d}"))[0])
+    log("query: a shop on that registry")
+    shop = common.launch_shop(ctx, directory / "shop", [])
+    common.settle()
+    trips: dict[str, list[float]] = {q: [] for q in queries}
+    raw = RawSoap(shop.url)
+    bodies = {q: envelope(shop.service._client, shop.service, "queryVMs", query=q, limit=None) for q in queries}
+    try:
+        for q in queries:
+            answered = shop.service.queryVMs(query=q, limit=None) or []
+            if len(answered) != found[q]:
+                raise RuntimeError(f"the shop found {len(answered)} VMs for {q!r}, the registry {found[q]}")
+            for _ in range(3):
+                raw.post(bodies[q], "queryVMs")
+        for _ in range(ctx.n(20, 10)):
+            for q in queries:
+                trips[q].append(timed(lambda q=q: raw.post(bodies[q], "queryVMs"))[0])
+    finally:
+        raw.close()
+    worst = max(median(v) for v in server.values())
+    g = median(gets)
+    figures = "; ".join(f"`{q}` ({found[q]} VMs): {ms(median(server[q]))}" for q in queries)
+    trip_figures = "; ".join(f"`{q}`: {ms(median(trips[q]))}" for q in queries)
+    worst_trip = max(median(trips[q]) / median(server[q]) for q in queries)
+    return [
+        Row("5a", f"Selective query over {count:,} registered VMs at the server (`Registry.query` itself), "
+                  f"median of {n}", figures, f"{worst / g:.0f}x a get by id ({ms(g)})", "<= 20 ms",
+            at_most(worst, 0.020, ms),
+            [f"bulk_add of {count:,} VMs: {sec(fill)}; " + "; ".join(
+                f"`{q}`: {spread(server[q], ms)}, plan: {plans[q]}" for q in queries)]),
+        Row("5b", "The same queries, round trip through a shop process on that registry (prebuilt envelope, "
+                  "keep-alive HTTP, answer not parsed), median", trip_figures,
+            f"up to {worst_trip:.1f}x the at-server time", "(not a target)", "info",
+            ["; ".join(f"`{q}`: {spread(trips[q], ms)}" for q in queries)]),
+    ]
+
+
+# --- 6. 16 creates at once vs 16 bare boots at once ----------------------------------------------------------
+
+
+def row_concurrent(ctx: Context) -> list[Row]:
+    import zeep
+
+    count = 16
+    directory = ctx.directory("concurrent")
+    switch = common.start_switch(ctx, directory / "sw")
+    common.settle()
+    log(f"concurrent: {count} bare boots at once")
+    guests = [common.prepare_bare(directory / "bare", f"c{i}", switch, ctx.accelerator) for i in range(count)]
+    for guest in guests:
+        ctx.cleanup.push(f"bare guest {guest.spec.vm_id}", lambda g=guest: common.kill_bare(g))
+    try:
+        start = time.monotonic()
+        for guest in guests:
+            common.launch_bare(guest)
+        common.wait_bare(guests, timeout=900)
+        bare_all = max(g.ready for g in guests if g.ready is not None) - start
+        bare_first = min(g.ready for g in guests if g.ready is not None) - start
+    finally:
+        for guest in guests:
+            common.kill_bare(guest)
+        common.remove_tree(directory / "bare")
+    load_after_bare = open("/proc/loadavg").read().split()[0]
+
+    log(f"concurrent: a plant, {count} createVM at once")
+    plant = common.launch_plant(ctx, directory / "plant", network="vde", capacity_vms=count,
+                                capacity_memory=count * 128, pool_count=count, client=False)
+    clients = []
+    for _ in range(count):
+        client = zeep.Client(str(common.servers.PLANT_WSDL),
+                             transport=zeep.Transport(timeout=900, operation_timeout=900))
+        clients.append(client.create_service(common.servers.PLANT_BINDING, plant.url))
+    common.settle()
+    barrier = threading.Barrier(count + 1)
+    made: list[Any] = [None] * count
+    ends: list[float] = [0.0] * count
+
+    def create(index: int) -> None:
+        barrier.wait(60)
+        result = clients[index].createVM(dag=CREATE_DAG, owner=f"bench{index}")
+        ends[index] = time.monotonic()
+        made[index] = result
+
+    def collect(index: int) -> None:
+        if made[index] is not None:
+            clients[index].collectVM(vm_id=made[index].vm.vm_id)
+
+    pool = ThreadPoolExecutor(max_workers=count)
+    try:
+        futures = [pool.submit(create, i) for i in range(count)]
+        barrier.wait(60)
+        start = time.monotonic()
+        errors = []
+        for future in futures:
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - collect what was made, then report
+                errors.append(exc)
+        plant_all = max(ends) - start if not errors else 0.0
+        plant_first = min(e for e in ends if e) - start if not errors else 0.0
+        for index in range(count):
+            if made[index] is not None:
+                _check_created(made[index], f"createVM {index}")
+    finally:
+        log("concurrent: collecting")
+        for future in [pool.submit(collect, i) for i in range(count)]:
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001
+                log(f"collect failed: {exc!r}")
+        pool.shutdown(wait=False, cancel_futures=True)
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {count} creates failed: {errors[0]!r}")
+    return [Row("6", f"{count} createVM at once on one qemu plant (tiny + 1 script action), until all answered, vs "
+                     f"{count} bare QEMU boots started together, until every agent is ready (one run each)",
+                f"plant: {sec(plant_all)}; bare: {sec(bare_all)}", x(plant_all / bare_all), "<= 1.2x",
+                at_most(plant_all / bare_all, 1.2, x),
+                [f"first answer after {sec(plant_first)}, first bare agent ready after {sec(bare_first)}; "
+                 f"bare clones made before the clock starts; load average after the bare boots {load_after_bare}"])]
+
+
+ROWS = {
+    "clone": ("1", row_clone),
+    "create": ("2", row_create),
+    "bids": ("3", row_bids),
+    "throughput": ("4", row_throughput),
+    "query": ("5", row_query),
+    "concurrent": ("6", row_concurrent),
+}
