@@ -32,6 +32,9 @@ if [[ ! -f $stamp || setup.py -nt $stamp ]]; then
   touch "$stamp"
 fi
 
+# The libvirt backend: libvirt's daemon and tools, libvirt-python built into .venv.
+bash scripts/setup_libvirt.sh
+
 WAREHOUSE=${VMSHOP_WAREHOUSE:-$ROOT/var/warehouse}
 # The build is idempotent: it does nothing (in about 2 s) unless its inputs changed.
 bash scripts/build_guest_image.sh "$WAREHOUSE"

@@ -57,6 +57,8 @@ CASES = [
     Case("fake", lambda state: {"boot_seconds": "0.05"}, failing="fake-failstart"),
     Case("qemu", lambda state: {"accel": "auto", "state_dir": str(state)}, failing="qemu",
          break_spec=_garbage_kernel, real_actions=True, guest=True),
+    Case("libvirt", lambda state: {"uri": "qemu:///system", "daemon": "spawn", "daemon_timeout": "10"},
+         failing="libvirt", break_spec=_garbage_kernel, real_actions=True, guest=True),
 ]
 
 

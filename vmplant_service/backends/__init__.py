@@ -15,6 +15,7 @@ from .base import Backend
 
 BACKENDS: dict[str, str] = {
     "qemu": "vmplant_service.backends.qemu:QemuBackend",
+    "libvirt": "vmplant_service.backends.libvirt:LibvirtBackend",
     "fake": "vmplant_service.backends.fake:FakeBackend",
     "fake-failstart": "vmplant_service.backends.fake:FailingStartBackend",
     "fake-slowbid": "vmplant_service.backends.fake:SlowBidBackend",
