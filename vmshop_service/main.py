@@ -39,6 +39,7 @@ def serve(config: ShopConfig, host: str | None = None, port: int | None = None) 
     rx: Any = reactor
     rx.suggestThreadPoolSize(16)
     registry = Registry(config.database)
+    registry.analyze()  # planner statistics for the registry as it is now (before the reactor runs)
     plants = PlantDirectory(config.plants_file, config.call_timeout, rx, clock=__import__("time").time)
     plants.load()
     shop = Shop(config, registry, plants, rx)

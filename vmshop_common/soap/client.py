@@ -204,6 +204,23 @@ class _Reply:
             self.headers[name.decode("latin-1")] = ", ".join(v.decode("latin-1") for v in values)
 
 
+class NoDelayConnectionPool(HTTPConnectionPool):
+    """A connection pool whose connections have Nagle's algorithm off.
+
+    A request is written in pieces (headers, then body); with Nagle on, each
+    call on a kept-alive connection can wait for the server's delayed ACK.
+    """
+
+    def _newConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:  # noqa: N802 - Twisted's name
+        def no_delay(protocol: Any) -> Any:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None and hasattr(transport, "setTcpNoDelay"):
+                transport.setTcpNoDelay(True)
+            return protocol
+
+        return super()._newConnection(key, endpoint).addCallback(no_delay)  # type: ignore[no-any-return]
+
+
 def _safe_settings() -> zeep.Settings:
     return zeep.Settings(strict=True, forbid_dtd=True, forbid_entities=True, forbid_external=True)
 
@@ -268,7 +285,7 @@ class AsyncSoapClient:
         self.address: str = self._options["address"]
         self._own_pool = pool is None
         if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = NoDelayConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = 8
             pool.retryAutomatically = False
         self.pool = pool
