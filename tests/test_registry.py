@@ -411,7 +411,9 @@ def test_selective_queries_use_indexes(big: tuple[Registry, list[VMEntry]], text
 def test_due_terminations_uses_its_index(big: tuple[Registry, list[VMEntry]]) -> None:
     registry, entries = big
     plan = registry.explain(registry_module._DUE_SQL, [100_010.0])
-    assert any("vms_due" in line for line in plan) and not [line for line in plan if _SCAN.match(line)], plan
+    # Either index on the termination time will do (which one depends on the planner's statistics).
+    assert any("vms_due" in line or "vms_termination" in line for line in plan), plan
+    assert not [line for line in plan if _SCAN.match(line)], plan
     expected = [e.vm_id for e in sorted(entries, key=lambda e: (e.termination or 0.0, e.vm_id))
                 if e.termination is not None and e.termination <= 100_010.0 and e.collected is None]
     assert _ids(registry.due_terminations(100_010.0)) == expected
