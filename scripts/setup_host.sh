@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils vde2 busybox-static e2fsprogs cpio xz-utils iproute2)
+APT_PACKAGES=(qemu-system-x86 qemu-utils vde2 busybox-static e2fsprogs cpio xz-utils iproute2
+              user-mode-linux libvdeplug-slirp)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -59,6 +59,8 @@ CASES = [
          break_spec=_garbage_kernel, real_actions=True, guest=True),
     Case("libvirt", lambda state: {"uri": "qemu:///system", "daemon": "spawn", "daemon_timeout": "10"},
          failing="libvirt", break_spec=_garbage_kernel, real_actions=True, guest=True),
+    Case("uml", lambda state: {"state_dir": str(state)}, failing="uml", real_actions=True, guest=True,
+         break_spec=lambda spec, where: (Path(spec.disk).write_bytes(b"QFI\xfb" + bytes(508)), spec)[1]),
 ]
 
 

@@ -117,8 +117,11 @@ def _mount(action: MountAction, context: ActionContext) -> str:
     target = shlex.quote(action.target)
     lines = [
         "mkdir -p /mnt/.vmdata",
-        "grep -q ' /mnt/.vmdata ' /proc/mounts || "
-        "mount -t 9p -o trans=virtio,version=9p2000.L,ro vmdata /mnt/.vmdata",
+        # The data share: 9p (tag vmdata) under QEMU, hostfs (vmshop.data=PATH on the kernel line) under UML.
+        "grep -q ' /mnt/.vmdata ' /proc/mounts || { "
+        "d=$(sed -n 's/.*vmshop\\.data=\\([^ ]*\\).*/\\1/p' /proc/cmdline); "
+        "if [ -n \"$d\" ]; then mount -t hostfs -o ro,\"$d\" vmdata /mnt/.vmdata; "
+        "else mount -t 9p -o trans=virtio,version=9p2000.L,ro vmdata /mnt/.vmdata; fi; }",
         f"[ -d /mnt/.vmdata/{source} ] || {{ echo \"no data named {action.source}\"; exit 3; }}",
         f"mkdir -p {target}",
         f"mount --bind /mnt/.vmdata/{source} {target}",

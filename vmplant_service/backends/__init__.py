@@ -16,6 +16,7 @@ from .base import Backend
 BACKENDS: dict[str, str] = {
     "qemu": "vmplant_service.backends.qemu:QemuBackend",
     "libvirt": "vmplant_service.backends.libvirt:LibvirtBackend",
+    "uml": "vmplant_service.backends.uml:UmlBackend",
     "fake": "vmplant_service.backends.fake:FakeBackend",
     "fake-failstart": "vmplant_service.backends.fake:FailingStartBackend",
     "fake-slowbid": "vmplant_service.backends.fake:SlowBidBackend",
