@@ -105,7 +105,20 @@ class Plant:
 
     def estimate(self, dag_xml: str) -> Bid | Decline:
         """A bid for the DAG, or a decline with the reason. Invalid DAGs raise."""
-        return self.estimate_dag(load_dag(dag_xml))
+        result = self.estimate_dag(load_dag(dag_xml))
+        if isinstance(result, Bid):
+            full = self._full()
+            if full:
+                return Decline(full)
+        return result
+
+    def _full(self) -> str | None:
+        """Why this plant has no room for another VM right now, or None (a bid it could not honour is a decline)."""
+        with self._lock:
+            count = len({r.vm_id for r in self.records.live_vms()} | set(self._reserved))
+        if count >= self.config.capacity_vms:
+            return f"this plant is full: it runs {count} VMs, its limit"
+        return None
 
     def estimate_dag(self, dag: Dag) -> Bid | Decline:
         images = [info.cached_image() for info in self.warehouse.images.values()]
