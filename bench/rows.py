@@ -490,6 +490,54 @@ def row_concurrent(ctx: Context) -> list[Row]:
                  f"bare clones made before the clock starts; load average after the bare boots {load_after_bare}"])]
 
 
+# --- 7. the three real backends side by side (issue 6: reported, no target) ----------------------------------
+
+BACKEND_OPTIONS = {
+    "qemu": {},
+    "libvirt": {"uri": "qemu:///system", "daemon": "spawn", "daemon_timeout": "10"},
+    "uml": {},
+}
+
+
+def row_backends(ctx: Context) -> list[Row]:
+    configure_dag = CREATE_DAG
+    rows = []
+    base_boot: float | None = None
+    for index, (backend, options) in enumerate(BACKEND_OPTIONS.items()):
+        directory = ctx.directory(f"backend-{backend}")
+        log(f"backends: {backend}")
+        plant = common.servers.start_plant(directory, common.WAREHOUSE, name=backend, backend=backend, network="none",
+                                           capacity_vms=2, backend_options=options)
+        ctx.cleanup.push(f"plant {backend}", plant.cleanup)
+        creates, configures, collects = [], [], []
+        service = plant.service
+        for _ in range(ctx.n(3, 1)):
+            common.settle()
+            seconds, made = timed(lambda: service.createVM(dag=CREATE_DAG, owner="bench"))  # noqa: B023
+            _check_created(made, f"{backend} createVM")
+            creates.append(seconds)
+            key = made.vm.vm_id
+            seconds, runs = timed(lambda: service.configureVM(vm_id=key, dag=configure_dag))  # noqa: B023
+            if not runs or not runs[0].ok:
+                raise RuntimeError(f"{backend}: configure failed: {runs}")
+            configures.append(seconds)
+            seconds, _ = timed(lambda: service.collectVM(vm_id=key))  # noqa: B023
+            collects.append(seconds)
+        info = plant.service.plantInfo()
+        plant.cleanup()
+        boot = float(info.boot_seconds or 0)
+        base_boot = base_boot or boot
+        rows.append(Row(
+            f"7{'abc'[index]}", f"Backend `{backend}`: the plant's measured clone and boot (start to agent ready), "
+                                f"create (tiny + 1 action), configure (1 action, SOAP round trip), collect; medians",
+            f"clone {ms(info.clone_seconds or 0)}; boot {sec(boot)}; create {sec(median(creates))}; "
+            f"configure {sec(median(configures))}; collect {sec(median(collects))}",
+            f"boot {x(boot / base_boot)} of qemu's", "(side by side; no target)", "info",
+            [f"{backend}: create {spread(creates, sec)}; configure {spread(configures, sec)}; "
+             f"collect {spread(collects, sec)}; accelerator {info.accelerator}"]))
+    return rows
+
+
 ROWS = {
     "clone": ("1", row_clone),
     "create": ("2", row_create),
@@ -497,4 +545,5 @@ ROWS = {
     "throughput": ("4", row_throughput),
     "query": ("5", row_query),
     "concurrent": ("6", row_concurrent),
+    "backends": ("7", row_backends),
 }

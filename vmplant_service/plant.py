@@ -404,6 +404,8 @@ class Plant:
             "free_addresses": self.pool.free_count() if self.pool is not None else 0,
             "images": sorted(self.warehouse.images), "architectures": list(caps.architectures),
             "clone_seconds": self.records.metric("clone_seconds"), "boot_seconds": self.records.metric("boot_seconds"),
+            "max_memory": caps.max_memory, "max_vcpus": caps.max_vcpus, "networks": list(caps.networks),
+            "channel": caps.channel,
         }
 
 

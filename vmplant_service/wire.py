@@ -103,6 +103,10 @@ class PlantInfo(ComplexModel):
     architectures = _many(Unicode)
     clone_seconds = Double
     boot_seconds = Double
+    max_memory = Integer
+    max_vcpus = Integer
+    networks = _many(Unicode)
+    channel = Unicode
 
 
 def estimate_out(plant: str, result: Bid | Decline) -> Estimate:
