@@ -21,7 +21,11 @@ def test_the_main_job_through_the_shop_by_the_cli() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py")], capture_output=True, text=True,
                             timeout=600, cwd=str(ROOT))
     out = result.stdout
-    assert result.returncode == 0, out + result.stderr
+    if result.returncode != 0:
+        logs = ROOT / "var" / "demo"
+        tails = "".join(f"\n--- end of {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+                        for log in (logs / "plant.log", logs / "shop.log") if log.is_file())
+        pytest.fail(f"the demo failed (exit status {result.returncode}):\n{out}{result.stderr}{tails}")
     assert "best bid: http://127.0.0.1:" in out  # estimate shows the bids
     assert "words: 5" in out  # the sample's script ran inside the guest, over the mounted data
     assert "hello from worker" in out  # configure's action output came back

@@ -330,6 +330,42 @@ def test_failed_start_leaves_nothing(make: Any) -> None:
     assert plant.backend.running() == []
 
 
+def test_a_mute_control_socket_is_not_a_dead_guest(plant: Plant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UNKNOWN (e.g. QMP timed out on a busy host) while booting or configuring: the plant waits on."""
+    from vmplant_service.backends.base import VMState
+
+    real_state = plant.backend.state
+    monkeypatch.setattr(plant.backend, "state", lambda vm_id: VMState.UNKNOWN)
+    monkeypatch.setattr(channel_module, "ALIVE_EVERY", 0.0)
+    made = plant.create(pf.chain(pf.script("a")), vm_id="mute")
+    assert made.record.state == "running"
+    plant.configure("mute", pf.chain(pf.script("b")))
+    assert plant.describe("mute").state == "running"
+    monkeypatch.setattr(plant.backend, "state", real_state)
+    plant.collect("mute")
+
+
+def test_a_guest_that_stops_while_booting_names_its_console(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error carries the console's last line (why a guest died is in it), and nothing is left."""
+    from vmplant_service.backends.base import VMState
+
+    plant, _ = make()
+    monkeypatch.setattr(channel_module, "ALIVE_EVERY", 0.0)
+    real_start = plant.backend.start
+
+    def start_then_die(spec: Any) -> None:
+        real_start(spec)
+        console = "booting\nvmshop-initramfs: root device /dev/vda did not appear\n"
+        (Path(spec.run_dir) / "console.log").write_text(console)
+        plant.backend.ex_crash(spec.vm_id)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(plant.backend, "start", start_then_die)
+    monkeypatch.setattr(plant.backend, "state", lambda vm_id: VMState.STOPPED)
+    with pytest.raises(BackendError, match="root device /dev/vda did not appear"):
+        plant.create(pf.chain(pf.script("a")), vm_id="panics")
+    assert_nothing_left(plant, "panics")
+
+
 def test_capacity_in_vms(make: Any) -> None:
     plant, _ = make(capacity_vms=2)
     plant.create(pf.chain(pf.script("a")), vm_id="one")

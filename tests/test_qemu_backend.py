@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -226,6 +227,47 @@ def test_qmp_errors_are_backend_errors(tmp_path: Path) -> None:
         assert time.monotonic() - started < 2
     finally:
         mute.close()
+
+
+def test_qmp_waits_while_the_listen_backlog_is_full(tmp_path: Path) -> None:
+    """QEMU listens with a backlog of one: a full backlog is "busy" (EAGAIN), not a dead guest."""
+    path = str(tmp_path / "busy.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    queued = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    for sock in queued:
+        sock.connect(path)  # the second fills the one-slot backlog
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        probe.connect(path)
+    probe.close()
+
+    def serve() -> None:
+        for index in range(3):  # drain the two queued clients, then answer ours like QEMU
+            conn, _ = server.accept()
+            if index < 2:
+                conn.close()
+                continue
+            conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            reader = conn.makefile("rb")
+            for line in reader:
+                request = json.loads(line)
+                reply = {"status": "running"} if request["execute"] == "query-status" else {}
+                conn.sendall(json.dumps({"return": reply, "id": request["id"]}).encode() + b"\n")
+            conn.close()
+
+    timer = threading.Timer(0.3, serve)
+    timer.start()
+    try:
+        with QMPClient(path, timeout=5) as qmp:
+            assert qmp.execute("query-status") == {"status": "running"}
+    finally:
+        timer.join(10)
+        for sock in queued:
+            sock.close()
+        server.close()
 
 
 def test_capabilities_from_the_host() -> None:

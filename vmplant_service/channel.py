@@ -33,6 +33,9 @@ from vmshop_common.errors import BackendError, NotSupportedError
 from vmshop_common.steps import normalise_text
 
 POLL_SECONDS = 0.05
+#: Seconds between two ``alive()`` checks while waiting (each may cost the
+#: hypervisor a control-socket exchange; the files are looked at every POLL_SECONDS).
+ALIVE_EVERY = 0.5
 #: Seconds the plant waits beyond an action's own timeout before it gives up on the agent.
 AGENT_GRACE = 15.0
 #: Exit statuses the agent reports when ``timeout`` killed an action.
@@ -159,9 +162,12 @@ class Channel:
         """
         started = self.clock()
         deadline = started + timeout
+        checked = started
         while not self.agent_ready():
-            if not alive():
-                raise BackendError("the guest stopped before its agent started")
+            if self.clock() - checked >= ALIVE_EVERY:
+                checked = self.clock()
+                if not alive() and not self.agent_ready():
+                    raise BackendError("the guest stopped before its agent started")
             if self.clock() > deadline:
                 raise BackendError(f"the guest's agent did not start within {timeout:.0f} s")
             time.sleep(POLL_SECONDS)
@@ -185,10 +191,13 @@ class Channel:
     def wait(self, name: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> ActionResult:
         """Wait for the agent's result of action ``name``; BackendError if it never comes."""
         target = self.actions_dir / name
-        deadline = self.clock() + timeout + AGENT_GRACE
+        checked = self.clock()
+        deadline = checked + timeout + AGENT_GRACE
         while not (target / "done").exists():
-            if not alive():
-                raise BackendError(f"the guest stopped while running action {name}")
+            if self.clock() - checked >= ALIVE_EVERY:
+                checked = self.clock()
+                if not alive() and not (target / "done").exists():
+                    raise BackendError(f"the guest stopped while running action {name}")
             if self.clock() > deadline:
                 raise BackendError(f"the guest's agent gave no result for action {name} within {timeout:.0f} s")
             time.sleep(POLL_SECONDS)

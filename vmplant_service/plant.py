@@ -16,6 +16,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
@@ -30,6 +31,7 @@ from vmshop_common.dag import Action, Dag, MountAction, NetworkAction
 from vmshop_common.dagxml import dag_to_xml, load_dag
 from vmshop_common.errors import (
     ActionFailedError,
+    BackendError,
     CapacityExhaustedError,
     DeclinedError,
     NoSuchImageError,
@@ -176,7 +178,12 @@ class Plant:
         try:
             return self._build(vm_id, dag, flat, estimate, info, owner, paths)
         except BaseException as exc:
+            console = _console_tail(paths["run"])
             self._reclaim(vm_id, paths, forget=True)
+            if isinstance(exc, BackendError) and console:
+                log.warning("create %s failed (%s); the guest's console ended with:\n%s", vm_id, exc, console)
+                last = console.strip().splitlines()[-1][-200:] if console.strip() else ""
+                raise BackendError(f"{exc} (its console's last line: {last})" if last else str(exc)) from exc
             if isinstance(exc, VMShopError):
                 raise
             log.exception("create %s failed", vm_id)
@@ -205,6 +212,14 @@ class Plant:
                     f"{memory} MiB asked, {self.config.capacity_memory - used} MiB of guest memory free")
             self._reserved[vm_id] = memory
 
+    def _guest_gone(self, vm_id: str) -> bool:
+        """True only when the backend is sure the guest has stopped or crashed.
+
+        UNKNOWN (e.g. a control socket that did not answer in time on a busy
+        host) is not gone: callers wait on with their own deadline.
+        """
+        return self.backend.state(vm_id) in (VMState.STOPPED, VMState.CRASHED)
+
     def _paths(self, vm_id: str) -> dict[str, Path]:
         return {"overlay": self.state_dir / "overlays" / f"{vm_id}.qcow2",
                 "channel": self.state_dir / "channels" / vm_id,
@@ -231,7 +246,7 @@ class Plant:
         self.records.add_vm(record)
         started = time.monotonic()
         self.backend.start(spec)
-        channel.wait_agent(BOOT_TIMEOUT, alive=lambda: self.backend.state(vm_id) == VMState.RUNNING)
+        channel.wait_agent(BOOT_TIMEOUT, alive=lambda: not self._guest_gone(vm_id))
         self._remember("boot_seconds", time.monotonic() - started)
         self.records.update_vm(vm_id, state="configuring")
         results = self._run_actions(vm_id, flat, list(bid.remaining), channel, record)
@@ -267,7 +282,7 @@ class Plant:
             assert isinstance(action, Action)
             name = channel.submit(action, context)
             started = self.clock()
-            result = channel.wait(name, action.timeout, alive=lambda: self.backend.state(vm_id) == VMState.RUNNING)
+            result = channel.wait(name, action.timeout, alive=lambda: not self._guest_gone(vm_id))
             self.records.add_action_run(vm_id=vm_id, node_id=node_id, digest=_digest(action), kind=action.kind,
                                         started=started, seconds=result.elapsed, status=result.status,
                                         output=result.output, ok=result.ok)
@@ -297,7 +312,7 @@ class Plant:
         try:
             results = self._run_actions(vm_id, dag, order, Channel(Path(record.channel_dir)), record)
         finally:
-            alive = self.backend.state(vm_id) == VMState.RUNNING
+            alive = not self._guest_gone(vm_id)
             with self._lock:
                 # A collect that ran meanwhile decides the VM's state.
                 ours = self.records.get_vm(vm_id).state == "configuring"
@@ -420,3 +435,14 @@ def _user_port(spec: GuestSpec) -> int | None:
 
 def _segment_mac(spec: GuestSpec) -> str | None:
     return next((nic.mac for nic in spec.nics if nic.kind == "segment"), None)
+
+
+def _console_tail(run_dir: Path, limit: int = 4000) -> str:
+    """The end of the guest's serial console (``run_dir/console.log``, which every backend writes), or ''."""
+    try:
+        with open(run_dir / "console.log", "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - limit))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""

@@ -44,9 +44,9 @@ class QMPClient:
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(self.path)
-            greeting = self._read_message(time.monotonic() + timeout)
+            deadline = time.monotonic() + timeout
+            self._connect(deadline)
+            greeting = self._read_message(deadline)
             if "QMP" not in greeting:
                 raise QMPError(f"{self.path} is not a QMP socket (greeting {greeting!r})")
             self.execute("qmp_capabilities")
@@ -56,6 +56,27 @@ class QMPClient:
         except BaseException:
             self.close()
             raise
+
+    def _connect(self, deadline: float) -> None:
+        """Connect before ``deadline``, waiting while QEMU's listen backlog is full.
+
+        QEMU listens with a backlog of one and does not accept while a client
+        is connected, so a connect right after another client's (or just
+        after our own previous connection closed, before QEMU's main loop saw
+        it) can fail at once with EAGAIN: that is "busy", not "gone".
+        """
+        assert self._sock is not None
+        pause = 0.005
+        while True:
+            self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                self._sock.connect(self.path)
+                return
+            except BlockingIOError:
+                if time.monotonic() + pause > deadline:
+                    raise QMPError(f"QMP on {self.path} stayed busy (another client) for {self.timeout:g} s") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
 
     def __enter__(self) -> QMPClient:
         return self
