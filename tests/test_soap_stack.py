@@ -443,3 +443,23 @@ def test_server_in_subprocess() -> None:
     finally:
         status = proc.stop()
     assert status == 0, proc.log()
+
+
+@pytest.mark.parametrize(("body", "plain"), [
+    (b'<?xml version="1.0" encoding="utf-8"?><a/>', True),
+    (b"\xef\xbb\xbf  \n<a/>", True),
+    (b"<a><![CDATA[<!DOCTYPE x>]]></a>", False),  # the bytes appear: the full parse decides (no DOCTYPE)
+    (b"<!doctype x><a/>", False),
+    (b'<?xml version="1.0" encoding="UTF-7"?><a/>', False),  # '<!DOCTYPE' could hide as +ADwAIQ-DOCTYPE
+    (b'<?xml version="1.0" encoding="UTF-16"?><a/>', False),
+    ('<?xml version="1.0" encoding="UTF-16"?><a/>'.encode("utf-16"), False),
+    ("<a/>".encode("cp500"), False),  # EBCDIC: '<' is not 0x3C
+    (b'<?xml version="1.0" encoding="utf-8"', False),  # no end of the declaration in sight
+])
+def test_the_doctype_shortcut_only_skips_what_cannot_hide_one(body: bytes, plain: bool) -> None:
+    from vmshop_common.soap.server import _plainly_without_doctype
+
+    assert _plainly_without_doctype(body) is plain
+    if plain:
+        assert find_doctype(body) is None
+

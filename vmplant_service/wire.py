@@ -12,6 +12,7 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 from spyne import Boolean, ComplexModel, Double, Integer, Unicode
 
 from vmshop_common.cost import Bid, Decline
+from vmshop_common.soap.fastxml import spyne_record
 
 from .channel import ActionResult
 from .records import VMRecord
@@ -111,19 +112,20 @@ class PlantInfo(ComplexModel):
 
 def estimate_out(plant: str, result: Bid | Decline) -> Estimate:
     if isinstance(result, Decline):
-        return Estimate(plant=plant, accepted=False, reason=result.reason, items=[], remaining=[])
-    items = [CostItem(label=i.label, seconds=i.seconds, source=i.source, node=i.node) for i in result.items]
-    return Estimate(plant=plant, accepted=True, cost=result.cost, image=result.image, items=items,
-                    remaining=list(result.remaining))
+        return spyne_record(Estimate, plant=plant, accepted=False, reason=result.reason, items=[], remaining=[])
+    items = [spyne_record(CostItem, label=i.label, seconds=i.seconds, source=i.source, node=i.node)
+             for i in result.items]
+    return spyne_record(Estimate, plant=plant, accepted=True, cost=result.cost, image=result.image, items=items,
+                        remaining=list(result.remaining))
 
 
 def vm_out(record: VMRecord, steps: list[str] | None = None) -> VMInfo:
-    return VMInfo(vm_id=record.vm_id, owner=record.owner, state=record.state, image=record.image,
-                  memory=record.memory, vcpus=record.vcpus, disk=record.disk, arch=record.arch,
-                  address=record.address, host_port=record.host_port, created=record.created,
-                  updated=record.updated, collected=record.collected, error=record.error,
-                  attributes=[Attribute(name=k, value=v) for k, v in sorted((record.attributes or {}).items())],
-                  steps=list(steps or []))
+    attributes = [spyne_record(Attribute, name=k, value=v) for k, v in sorted((record.attributes or {}).items())]
+    return spyne_record(VMInfo, vm_id=record.vm_id, owner=record.owner, state=record.state, image=record.image,
+                        memory=record.memory, vcpus=record.vcpus, disk=record.disk, arch=record.arch,
+                        address=record.address, host_port=record.host_port, created=record.created,
+                        updated=record.updated, collected=record.collected, error=record.error,
+                        attributes=attributes, steps=list(steps or []))
 
 
 def run_out(node: str, result: ActionResult) -> ActionRun:

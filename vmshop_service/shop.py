@@ -37,6 +37,7 @@ from vmshop_common.errors import (
     Problem,
     VMShopError,
 )
+from vmshop_common.soap.fastxml import spyne_record
 from vmshop_common.soap.faults import from_fault
 
 from . import resource
@@ -111,7 +112,7 @@ class Shop:
 
     # References ---------------------------------------------------------------
     def epr(self, key: str) -> EndpointReference:
-        return EndpointReference(Address=self.public_url, VMKey=key)
+        return spyne_record(EndpointReference, Address=self.public_url, VMKey=key)
 
     def _key(self, reference: Any) -> str:
         """The VM key of an endpoint reference sent to this shop.
@@ -139,9 +140,9 @@ class Shop:
         bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
         ranked = rank(bids)
         best = ranked[0] if ranked else None
-        return Estimate(plant=best.plant if best else None, cost=best.cost if best else None,
-                        image=best.image if best else None, items=list(best.items) if best else [],
-                        remaining=list(best.remaining) if best else [], bids=[_bid_out(b) for b in bids])
+        return spyne_record(Estimate, plant=best.plant if best else None, cost=best.cost if best else None,
+                            image=best.image if best else None, items=list(best.items) if best else [],
+                            remaining=list(best.remaining) if best else [], bids=[_bid_out(b) for b in bids])
 
     # Create -------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -379,19 +380,20 @@ class Shop:
 
     # Output -------------------------------------------------------------------
     def vm_out(self, entry: VMEntry) -> VMInfo:
-        return VMInfo(epr=self.epr(entry.vm_id), vm_id=entry.vm_id, owner=entry.owner, state=entry.state,
-                      plant=entry.plant, plant_vm_id=entry.plant_vm_id, image=entry.image, memory=entry.memory,
-                      vcpus=entry.vcpus, disk=entry.disk, arch=entry.arch, address=entry.address,
-                      host_port=entry.host_port, created=entry.created, updated=entry.updated,
-                      termination=entry.termination, collected=entry.collected, cost=entry.cost,
-                      error=entry.error, steps=list(entry.steps or []),
-                      attributes=[Attribute(name=k, value=v) for k, v in sorted(entry.attributes.items())])
+        attributes = [spyne_record(Attribute, name=k, value=v) for k, v in sorted(entry.attributes.items())]
+        return spyne_record(VMInfo, epr=self.epr(entry.vm_id), vm_id=entry.vm_id, owner=entry.owner,
+                            state=entry.state, plant=entry.plant, plant_vm_id=entry.plant_vm_id, image=entry.image,
+                            memory=entry.memory, vcpus=entry.vcpus, disk=entry.disk, arch=entry.arch,
+                            address=entry.address, host_port=entry.host_port, created=entry.created,
+                            updated=entry.updated, termination=entry.termination, collected=entry.collected,
+                            cost=entry.cost, error=entry.error, steps=list(entry.steps or []), attributes=attributes)
 
 
 def _bid_out(bid: BidResult) -> Bid:
-    items = [CostItem(label=i.label, seconds=i.seconds, source=i.source, node=i.node) for i in bid.items]
-    return Bid(plant=bid.plant, status=bid.status, cost=bid.cost, image=bid.image, reason=bid.reason,
-               seconds=bid.seconds, items=items)
+    items = [spyne_record(CostItem, label=i.label, seconds=i.seconds, source=i.source, node=i.node)
+             for i in bid.items]
+    return spyne_record(Bid, plant=bid.plant, status=bid.status, cost=bid.cost, image=bid.image, reason=bid.reason,
+                        seconds=bid.seconds, items=items)
 
 
 def _run_out(run: Any) -> ActionRun:

@@ -46,6 +46,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +69,7 @@ from vmshop_common.soap.compat import (
     CompatTwistedWebResource,
     LimitedSite,
 )
+from vmshop_common.soap.fastxml import FastSoap11
 
 logger = logging.getLogger("vmshop_common.soap")
 
@@ -171,6 +173,30 @@ class _PrologTarget:
         return None
 
 
+_ASCII_COMPATIBLE = {b"utf-8", b"utf8", b"us-ascii", b"ascii", b"iso-8859-1", b"latin1", b"latin-1"}
+_DECLARED_ENCODING = re.compile(rb"""encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
+_DOCTYPE_TEXT = re.compile(rb"<!doctype", re.IGNORECASE)
+
+
+def _plainly_without_doctype(body: bytes) -> bool:
+    """True when ``body`` cannot declare a DOCTYPE: it is in an ASCII-compatible encoding (it
+    starts with '<' after an optional UTF-8 BOM and white space, and declares no other encoding)
+    and the bytes '<!DOCTYPE' appear nowhere in it (any case). Anything else gets the full parse.
+    """
+    start = body[3:] if body.startswith(b"\xef\xbb\xbf") else body
+    start = start.lstrip(b" \t\r\n")
+    if not start.startswith(b"<"):
+        return False
+    if start.startswith(b"<?xml"):
+        end = start.find(b"?>", 0, 512)
+        if end < 0:
+            return False
+        declared = _DECLARED_ENCODING.search(start, 0, end)
+        if declared is not None and declared.group(1).lower() not in _ASCII_COMPATIBLE:
+            return False
+    return _DOCTYPE_TEXT.search(body) is None
+
+
 def find_doctype(body: bytes) -> str | None:
     """Name of the DOCTYPE declared in the XML document ``body``, or ``None``.
 
@@ -179,6 +205,8 @@ def find_doctype(body: bytes) -> str | None:
     safe; the encoding is whatever lxml detects (UTF-16 bodies included).
     Malformed XML yields ``None``: spyne's parser reports it afterwards.
     """
+    if _plainly_without_doctype(body):
+        return None
     target = _PrologTarget()
     parser = etree.XMLParser(target=target, resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
     try:
@@ -214,7 +242,7 @@ def build_application(
         tns=tns,
         name=name,
         in_protocol=Soap11(validator=validator),
-        out_protocol=Soap11(),
+        out_protocol=FastSoap11(),
     )
 
 
