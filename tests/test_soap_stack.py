@@ -463,3 +463,34 @@ def test_the_doctype_shortcut_only_skips_what_cannot_hide_one(body: bytes, plain
     if plain:
         assert find_doctype(body) is None
 
+
+
+def test_no_access_log_work_without_a_log_path(tmp_path: Path) -> None:
+    """The site formats access lines only for an access log file it was given."""
+    from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from vmshop_common.soap.compat import LimitedSite
+
+    formatted = []
+
+    def formatter(timestamp: str, request: Any) -> str:
+        formatted.append(request)
+        return "line"
+
+    quiet = LimitedSite(Resource(), logFormatter=formatter)
+    quiet.log(DummyRequest([b""]))
+    assert formatted == []
+    logged = LimitedSite(Resource(), logPath=str(tmp_path / "access.log"), logFormatter=formatter)
+    logged.startFactory()
+    try:
+        logged.log(DummyRequest([b""]))
+    finally:
+        logged.stopFactory()
+    assert len(formatted) == 1 and (tmp_path / "access.log").read_text() == "line\n"
+
+
+def test_spyne_runs_no_full_gc_per_request() -> None:
+    from spyne import const as spyne_const
+
+    assert spyne_const.MIN_GC_INTERVAL == float("inf")
