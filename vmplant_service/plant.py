@@ -16,7 +16,6 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import threading
@@ -43,6 +42,7 @@ from vmshop_common.errors import (
 from vmshop_common.matching import flatten
 
 from .backends.base import Backend, GuestSpec, Nic, VMState
+from .backends.hostside import tail
 from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
@@ -178,11 +178,11 @@ class Plant:
         try:
             return self._build(vm_id, dag, flat, estimate, info, owner, paths)
         except BaseException as exc:
-            console = _console_tail(paths["run"])
+            console = tail(paths["run"] / "console.log", 4000)
             self._reclaim(vm_id, paths, forget=True)
             if isinstance(exc, BackendError) and console:
                 log.warning("create %s failed (%s); the guest's console ended with:\n%s", vm_id, exc, console)
-                last = console.strip().splitlines()[-1][-200:] if console.strip() else ""
+                last = console.splitlines()[-1][-200:] if console else ""
                 raise BackendError(f"{exc} (its console's last line: {last})" if last else str(exc)) from exc
             if isinstance(exc, VMShopError):
                 raise
@@ -436,13 +436,3 @@ def _user_port(spec: GuestSpec) -> int | None:
 def _segment_mac(spec: GuestSpec) -> str | None:
     return next((nic.mac for nic in spec.nics if nic.kind == "segment"), None)
 
-
-def _console_tail(run_dir: Path, limit: int = 4000) -> str:
-    """The end of the guest's serial console (``run_dir/console.log``, which every backend writes), or ''."""
-    try:
-        with open(run_dir / "console.log", "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - limit))
-            return handle.read().decode("utf-8", "replace")
-    except OSError:
-        return ""

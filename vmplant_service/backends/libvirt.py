@@ -95,6 +95,7 @@ from .domainxml import (
     domain_name,
     domain_xml,
 )
+from .hostside import choice, positive_number, tail
 from .qemu import DISK_CACHES, MAC, PROBE_CMDLINE, PROBE_MARKER, VM_ID
 
 try:  # The bindings are optional: without them the backend says it is unavailable.
@@ -200,14 +201,6 @@ def _socket_answers(path: Path) -> bool:
     return True
 
 
-def _tail(path: Path, limit: int = 2000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-limit:].decode(errors="replace").strip()
-
-
 class _EventLoop:
     """libvirt's default event loop in one daemon thread, which keepalive needs.
 
@@ -249,32 +242,33 @@ class LibvirtBackend(Backend):
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)
         options = self.options
-        self.flavor = _choice(options, "flavor", FLAVORS, "qemu")
+        self.flavor = choice(options, "flavor", FLAVORS, "qemu", "libvirt")
         self.uri = options.get("uri") or ("" if self.flavor == "esx" else default_uri(self.flavor))
         if not self.uri:
             raise ConfigurationError("libvirt backend: flavor esx needs a uri (e.g. esx://host/?no_verify=1)")
-        self.domain_type = _choice(options, "domain_type", DOMAIN_TYPES, "kvm" if self.flavor == "kvm" else "qemu")
-        self.daemon = _choice(options, "daemon", DAEMON_MODES, "external")
+        self.domain_type = choice(options, "domain_type", DOMAIN_TYPES, "kvm" if self.flavor == "kvm" else "qemu",
+                                  "libvirt")
+        self.daemon = choice(options, "daemon", DAEMON_MODES, "external", "libvirt")
         if self.daemon == "spawn" and not is_local_system(self.uri):
             raise ConfigurationError(f"libvirt backend: daemon=spawn starts only this host's qemu:///system, "
                                      f"not {self.uri}")
-        self.daemon_timeout = int(_number(options, "daemon_timeout", 120.0))
-        self.disk_cache = _choice(options, "disk_cache", DISK_CACHES, "unsafe")
+        self.daemon_timeout = int(positive_number(options, "daemon_timeout", 120.0, "libvirt"))
+        self.disk_cache = choice(options, "disk_cache", DISK_CACHES, "unsafe", "libvirt")
         label = options.get("dac_label", "+0:+0" if is_local_system(self.uri) else "daemon")
         if label != "daemon" and not re.fullmatch(r"\+?[A-Za-z0-9_.-]+:\+?[A-Za-z0-9_.-]+", label):
             raise ConfigurationError(f"libvirt backend: dac_label must be user:group or 'daemon', not {label!r}")
         self.xml_options = DomainOptions(
             flavor=self.flavor, domain_type="kvm" if self.flavor == "kvm" else "qemu", disk_cache=self.disk_cache,
             dac_label=None if label == "daemon" else label,
-            xen_mode=_choice(options, "xen_mode", XEN_MODES, "pv"),
+            xen_mode=choice(options, "xen_mode", XEN_MODES, "pv", "libvirt"),
             bridge=options.get("bridge", "VM Network" if self.flavor == "esx" else "xenbr0"),
             datastore=options.get("datastore", "datastore1"),
-            nic_model=_choice(options, "nic_model", ESX_NIC_MODELS, "e1000"))
-        self.keepalive = int(_number(options, "keepalive", 5.0))
-        self.start_timeout = _number(options, "start_timeout", 30.0)
-        self.probe_timeout = _number(options, "probe_timeout", 5.0)
-        self.memory_fraction = _number(options, "memory_fraction", 0.75)
-        self.max_vcpus = int(_number(options, "max_vcpus", 1.0)) if "max_vcpus" in options else 0
+            nic_model=choice(options, "nic_model", ESX_NIC_MODELS, "e1000", "libvirt"))
+        self.keepalive = int(positive_number(options, "keepalive", 5.0, "libvirt"))
+        self.start_timeout = positive_number(options, "start_timeout", 30.0, "libvirt")
+        self.probe_timeout = positive_number(options, "probe_timeout", 5.0, "libvirt")
+        self.memory_fraction = positive_number(options, "memory_fraction", 0.75, "libvirt")
+        self.max_vcpus = int(positive_number(options, "max_vcpus", 1.0, "libvirt")) if "max_vcpus" in options else 0
         self._conn: Any = None
         self._host: tuple[int, int, dict[str, set[str]]] | None = None
         self._conn_lock = threading.Lock()
@@ -310,7 +304,7 @@ class LibvirtBackend(Backend):
                     conn = libvirt.open(self.uri)
                 except LibvirtError as again:
                     raise BackendError(f"cannot open libvirt connection {self.uri} even after starting "
-                                       f"libvirtd: {_words(again)} {_tail(DAEMON_LOG, 600)}") from None
+                                       f"libvirtd: {_words(again)} {tail(DAEMON_LOG, 600)}") from None
             if self.keepalive > 0:
                 try:
                     conn.setKeepAlive(self.keepalive, 3)
@@ -345,7 +339,7 @@ class LibvirtBackend(Backend):
             while not self._answers():
                 if time.monotonic() > deadline:
                     raise BackendError(f"libvirtd did not answer within {self.start_timeout:g} s: "
-                                       f"{_tail(DAEMON_LOG, 800) or 'no log'}")
+                                       f"{tail(DAEMON_LOG, 800) or 'no log'}")
                 time.sleep(0.1)
 
     def _ensure_virtlogd(self) -> None:
@@ -527,10 +521,10 @@ class LibvirtBackend(Backend):
             try:
                 deadline = time.monotonic() + self.probe_timeout
                 while time.monotonic() < deadline:
-                    if PROBE_MARKER in _tail(console, 4096):
+                    if PROBE_MARKER in tail(console, 4096):
                         return True
                     time.sleep(POLL)
-                return PROBE_MARKER in _tail(console, 4096)
+                return PROBE_MARKER in tail(console, 4096)
             finally:
                 try:
                     domain.destroy()
@@ -572,7 +566,7 @@ class LibvirtBackend(Backend):
             self._call(f"start {domain_name(spec.vm_id)}", lambda c: domain.create())
             if not domain_still_active(domain):
                 raise BackendError(f"domain {domain_name(spec.vm_id)} stopped right after it started: "
-                                   f"{_tail(console_path(spec), 600)}")
+                                   f"{tail(console_path(spec), 600)}")
         except BaseException:
             try:
                 if domain is not None:
@@ -789,7 +783,7 @@ class LibvirtBackend(Backend):
     def ex_console(self, vm_id: str) -> str:
         """The tail of the guest's serial console ('' for an unknown VM)."""
         vm = self._vms.get(vm_id)
-        return _tail(console_path(vm.spec), 8000) if vm is not None else ""
+        return tail(console_path(vm.spec), 8000) if vm is not None else ""
 
     def ex_domain_xml(self, spec: GuestSpec) -> str:
         """The domain XML ``start`` would define for ``spec`` (no connection needed for a fixed domain type)."""
@@ -818,23 +812,3 @@ def _without_disk_and_share(xml: str) -> str:
     return etree.tostring(root, encoding="unicode")
 
 
-
-
-def _choice(options: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
-    value = options.get(name, default)
-    if value not in allowed:
-        raise ConfigurationError(f"libvirt backend: {name} must be one of {', '.join(allowed)}, not {value!r}")
-    return value
-
-
-def _number(options: dict[str, str], name: str, default: float) -> float:
-    value = options.get(name)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigurationError(f"libvirt backend: option {name} must be a number, not {value!r}") from None
-    if number <= 0:
-        raise ConfigurationError(f"libvirt backend: option {name} must be positive")
-    return number

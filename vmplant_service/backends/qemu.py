@@ -55,6 +55,7 @@ from vmshop_common.errors import BackendError, ConfigurationError
 
 from ..processes import owned_pid
 from .base import Backend, Capabilities, GuestSpec, VMState
+from .hostside import host_memory_mib, positive_number, tail
 from .qmp import QMPClient, QMPError
 
 log = logging.getLogger(__name__)
@@ -182,25 +183,6 @@ def qemu_pid(paths: RunPaths) -> int | None:
     return owned_pid(paths.pidfile, str(paths.pidfile))
 
 
-def _host_memory_mib() -> int:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _tail(path: Path, limit: int = 2000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-limit:].decode(errors="replace").strip()
-
-
 @dataclass
 class _VM:
     spec: GuestSpec
@@ -227,11 +209,11 @@ class QemuBackend(Backend):
         state_dir = options.get("state_dir")
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         self.state_dir = Path(state_dir) if state_dir else cache_home / "vmshop"
-        self.probe_timeout = _number(options, "probe_timeout", 5.0)
-        self.qmp_timeout = _number(options, "qmp_timeout", 5.0)
-        self.start_timeout = _number(options, "start_timeout", 30.0)
-        self.memory_fraction = _number(options, "memory_fraction", 0.75)
-        self.max_vcpus = int(_number(options, "max_vcpus", float(os.cpu_count() or 1)))
+        self.probe_timeout = positive_number(options, "probe_timeout", 5.0, "qemu")
+        self.qmp_timeout = positive_number(options, "qmp_timeout", 5.0, "qemu")
+        self.start_timeout = positive_number(options, "start_timeout", 30.0, "qemu")
+        self.memory_fraction = positive_number(options, "memory_fraction", 0.75, "qemu")
+        self.max_vcpus = int(positive_number(options, "max_vcpus", float(os.cpu_count() or 1), "qemu"))
         self._vms: dict[str, _VM] = {}
         self._ended: set[str] = set()
         self._lock = threading.Lock()
@@ -265,7 +247,7 @@ class QemuBackend(Backend):
             reason="" if binary is not None else f"{self.binary} is not installed",
             accelerator=self._known_accelerator() if binary is not None else "",
             architectures=ARCHITECTURES, networks=NIC_KINDS, channel="9p",
-            max_memory=int(_host_memory_mib() * self.memory_fraction), max_vcpus=self.max_vcpus)
+            max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=self.max_vcpus)
 
     # Accelerator ---------------------------------------------------------------------
     @property
@@ -351,10 +333,10 @@ class QemuBackend(Backend):
             deadline = time.monotonic() + self.probe_timeout
             try:
                 while time.monotonic() < deadline:
-                    if PROBE_MARKER in _tail(console, 4096):
+                    if PROBE_MARKER in tail(console, 4096):
                         return True
                     if proc.poll() is not None:
-                        return PROBE_MARKER in _tail(console, 4096)
+                        return PROBE_MARKER in tail(console, 4096)
                     time.sleep(POLL)
                 return False
             finally:
@@ -419,13 +401,13 @@ class QemuBackend(Backend):
             proc.kill()
             proc.wait()
             raise BackendError(f"QEMU did not start VM {spec.vm_id} within {self.start_timeout:g} s: "
-                               f"{_tail(paths.stderr)}") from None
+                               f"{tail(paths.stderr)}") from None
         if status != 0:
             raise BackendError(f"QEMU could not start VM {spec.vm_id} (exit status {status}): "
-                               f"{_tail(paths.stderr) or 'no message'}")
+                               f"{tail(paths.stderr) or 'no message'}")
         if qemu_pid(paths) is None:
             raise BackendError(f"QEMU for VM {spec.vm_id} exited right after it started: "
-                               f"{_tail(paths.stderr)} {_tail(paths.console, 600)}".strip())
+                               f"{tail(paths.stderr)} {tail(paths.console, 600)}".strip())
         try:
             with QMPClient(paths.qmp, self.qmp_timeout) as qmp:
                 qmp.execute("query-status")
@@ -553,7 +535,7 @@ class QemuBackend(Backend):
     def ex_console(self, vm_id: str) -> str:
         """The tail of the guest's serial console ('' for an unknown VM)."""
         vm = self._vms.get(vm_id)
-        return _tail(vm.paths.console, 8000) if vm is not None else ""
+        return tail(vm.paths.console, 8000) if vm is not None else ""
 
 
 def _wait_gone(paths: RunPaths, deadline: float) -> bool:
@@ -576,16 +558,3 @@ def _remove(paths: RunPaths) -> None:
         paths.run_dir.rmdir()
     except OSError:
         pass
-
-
-def _number(options: dict[str, str], name: str, default: float) -> float:
-    value = options.get(name)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigurationError(f"qemu backend: option {name} must be a number, not {value!r}") from None
-    if number <= 0:
-        raise ConfigurationError(f"qemu backend: option {name} must be positive")
-    return number

@@ -134,6 +134,7 @@ from vmshop_common.errors import BackendError, ConfigurationError
 
 from ..processes import owned_pid, proc_args, read_pid
 from .base import Backend, Capabilities, GuestSpec, Nic, VMState
+from .hostside import host_memory_mib, positive_number, tail
 
 log = logging.getLogger(__name__)
 
@@ -445,17 +446,6 @@ def nic_plug_url(nic: Nic) -> str:
     return url
 
 
-def _host_memory_mib() -> int:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def host_needs_fpu_workaround() -> bool:
     """Whether the host's XSAVE area is larger than UML 6.1's buffer (AVX-512 or AMX present)."""
     try:
@@ -467,18 +457,6 @@ def host_needs_fpu_workaround() -> bool:
     except OSError:
         pass
     return False
-
-
-def _tail(path: Path, limit: int = 2000) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(size - limit, 0))
-            data = handle.read()
-    except OSError:
-        return ""
-    return data.decode(errors="replace").strip()
 
 
 def _process_state(pid: int) -> str:
@@ -551,9 +529,9 @@ class UmlBackend(Backend):
         state_dir = options.get("state_dir")
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         self.state_dir = Path(state_dir) if state_dir else cache_home / "vmshop"
-        self.start_timeout = _number(options, "start_timeout", 30.0)
-        self.mconsole_timeout = _number(options, "mconsole_timeout", 5.0)
-        self.memory_fraction = _number(options, "memory_fraction", 0.75)
+        self.start_timeout = positive_number(options, "start_timeout", 30.0, "uml")
+        self.mconsole_timeout = positive_number(options, "mconsole_timeout", 5.0, "uml")
+        self.memory_fraction = positive_number(options, "memory_fraction", 0.75, "uml")
         self._vms: dict[str, _VM] = {}
         #: How VMs the backend saw end ended (a key of UML_STATES), for state() after destroy.
         self._ended: dict[str, str] = {}
@@ -585,7 +563,7 @@ class UmlBackend(Backend):
             name=self.name, available=binary is not None,
             reason="" if binary is not None else f"{self.binary} is not installed (Debian package user-mode-linux)",
             accelerator="ptrace", architectures=ARCHITECTURES, networks=networks, channel="hostfs",
-            max_memory=int(_host_memory_mib() * self.memory_fraction), max_vcpus=MAX_VCPUS)
+            max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=MAX_VCPUS)
 
     # The contract ----------------------------------------------------------------------
     def start(self, spec: GuestSpec) -> None:
@@ -721,7 +699,7 @@ class UmlBackend(Backend):
                 owned_pid(paths.plug_pidfile(index), f"vde://{switch}") is None:
             if time.monotonic() > deadline:
                 raise BackendError(f"the link of NIC {index} to the segment {nic.switch} did not come up: "
-                                   f"{_tail(paths.stderr) or 'no message'}")
+                                   f"{tail(paths.stderr) or 'no message'}")
             time.sleep(POLL)
 
     def _helpers(self, paths: RunPaths) -> list[int]:
@@ -790,7 +768,7 @@ class UmlBackend(Backend):
 
     @staticmethod
     def _last_words(paths: RunPaths) -> str:
-        words = " ".join(part for part in (_tail(paths.stderr, 1000), _tail(paths.console, 1000)) if part)
+        words = " ".join(part for part in (tail(paths.stderr, 1000), tail(paths.console, 1000)) if part)
         return words or "no message"
 
     # Observation ------------------------------------------------------------------------
@@ -838,7 +816,7 @@ class UmlBackend(Backend):
         if vm.killed:
             return "killed"
         status = vm.process.poll() if vm.process is not None else None
-        console = _tail(vm.paths.console, 6000)
+        console = tail(vm.paths.console, 6000)
         if "Kernel panic" in console:
             return "panicked"
         if status is None:
@@ -934,7 +912,7 @@ class UmlBackend(Backend):
     def ex_console(self, vm_id: str) -> str:
         """The tail of the guest's console ('' for an unknown VM)."""
         vm = self._vms.get(vm_id)
-        return _tail(vm.paths.console, 8000) if vm is not None else ""
+        return tail(vm.paths.console, 8000) if vm is not None else ""
 
 
 def _image_info(image: Path, image_format: object = None) -> dict[str, object]:
@@ -1063,16 +1041,3 @@ def _remove(paths: RunPaths) -> None:
         paths.run_dir.rmdir()
     except OSError:
         pass
-
-
-def _number(options: dict[str, str], name: str, default: float) -> float:
-    value = options.get(name)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigurationError(f"uml backend: option {name} must be a number, not {value!r}") from None
-    if number <= 0:
-        raise ConfigurationError(f"uml backend: option {name} must be positive")
-    return number
