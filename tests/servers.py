@@ -16,17 +16,39 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
 import zeep
+import zeep.exceptions
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANT_WSDL = ROOT / "wsdl" / "vmplant.wsdl"
 PLANT_BINDING = "{urn:vmshop:vmplant:1}VMPlant"
 SHOP_WSDL = ROOT / "wsdl" / "vmshop.wsdl"
 SHOP_BINDING = "{urn:vmshop:vmshop:1}VMShop"
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something true (and return that); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def fault_code(info: pytest.ExceptionInfo[zeep.exceptions.Fault]) -> str:
+    """The code of a zeep fault without its namespace prefix (``Client.NoSuchVM``)."""
+    return str(info.value.code).split(":", 1)[-1]
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +28,16 @@ from typing import Any, TypeVar
 import pytest
 import zeep
 import zeep.exceptions
-from servers import SHOP_BINDING, SHOP_WSDL, ServerProcess, host_port, processes_mentioning, start_plant, start_shop
+from servers import (
+    SHOP_BINDING,
+    SHOP_WSDL,
+    ServerProcess,
+    host_port,
+    processes_mentioning,
+    start_plant,
+    start_shop,
+    wait_for,
+)
 
 from vmplant_service.ippool import IPPool
 from vmshop_common.dagxml import DAG_NS
@@ -51,17 +60,6 @@ def image_dag(*scripts: str, network: bool = False) -> str:
         previous = f"step{index}"
     return f'<vm xmlns="{DAG_NS}"><nodes>{"".join(nodes)}</nodes><edges>{"".join(edges)}</edges></vm>'
 
-
-def wait_for(predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def shop_client(shop: ServerProcess, timeout: float = 600) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import zeep.exceptions
-from servers import ROOT, PlantProcess, processes_mentioning, start_plant
+from servers import ROOT, PlantProcess, fault_code, processes_mentioning, start_plant
 
 from vmplant_service.ippool import IPPool
 from vmshop_common.dagxml import DAG_NS
@@ -72,9 +72,6 @@ def vms() -> dict[str, object]:
     """VMs made by earlier tests of this module, by role."""
     return {}
 
-
-def fault_code(info: pytest.ExceptionInfo[zeep.exceptions.Fault]) -> str:
-    return str(info.value.code).split(":", 1)[-1]
 
 
 def pool_holders(plant: PlantProcess) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zeep.exceptions
-from servers import ROOT, ServerProcess, host_port, start_plant, start_shop
+from servers import ROOT, ServerProcess, fault_code, host_port, start_plant, start_shop, wait_for
 
 from vmshop_common.dagxml import DAG_NS
 
@@ -28,19 +28,6 @@ def script_dag(body: str = "true", image: str = "tiny", attributes: dict[str, st
             f'<script id="run">{body}</script></nodes><edges><edge from="s" to="run"/></edges></vm>')
 
 
-def fault_code(info: pytest.ExceptionInfo[zeep.exceptions.Fault]) -> str:
-    return str(info.value.code).split(":", 1)[-1]
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
