@@ -10,7 +10,6 @@ when no VM is left on it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,8 +20,9 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 # isort: split
 from twisted.python.threadpool import ThreadPool
 
-from vmshop_common.errors import ConfigurationError, VMShopError
-from vmshop_common.soap.server import bound_port, build_site, configure_spyne_logging, listen
+from vmshop_common.errors import ConfigurationError
+from vmshop_common.servermain import server_main
+from vmshop_common.soap.server import bound_port, build_site, listen
 
 from .backends import load_backend
 from .config import PlantConfig, load_config
@@ -93,21 +93,9 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vmplant", description="Run a VMPlant server.")
-    parser.add_argument("--config", default="configuration_vmplant.xml", help="the plant's configuration file")
-    parser.add_argument("--host", help="listen on this address instead of the configured one")
-    parser.add_argument("--port", type=int, help="listen on this port instead of the configured one (0: any)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    configure_spyne_logging()
-    try:
-        config = load_config(Path(args.config))
-        return serve(config, args.host, args.port)
-    except VMShopError as exc:
-        print(f"vmplant: [{exc.code}] {exc}", file=sys.stderr)
-        return 1
-
+    return server_main(argv, prog="vmplant", description="Run a VMPlant server.",
+                       default_config="configuration_vmplant.xml",
+                       serve=lambda path, host, port: serve(load_config(path), host, port))
 
 if __name__ == "__main__":
     sys.exit(main())

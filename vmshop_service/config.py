@@ -14,6 +14,7 @@ from lxml import etree
 
 from vmshop_common.addresses import read_addresses
 from vmshop_common.dagxml import validate_against
+from vmshop_common.errors import ConfigurationError
 from vmshop_common.xmlload import parse_xml_file
 
 CONFIG_NS = "urn:vmshop:vmshop-config:1"
@@ -48,7 +49,10 @@ def load_config(path: str | Path) -> ShopConfig:
     """Read and check ``configuration_vmshop.xml``."""
     source = Path(path).absolute()
     what = f"shop configuration {source}"
-    root = parse_xml_file(source, what=what, expected_root=CONFIG_ROOT)
+    try:
+        root = parse_xml_file(source, what=what, expected_root=CONFIG_ROOT)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the {what}: {exc.strerror or exc}") from None
     validate_against(CONFIG_XSD, root, what)
 
     def get(local: str, attribute: str, default: str | None = None) -> str | None:

@@ -9,19 +9,18 @@ registry is durable, so a restarted shop knows every VM it had.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
 from vmshop_common.errors import VMShopError
-from vmshop_common.soap.server import bound_port, build_site, configure_spyne_logging, listen
+from vmshop_common.servermain import server_main
+from vmshop_common.soap.server import bound_port, build_site, listen
 
 from .config import ShopConfig, load_config
 from .plants import PlantDirectory
@@ -75,20 +74,9 @@ def serve(config: ShopConfig, host: str | None = None, port: int | None = None) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vmshop-server", description="Run a VMShop server.")
-    parser.add_argument("--config", default="configuration_vmshop.xml", help="the shop's configuration file")
-    parser.add_argument("--host", help="listen on this address instead of the configured one")
-    parser.add_argument("--port", type=int, help="listen on this port instead of the configured one (0: any)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    configure_spyne_logging()
-    try:
-        return serve(load_config(Path(args.config)), args.host, args.port)
-    except VMShopError as exc:
-        print(f"vmshop-server: [{exc.code}] {exc}", file=sys.stderr)
-        return 1
-
+    return server_main(argv, prog="vmshop-server", description="Run a VMShop server.",
+                       default_config="configuration_vmshop.xml",
+                       serve=lambda path, host, port: serve(load_config(path), host, port))
 
 if __name__ == "__main__":
     sys.exit(main())

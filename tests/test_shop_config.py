@@ -1,0 +1,68 @@
+"""The shop's configuration file: written by scripts/configure_vmshop.py, read back by load_config,
+and the server's own refusal of a configuration it cannot use (one line, a stable code, exit 1)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from servers import ROOT
+
+from vmshop_common.errors import ConfigurationError, VMShopError
+from vmshop_service.config import ShopConfig, load_config, write_config
+
+
+def configure(tmp_path: Path, *flags: str) -> Path:
+    output = tmp_path / "configuration_vmshop.xml"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "configure_vmshop.py"), "--yes", "--output", str(output),
+                    *flags], check=True, capture_output=True, cwd=str(tmp_path))
+    return output
+
+
+def test_configure_script_writes_what_load_config_reads(tmp_path: Path) -> None:
+    path = configure(tmp_path, "--name", "shop7", "--port", "9099", "--public-url", "http://shop.example:9099/",
+                     "--database", "reg.sqlite3", "--plants-file", "plants.txt", "--bid-timeout", "3.5",
+                     "--poll-interval", "2")
+    config = load_config(path)
+    assert (config.name, config.listen_port, config.public_url) == ("shop7", 9099, "http://shop.example:9099/")
+    assert config.database == tmp_path / "reg.sqlite3" and config.plants_file == tmp_path / "plants.txt"
+    assert (config.bid_timeout, config.poll_interval) == (3.5, 2.0)
+
+
+def test_write_then_load_round_trips(tmp_path: Path) -> None:
+    config = ShopConfig(database=tmp_path / "r.sqlite3", plants_file=tmp_path / "p.txt", name="s", listen_port=0,
+                        bid_timeout=1.5, create_timeout=60, call_timeout=7, poll_interval=0.5, lease_interval=0.25)
+    assert load_config(write_config(config, tmp_path / "c.xml")) == config
+    no_public = replace(config, public_url="")
+    assert load_config(write_config(no_public, tmp_path / "c.xml")).public_url == ""
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot read"),
+    (b"<vmshop", "line 1"),
+    (b'<other xmlns="urn:vmshop:vmshop-config:1"/>', "vmshop"),
+    (b'<vmshop xmlns="urn:vmshop:vmshop-config:1"><listen port="not a port"/></vmshop>', "port"),
+    (b'<!DOCTYPE vmshop [<!ENTITY x "y">]><vmshop xmlns="urn:vmshop:vmshop-config:1"/>', "DOCTYPE"),
+])
+def test_a_bad_configuration_is_a_project_error(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "configuration_vmshop.xml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(VMShopError, match=message) as caught:
+        load_config(path)
+    assert caught.value.code.startswith(("Server.", "Client."))
+    if content is None:
+        assert isinstance(caught.value, ConfigurationError)
+
+
+@pytest.mark.parametrize(("program", "name"), [("vmshop_service.main", "vmshop-server"),
+                                               ("vmplant_service.main", "vmplant")])
+def test_a_server_refuses_a_missing_configuration_in_one_line(tmp_path: Path, program: str, name: str) -> None:
+    result = subprocess.run([sys.executable, "-m", program, "--config", str(tmp_path / "missing.xml")],
+                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{name}: [Server.Configuration] cannot read") and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
