@@ -116,9 +116,11 @@ def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend
                  start_timeout: float = 300.0, client: bool = True) -> servers.ServerProcess:
     """tests/servers.py's start_plant, with a longer start deadline (many plants start at once on 2 cores).
 
-    Registers the plant's cleanup (the server, its guests, its switch) at once.
+    Registers the plant's cleanup (the server, its guests, its switch) at once. Its shop list is
+    empty: the shops of a run find out by asking, as the rows measure.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vmshop_addresses.txt").write_text("# no shop is told of changes in a benchmark run\n")
     state = directory / "state"
     config = directory / "configuration_vmplant.xml"
     args = [sys.executable, str(ROOT / "scripts" / "configure_vmplant.py"), "--yes", "--name", name,

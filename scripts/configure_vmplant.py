@@ -35,6 +35,7 @@ from vmplant_service.config import (
     DEFAULT_CAPACITY_MEMORY,
     DEFAULT_CAPACITY_VMS,
     DEFAULT_PORT,
+    DEFAULT_WATCH_INTERVAL,
     NETWORK_MODES,
     PlantConfig,
     config_from_xml,
@@ -76,7 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--capacity-vms", type=int, help=f"most VMs at once (default {DEFAULT_CAPACITY_VMS})")
     add("--capacity-memory", type=int, help=f"MiB of guest memory in all (default {DEFAULT_CAPACITY_MEMORY})")
     add("--datastore", help="application data for mount actions ('' for none, the default)")
-    add("--shops-file", help="the shops it trusts, host:port per line (default ./addresses/vmshop_addresses.txt)")
+    add("--shops-file",
+        help="the shops it notifies of changes, host:port per line (default ./addresses/vmshop_addresses.txt)")
+    add("--watch-interval", type=float, default=DEFAULT_WATCH_INTERVAL,
+        help=f"seconds between looks at the running guests (default {DEFAULT_WATCH_INTERVAL:g})")
     add("--output", "-o", default=CONFIG_FILE, help=f"the file to write (default ./{CONFIG_FILE})")
     add("--yes", "-y", action="store_true", help="take the defaults for everything not given; ask nothing")
     add("--interactive", action="store_true", help="ask even when standard input is not a terminal")
@@ -195,13 +199,13 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
                                 DEFAULT_CAPACITY_MEMORY, _int_in(64, 67108864, "the memory"))
     datastore = asker.get(args.datastore, "Application data directory for mounts ('none' for none)", "none",
                           _optional_path(cwd))
-    shops_file = asker.get(args.shops_file, "File of the shops it trusts (host:port per line)",
+    shops_file = asker.get(args.shops_file, "File of the shops it tells of changes (host:port per line)",
                            here / "addresses" / "vmshop_addresses.txt", _path(cwd))
     return PlantConfig(name=name, listen_host=host, listen_port=port, public_url=public_url,
                        warehouse_dir=warehouse, state_dir=state_dir, backend=backend,
                        backend_options=_options(args.backend_option), network_mode=network, ip_file=ip_file,
                        switch_dir=switch_dir, capacity_vms=capacity_vms, capacity_memory=capacity_memory,
-                       datastore=datastore, shops_file=shops_file)
+                       datastore=datastore, shops_file=shops_file, watch_interval=args.watch_interval)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,

@@ -52,6 +52,7 @@ from vmshop_common.errors import (
     ActionFailedError,
     DeclinedError,
     NoPlantError,
+    NoSuchPlantError,
     NoSuchVMError,
     NotSupportedError,
     VMShopError,
@@ -89,6 +90,7 @@ class FakeShop:
 
     def __init__(self, *, create_seconds: float = 1.0) -> None:
         self.address = "http://127.0.0.1:8080/"  # the shop's public URL (EPR Address); set by serve_fake_shop
+        self.notices: list[str] = []  # plantChanged calls heard
         self.registry = Registry(":memory:")
         self.create_seconds = create_seconds
         self.fail_create: VMShopError | None = None
@@ -257,6 +259,12 @@ class FakeShop:
     def reload_plants(self) -> list[wire.PlantStatus]:
         self.reloads += 1
         return list(self.plant_list)
+
+    def plant_changed(self, url: str) -> bool:
+        if url not in {p.address for p in self.plant_list}:
+            raise NoSuchPlantError(f"{url!r} is not one of this shop's plants")
+        self.notices.append(url)
+        return True
 
 
 @dataclass

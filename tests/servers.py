@@ -144,9 +144,15 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
                 capacity_memory: int = 2048, network: str = "vde", backend: str = "qemu",
                 public_url: str | None = None, datastore: Path | None = None, pool_count: int = 8,
                 backend_options: dict[str, str] | None = None,
-                metrics: dict[str, float] | None = None) -> ServerProcess:
-    """Configure (with scripts/configure_vmplant.py) and start a plant in ``directory``."""
+                metrics: dict[str, float] | None = None, shops: list[str] | None = None,
+                watch_interval: float | None = None) -> ServerProcess:
+    """Configure (with scripts/configure_vmplant.py) and start a plant in ``directory``.
+
+    ``shops`` (``host:port`` each) go into its shop list, which is empty by
+    default: a test plant tells no shop of its changes unless asked to.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vmshop_addresses.txt").write_text("# shops of this test\n" + "".join(f"{s}\n" for s in shops or []))
     state = directory / "state"
     config = directory / "configuration_vmplant.xml"
     args = [sys.executable, str(ROOT / "scripts" / "configure_vmplant.py"), "--yes", "--name", name,
@@ -158,6 +164,8 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
         args += ["--public-url", public_url]
     if datastore:
         args += ["--datastore", str(datastore)]
+    if watch_interval is not None:
+        args += ["--watch-interval", str(watch_interval)]
     for key, value in (backend_options or {}).items():
         args += ["--backend-option", f"{key}={value}"]
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory))

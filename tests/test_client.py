@@ -28,6 +28,7 @@ from vmshop_common.errors import (  # noqa: E402
     DeclinedError,
     DocumentTooLargeError,
     NoPlantError,
+    NoSuchPlantError,
     NoSuchVMError,
     NotSupportedError,
     QueryInvalidError,
@@ -271,6 +272,9 @@ def test_plants(client: VMShopClient, shop: fake_shop.FakeShop) -> None:
     before = shop.reloads
     assert client.reload_plants() == plants
     assert shop.reloads == before + 1
+    assert client.plant_changed(fake_shop.PLANT_UP) is True and shop.notices == [fake_shop.PLANT_UP]
+    with pytest.raises(NoSuchPlantError):
+        client.plant_changed("http://127.0.0.1:1/nowhere/")
     shop.plant_list = []
     assert client.plants() == [] and client.reload_plants() == []
 

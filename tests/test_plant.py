@@ -526,6 +526,30 @@ def test_configure_a_guest_that_died(plant: Plant) -> None:
         plant.configure("dies", pf.chain(pf.script("c")))
 
 
+def test_the_watch_fails_and_reclaims_a_guest_that_died_on_its_own(plant: Plant) -> None:
+    made = plant.create(pf.chain(pf.network(), pf.script("a")), vm_id="watched")
+    healthy = plant.create(pf.chain(pf.script("a")), vm_id="healthy")
+    assert plant.check_guests() == []
+    plant.backend.ex_crash("watched")  # type: ignore[attr-defined]
+    assert plant.check_guests() == ["watched"]
+    record = plant.describe("watched")
+    assert record.state == "failed" and record.error == "the guest crashed"
+    assert not Path(made.record.overlay).exists() and not Path(made.record.channel_dir).exists()
+    assert plant.pool is not None and plant.pool.held_by("watched") is None
+    assert plant.backend.running() == ["healthy"] and plant.describe("healthy").state == "running"
+    assert plant.check_guests() == []  # once
+    plant.collect(healthy.record.vm_id)
+
+
+def test_the_watch_leaves_a_vm_being_configured_to_its_configure(plant: Plant) -> None:
+    plant.create(pf.chain(pf.script("a")), vm_id="busy-w")
+    plant.records.update_vm("busy-w", state="configuring")
+    plant.backend.ex_crash("busy-w")  # type: ignore[attr-defined]
+    assert plant.check_guests() == [] and plant.describe("busy-w").state == "configuring"
+    plant.records.update_vm("busy-w", state="running")
+    assert plant.check_guests() == ["busy-w"]
+
+
 def test_configure_is_one_at_a_time_and_a_collect_wins(plant: Plant) -> None:
     """A VM being configured refuses another configure; collecting it meanwhile ends it collected, not failed."""
     plant.create(pf.chain(pf.script("a")), vm_id="busy")

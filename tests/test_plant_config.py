@@ -32,6 +32,7 @@ FULL = """<?xml version="1.0" encoding="UTF-8"?>
   <network mode="vde" ipfile="ip.txt" switch-dir="../switch"/>
   <datastore dir="data"/>
   <shops file="vmshop_addresses.txt"/>
+  <watch interval="2.5"/>
 </vmplant>
 """
 
@@ -58,7 +59,7 @@ def test_load_full(tmp_path: Path) -> None:
         warehouse_dir=Path("/srv/warehouse"), state_dir=conf / "state", backend="qemu",
         backend_options={"accel": "auto", "cpu": "host"}, network_mode="vde", ip_file=conf / "ip.txt",
         switch_dir=tmp_path / "switch", capacity_vms=4, capacity_memory=2048, datastore=conf / "data",
-        shops_file=conf / "vmshop_addresses.txt")
+        shops_file=conf / "vmshop_addresses.txt", watch_interval=2.5)
     assert config.source == conf / "configuration_vmplant.xml"
     assert config.records_path == conf / "state" / "records.sqlite3"
 
@@ -68,7 +69,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert (config.listen_host, config.listen_port, config.public_url) == ("127.0.0.1", 8090, "http://127.0.0.1:8090/")
     assert (config.backend, config.backend_options, config.network_mode) == ("qemu", {}, "none")
     assert (config.ip_file, config.switch_dir, config.datastore, config.shops_file) == (None, None, None, None)
-    assert (config.capacity_vms, config.capacity_memory) == (8, 4096)
+    assert (config.capacity_vms, config.capacity_memory, config.watch_interval) == (8, 4096, 5.0)
     assert config.shops() == []
 
 

@@ -15,10 +15,11 @@ import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 import pytest
 import zeep.exceptions
-from servers import ROOT, PlantProcess, fault_code, processes_mentioning, start_plant
+from servers import ROOT, PlantProcess, fault_code, processes_mentioning, start_plant, wait_for
 
 from vmplant_service.ippool import IPPool
 from vmshop_common.dagxml import DAG_NS
@@ -53,7 +54,7 @@ def plant(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Iter
     data.mkdir(parents=True)
     (data / "words.txt").write_text("the quick brown fox jumps\n")
     process = start_plant(directory, warehouse_dir, capacity_vms=2, public_url=PUBLIC_URL,
-                          datastore=directory / "data")
+                          datastore=directory / "data", watch_interval=1)
     process.client()
     try:
         yield process
@@ -207,6 +208,20 @@ def test_collect_leaves_a_record_and_nothing_else(plant: PlantProcess, vms: dict
     assert plant.service.collectVM(vm_id=a.vm_id).state == "collected"
     assert plant.service.collectVM(vm_id=a.vm_id).state == "collected"  # twice is fine
     assert plant.service.describeVM(vm_id=a.vm_id).collected is not None
+    assert overlays(plant) == [] and pool_holders(plant) == {}
+    assert processes_mentioning(str(plant.state_dir / "run")) == []
+    assert plant.service.plantInfo().running_vms == 0
+
+
+def test_a_guest_that_powers_itself_off_is_found_failed_and_reclaimed(plant: PlantProcess) -> None:
+    """The plant's watch (every second here) notices a guest that ended on its own."""
+    later = xml_escape("(sleep 2; poweroff -f) </dev/null >/dev/null 2>&1 &")
+    made = plant.service.createVM(dag=script_dag(later, network=True), owner="erin")
+    vm_id = made.vm.vm_id
+    assert made.vm.state == "running" and pool_holders(plant)[made.vm.address] == vm_id
+    gone = wait_for(lambda: (v := plant.service.describeVM(vm_id=vm_id)).state == "failed" and v, timeout=60,
+                    what="the watch to notice the guest powered off")
+    assert gone.error == "the guest stopped on its own"
     assert overlays(plant) == [] and pool_holders(plant) == {}
     assert processes_mentioning(str(plant.state_dir / "run")) == []
     assert plant.service.plantInfo().running_vms == 0

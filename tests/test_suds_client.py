@@ -122,7 +122,7 @@ def reference(client: Client, shop: ServerProcess, key: str) -> Any:
 
 def test_suds_reads_every_operation_of_the_wsdl(client: Client, shop: ServerProcess) -> None:
     methods = client.wsdl.services[0].ports[0].methods
-    assert set(methods) == wsdl_operations() and len(methods) == 13
+    assert set(methods) == wsdl_operations() and len(methods) == 14
     assert client.service.createVM.method.location == "http://localhost:8080/"  # the WSDL's placeholder
     assert client.options.location == shop.url  # what suds sends to
     epr = client.factory.create("ns0:EndpointReference")
@@ -218,6 +218,7 @@ def test_every_operation_through_suds(client: Client, answered: AnsweredOperatio
     finally:
         plants_file.write_text(original)
         assert {p.address for p in client.service.reloadPlants()} == {cheap, dear}
+    assert client.service.plantChanged(cheap) is True  # a plant's notice: the shop looks at that plant
 
     assert answered.names == wsdl_operations()
 

@@ -33,6 +33,8 @@ NETWORK_MODES = ("vde", "none")
 DEFAULT_PORT = 8090
 DEFAULT_CAPACITY_VMS = 8
 DEFAULT_CAPACITY_MEMORY = 4096
+#: Seconds between two looks at the running guests (see Plant.check_guests).
+DEFAULT_WATCH_INTERVAL = 5.0
 RECORDS_FILE = "records.sqlite3"
 _WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -63,6 +65,7 @@ class PlantConfig:
     capacity_memory: int = DEFAULT_CAPACITY_MEMORY
     datastore: Path | None = None
     shops_file: Path | None = None
+    watch_interval: float = DEFAULT_WATCH_INTERVAL
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -144,6 +147,7 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
             raise fail("network mode 'vde' needs an ipfile (the address pool)", network)
         switch_dir = switch_dir or state_dir / "switch"
     capacity = element("capacity")
+    watch = element("watch")
     warehouse_dir = path_of("warehouse", "dir")
     assert warehouse_dir is not None
     return PlantConfig(
@@ -153,7 +157,8 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
         network_mode=mode, ip_file=ip_file, switch_dir=switch_dir,
         capacity_vms=int(capacity.get("vms")) if capacity is not None else DEFAULT_CAPACITY_VMS,
         capacity_memory=int(capacity.get("memory")) if capacity is not None else DEFAULT_CAPACITY_MEMORY,
-        datastore=path_of("datastore", "dir"), shops_file=path_of("shops", "file"), source=source)
+        datastore=path_of("datastore", "dir"), shops_file=path_of("shops", "file"),
+        watch_interval=float(watch.get("interval")) if watch is not None else DEFAULT_WATCH_INTERVAL, source=source)
 
 
 def _absolute(base: Path, value: str) -> Path:
@@ -192,6 +197,8 @@ def config_to_xml(config: PlantConfig) -> str:
         add("datastore", dir=config.datastore)
     if config.shops_file is not None:
         add("shops", file=config.shops_file)
+    if config.watch_interval != DEFAULT_WATCH_INTERVAL:
+        add("watch", interval=f"{config.watch_interval:g}")
     etree.indent(root, space="  ")
     body = etree.tostring(root, encoding="unicode")
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'

@@ -14,10 +14,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from vmshop_common.errors import ConfigurationError
@@ -27,6 +31,7 @@ from vmshop_common.soap.server import bound_port, build_site, listen
 from .backends import load_backend
 from .config import PlantConfig, load_config
 from .ippool import IPPool
+from .notify import ShopNotifier
 from .plant import Plant
 from .records import PlantRecords
 from .segment import VdeSegment
@@ -75,12 +80,21 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
     port = config.listen_port if port is None else port
     public = config.public_url or f"http://{host}:{{port}}/"
     site = build_site([VMPlantService], TNS, public, name=APP_NAME)
-    site.app.vmplant = PlantRuntime(plant, reactor, pool)
+    runtime = PlantRuntime(plant, reactor, pool)
+    site.app.vmplant = runtime
     listening = listen(site, host, port)
     url = site.public_url.replace("{port}", str(bound_port(listening)))
+    if config.shops_file is not None:
+        runtime.notifier = ShopNotifier(url, lambda: shop_urls(config), reactor)
+        log.info("notifying of changes: %s", ", ".join(runtime.notifier.shops) or "no shop yet")
+    watch = task.LoopingCall(_watch_round, runtime)
+    watch.clock = reactor
+    watch.start(config.watch_interval, now=False)
     print(f"vmplant {config.name} listening on http://{host}:{bound_port(listening)}/ (public {url})", flush=True)
 
     def shutdown() -> None:
+        if watch.running:
+            watch.stop()
         pool.stop()
         if plant.segment is not None and not plant.records.live_vms():
             plant.segment.stop()
@@ -90,6 +104,23 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)  # type: ignore[attr-defined,arg-type]
     reactor.run()  # type: ignore[attr-defined,misc]
     return 0
+
+
+def shop_urls(config: PlantConfig) -> list[str]:
+    """The endpoint URLs of the shops in the plant's shop list (ConfigurationError if it is bad)."""
+    return [f"http://[{h}]:{p}/" if ":" in h else f"http://{h}:{p}/" for h, p in config.shops()]
+
+
+def _watch_round(runtime: PlantRuntime) -> Deferred[Any]:
+    """One look at the running guests (on the plant's pool); shops hear of the ones found dead."""
+    def looked(ended: list[str]) -> None:
+        if ended and runtime.notifier is not None:
+            runtime.notifier.changed()
+
+    def failed(failure: Any) -> None:  # a LoopingCall stops at a failure: log it and go on
+        log.error("watch round failed: %s", failure.getTraceback())
+
+    return deferToThreadPool(runtime.reactor, runtime.pool, runtime.plant.check_guests).addCallbacks(looked, failed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -347,6 +347,34 @@ class Plant:
             self.records.update_vm(vm_id, state="collected", collected=self.clock())
         return self.records.get_vm(vm_id)
 
+    def check_guests(self) -> list[str]:
+        """Find running VMs whose guest stopped or crashed on its own; mark them failed and reclaim them.
+
+        Only VMs in state 'running' are looked at (a create, configure or
+        collect in progress watches its own guest). Returns the ids of the
+        VMs it marked failed. Never raises for one VM's trouble.
+        """
+        ended = []
+        for record in self.records.live_vms():
+            if record.state != "running":
+                continue
+            try:
+                state = self.backend.state(record.vm_id)
+            except Exception:  # noqa: BLE001 - one VM's trouble must not stop the watch
+                log.exception("watch: the state of VM %s is unknown", record.vm_id)
+                continue
+            if state not in (VMState.STOPPED, VMState.CRASHED):
+                continue
+            why = "the guest crashed" if state == VMState.CRASHED else "the guest stopped on its own"
+            with self._lock:
+                if self.records.get_vm(record.vm_id).state != "running":
+                    continue  # a configure or collect began meanwhile: it decides
+                self.records.update_vm(record.vm_id, state="failed", error=why)
+            log.warning("VM %s: %s; marked failed and reclaimed", record.vm_id, why)
+            self._reclaim(record.vm_id, self._paths(record.vm_id), forget=False)
+            ended.append(record.vm_id)
+        return ended
+
     def _reclaim(self, vm_id: str, paths: dict[str, Path], forget: bool) -> None:
         """Free everything ``vm_id`` holds; with ``forget`` also its records. Never raises."""
         steps: list[tuple[str, Callable[[], object]]] = [

@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vmshop_common.soap.faults import failure_to_fault
 
+from .notify import ShopNotifier
 from .plant import Plant
 from .wire import ActionRun, CreateResult, Estimate, PlantInfo, VMInfo, estimate_out, info_out, run_out, vm_out
 
@@ -30,15 +31,26 @@ MAX_DAG_CHARS = 1024 * 1024
 
 
 class PlantRuntime:
-    """What the service methods reach through ``ctx.app.vmplant``: the plant and its thread pool."""
+    """What the service methods reach through ``ctx.app.vmplant``: the plant, its thread pool and the
+    notifier of its shops (None: it tells no shop)."""
 
-    def __init__(self, plant: Plant, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(self, plant: Plant, reactor: Any, pool: ThreadPool, notifier: ShopNotifier | None = None) -> None:
         self.plant = plant
         self.reactor = reactor
         self.pool = pool
+        self.notifier = notifier
 
-    def run(self, work: Callable[[], T]) -> Deferred[T]:
-        return deferToThreadPool(self.reactor, self.pool, work).addErrback(failure_to_fault)
+    def run(self, work: Callable[[], T], changes: bool = False) -> Deferred[T]:
+        """``work`` on the plant's thread pool; with ``changes`` the shops hear of it when it ends (even failed)."""
+        d = deferToThreadPool(self.reactor, self.pool, work)
+        if changes:
+            d.addBoth(self._told)
+        return d.addErrback(failure_to_fault)
+
+    def _told(self, result: Any) -> Any:
+        if self.notifier is not None:
+            self.notifier.changed()
+        return result
 
 
 def _runtime(ctx: Any) -> PlantRuntime:
@@ -69,7 +81,7 @@ class VMPlantService(ServiceBase):
             return CreateResult(vm=vm_out(made.record, list(made.bid.remaining)),
                                 estimate=estimate_out(rt.plant.config.name, made.bid), runs=runs)
 
-        return rt.run(work)
+        return rt.run(work, changes=True)
 
     @rpc(VmId, Dag, _returns=ActionRun.customize(max_occurs="unbounded"))
     def configureVM(ctx, vm_id: str, dag: str):  # noqa: N802, N805
@@ -80,7 +92,7 @@ class VMPlantService(ServiceBase):
             results = rt.plant.configure(vm_id, dag)
             return [run_out(result.name.split("-", 1)[1], result) for result in results]
 
-        return rt.run(work)
+        return rt.run(work, changes=True)
 
     @rpc(VmId, _returns=VMInfo)
     def describeVM(ctx, vm_id: str):  # noqa: N802, N805
@@ -98,7 +110,7 @@ class VMPlantService(ServiceBase):
     def collectVM(ctx, vm_id: str):  # noqa: N802, N805
         """Stop the VM, delete its clone, release its address; collecting twice is not an error."""
         rt = _runtime(ctx)
-        return rt.run(lambda: vm_out(rt.plant.collect(vm_id)))
+        return rt.run(lambda: vm_out(rt.plant.collect(vm_id)), changes=True)
 
     @rpc(_returns=PlantInfo)
     def plantInfo(ctx):  # noqa: N802, N805

@@ -109,6 +109,12 @@ class NoSuchVMError(VMShopError):
     CODE = "Client.NoSuchVM"
 
 
+class NoSuchPlantError(VMShopError):
+    """The plant is not one of this shop's plants."""
+
+    CODE = "Client.NoSuchPlant"
+
+
 class QueryInvalidError(VMShopError):
     """The query is malformed or names an unknown attribute."""
 
@@ -173,7 +179,7 @@ class ConfigurationError(VMShopError):
 
 ALL_ERRORS: tuple[type[VMShopError], ...] = (
     XMLSyntaxError, DoctypeRefusedError, DocumentTooLargeError, WrongRootError, SchemaInvalidError,
-    DagInvalidError, NoSuchImageError, NoSuchVMError, QueryInvalidError, NotSupportedError,
+    DagInvalidError, NoSuchImageError, NoSuchVMError, NoSuchPlantError, QueryInvalidError, NotSupportedError,
     DeclinedError, CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError,
     NoPlantError, PlantGoneError, ConfigurationError,
 )

@@ -521,6 +521,11 @@ class VMShopClient:
         """reloadPlants: the shop re-reads its plant list and checks each plant."""
         return [_plant(p) for p in _list(self._call("reloadPlants"))]
 
+    def plant_changed(self, plant_url: str) -> bool:
+        """plantChanged: tell the shop that the plant at ``plant_url`` has changes (plants call this);
+        NoSuchPlantError if it is not one of the shop's plants."""
+        return bool(self._call("plantChanged", plant=plant_url))
+
 
 __all__ = [
     "DEFAULT_URL",

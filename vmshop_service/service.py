@@ -15,7 +15,7 @@ from typing import Any
 from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
-from spyne import Double, Integer, ServiceBase, Unicode, rpc
+from spyne import Boolean, Double, Integer, ServiceBase, Unicode, rpc
 from twisted.internet import defer
 
 from vmshop_common.soap.faults import failure_to_fault
@@ -107,3 +107,9 @@ class VMShopService(ServiceBase):
     def reloadPlants(ctx):  # noqa: N802, N805
         """Re-read the plant list (addresses/vmplant_addresses.txt) and check each plant."""
         return _call(ctx, "reload_plants")
+
+    @rpc(Unicode(min_occurs=1, nillable=False, max_len=2048), _returns=Boolean)
+    def plantChanged(ctx, plant):  # noqa: N802, N805
+        """A plant's notice that some of its VMs changed (it names its own URL); the shop then asks that
+        plant for its VMs. Only plants on the shop's list are heard (else Client.NoSuchPlant)."""
+        return _call(ctx, "plant_changed", plant)

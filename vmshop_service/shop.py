@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import zeep.exceptions
 from twisted.internet import defer, task, threads
@@ -31,6 +32,7 @@ from vmshop_common.dagxml import load_dag
 from vmshop_common.errors import (
     DeclinedError,
     NoPlantError,
+    NoSuchPlantError,
     NoSuchVMError,
     NotSupportedError,
     PlantGoneError,
@@ -85,6 +87,8 @@ class Shop:
         self._creating: set[str] = set()
         self._collecting: set[str] = set()
         self._loops: list[task.LoopingCall] = []
+        self._looking: set[str] = set()  # plants being looked at after a notice
+        self._look_again: set[str] = set()  # ... and noticed again meanwhile
 
     # Life cycle ---------------------------------------------------------------
     def start(self) -> defer.Deferred[Any]:
@@ -348,35 +352,69 @@ class Shop:
         """Check every plant and bring the registry's states up to date with what the plants report."""
         yield self.plants.check_all(min(5.0, self.config.call_timeout))
         for handle in self.plants.all():
-            if not handle.up:
+            if handle.up:
+                yield self._refresh_plant(handle)
+
+    def plant_changed(self, url: str) -> bool:
+        """A plant says some of its VMs changed: look at that plant soon (the answer does not wait for it).
+
+        Only plants on this shop's list are heard, and what the registry takes
+        is what the plant itself reports when asked, never the notice. Notices
+        that arrive while that plant is being looked at make one more look.
+        Returns True; NoSuchPlantError for a plant not on the list.
+        """
+        wanted = _normal_url(url)
+        handle = next((h for h in self.plants.all() if _normal_url(h.url) == wanted), None)
+        if handle is None:
+            raise NoSuchPlantError(f"{url!r} is not one of this shop's plants")
+        if handle.url in self._looking:
+            self._look_again.add(handle.url)
+            return True
+        self._looking.add(handle.url)
+
+        def look() -> defer.Deferred[Any]:
+            return self._refresh_plant(handle)
+
+        def done(_: Any) -> None:
+            self._looking.discard(handle.url)
+            if handle.url in self._look_again:
+                self._look_again.discard(handle.url)
+                self.plant_changed(handle.url)
+
+        self._safely(look).addBoth(done)
+        return True
+
+    @defer.inlineCallbacks
+    def _refresh_plant(self, handle: Any) -> Any:
+        """Bring the registry's entries for one plant up to date with its ``listVMs``."""
+        seen = time.time()  # the registry stamps its changes with time.time()
+        try:
+            vms = yield handle.client.call("listVMs", include_collected=True)
+        except Exception as exc:  # noqa: BLE001
+            self.plants.mark(handle, False, describe_failure(exc)[1])
+            return
+        self.plants.mark(handle, True)
+        reported = {vm.vm_id: vm for vm in vms or []}
+        entries = yield self._in_thread(self.registry.query, f'plant="{handle.url}"', None)
+        for entry in entries:
+            if entry.collected is not None or entry.vm_id in self._creating or entry.vm_id in self._collecting:
                 continue
-            seen = time.time()  # the registry stamps its changes with time.time()
-            try:
-                vms = yield handle.client.call("listVMs", include_collected=True)
-            except Exception as exc:  # noqa: BLE001
-                self.plants.mark(handle, False, describe_failure(exc)[1])
+            vm = reported.get(entry.plant_vm_id or "")
+            if vm is None:
+                if entry.state in CREATING_STATES:  # a create the shop was stopped in the middle of
+                    yield self._in_thread(self.registry.delete, entry.vm_id)
                 continue
-            reported = {vm.vm_id: vm for vm in vms or []}
-            entries = yield self._in_thread(self.registry.query, f'plant="{handle.url}"', None)
-            for entry in entries:
-                if entry.collected is not None or entry.vm_id in self._creating or entry.vm_id in self._collecting:
-                    continue
-                vm = reported.get(entry.plant_vm_id or "")
-                if vm is None:
-                    if entry.state in CREATING_STATES:  # a create the shop was stopped in the middle of
-                        yield self._in_thread(self.registry.delete, entry.vm_id)
-                    continue
-                changes: dict[str, Any] = {}
-                if vm.state != entry.state:
-                    changes["state"] = vm.state
-                if vm.state in ("collected", "failed"):
-                    changes["collected"] = vm.collected or self.clock()
-                    changes["error"] = vm.error
-                if entry.state in CREATING_STATES:
-                    changes.update(address=vm.address, host_port=vm.host_port, image=vm.image, memory=vm.memory)
-                if changes:
-                    # A create or collect that ended since the plant's report was taken wins over it.
-                    yield self._in_thread(self.registry.update_if_unchanged, entry.vm_id, seen, **changes)
+            changes: dict[str, Any] = {}
+            if vm.state != entry.state:
+                changes["state"] = vm.state
+            if vm.state in ("collected", "failed"):
+                changes["collected"] = vm.collected or self.clock()
+                changes["error"] = vm.error
+            if entry.state in CREATING_STATES:
+                changes.update(address=vm.address, host_port=vm.host_port, image=vm.image, memory=vm.memory)
+            if changes:
+                # A create or collect that ended since the plant's report was taken wins over it.
+                yield self._in_thread(self.registry.update_if_unchanged, entry.vm_id, seen, **changes)
 
     # Output -------------------------------------------------------------------
     def vm_out(self, entry: VMEntry) -> VMInfo:
@@ -408,3 +446,9 @@ def _plant_out(handle: Any) -> PlantStatus:
                        running_vms=getattr(info, "running_vms", None), capacity_vms=getattr(info, "capacity_vms", None),
                        free_memory=getattr(info, "free_memory", None), images=list(getattr(info, "images", None) or []),
                        last_error=handle.last_error, last_seen=handle.last_seen)
+
+
+def _normal_url(url: str) -> str:
+    """``url`` for comparison: scheme and host lower-case, one trailing slash."""
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}/"
