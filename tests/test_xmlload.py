@@ -311,6 +311,7 @@ STABLE_CODES = {
     "DagInvalidError": "Client.DagInvalid",
     "NoSuchImageError": "Client.NoSuchImage",
     "NoSuchVMError": "Client.NoSuchVM",
+    "NoSuchPlantError": "Client.NoSuchPlant",
     "QueryInvalidError": "Client.QueryInvalid",
     "NotSupportedError": "Client.NotSupported",
     "DeclinedError": "Client.Declined",
