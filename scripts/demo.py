@@ -92,6 +92,11 @@ def main() -> int:
                         "--output", str(work / "configuration_vmshop.xml")], check=True, cwd=str(work))
         shop, shop_url = start("VMShop", "vmshop_service.main", work / "configuration_vmshop.xml", work / "shop.log")
         servers.append(shop)
+        # The plant tells the shops in its shop list of changes (it reads the list again at every change).
+        shop_address = shop_url.removeprefix("http://").rstrip("/")
+        shops_file = work / "vmshop_addresses.txt"
+        shops_file.write_text(f"{shop_address}\n")
+        print(f"wrote {shops_file.relative_to(ROOT)} ({shop_address}: the plant tells this shop of changes)")
 
         banner("The shop's plants")
         vmshop(shop_url, "plants")
