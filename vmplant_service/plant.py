@@ -366,12 +366,14 @@ class Plant:
             if state not in (VMState.STOPPED, VMState.CRASHED):
                 continue
             why = "the guest crashed" if state == VMState.CRASHED else "the guest stopped on its own"
+            # Reclaim first, so that 'failed' is only ever seen holding nothing (reclaiming is safe to
+            # repeat: a configure or collect that began meanwhile may reclaim too, and then it decides).
+            self._reclaim(record.vm_id, self._paths(record.vm_id), forget=False)
             with self._lock:
                 if self.records.get_vm(record.vm_id).state != "running":
-                    continue  # a configure or collect began meanwhile: it decides
+                    continue
                 self.records.update_vm(record.vm_id, state="failed", error=why)
-            log.warning("VM %s: %s; marked failed and reclaimed", record.vm_id, why)
-            self._reclaim(record.vm_id, self._paths(record.vm_id), forget=False)
+            log.warning("VM %s: %s; reclaimed and marked failed", record.vm_id, why)
             ended.append(record.vm_id)
         return ended
 
