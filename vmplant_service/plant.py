@@ -313,14 +313,13 @@ class Plant:
             results = self._run_actions(vm_id, dag, order, Channel(Path(record.channel_dir)), record)
         finally:
             alive = not self._guest_gone(vm_id)
+            if not alive:  # reclaimed before it is marked failed (safe to repeat, as a collect may too)
+                self._reclaim(vm_id, self._paths(vm_id), forget=False)
             with self._lock:
                 # A collect that ran meanwhile decides the VM's state.
-                ours = self.records.get_vm(vm_id).state == "configuring"
-                if ours:
+                if self.records.get_vm(vm_id).state == "configuring":
                     self.records.update_vm(vm_id, state="running" if alive else "failed",
                                            **({} if alive else {"error": "the guest stopped while being configured"}))
-            if ours and not alive:
-                self._reclaim(vm_id, self._paths(vm_id), forget=False)
         return tuple(results)
 
     def describe(self, vm_id: str) -> VMRecord:
