@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 
 from vmplant_service.backends.base import GuestSpec, Nic
-from vmplant_service.channel import Channel
 from vmshop_common.xmlload import parse_xml_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,7 +130,7 @@ def accel_state_dir(guest_tmp: Path) -> Path:
 
 
 class SpecFactory:
-    """Makes each VM's directories (overlay, channel, run) under a short root and its GuestSpec."""
+    """Makes each VM's directories (overlay, run) under a short root and its GuestSpec."""
 
     def __init__(self, root: Path, image: TinyImage | None) -> None:
         self.root = root
@@ -150,12 +149,10 @@ class SpecFactory:
             make_overlay(self.image.disk, self.image.disk_format, overlay)
         else:
             overlay.write_bytes(b"")
-        channel = Channel(base / "channel")
-        channel.create()
         image = self.image
         return GuestSpec(
             vm_id=vm_id, disk=overlay, memory=image.memory if image else 128, vcpus=1, run_dir=base / "run",
-            channel_dir=channel.directory, kernel=image.kernel if image else None,
+            kernel=image.kernel if image else None,
             initrd=image.initrd if image else None, cmdline=image.cmdline if image else "",
             machine=image.machine if image else "pc", data_dir=data_dir, nics=nics)
 

@@ -150,6 +150,7 @@ def restart_plant(old: Plant, parts: PlantParts) -> Plant:
     daemonized QEMU outlives the plant).
     """
     old.records.close()
+    old.backend.close()  # a dead plant's connections to its guests are gone too
     return _build(parts, parts.config.backend)
 
 

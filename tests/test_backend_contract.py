@@ -1,4 +1,4 @@
-"""The backend contract (rules 1-7 of ``vmplant_service/backends/base.py``), checked on every backend.
+"""The backend contract (rules 1-9 of ``vmplant_service/backends/base.py``), checked on every backend.
 
 Each backend is one line of :data:`CASES`. Real guests are shared: the
 class-scoped :class:`GuestPool` boots a guest only when the previous one
@@ -20,7 +20,8 @@ from conftest import SpecFactory, processes_naming
 
 from vmplant_service.backends import BACKENDS, backend_class, load_backend
 from vmplant_service.backends.base import Backend, GuestSpec, Nic, VMState
-from vmplant_service.channel import ActionContext, ActionResult, Channel
+from vmplant_service.agent.qga import GuestAgent
+from vmplant_service.channel import MAX_OUTPUT, ActionContext, ActionResult, Channel
 from vmplant_service.segment import mac_for
 from vmshop_common.dag import ScriptAction
 from vmshop_common.errors import BackendError, ConfigurationError
@@ -64,12 +65,21 @@ CASES = [
 ]
 
 
-def leftovers(spec: GuestSpec) -> list[str]:
-    """Whatever still runs for ``spec``: processes naming its disk or run directory, fake agent threads."""
-    found = [args for _, args in processes_naming(str(Path(spec.disk).absolute()))]
-    found += [args for _, args in processes_naming(str(Path(spec.run_dir).absolute()))]
-    found += [t.name for t in threading.enumerate() if t.name.startswith(f"fake-agent-{spec.vm_id}-")]
-    return found
+def leftovers(spec: GuestSpec, settle: float = 5.0) -> list[str]:
+    """Whatever still runs for ``spec``: processes naming its disk or run directory, fake agent threads.
+
+    Fake guests of another backend instance (a "plant restart" in a test) notice within a moment that
+    they were taken over and end on their own: they get ``settle`` seconds to do so.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        found = [args for _, args in processes_naming(str(Path(spec.disk).absolute()))]
+        found += [args for _, args in processes_naming(str(Path(spec.run_dir).absolute()))]
+        found += [t.name for t in threading.enumerate()
+                  if t.name.startswith((f"fake-guest-{spec.vm_id}-", f"fake-qga-{spec.vm_id}-"))]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def files_in(directory: Path) -> list[str]:
@@ -93,12 +103,12 @@ class GuestPool:
         """A guest that runs and whose agent is ready (booting one only if none does)."""
         for spec in reversed(self.started):
             if self.backend.state(spec.vm_id) == VMState.RUNNING:
-                return spec, Channel(spec.channel_dir)
+                return spec, channel_of(self.backend, spec)
         spec = self.new_spec()
         started = time.monotonic()
         self.backend.start(spec)
         self.started.append(spec)
-        channel = Channel(spec.channel_dir)
+        channel = channel_of(self.backend, spec)
         channel.wait_agent(BOOT_TIMEOUT, alive=lambda: self.backend.state(spec.vm_id) == VMState.RUNNING)
         self.boot_seconds.append(time.monotonic() - started)
         return spec, channel
@@ -112,9 +122,13 @@ class GuestPool:
             self.backend.destroy(spec.vm_id)
 
 
+def channel_of(backend: Backend, spec: GuestSpec) -> Channel:
+    return Channel(GuestAgent(backend.agent(spec.vm_id)))
+
+
 def run(channel: Channel, body: str, node_id: str = "a", timeout: int = ACTION_TIMEOUT) -> ActionResult:
-    name = channel.submit(ScriptAction(id=node_id, body=body, script_timeout=timeout), ActionContext())
-    return channel.wait(name, timeout)
+    return channel.run(f"0001-{node_id}", ScriptAction(id=node_id, body=body, script_timeout=timeout),
+                       ActionContext())
 
 
 @pytest.fixture(scope="class", params=[
@@ -164,8 +178,30 @@ class TestContract:
     def test_start_runs_and_agent_is_ready(self, pool: GuestPool) -> None:
         spec, channel = pool.running()
         assert pool.backend.state(spec.vm_id) == VMState.RUNNING
-        assert channel.agent_ready()
+        channel.agent.ping(timeout=10)
         assert spec.vm_id in pool.backend.running()
+
+    def test_run_dir_is_private(self, pool: GuestPool) -> None:
+        """Rule 9: the VM's run directory is the plant's alone, and nothing in it is readable by others."""
+        spec, _ = pool.running()
+        run_dir = Path(spec.run_dir)
+        assert run_dir.stat().st_mode & 0o077 == 0, oct(run_dir.stat().st_mode)
+        for path in run_dir.rglob("*"):
+            if not path.is_symlink():
+                assert path.stat().st_mode & 0o007 == 0, f"{path} is {oct(path.stat().st_mode)}"
+
+    def test_agent_of_an_unknown_vm(self, backend: Backend) -> None:
+        with pytest.raises(BackendError):
+            backend.agent("never-heard-of")
+
+    def test_output_flood_is_capped(self, pool: GuestPool, case: Case) -> None:
+        """An action printing far more than the cap gets its first MAX_OUTPUT bytes and its own status."""
+        _, channel = pool.running()
+        result = run(channel, "i=0; while [ $i -lt 40 ]; do head -c 65536 /dev/zero | tr '\\0' x; "
+                              "i=$((i+1)); done; exit 7 # FAKE_STATUS=7", "flood")
+        assert result.status == 7 and result.error is None
+        if case.real_actions:
+            assert result.output.startswith("x" * MAX_OUTPUT) and "output cut" in result.output
 
     def test_starting_a_running_id_again_fails(self, pool: GuestPool) -> None:
         spec, _ = pool.running()
@@ -187,17 +223,13 @@ class TestContract:
         result = run(channel, "# FAKE_STATUS=3\nexit 3", "fails")
         assert result.status == 3 and not result.ok
 
-    def test_two_actions_run_in_order(self, pool: GuestPool, case: Case) -> None:
+    def test_actions_see_each_others_effects(self, pool: GuestPool, case: Case) -> None:
         _, channel = pool.running()
-        first = channel.submit(ScriptAction(id="one", body="sleep 0.3; echo first > /tmp/order; echo one"),
-                               ActionContext())
-        second = channel.submit(ScriptAction(id="two", body="cat /tmp/order; echo two"), ActionContext())
-        results = [channel.wait(second, ACTION_TIMEOUT), channel.wait(first, ACTION_TIMEOUT)]
-        assert [r.status for r in results] == [0, 0]
-        done = [(channel.actions_dir / name / "done").stat().st_mtime_ns for name in (first, second)]
-        assert done[0] <= done[1]
+        first = run(channel, "sleep 0.3; echo first > /tmp/order; echo one", "one")
+        second = run(channel, "cat /tmp/order; echo two", "two")
+        assert [first.status, second.status] == [0, 0]
         if case.real_actions:
-            assert results[1].output == "one\n" and results[0].output == "first\ntwo\n"
+            assert first.output == "one\n" and second.output == "first\ntwo\n"
 
     def test_unknown_vm(self, backend: Backend) -> None:
         assert backend.state("never-heard-of") in (VMState.UNKNOWN, VMState.STOPPED)
@@ -218,7 +250,7 @@ class TestContract:
         finally:
             restarted.close()
         assert pool.backend.adopt(spec) is True  # and back: the original instance controls it again
-        assert run(channel, "echo back", "back").status == 0
+        assert run(channel_of(pool.backend, spec), "echo back", "back").status == 0
 
     def test_failed_start_leaves_nothing(self, case: Case, options: dict[str, str], specs: SpecFactory,
                                          guest_tmp: Path) -> None:
@@ -306,7 +338,7 @@ class TestFakeAgent:
         backend = load_backend("fake", {"boot_seconds": "0"})
         spec = fake_specs.new("fake-agent")
         backend.start(spec)
-        channel = Channel(spec.channel_dir)
+        channel = channel_of(backend, spec)
         channel.wait_agent(5)
         yield backend, spec, channel
         backend.destroy(spec.vm_id)
@@ -319,7 +351,7 @@ class TestFakeAgent:
     def test_hang_marker_times_out(self, fake: tuple[Backend, GuestSpec, Channel]) -> None:
         started = time.monotonic()
         result = run(fake[2], "sleep 100 # FAKE_HANG", timeout=1)
-        assert result.status == 124 and result.timed_out
+        assert result.status == 137 and result.timed_out
         assert 1 <= time.monotonic() - started < 5
 
     def test_nothing_runs_on_the_host(self, fake: tuple[Backend, GuestSpec, Channel], guest_tmp: Path) -> None:
@@ -329,12 +361,32 @@ class TestFakeAgent:
 
     def test_stop_ends_a_hanging_action(self, fake: tuple[Backend, GuestSpec, Channel]) -> None:
         backend, spec, channel = fake
-        name = channel.submit(ScriptAction(id="hang", body="FAKE_HANG", script_timeout=100), ActionContext())
-        time.sleep(0.1)
-        started = time.monotonic()
-        backend.stop(spec.vm_id)
-        assert time.monotonic() - started < 2
-        assert not (channel.actions_dir / name / "done").exists()
+        results: list[object] = []
+        alive = lambda: backend.state(spec.vm_id) == VMState.RUNNING  # noqa: E731
+
+        def hang() -> None:
+            try:
+                results.append(channel.run("0001-hang", ScriptAction(id="hang", body="FAKE_HANG", script_timeout=100),
+                                           ActionContext(), alive))
+            except BackendError as exc:
+                results.append(exc)
+
+        worker = threading.Thread(target=hang)
+        try:
+            worker.start()
+            time.sleep(0.2)
+            started = time.monotonic()
+            backend.stop(spec.vm_id)
+            assert time.monotonic() - started < 2
+            assert backend.state(spec.vm_id) == VMState.STOPPED
+        finally:
+            worker.join(10)
+        assert not worker.is_alive()
+        assert len(results) == 1 and isinstance(results[0], BackendError) and "stopped" in str(results[0])
+
+    def test_guest_shutdown_powers_off(self, fake: tuple[Backend, GuestSpec, Channel]) -> None:
+        backend, spec, channel = fake
+        channel.agent.shutdown(timeout=1)
         assert backend.state(spec.vm_id) == VMState.STOPPED
 
     def test_crash(self, fake: tuple[Backend, GuestSpec, Channel]) -> None:

@@ -52,12 +52,6 @@ from vmshop_common.errors import (  # noqa: E402
 DAGS = Path(__file__).resolve().parent / "dags"
 
 
-@pytest.fixture(autouse=True)
-def fast_channel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The plant polls the channel every 5 ms instead of 50 (the fake agent answers at once)."""
-    monkeypatch.setattr(channel_module, "POLL_SECONDS", 0.005)
-
-
 @pytest.fixture
 def built(tmp_path: Path) -> Iterator[tuple[Plant, pf.PlantParts]]:
     plant, parts = pf.make_plant(tmp_path / "p")
@@ -100,7 +94,7 @@ def snapshot(plant: Plant) -> dict[str, Any]:
     state = Path(plant.config.state_dir)
     return {
         "records": [(r.vm_id, r.state) for r in plant.list_vms(include_collected=True)],
-        "files": sorted(str(p.relative_to(state)) for sub in ("overlays", "channels", "run")
+        "files": sorted(str(p.relative_to(state)) for sub in ("overlays", "run")
                         for p in (state / sub).rglob("*")),
         "pool": [(e.address, e.holder) for e in plant.pool.entries()] if plant.pool is not None else None,
         "running": plant.backend.running(),
@@ -114,7 +108,6 @@ def assert_nothing_left(plant: Plant, vm_id: str) -> None:
     assert plant.records.action_runs(vm_id) == []
     state = Path(plant.config.state_dir)
     assert not (state / "overlays" / f"{vm_id}.qcow2").exists()
-    assert not (state / "channels" / vm_id).exists()
     assert not (state / "run" / vm_id).exists()
     if plant.pool is not None:
         assert plant.pool.held_by(vm_id) is None
@@ -246,10 +239,8 @@ def test_create_makes_a_running_vm_with_its_records(plant: Plant, parts: pf.Plan
     image_disk = (parts.warehouse_dir / pf.IMAGE / "disk.qcow2").resolve()
     assert Path(info["full-backing-filename"]) == image_disk
     assert info["backing-filename-format"] == "qcow2"
-    # the channel: one directory per action, results written back
-    channel = Path(record.channel_dir)
-    assert channel.is_dir() and (channel / "agent" / "ready").exists()
-    assert sorted(p.name for p in (channel / "actions").iterdir()) == ["0001-net", "0002-data", "0003-a", "0004-conf"]
+    # the channel: the guest agent's socket in the VM's own run directory; no shared directory at all
+    assert (Path(record.run_dir) / "qga.sock").is_socket() and not (parts.state_dir / "channels").exists()
     assert load_dag(record.dag_xml).attributes == {"purpose": "tests", "team": "grid"}
     assert plant.backend.running() == ["vm-1"]
     # the actions' runs, in bid.remaining order, with their durations
@@ -463,7 +454,7 @@ def test_configure_runs_actions_in_dag_order(plant: Plant) -> None:
     results = plant.configure("cfg", pf.vm_xml(nodes, edges))
     assert [r.name for r in results] == ["0002-one", "0003-two", "0004-m", "0005-last"]
     assert all(r.ok for r in results)
-    assert "fake: exec /bin/sh ./body" in results[0].output
+    assert "fake: echo one" in results[0].output
     runs = plant.records.action_runs("cfg")
     assert [run.node_id for run in runs] == ["setup", "one", "two", "m", "last"]
     record = plant.describe("cfg")
@@ -516,7 +507,7 @@ def test_configure_a_guest_that_died(plant: Plant) -> None:
     record = plant.describe("dies")
     assert record.state == "failed" and record.error
     # a failed VM holds nothing: no guest, no clone, no address
-    assert not Path(made.record.overlay).exists() and not Path(made.record.channel_dir).exists()
+    assert not Path(made.record.overlay).exists() and not Path(made.record.run_dir).exists()
     assert plant.pool is not None and plant.pool.held_by("dies") is None
     assert plant.backend.running() == []
     assert plant.info()["running_vms"] == 0
@@ -534,7 +525,7 @@ def test_the_watch_fails_and_reclaims_a_guest_that_died_on_its_own(plant: Plant)
     assert plant.check_guests() == ["watched"]
     record = plant.describe("watched")
     assert record.state == "failed" and record.error == "the guest crashed"
-    assert not Path(made.record.overlay).exists() and not Path(made.record.channel_dir).exists()
+    assert not Path(made.record.overlay).exists() and not Path(made.record.run_dir).exists()
     assert plant.pool is not None and plant.pool.held_by("watched") is None
     assert plant.backend.running() == ["healthy"] and plant.describe("healthy").state == "running"
     assert plant.check_guests() == []  # once
@@ -589,7 +580,7 @@ def test_collect(plant: Plant) -> None:
     assert record.state == "collected" and record.collected is not None
     assert record.owner == "bob" and record.image == pf.IMAGE
     assert not Path(made.record.overlay).exists()
-    assert not Path(made.record.channel_dir).exists()
+    assert not Path(made.record.run_dir).exists()
     assert not Path(made.record.run_dir).exists()
     assert plant.pool is not None and plant.pool.held_by("col") is None and plant.pool.free_count() == 4
     assert plant.backend.running() == []
@@ -622,7 +613,6 @@ def test_recover_after_a_restart(plant: Plant, parts: pf.PlantParts) -> None:
     plant.backend.destroy("lost")  # its guest dies while the plant is down
     stray_overlay = parts.state_dir / "overlays" / "stray.qcow2"
     stray_overlay.write_bytes(b"QFI\xfb")
-    (parts.state_dir / "channels" / "stray" / "actions").mkdir(parents=True)
     (parts.state_dir / "run" / "stray").mkdir()
 
     again = pf.restart_plant(plant, parts)
@@ -632,7 +622,7 @@ def test_recover_after_a_restart(plant: Plant, parts: pf.PlantParts) -> None:
     # the running VM is adopted, and still works
     assert again.describe("keep").state == "running"
     assert again.backend.running() == ["keep"]
-    assert Path(keep.overlay).is_file() and Path(keep.channel_dir).is_dir()
+    assert Path(keep.overlay).is_file() and Path(keep.run_dir).is_dir()
     assert again.pool is not None and again.pool.held_by("keep") is not None
     assert again.pool.held_by("keep").address == keep.address  # type: ignore[union-attr]
     results = again.configure("keep", pf.chain(pf.script("after-restart")))
@@ -641,10 +631,9 @@ def test_recover_after_a_restart(plant: Plant, parts: pf.PlantParts) -> None:
     gone = again.describe("lost")
     assert gone.state == "failed" and gone.error and "restart" in gone.error
     assert again.pool.held_by("lost") is None
-    assert not Path(lost.overlay).exists() and not Path(lost.channel_dir).exists()
+    assert not Path(lost.overlay).exists() and not Path(lost.run_dir).exists()
     # strays are removed
     assert not stray_overlay.exists()
-    assert not (parts.state_dir / "channels" / "stray").exists()
     assert not (parts.state_dir / "run" / "stray").exists()
     assert sorted(p.name for p in (parts.state_dir / "overlays").iterdir()) == ["keep.qcow2"]
     # and the restarted plant goes on: collect, create
@@ -763,7 +752,7 @@ def test_info(plant: Plant) -> None:
         "capacity_vms": 8, "running_vms": 0, "capacity_memory": 4096, "free_memory": 4096,
         "free_addresses": 4, "images": [pf.IMAGE], "architectures": ["x86_64"],
         "clone_seconds": None, "boot_seconds": None,
-        "max_memory": 65536, "max_vcpus": 64, "networks": ["user", "segment"], "channel": "directory",
+        "max_memory": 65536, "max_vcpus": 64, "networks": ["user", "segment"], "channel": "fake",
     }
     plant.create(pf.chain(pf.script("a"), start=pf.image_start(memory=256)), vm_id="i1")
     info = plant.info()

@@ -32,7 +32,7 @@ def records(tmp_path: Path):
 
 def vm(vm_id: str = "vm1", state: str = "booting", created: float = 10.0, **extra) -> VMRecord:
     values = dict(vm_id=vm_id, owner="alice", state=state, image="tiny", memory=128, vcpus=1, disk=1, arch="x86_64",
-                  address="192.168.77.10", overlay=f"/s/overlays/{vm_id}.qcow2", channel_dir=f"/s/channels/{vm_id}",
+                  address="192.168.77.10", overlay=f"/s/overlays/{vm_id}.qcow2",
                   run_dir=f"/s/run/{vm_id}", created=created, updated=created, dag_xml="<vm/>", host_port=40000,
                   mac="52:54:00:00:00:01", attributes={"project": "samples", "n": "1"})
     values.update(extra)

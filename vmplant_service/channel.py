@@ -1,26 +1,35 @@
-"""The host side of a VM's configuration channel.
+"""A VM's configuration channel: DAG actions run inside the guest through its agent.
 
-Every VM has its own directory on the host, shared into the guest over 9p
-(tag ``vmshop``, mounted at ``/vmshop``): the modern form of the original's
-NFS export per domain. The protocol (the guest side is ``guest/`` and
-``docs/guest-image.md``):
+The channel is a message stream to the guest's QEMU guest agent (qemu-ga
+over a virtio-serial port under QEMU and libvirt, over a serial line under
+UML; see :mod:`vmplant_service.agent`). There is no shared file system:
+nothing the guest writes, names or links ever becomes a path the plant
+opens on the host. What the guest answers is bounded and checked by the
+agent client.
 
-- the guest's agent writes ``agent/ready`` once it runs;
-- the plant puts each action in ``actions/NNNN/``: a shell program ``run``
-  (generated here from the DAG action; the agent never interprets actions
-  itself), ``timeout`` (seconds) and any files ``run`` reads, then creates
-  ``ready`` last;
-- the agent runs ready actions one at a time in name order, inside the
-  guest, and writes ``output`` (stdout and stderr), ``status`` (exit
-  status), ``elapsed`` (seconds) and finally ``done``.
+How each action runs (all inside the guest, never on the host):
 
-Nothing here runs an action on the host: this module only writes files and
-reads results. Waiting polls with a deadline.
+- ``script``: its body goes to the guest as the standard input of one
+  ``guest-exec`` of ``/bin/sh -c WRAPPER`` (:data:`WRAPPER`), which stores
+  it in a fresh ``mktemp`` file and runs ``timeout -s KILL T INTERPRETER
+  FILE`` with stdin from /dev/null and stdout+stderr merged and cut to
+  :data:`MAX_OUTPUT` bytes in the guest (the rest is read and dropped, so a
+  flood neither blocks the script nor reaches the host); the wrapper exits
+  with the script's status (137 when the timeout killed it);
+- ``file``: its parent directory is made (``guest-exec``), the content is
+  written with ``guest-file-open``/``guest-file-write``/``guest-file-close``,
+  then the mode is set (``guest-exec chmod``);
+- ``network`` and ``mount``: a shell program generated here from the
+  action (never from guest data) runs like a script.
+
+Bounds: each action has the host-side deadline ``timeout +``
+:data:`AGENT_GRACE` seconds; output is at most :data:`MAX_OUTPUT` bytes.
+An agent that fails, answers out of shape or too much, fails that action
+(``ActionResult.error``); a guest that stops is a :class:`BackendError`.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import textwrap
 import time
@@ -32,15 +41,27 @@ from vmshop_common.dag import Action, FileAction, MountAction, NetworkAction, Sc
 from vmshop_common.errors import BackendError, NotSupportedError
 from vmshop_common.steps import normalise_text
 
-POLL_SECONDS = 0.05
-#: Seconds between two ``alive()`` checks while waiting (each may cost the
-#: hypervisor a control-socket exchange; the files are looked at every POLL_SECONDS).
+from .agent.qga import ExecStatus, GuestAgent
+from .agent.transport import AgentError, AgentTimeout
+
+#: Seconds between two ``alive()`` checks while waiting (each may cost the hypervisor a control exchange).
 ALIVE_EVERY = 0.5
 #: Seconds the plant waits beyond an action's own timeout before it gives up on the agent.
 AGENT_GRACE = 15.0
-#: Exit statuses the agent reports when ``timeout`` killed an action.
+#: Exit statuses that mean the action's timeout killed it (137: SIGKILL from ``timeout -s KILL``).
 TIMEOUT_STATUSES = (124, 137, 143)
+#: The most output of one action kept (bytes): cut in the guest, checked again on the host.
 MAX_OUTPUT = 64 * 1024
+#: Seconds one readiness probe may take before it is retried.
+PROBE_SECONDS = 1.0
+#: The guest program every script runs under (POSIX sh; busybox and Debian alike).
+#: $1 interpreter, $2 output cap in bytes, $3 timeout in seconds; the script arrives on stdin.
+WRAPPER = (
+    'f=$(mktemp) || exit 125\n'
+    'cat >"$f" && chmod 0700 "$f" || { rm -f "$f"; exit 125; }\n'
+    '{ timeout -s KILL "$3" "$1" "$f" </dev/null 2>&1; echo $? >"$f.status"; } | { head -c "$2"; cat >/dev/null; }\n'
+    's=$(cat "$f.status" 2>/dev/null); rm -f "$f" "$f.status"; exit "${s:-125}"\n'
+)
 
 
 @dataclass(frozen=True)
@@ -55,38 +76,30 @@ class ActionContext:
 
 @dataclass(frozen=True)
 class ActionResult:
-    """What the agent reported for one action."""
+    """How one action ended. ``error`` is set when the agent failed (then ``status`` means nothing)."""
 
     name: str
     status: int
     output: str
     elapsed: float
     timed_out: bool
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status == 0
+        return self.status == 0 and self.error is None
 
 
-def render(action: Action, context: ActionContext) -> tuple[str, dict[str, str]]:
-    """The guest shell program for ``action`` and the files it reads (name -> content)."""
+def render(action: Action, context: ActionContext) -> tuple[str, str]:
+    """The interpreter and program that carry out a script, network or mount action in the guest."""
     if isinstance(action, ScriptAction):
         body = textwrap.dedent(action.body.replace("\r\n", "\n")).strip("\n") + "\n"
-        return f"exec {shlex.quote(action.interpreter)} ./body\n", {"body": body}
-    if isinstance(action, FileAction):
-        text = normalise_text(action.content)
-        content = text + "\n" if text else ""
-        path = shlex.quote(action.path)
-        run = (f"mkdir -p \"$(dirname {path})\"\n"
-               f"cp ./content {path}\n"
-               f"chmod {action.mode:o} {path}\n"
-               f"echo \"wrote {action.path} ($(wc -c < {path}) bytes)\"\n")
-        return run, {"content": content}
+        return action.interpreter, body
     if isinstance(action, NetworkAction):
-        return _network(action, context), {}
+        return "/bin/sh", _network(action, context)
     if isinstance(action, MountAction):
-        return _mount(action, context), {}
-    raise NotSupportedError(f"no channel rendering for a {action.kind} action")
+        return "/bin/sh", _mount(action, context)
+    raise NotSupportedError(f"no program for a {action.kind} action")
 
 
 def _network(action: NetworkAction, context: ActionContext) -> str:
@@ -120,7 +133,8 @@ def _mount(action: MountAction, context: ActionContext) -> str:
     target = shlex.quote(action.target)
     lines = [
         "mkdir -p /mnt/.vmdata",
-        # The data share: 9p (tag vmdata) under QEMU, hostfs (vmshop.data=PATH on the kernel line) under UML.
+        # The read-only data share: 9p (tag vmdata) under QEMU and libvirt, hostfs (vmshop.data=PATH on the
+        # kernel line, a read-only bind of the data store in the VM's jail) under UML.
         "grep -q ' /mnt/.vmdata ' /proc/mounts || { "
         "d=$(sed -n 's/.*vmshop\\.data=\\([^ ]*\\).*/\\1/p' /proc/cmdline); "
         "if [ -n \"$d\" ]; then mount -t hostfs -o ro,\"$d\" vmdata /mnt/.vmdata; "
@@ -136,80 +150,80 @@ def _mount(action: MountAction, context: ActionContext) -> str:
 
 
 class Channel:
-    """One VM's channel directory on the host."""
+    """One VM's configuration channel: its guest agent, and the actions run through it."""
 
-    def __init__(self, directory: Path, clock: Callable[[], float] = time.monotonic) -> None:
-        self.directory = Path(directory)
+    def __init__(self, agent: GuestAgent, clock: Callable[[], float] = time.monotonic) -> None:
+        self.agent = agent
         self.clock = clock
 
-    @property
-    def actions_dir(self) -> Path:
-        return self.directory / "actions"
-
-    def create(self) -> None:
-        """Make the directory tree the guest will see (the guest runs as root; 0777 lets it write)."""
-        for path in (self.directory, self.actions_dir, self.directory / "agent"):
-            path.mkdir(parents=True, exist_ok=True)
-            os.chmod(path, 0o777)
-
-    def agent_ready(self) -> bool:
-        return (self.directory / "agent" / "ready").exists()
-
     def wait_agent(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
-        """Wait until the guest's agent is up; return the seconds waited.
+        """Wait until the guest's agent answers; return the seconds waited.
 
         Raises BackendError when ``timeout`` passes or ``alive()`` turns False.
         """
         started = self.clock()
         deadline = started + timeout
         checked = started
-        while not self.agent_ready():
+        last = "no answer yet"
+        while True:
+            tried = self.clock()
+            try:
+                self.agent.ping(timeout=max(min(PROBE_SECONDS, deadline - tried), 0.05))
+                return self.clock() - started
+            except AgentError as exc:
+                last = str(exc)
             if self.clock() - checked >= ALIVE_EVERY:
                 checked = self.clock()
-                if not alive() and not self.agent_ready():
+                if not alive():
                     raise BackendError("the guest stopped before its agent started")
             if self.clock() > deadline:
-                raise BackendError(f"the guest's agent did not start within {timeout:.0f} s")
-            time.sleep(POLL_SECONDS)
-        return self.clock() - started
+                raise BackendError(f"the guest's agent did not answer within {timeout:.0f} s ({last[:200]})")
+            if self.clock() - tried < 0.05:
+                time.sleep(0.1)  # a refused connection fails at once: don't spin
 
-    def submit(self, action: Action, context: ActionContext) -> str:
-        """Write ``action`` for the agent; returns its name (the directory under ``actions``)."""
-        run, files = render(action, context)
-        existing = [p.name for p in self.actions_dir.iterdir() if p.is_dir()] if self.actions_dir.exists() else []
-        name = f"{len(existing) + 1:04d}-{action.id}"
-        target = self.actions_dir / name
-        target.mkdir(parents=True)
-        os.chmod(target, 0o777)
-        for filename, content in files.items():
-            (target / filename).write_text(content)
-        (target / "run").write_text(run)
-        (target / "timeout").write_text(f"{action.timeout}\n")
-        (target / "ready").write_text("")
-        return name
+    def run(self, name: str, action: Action, context: ActionContext,
+            alive: Callable[[], bool] = lambda: True) -> ActionResult:
+        """Carry out ``action`` in the guest (see the module docstring); its result, never an AgentError."""
+        deadline = self.clock() + action.timeout + AGENT_GRACE
+        started = self.clock()
+        try:
+            if isinstance(action, FileAction):
+                status, seconds = self._file(action, deadline, alive)
+            else:
+                interpreter, program = render(action, context)
+                status, seconds = self.agent.run(
+                    "/bin/sh", ["-c", WRAPPER, "vmshop-action", interpreter, str(MAX_OUTPUT), str(action.timeout)],
+                    program.encode(), deadline, MAX_OUTPUT, alive, ALIVE_EVERY)
+        except AgentTimeout:
+            return ActionResult(name, 124, "", self.clock() - started, True,
+                                error=f"no result from the guest's agent within {action.timeout + AGENT_GRACE:g} s")
+        except AgentError as exc:
+            if not alive():
+                raise BackendError(f"the guest stopped while running action {name}") from None
+            return ActionResult(name, 255, "", self.clock() - started, False,
+                                error=f"the guest's agent failed: {exc}")
+        code = status.exitcode if status.exitcode is not None else 128 + (status.signal or 0)
+        output = status.output[:MAX_OUTPUT].decode("utf-8", "replace")
+        if len(status.output) >= MAX_OUTPUT or status.truncated:
+            output += f"\n[output cut at {MAX_OUTPUT} bytes]"
+        timed_out = code in TIMEOUT_STATUSES and seconds >= action.timeout - 0.5
+        return ActionResult(name, code, output, seconds, timed_out)
 
-    def wait(self, name: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> ActionResult:
-        """Wait for the agent's result of action ``name``; BackendError if it never comes."""
-        target = self.actions_dir / name
-        checked = self.clock()
-        deadline = checked + timeout + AGENT_GRACE
-        while not (target / "done").exists():
-            if self.clock() - checked >= ALIVE_EVERY:
-                checked = self.clock()
-                if not alive() and not (target / "done").exists():
-                    raise BackendError(f"the guest stopped while running action {name}")
-            if self.clock() > deadline:
-                raise BackendError(f"the guest's agent gave no result for action {name} within {timeout:.0f} s")
-            time.sleep(POLL_SECONDS)
-        status = int(_read(target / "status") or "255")
-        elapsed = float(_read(target / "elapsed") or "0")
-        with open(target / "output", "rb") as handle:
-            output = handle.read(MAX_OUTPUT).decode("utf-8", "replace")
-        return ActionResult(name, status, output, elapsed, status in TIMEOUT_STATUSES and elapsed >= timeout - 0.5)
+    def _file(self, action: FileAction, deadline: float,
+              alive: Callable[[], bool]) -> tuple[ExecStatus, float]:
+        started = self.clock()
+        text = normalise_text(action.content)
+        content = (text + "\n" if text else "").encode()
+        prepare, _ = self.agent.run("/bin/sh", ["-c", 'd=${1%/*}; [ -z "$d" ] || mkdir -p "$d"', "vmshop-file",
+                                                action.path], None, deadline, MAX_OUTPUT, alive, ALIVE_EVERY)
+        if prepare.exitcode != 0:
+            return prepare, self.clock() - started
+        self.agent.write_file(action.path, content, timeout=max(deadline - self.clock(), 0.001))
+        done, _ = self.agent.run(
+            "/bin/sh", ["-c", 'chmod "$2" "$1" && echo "wrote $1 ($(wc -c <"$1") bytes)"', "vmshop-file",
+                        action.path, f"{action.mode:o}"], None, deadline, MAX_OUTPUT, alive, ALIVE_EVERY)
+        return done, self.clock() - started
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
+__all__ = ["AGENT_GRACE", "MAX_OUTPUT", "TIMEOUT_STATUSES", "WRAPPER", "ActionContext", "ActionResult", "Channel",
+           "render"]

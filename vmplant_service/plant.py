@@ -43,6 +43,7 @@ from vmshop_common.matching import flatten
 
 from .backends.base import Backend, GuestSpec, Nic, VMState
 from .backends.hostside import tail
+from .agent.qga import GuestAgent
 from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
@@ -92,8 +93,8 @@ class Plant:
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
         self.state_dir = Path(config.state_dir)
-        for sub in ("overlays", "channels", "run"):
-            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("overlays", "run"):
+            (self.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # Costs ------------------------------------------------------------------
     def cost_model(self) -> CostModel:
@@ -222,7 +223,6 @@ class Plant:
 
     def _paths(self, vm_id: str) -> dict[str, Path]:
         return {"overlay": self.state_dir / "overlays" / f"{vm_id}.qcow2",
-                "channel": self.state_dir / "channels" / vm_id,
                 "run": self.state_dir / "run" / vm_id}
 
     def _build(self, vm_id: str, dag: Dag, flat: Dag, bid: Bid, info: ImageInfo, owner: str,
@@ -234,18 +234,17 @@ class Plant:
         clone_seconds = make_overlay(info.disk, info.disk_format, paths["overlay"],
                                      hardware.disk if hardware.disk > info.hardware.disk else None)
         self._remember("clone_seconds", clone_seconds)
-        channel = Channel(paths["channel"])
-        channel.create()
         spec = self._spec(vm_id, info, hardware.memory, hardware.vcpus, paths)
         now = self.clock()
         record = VMRecord(vm_id=vm_id, owner=owner, state="booting", image=info.name, memory=hardware.memory,
                           vcpus=hardware.vcpus, disk=hardware.disk, arch=hardware.arch, address=address,
-                          overlay=str(paths["overlay"]), channel_dir=str(paths["channel"]), run_dir=str(paths["run"]),
+                          overlay=str(paths["overlay"]), run_dir=str(paths["run"]),
                           created=now, updated=now, collected=None, error=None, dag_xml=dag_to_xml(dag),
                           host_port=_user_port(spec), mac=_segment_mac(spec), attributes=dict(dag.attributes))
         self.records.add_vm(record)
         started = time.monotonic()
         self.backend.start(spec)
+        channel = self._channel(vm_id)
         channel.wait_agent(BOOT_TIMEOUT, alive=lambda: not self._guest_gone(vm_id))
         self._remember("boot_seconds", time.monotonic() - started)
         self.records.update_vm(vm_id, state="configuring")
@@ -259,8 +258,11 @@ class Plant:
             nics.append(Nic("segment", mac_for(vm_id, 1), switch=str(self.segment.control)))
         datastore = Path(self.config.datastore) if self.config.datastore else None
         return GuestSpec(vm_id=vm_id, disk=paths["overlay"], memory=memory, vcpus=vcpus, run_dir=paths["run"],
-                         channel_dir=paths["channel"], kernel=info.kernel, initrd=info.initrd, cmdline=info.cmdline,
+                         kernel=info.kernel, initrd=info.initrd, cmdline=info.cmdline,
                          machine=info.machine, arch=info.hardware.arch, data_dir=datastore, nics=tuple(nics))
+
+    def _channel(self, vm_id: str) -> Channel:
+        return Channel(GuestAgent(self.backend.agent(vm_id)))
 
     def _remember(self, metric: str, seconds: float) -> None:
         previous = self.records.metric(metric)
@@ -277,18 +279,20 @@ class Plant:
         """Run ``order`` (action ids of ``dag``) in the guest, one by one; ActionFailedError on the first failure."""
         context = self._context(record)
         results = []
-        for node_id in order:
+        first = len(self.records.action_runs(vm_id))
+        for number, node_id in enumerate(order, start=first + 1):
             action = dag.nodes[node_id]
             assert isinstance(action, Action)
-            name = channel.submit(action, context)
             started = self.clock()
-            result = channel.wait(name, action.timeout, alive=lambda: not self._guest_gone(vm_id))
+            result = channel.run(f"{number:04d}-{node_id}", action, context,
+                                 alive=lambda: not self._guest_gone(vm_id))
             self.records.add_action_run(vm_id=vm_id, node_id=node_id, digest=_digest(action), kind=action.kind,
                                         started=started, seconds=result.elapsed, status=result.status,
                                         output=result.output, ok=result.ok)
             results.append(result)
             if not result.ok:
-                why = (f"timed out after {action.timeout} s" if result.timed_out
+                why = (result.error if result.error is not None
+                       else f"timed out after {action.timeout} s" if result.timed_out
                        else f"exited with status {result.status}")
                 raise ActionFailedError(
                     f"action '{node_id}' ({action.kind}) {why}: {result.output.strip()[-400:]}",
@@ -310,7 +314,7 @@ class Plant:
                 raise NotSupportedError(f"VM {vm_id} is {record.state}; only a running VM can be configured")
             self.records.update_vm(vm_id, state="configuring")
         try:
-            results = self._run_actions(vm_id, dag, order, Channel(Path(record.channel_dir)), record)
+            results = self._run_actions(vm_id, dag, order, self._channel(vm_id), record)
         finally:
             alive = not self._guest_gone(vm_id)
             if not alive:  # reclaimed before it is marked failed (safe to repeat, as a collect may too)
@@ -381,7 +385,6 @@ class Plant:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("destroy", lambda: self.backend.destroy(vm_id)),
             ("overlay", lambda: paths["overlay"].unlink(missing_ok=True)),
-            ("channel", lambda: shutil.rmtree(paths["channel"], ignore_errors=True)),
             ("run dir", lambda: shutil.rmtree(paths["run"], ignore_errors=True)),
         ]
         if self.pool is not None:
@@ -425,7 +428,7 @@ class Plant:
         if self.pool is not None:
             self.pool.reconcile(set(adopted))
         live = set(adopted)
-        for sub, suffix in (("overlays", ".qcow2"), ("channels", ""), ("run", "")):
+        for sub, suffix in (("overlays", ".qcow2"), ("run", "")):
             for leftover in (self.state_dir / sub).iterdir():
                 if leftover.name.removesuffix(suffix) not in live:
                     if leftover.is_dir():

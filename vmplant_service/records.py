@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS vms (
     arch TEXT NOT NULL,
     address TEXT,
     overlay TEXT NOT NULL DEFAULT '',
-    channel_dir TEXT NOT NULL DEFAULT '',
+    channel_dir TEXT NOT NULL DEFAULT '',  -- unused since the guest agent replaced the shared directory
     run_dir TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
     updated REAL NOT NULL,
@@ -91,7 +91,6 @@ class VMRecord:
     arch: str
     address: str | None = None
     overlay: str = ""
-    channel_dir: str = ""
     run_dir: str = ""
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)

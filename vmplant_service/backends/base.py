@@ -15,8 +15,8 @@ Rules every backend keeps (the contract tests in
    OS. If it raises (always ``BackendError`` for a spec it cannot run or a
    hypervisor that fails, with the hypervisor's own words), nothing of the
    VM is left running and every file the backend made under
-   ``spec.run_dir`` is gone (the plant owns the overlay and the channel
-   directory and removes them itself). Starting an id that already runs
+   ``spec.run_dir`` is gone (the plant owns the overlay and removes it
+   itself). Starting an id that already runs
    raises.
 2. ``state(vm_id)`` translates the hypervisor's own state, at this edge
    only, to :class:`VMState`; an unknown or vanished VM is ``STOPPED`` if
@@ -43,6 +43,17 @@ Rules every backend keeps (the contract tests in
    (started or adopted) whose guest is still there, sorted.
 7. ``capabilities()`` says what the backend can do on this host right now;
    it is cheap and never boots anything.
+8. ``agent(vm_id)`` is the stream to the guest's agent (qemu-ga's
+   protocol), an :class:`~vmplant_service.agent.transport.AgentTransport`
+   keeping that module's rules (bounded answers, deadlines, resync). The
+   backend makes the stream's host end itself, somewhere no guest can
+   write (a socket in ``run_dir``, or the hypervisor's own API); it never
+   gives the guest a writable host directory, and nothing the guest sends
+   is ever a host path to the backend. BackendError for a VM the backend
+   does not control.
+9. Files and processes: what the backend makes for a VM is not readable by
+   other users (0600 files, 0700 directories), and the hypervisor runs
+   unprivileged where the backend can arrange it (its docstring says how).
 
 A backend is built as ``Backend(options)`` from the plant configuration's
 string options; an option it cannot use raises ``ConfigurationError``.
@@ -55,6 +66,8 @@ import abc
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..agent.transport import AgentTransport
 
 
 class VMState(enum.Enum):
@@ -89,10 +102,10 @@ class GuestSpec:
     """Everything a backend needs to run one VM.
 
     ``disk`` is the VM's own overlay; ``kernel``/``initrd``/``cmdline`` boot
-    it directly; ``channel_dir`` is the host side of the VM's configuration
-    share (9p tag ``vmshop``); ``data_dir`` an optional read-only share of
-    application data (9p tag ``vmdata``); ``run_dir`` is the backend's own
-    directory for this VM (pidfile, control socket, console log).
+    it directly; ``data_dir`` an optional share of application data, which
+    the guest sees READ-ONLY (9p tag ``vmdata``; a read-only hostfs bind under
+    UML); ``run_dir`` is the backend's own directory for this VM (pidfile,
+    control and agent sockets, console log), which no guest can write.
     """
 
     vm_id: str
@@ -100,7 +113,6 @@ class GuestSpec:
     memory: int
     vcpus: int
     run_dir: Path
-    channel_dir: Path
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str = ""
@@ -119,7 +131,8 @@ class Capabilities:
     guests run ('kvm', 'tcg'; 'auto' while not yet probed; 'none' for the
     fake); ``max_memory`` (MiB) and ``max_vcpus`` bound one guest;
     ``networks`` are the :class:`Nic` kinds ``start`` accepts; ``channel``
-    says how the channel directory reaches the guest ('9p' share).
+    says how the agent's stream reaches the guest ('virtio-serial',
+    'serial', 'fake').
     """
 
     name: str
@@ -168,6 +181,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def running(self) -> list[str]:
         """Ids of the VMs this backend controls (rule 6)."""
+
+    @abc.abstractmethod
+    def agent(self, vm_id: str) -> AgentTransport:
+        """The stream to the guest's agent (rule 8)."""
 
     def close(self) -> None:
         """Release the backend's own resources (VMs are left as they are)."""

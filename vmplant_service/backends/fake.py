@@ -4,22 +4,20 @@ It keeps real bookkeeping and plays the guest well enough for a plant to
 create, configure, adopt and collect VMs on it:
 
 - the "guest" of a VM is its file ``run_dir/fake.json`` (state, owner) and
-  a thread of the backend that owns it. The file outlives the backend, as
-  a daemonized QEMU outlives the plant, so a new :class:`FakeBackend` on the
-  same run directory can ``adopt`` the VM (and the old thread then stops);
-- the thread plays the guest's agent on ``spec.channel_dir`` with the real
-  protocol (``vmplant_service.channel``): it writes ``agent/ready`` after
-  ``boot_seconds``, then answers each ready action in name order with
-  ``output``, ``status``, ``elapsed`` and, last, ``done``.
-  A thread ends when its VM is stopped, destroyed or crashed, when another
+  a fake guest agent (:mod:`vmplant_service.backends.fakeagent`) serving
+  ``run_dir/qga.sock`` from a thread of the backend that owns it. The file
+  outlives the backend, as a daemonized QEMU outlives the plant, so a new
+  :class:`FakeBackend` on the same run directory can ``adopt`` the VM (and
+  the old agent then stops answering);
+- the agent speaks the real protocol (qemu-ga's, as the plant's transport
+  expects it), answers once ``boot_seconds`` have passed, and runs nothing:
+  see its module for the markers (``FAKE_FAIL``, ``FAKE_STATUS=<n>``,
+  ``FAKE_HANG``) that make an action fail or hang.
+  An agent stops when its VM is stopped, destroyed or crashed, when another
   backend adopts the VM, or when ``fake.json`` vanishes; ``close()`` leaves
   it running, as it would leave a QEMU.
 
-Actions never run, here or anywhere on the host: the fake agent only reads
-them. Its output is ``fake: <first line of run>`` (and of ``body`` when
-there is one); the status is 0 unless a file of the action holds a marker:
-``FAKE_FAIL`` (status 1), ``FAKE_STATUS=<n>`` (status n) or ``FAKE_HANG``
-(no answer until the action's timeout, then status 124 like the real agent).
+Actions never run, here or anywhere on the host.
 
 Options: ``boot_seconds`` (default 0.05), ``max_memory`` (MiB, default
 65536), ``max_vcpus`` (default 64), ``architectures`` (comma-separated,
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 import uuid
@@ -42,7 +39,9 @@ from pathlib import Path
 
 from vmshop_common.errors import BackendError, ConfigurationError
 
+from ..agent.transport import AgentTransport, SocketTransport
 from .base import Backend, Capabilities, GuestSpec, VMState
+from .fakeagent import FakeAgent
 
 #: The fake guest's states (in ``fake.json``) as VMStates; anything else is UNKNOWN.
 FAKE_STATES: dict[str, VMState] = {
@@ -53,22 +52,26 @@ FAKE_STATES: dict[str, VMState] = {
 }
 NIC_KINDS = ("user", "segment")
 STATE_FILE = "fake.json"
+AGENT_SOCKET = "qga.sock"
 POLL = 0.01
 JOIN_TIMEOUT = 5.0
-#: Files of an action the fake agent writes (never read for markers).
-AGENT_FILES = ("output", "status", "elapsed", "timedout", "done")
-STATUS_MARKER = re.compile(r"FAKE_STATUS=(\d+)")
 
 
 @dataclass
 class _FakeVM:
     spec: GuestSpec
+    agent: FakeAgent | None = None
+    transport: SocketTransport | None = None
+    watcher: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
 
     @property
     def state_file(self) -> Path:
         return Path(self.spec.run_dir) / STATE_FILE
+
+    @property
+    def socket(self) -> Path:
+        return Path(self.spec.run_dir) / AGENT_SOCKET
 
 
 class FakeBackend(Backend):
@@ -94,7 +97,7 @@ class FakeBackend(Backend):
     def capabilities(self) -> Capabilities:
         return Capabilities(name=self.name, available=True, accelerator="none", architectures=self.architectures,
                             max_memory=self.max_memory, max_vcpus=self.max_vcpus, networks=NIC_KINDS,
-                            channel="directory")
+                            channel="fake")
 
     # Starting -------------------------------------------------------------------
     def start(self, spec: GuestSpec) -> None:
@@ -104,7 +107,7 @@ class FakeBackend(Backend):
             self._vms[spec.vm_id] = vm
             self._ended.discard(spec.vm_id)
         try:
-            Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+            Path(spec.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
             self._write_state(vm, "running")
             self._boot(vm)
         except BaseException:
@@ -133,20 +136,52 @@ class FakeBackend(Backend):
         need(Path(spec.disk).is_file(), f"the disk {spec.disk} is not a file")
         for path, label in ((spec.kernel, "kernel"), (spec.initrd, "initrd")):
             need(path is None or Path(path).is_file(), f"the {label} {path} is not a file")
-        need(Path(spec.channel_dir).is_dir(), f"the channel directory {spec.channel_dir} does not exist")
         need(spec.data_dir is None or Path(spec.data_dir).is_dir(), f"the data directory {spec.data_dir} is missing")
         for nic in spec.nics:
             need(nic.kind in NIC_KINDS, f"no NIC of kind {nic.kind!r}")
             need(nic.kind != "segment" or bool(nic.switch), "a segment NIC needs a switch")
 
     def _boot(self, vm: _FakeVM) -> None:
-        """Start the guest: the agent thread (subclasses inject failures here)."""
+        """Start the guest: its agent (subclasses inject failures here)."""
         self._run_agent(vm, boot=True)
 
     def _run_agent(self, vm: _FakeVM, boot: bool) -> None:
-        vm.thread = threading.Thread(target=self._agent, args=(vm, boot), daemon=True,
-                                     name=f"fake-agent-{vm.spec.vm_id}-{self.token[:8]}")
-        vm.thread.start()
+        ready_at = time.monotonic() + (self.boot_seconds if boot else 0.0)
+        vm.agent = FakeAgent(vm.socket, ready_at, on_shutdown=lambda: self._shut_down(vm),
+                             name=f"{vm.spec.vm_id}-{self.token[:8]}")
+        vm.watcher = threading.Thread(target=self._watch, args=(vm,), daemon=True,
+                                      name=f"fake-guest-{vm.spec.vm_id}-{self.token[:8]}")
+        vm.watcher.start()
+
+    def _watch(self, vm: _FakeVM) -> None:
+        """The guest lives while this backend owns it: its agent stops when it no longer does."""
+        while not vm.stop.wait(POLL * 5) and self._owns(vm):
+            pass
+        if vm.agent is not None:
+            vm.agent.stop()
+
+    def _shut_down(self, vm: _FakeVM) -> None:
+        """guest-shutdown: the guest powers off (its agent goes with it)."""
+        if self._owns(vm):
+            self._write_state(vm, "stopped")
+        vm.stop.set()
+
+    def close(self) -> None:
+        """Drop the connections to the agents (the guests, as QEMUs would, run on)."""
+        with self._lock:
+            vms = list(self._vms.values())
+        for vm in vms:
+            if vm.transport is not None:
+                vm.transport.close()
+
+    def agent(self, vm_id: str) -> AgentTransport:
+        with self._lock:
+            vm = self._vms.get(vm_id)
+            if vm is None:
+                raise BackendError(f"VM {vm_id} is not controlled by this backend")
+            if vm.transport is None:
+                vm.transport = SocketTransport(vm.socket)
+            return vm.transport
 
     # The contract ------------------------------------------------------------------
     def state(self, vm_id: str) -> VMState:
@@ -176,8 +211,11 @@ class FakeBackend(Backend):
     def adopt(self, spec: GuestSpec) -> bool:
         vm = _FakeVM(spec)
         with self._lock:
+            old = self._vms.get(spec.vm_id)
             self._vms[spec.vm_id] = vm
             self._ended.discard(spec.vm_id)
+        if old is not None:
+            self._halt(old)  # this instance's earlier agent of the VM (the new one replaces it)
         if self._file_state(vm) != "running":
             return False
         self._write_state(vm, "running")  # this backend owns it now: the old agent thread stops
@@ -199,7 +237,7 @@ class FakeBackend(Backend):
     # The fake guest -----------------------------------------------------------------
     def _write_state(self, vm: _FakeVM, state: str) -> None:
         data = {"vm_id": vm.spec.vm_id, "state": state, "owner": self.token, "pid": os.getpid(),
-                "channel_dir": str(vm.spec.channel_dir), "updated": time.time()}
+                "updated": time.time()}
         _put(vm.state_file, json.dumps(data))
 
     @staticmethod
@@ -213,55 +251,13 @@ class FakeBackend(Backend):
 
     def _halt(self, vm: _FakeVM) -> None:
         vm.stop.set()
-        thread = vm.thread
+        if vm.transport is not None:
+            vm.transport.close()
+        thread = vm.watcher
         if thread is not None and thread is not threading.current_thread():
             thread.join(JOIN_TIMEOUT)
             if thread.is_alive():
                 raise BackendError(f"the fake agent of VM {vm.spec.vm_id} did not stop")
-
-    def _agent(self, vm: _FakeVM, boot: bool) -> None:
-        channel = Path(vm.spec.channel_dir)
-        actions = channel / "actions"
-        started = time.monotonic()
-        if boot:
-            if vm.stop.wait(self.boot_seconds) or not self._owns(vm):
-                return
-            (channel / "agent").mkdir(parents=True, exist_ok=True)
-            _put(channel / "agent" / "ready", f"uptime={time.monotonic() - started:.2f}\n")
-        while not vm.stop.is_set() and self._owns(vm):
-            pending = sorted(d for d in _listdir(actions)
-                             if (d / "ready").exists() and not (d / "done").exists())
-            if pending:
-                self._answer(vm, pending[0])
-            else:
-                vm.stop.wait(POLL)
-
-    def _answer(self, vm: _FakeVM, action: Path) -> None:
-        """Write the fake result of one action (following the agent's protocol; nothing is run)."""
-        started = time.monotonic()
-        texts = {p.name: _text(p) for p in _listdir_files(action) if p.name not in AGENT_FILES}
-        marked = "\n".join(texts.values())
-        lines = [f"fake: {_first_line(texts.get('run', ''))}"]
-        if "body" in texts:
-            lines.append(f"fake: {_first_line(texts['body'])}")
-        status = 0
-        if "FAKE_HANG" in marked:
-            timeout = _seconds(texts.get("timeout", ""))
-            while time.monotonic() - started < timeout:
-                if vm.stop.wait(POLL) or not self._owns(vm):
-                    return  # the guest went away mid-action: no result, as with a real guest
-            status = 124
-            lines.append(f"vmshop-agent: killed after the timeout of {timeout:g} s")
-            _put(action / "timedout", f"{timeout:g}\n")
-        elif "FAKE_FAIL" in marked:
-            status = 1
-        elif (found := STATUS_MARKER.search(marked)) is not None:
-            status = int(found.group(1)) % 256
-        elapsed = f"{time.monotonic() - started:.2f}"
-        _put(action / "output", "\n".join(lines) + "\n")
-        _put(action / "status", f"{status}\n")
-        _put(action / "elapsed", f"{elapsed}\n")
-        _put(action / "done", f"status={status}\nelapsed={elapsed}\n")
 
 
 class FailingStartBackend(FakeBackend):
@@ -285,6 +281,7 @@ class SlowBidBackend(FakeBackend):
 
 def _remove(vm: _FakeVM) -> None:
     vm.state_file.unlink(missing_ok=True)
+    vm.socket.unlink(missing_ok=True)
     try:
         Path(vm.spec.run_dir).rmdir()
     except OSError:
@@ -294,7 +291,9 @@ def _remove(vm: _FakeVM) -> None:
 def _put(path: Path, content: str) -> None:
     """Write through a temporary name and a rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    tmp.write_text(content)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(content)
     os.replace(tmp, path)
 
 
@@ -304,36 +303,3 @@ def _read_state(path: Path) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _listdir(directory: Path) -> list[Path]:
-    try:
-        return [p for p in directory.iterdir() if p.is_dir()]
-    except OSError:
-        return []
-
-
-def _listdir_files(directory: Path) -> list[Path]:
-    try:
-        return [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
-    except OSError:
-        return []
-
-
-def _text(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        return 300.0
-    return value if value > 0 else 300.0

@@ -6,17 +6,35 @@ what the backend needs to find it again lives in the VM's ``run_dir``:
 - ``qemu.pid``: QEMU's pidfile. A pid is trusted only while
   ``/proc/PID/cmdline`` names this very pidfile (pids get reused);
 - ``qmp.sock``: the QMP control socket (state, power-down);
-- ``console.log``: the guest's serial console;
+- ``qga.sock``: the guest agent's stream (a ``-chardev socket`` server
+  behind the virtio-serial port ``org.qemu.guest_agent.0``), the VM's only
+  configuration channel (:meth:`QemuBackend.agent`);
+- ``console.sock``: the guest's serial console, read by the backend's
+  :class:`~vmplant_service.backends.console.ConsoleKeeper` into
+  ``console.log`` (rotated to ``console.log.1`` at ``console_limit`` bytes);
 - ``qemu.err``: what QEMU printed before it daemonized (errors, warnings).
+
+QEMU makes every socket, opens the disk, the kernel and the data share's
+root and writes its pidfile while it is still root, then drops to the
+``runas`` user and installs its seccomp sandbox (``-sandbox
+on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny``):
+from then on the QEMU process (and a guest that escaped into it) can write
+nothing on the host but its already-open files. ``run_dir`` is 0700 and
+belongs to the plant's user; every file in it is 0600.
 
 The guest boots its kernel directly; its disk is the plant's overlay
 (``cache=unsafe``: the overlay is a throw-away clone that never outlives
-the host, so the guest's flushes need not reach the host's disk); the
-configuration channel is a virtio-9p share (tag ``vmshop``), application
-data an optional read-only one (tag ``vmdata``). NICs: 'user' is QEMU's
+the host, so the guest's flushes need not reach the host's disk). There is
+no shared writable directory: application data is an optional 9p share
+exported ``readonly=on`` with ``security_model=none`` (tag ``vmdata``): the
+guest can create, link or chmod nothing on it, and it sees the data
+store's own owners and modes (mapped-xattr would hide them behind xattrs
+that the site's files do not carry). QEMU reads it as the ``runas`` user,
+so the data store must be readable by that user. NICs: 'user' is QEMU's
 user-mode network with ``restrict=on`` (the guest reaches no address
 outside QEMU, not even the host) and one forward from 127.0.0.1 to the
-guest's port 80; 'segment' plugs into the plant's VDE switch.
+guest's port 80; 'segment' plugs into a VDE switch (the plant gives each
+owner a switch of their own).
 
 Options (strings, from the plant's configuration):
 
@@ -33,7 +51,13 @@ Options (strings, from the plant's configuration):
 - ``qmp_timeout``: seconds each QMP exchange may take (default 5);
 - ``start_timeout``: seconds QEMU may take to daemonize (default 30);
 - ``max_vcpus``: vCPUs a guest may have (default: the host's CPU count);
-- ``memory_fraction``: share of the host's memory guests may use (default 0.75).
+- ``memory_fraction``: share of the host's memory guests may use (default 0.75);
+- ``runas``: the user QEMU drops to (default ``vmshop-qemu`` when the plant
+  runs as root and that user exists, which ``scripts/setup_host.sh``
+  makes; ``none`` keeps the plant's user); a plant that is root and finds
+  no such user refuses to start guests as root unless ``runas=root`` says so;
+- ``sandbox``: ``on`` (default) or ``off``: QEMU's seccomp sandbox;
+- ``console_limit``: bytes of console log kept before rotation (default 262144).
 """
 
 from __future__ import annotations
@@ -41,6 +65,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -53,9 +78,11 @@ from pathlib import Path
 
 from vmshop_common.errors import BackendError, ConfigurationError
 
+from ..agent.transport import AgentTransport, SocketTransport
 from ..processes import owned_pid
 from .base import Backend, Capabilities, GuestSpec, VMState
-from .hostside import host_memory_mib, positive_number, tail
+from .console import ConsoleKeeper, console_tail
+from .hostside import choice, host_memory_mib, positive_number, tail
 from .qmp import QMPClient, QMPError
 
 log = logging.getLogger(__name__)
@@ -94,6 +121,11 @@ POLL = 0.05
 KILL_WAIT = 10.0
 #: What the probe's init prints once the guest kernel has started user space.
 PROBE_MARKER = "VMSHOP-ACCEL-PROBE-OK"
+#: The virtio-serial port name qemu-ga looks for (and libvirt, Nova, Proxmox use).
+AGENT_PORT = "org.qemu.guest_agent.0"
+#: The user QEMU runs as by default (made by scripts/setup_host.sh).
+DEFAULT_RUNAS = "vmshop-qemu"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 PROBE_CMDLINE = ("console=ttyS0 quiet loglevel=0 panic=-1 "
                  f'rdinit=/bin/sh -- -c "echo {PROBE_MARKER}; /bin/busybox poweroff -f"')
 
@@ -122,6 +154,14 @@ class RunPaths:
         return self.run_dir / "qmp.sock"
 
     @property
+    def agent(self) -> Path:
+        return self.run_dir / "qga.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
+
+    @property
     def console(self) -> Path:
         return self.run_dir / "console.log"
 
@@ -130,10 +170,12 @@ class RunPaths:
         return self.run_dir / "qemu.err"
 
     def all(self) -> tuple[Path, ...]:
-        return (self.pidfile, self.qmp, self.console, self.stderr)
+        return (self.pidfile, self.qmp, self.agent, self.console_socket, self.console,
+                self.console.with_name("console.log.1"), self.stderr)
 
 
-def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str = "unsafe") -> list[str]:
+def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str = "unsafe",
+                 runas: str | None = None, sandbox: bool = True) -> list[str]:
     """The command line that runs ``spec`` under QEMU (daemonized; see the module docstring)."""
     paths = RunPaths.of(spec.run_dir)
     command = [
@@ -152,8 +194,9 @@ def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str
         if spec.cmdline:
             command += ["-append", spec.cmdline]
     command += ["-drive", f"file={Path(spec.disk).absolute()},if=virtio,format=qcow2,cache={disk_cache}"]
-    command += ["-fsdev", f"local,id=cfg,path={Path(spec.channel_dir).absolute()},security_model=none",
-                "-device", "virtio-9p-pci,fsdev=cfg,mount_tag=vmshop"]
+    command += ["-chardev", f"socket,id=qga0,path={paths.agent},server=on,wait=off",
+                "-device", "virtio-serial-pci,id=vser0",
+                "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
     if spec.data_dir is not None:
         command += ["-fsdev", f"local,id=data,path={Path(spec.data_dir).absolute()},security_model=none,readonly=on",
                     "-device", "virtio-9p-pci,fsdev=data,mount_tag=vmdata"]
@@ -167,10 +210,15 @@ def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str
         command += ["-device", f"virtio-net-pci,netdev={netdev},mac={nic.mac},romfile="]
     command += [
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
-        "-serial", f"file:{paths.console}",
+        "-chardev", f"socket,id=con0,path={paths.console_socket},server=on,wait=off",
+        "-serial", "chardev:con0",
         "-pidfile", str(paths.pidfile),
-        "-daemonize",
     ]
+    if sandbox:
+        command += ["-sandbox", SANDBOX]
+    if runas:
+        command += ["-runas", runas]
+    command.append("-daemonize")
     return command
 
 
@@ -188,6 +236,7 @@ class _VM:
     spec: GuestSpec
     paths: RunPaths
     lock: threading.Lock = field(default_factory=threading.Lock)
+    transport: SocketTransport | None = None
 
 
 class QemuBackend(Backend):
@@ -214,6 +263,9 @@ class QemuBackend(Backend):
         self.start_timeout = positive_number(options, "start_timeout", 30.0, "qemu")
         self.memory_fraction = positive_number(options, "memory_fraction", 0.75, "qemu")
         self.max_vcpus = int(positive_number(options, "max_vcpus", float(os.cpu_count() or 1), "qemu"))
+        self.runas = _runas_option(options.get("runas"))
+        self.sandbox = choice(options, "sandbox", ("on", "off"), "on", "qemu") == "on"
+        self.consoles = ConsoleKeeper(int(positive_number(options, "console_limit", 262144, "qemu")))
         self._vms: dict[str, _VM] = {}
         self._ended: set[str] = set()
         self._lock = threading.Lock()
@@ -246,7 +298,7 @@ class QemuBackend(Backend):
             name=self.name, available=binary is not None,
             reason="" if binary is not None else f"{self.binary} is not installed",
             accelerator=self._known_accelerator() if binary is not None else "",
-            architectures=ARCHITECTURES, networks=NIC_KINDS, channel="9p",
+            architectures=ARCHITECTURES, networks=NIC_KINDS, channel="virtio-serial",
             max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=self.max_vcpus)
 
     # Accelerator ---------------------------------------------------------------------
@@ -376,9 +428,13 @@ class QemuBackend(Backend):
                 raise BackendError(f"{self.binary} is not installed (Debian package qemu-system-x86)")
             accelerator = self.accelerator_for(spec)
             _remove(paths)
-            paths.run_dir.mkdir(parents=True, exist_ok=True)
-            self._launch(qemu_command(spec, binary, accelerator, self.disk_cache), spec, paths)
+            paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(paths.run_dir, 0o700)
+            self._launch(qemu_command(spec, binary, accelerator, self.disk_cache, self._runas_user(),
+                                      self.sandbox), spec, paths)
+            self.consoles.keep(spec.vm_id, paths.console_socket, paths.console)
         except BaseException:
+            self.consoles.forget(spec.vm_id)
             try:
                 self._kill(paths)
             finally:
@@ -407,7 +463,7 @@ class QemuBackend(Backend):
                                f"{tail(paths.stderr) or 'no message'}")
         if qemu_pid(paths) is None:
             raise BackendError(f"QEMU for VM {spec.vm_id} exited right after it started: "
-                               f"{tail(paths.stderr)} {tail(paths.console, 600)}".strip())
+                               f"{tail(paths.stderr)} {console_tail(paths.console, 600)}".strip())
         try:
             with QMPClient(paths.qmp, self.qmp_timeout) as qmp:
                 qmp.execute("query-status")
@@ -431,11 +487,9 @@ class QemuBackend(Backend):
         need_file(spec.initrd, "initrd")
         if spec.initrd is not None and spec.kernel is None:
             raise BackendError(f"VM {spec.vm_id}: an initrd needs a kernel")
-        if not Path(spec.channel_dir).is_dir():
-            raise BackendError(f"VM {spec.vm_id}: the channel directory {spec.channel_dir} does not exist")
         if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
             raise BackendError(f"VM {spec.vm_id}: the data directory {spec.data_dir} does not exist")
-        paths = [spec.disk, spec.channel_dir, spec.run_dir, spec.kernel, spec.initrd, spec.data_dir]
+        paths = [spec.disk, spec.run_dir, spec.kernel, spec.initrd, spec.data_dir]
         paths += [Path(nic.switch) for nic in spec.nics if nic.switch]
         if any("," in str(path) for path in paths if path is not None):
             raise BackendError(f"VM {spec.vm_id}: QEMU option values cannot hold ',' (a path has one)")
@@ -448,7 +502,7 @@ class QemuBackend(Backend):
                 raise BackendError(f"VM {spec.vm_id}: {nic.host_port} is not a TCP port")
             if nic.kind == "segment" and (not nic.switch or not Path(nic.switch).exists()):
                 raise BackendError(f"VM {spec.vm_id}: the segment's switch {nic.switch} is not running")
-        if len(str(RunPaths.of(spec.run_dir).qmp).encode()) > MAX_SOCKET_PATH:
+        if len(str(RunPaths.of(spec.run_dir).console_socket).encode()) > MAX_SOCKET_PATH:
             raise BackendError(f"VM {spec.vm_id}: the run directory {spec.run_dir} is too long for a unix socket")
 
     def state(self, vm_id: str) -> VMState:
@@ -489,6 +543,9 @@ class QemuBackend(Backend):
         if vm is None:
             return
         self._kill(vm.paths)
+        self.consoles.forget(vm_id)
+        if vm.transport is not None:
+            vm.transport.close()
         _remove(vm.paths)
         with self._lock:
             self._vms.pop(vm_id, None)
@@ -525,6 +582,7 @@ class QemuBackend(Backend):
         except QMPError as exc:
             log.warning("VM %s: QEMU runs but does not answer QMP: %s", spec.vm_id, exc)
             return False
+        self.consoles.keep(spec.vm_id, paths.console_socket, paths.console)
         return translate_status(str(status)) == VMState.RUNNING
 
     def running(self) -> list[str]:
@@ -532,10 +590,50 @@ class QemuBackend(Backend):
             vms = list(self._vms.items())
         return sorted(vm_id for vm_id, vm in vms if qemu_pid(vm.paths) is not None)
 
+    def agent(self, vm_id: str) -> AgentTransport:
+        with self._lock:
+            vm = self._vms.get(vm_id)
+            if vm is None:
+                raise BackendError(f"VM {vm_id} is not controlled by this backend")
+            if vm.transport is None:
+                vm.transport = SocketTransport(vm.paths.agent)
+            return vm.transport
+
+    def close(self) -> None:
+        self.consoles.close()
+        with self._lock:
+            vms = list(self._vms.values())
+        for vm in vms:
+            if vm.transport is not None:
+                vm.transport.close()
+
+    def _runas_user(self) -> str | None:
+        """The user QEMU drops to (None: it keeps the plant's); BackendError if a root plant has none."""
+        if self.runas == "none" or os.geteuid() != 0:
+            return None
+        if self.runas == "root":
+            return None
+        try:
+            pwd.getpwnam(self.runas)
+        except KeyError:
+            raise BackendError(f"the user {self.runas!r} that QEMU should run as does not exist "
+                               "(scripts/setup_host.sh makes vmshop-qemu; option runas=root runs guests as root)"
+                               ) from None
+        return self.runas
+
     def ex_console(self, vm_id: str) -> str:
         """The tail of the guest's serial console ('' for an unknown VM)."""
         vm = self._vms.get(vm_id)
-        return tail(vm.paths.console, 8000) if vm is not None else ""
+        return console_tail(vm.paths.console, 8000) if vm is not None else ""
+
+
+def _runas_option(value: str | None) -> str:
+    """The ``runas`` option: a user name, 'none' or 'root' (default: vmshop-qemu)."""
+    if value is None or value == "":
+        return DEFAULT_RUNAS
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+        raise ConfigurationError(f"qemu backend: runas must be a user name, 'none' or 'root', not {value!r}")
+    return value
 
 
 def _wait_gone(paths: RunPaths, deadline: float) -> bool:
