@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--backend-option", action="append", default=[], metavar="NAME=VALUE", help="a backend option (repeatable)")
     add("--network", choices=NETWORK_MODES, help="host-only network: vde or none (default vde if vde_switch is here)")
     add("--ip-file", help="the address pool, ip.txt (default STATE_DIR/ip.txt)")
-    add("--switch-dir", help="the VDE switch's directory (default STATE_DIR/switch)")
+    add("--switch-dir", help="where the owners' VDE switches live (default STATE_DIR/switches)")
     add("--pool-network", default=DEFAULT_POOL, help=f"network of a new pool (default {DEFAULT_POOL})")
     add("--pool-first", type=int, default=DEFAULT_POOL_FIRST, help="first host number of a new pool (default 10)")
     add("--pool-count", type=int, default=DEFAULT_POOL_COUNT, help="addresses in a new pool (default 64)")
@@ -192,7 +192,7 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
     ip_file = switch_dir = None
     if network == "vde":
         ip_file = asker.get(args.ip_file, "IP pool file (ip.txt)", state_dir / "ip.txt", _path(cwd))
-        switch_dir = asker.get(args.switch_dir, "VDE switch directory", state_dir / "switch", _path(cwd))
+        switch_dir = asker.get(args.switch_dir, "VDE switches directory", state_dir / "switches", _path(cwd))
     capacity_vms = asker.get(args.capacity_vms, "Most VMs at once", DEFAULT_CAPACITY_VMS,
                              _int_in(1, 4096, "the number of VMs"))
     capacity_memory = asker.get(args.capacity_memory, "MiB of guest memory, all VMs together",

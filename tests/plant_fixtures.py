@@ -7,8 +7,8 @@ What a test gets from :func:`make_plant`:
   DAG is a blank start plus one script ``os``; the plant clones it with
   ``qemu-img`` (real overlays);
 - optionally an ``ip.txt`` pool (:func:`vmplant_service.ippool.write_pool`)
-  with a stub segment (an object with a ``control`` path: the fake backend
-  only needs a switch name), so network actions render;
+  with real per-owner VDE switches (:class:`OwnerSegments`, stopped by
+  :func:`shutdown_plant`), so network actions render;
 - optionally a data store with one source, ``appdata``;
 - :class:`PlantConfig`, :class:`PlantRecords` and a fake backend from
   :func:`load_backend`.
@@ -28,7 +28,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -38,6 +37,7 @@ from vmplant_service.config import PlantConfig
 from vmplant_service.ippool import IPPool, write_pool
 from vmplant_service.plant import Plant
 from vmplant_service.records import PlantRecords
+from vmplant_service.segment import OwnerSegments
 from vmplant_service.warehouse import Warehouse
 
 IMAGE = "base"
@@ -98,7 +98,7 @@ class PlantParts:
     state_dir: Path
     ip_file: Path | None
     datastore: Path | None
-    segment: Any
+    segments: OwnerSegments | None
     config: PlantConfig
     backends: list[Backend] = field(default_factory=list)
     records: list[PlantRecords] = field(default_factory=list)
@@ -112,10 +112,10 @@ def make_plant(root: Path, *, backend: str = "fake", backend_options: dict[str, 
     warehouse_dir = make_warehouse(root / "warehouse")
     state_dir = root / "state"
     ip_file = None
-    segment = None
+    segments = None
     if pool_size is not None:
         ip_file = write_pool(root / "ip.txt", NETWORK, 10, pool_size, "vmbr0", root / "shares")
-        segment = SimpleNamespace(control=root / "switch" / "switch.ctl")
+        segments = OwnerSegments(root / "switches")
     store = None
     if datastore:
         store = root / "data"
@@ -125,10 +125,10 @@ def make_plant(root: Path, *, backend: str = "fake", backend_options: dict[str, 
     config = PlantConfig(name=name, listen_host="127.0.0.1", listen_port=0, public_url="",
                          warehouse_dir=warehouse_dir, state_dir=state_dir, backend=backend,
                          backend_options=options, network_mode="vde" if ip_file else "none", ip_file=ip_file,
-                         switch_dir=root / "switch" if ip_file else None, capacity_vms=capacity_vms,
+                         switch_dir=root / "switches" if ip_file else None, capacity_vms=capacity_vms,
                          capacity_memory=capacity_memory, datastore=store)
     parts = PlantParts(root=root, warehouse_dir=warehouse_dir, state_dir=state_dir, ip_file=ip_file,
-                       datastore=store, segment=segment, config=config)
+                       datastore=store, segments=segments, config=config)
     return _build(parts, backend), parts
 
 
@@ -139,7 +139,7 @@ def _build(parts: PlantParts, backend_name: str) -> Plant:
     parts.backends.append(backend)
     parts.records.append(records)
     pool = IPPool(parts.ip_file) if parts.ip_file is not None else None
-    return Plant(config, backend, records, Warehouse(parts.warehouse_dir), pool, parts.segment)  # type: ignore[arg-type]
+    return Plant(config, backend, records, Warehouse(parts.warehouse_dir), pool, parts.segments)
 
 
 def restart_plant(old: Plant, parts: PlantParts) -> Plant:
@@ -165,6 +165,8 @@ def shutdown_plant(parts: PlantParts) -> None:
         backend.close()
     for records in parts.records:
         records.close()
+    if parts.segments is not None:
+        parts.segments.stop_all()
 
 
 # DAG documents -------------------------------------------------------------------

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import SpecFactory, processes_naming
 
+from vmplant_service.agent.qga import GuestAgent
 from vmplant_service.backends import BACKENDS, backend_class, load_backend
 from vmplant_service.backends.base import Backend, GuestSpec, Nic, VMState
-from vmplant_service.agent.qga import GuestAgent
 from vmplant_service.channel import MAX_OUTPUT, ActionContext, ActionResult, Channel
 from vmplant_service.segment import mac_for
 from vmshop_common.dag import ScriptAction

@@ -40,6 +40,7 @@ from servers import (
 )
 
 from vmplant_service.ippool import IPPool
+from vmplant_service.segment import segment_name
 from vmshop_common.dagxml import DAG_NS
 
 pytestmark = pytest.mark.integration
@@ -81,26 +82,27 @@ def plant_state(plant: ServerProcess, vm_id: str) -> str | None:
 
 
 def holdings(plant: ServerProcess) -> dict[str, Any]:
-    """What the plant holds on the host, from its state directory: pool, overlays, channels, run dirs, QEMUs."""
+    """What the plant holds on the host, from its state directory: pool, overlays, switches, run dirs, QEMUs."""
     state = plant.state_dir
     pool = {e.address: e.holder for e in IPPool(state / "ip.txt").entries() if e.holder}
     return {
         "pool": pool,
         "overlays": sorted(p.name for p in (state / "overlays").iterdir()),
-        "channels": sorted(p.name for p in (state / "channels").iterdir()),
+        "switches": sorted(p.name for p in (state / "switches").iterdir()) if (state / "switches").exists() else [],
         "run": sorted(p.name for p in (state / "run").iterdir()),
         "guests": processes_mentioning(str(state / "run")),
     }
 
 
-NOTHING = {"pool": {}, "overlays": [], "channels": [], "run": [], "guests": []}
+NOTHING = {"pool": {}, "overlays": [], "switches": [], "run": [], "guests": []}
 
 
-def only(plant: ServerProcess, vm_id: str, address: str) -> dict[str, Any]:
+def only(plant: ServerProcess, vm_id: str, address: str, owner: str) -> dict[str, Any]:
     """What the plant holds with exactly one VM."""
     found = holdings(plant)
     return {**found, "guests": len(found["guests"])} == {
-        "pool": {address: vm_id}, "overlays": [f"{vm_id}.qcow2"], "channels": [vm_id], "run": [vm_id], "guests": 1}
+        "pool": {address: vm_id}, "overlays": [f"{vm_id}.qcow2"], "switches": [segment_name(owner)], "run": [vm_id],
+        "guests": 1}
 
 
 def registry_states(shop: ServerProcess) -> dict[str, str]:
@@ -257,7 +259,7 @@ def test_shop_and_plant_killed_and_restarted_keep_every_record_and_readopt_live_
     assert plant_state(plant, live.vm_id) == "running"
     failed = plant.service.describeVM(vm_id=dead.vm_id)
     assert failed.state == "failed" and "gone" in failed.error
-    assert only(plant, live.vm_id, live.address)
+    assert only(plant, live.vm_id, live.address, "live")
     # The shop lost no record; its state poll brings the dead VM's end into the registry.
     assert set(registry_states(shop)) == {live.vm_id, dead.vm_id}
     wait_for(lambda: registry_states(shop)[dead.vm_id] == "failed", what="the shop to see the dead VM failed")

@@ -313,7 +313,7 @@ def plant_holdings(plant: ServerProcess) -> dict[str, Any]:
     return {
         "records": records, "action runs": runs,
         "overlays": sorted(p.name for p in (state / "overlays").iterdir()),
-        "channels": sorted(p.name for p in (state / "channels").iterdir()),
+        "switches": sorted(p.name for p in (state / "switches").iterdir()) if (state / "switches").exists() else [],
         "run": sorted(p.name for p in (state / "run").iterdir()),
         "pool": {e.address: e.holder for e in IPPool(state / "ip.txt").entries() if e.holder},
         "processes": sorted(processes_mentioning(str(state))),

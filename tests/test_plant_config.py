@@ -84,7 +84,7 @@ def test_public_url_defaults(tmp_path: Path) -> None:
 
 def test_vde_switch_dir_defaults_into_the_state_dir(tmp_path: Path) -> None:
     text = MINIMAL.replace("</vmplant>", '<network mode="vde" ipfile="/p/ip.txt"/></vmplant>')
-    assert load_config(write(tmp_path, text)).switch_dir == Path("/s/switch")
+    assert load_config(write(tmp_path, text)).switch_dir == Path("/s/switches")
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_flags_only(script: ModuleType, tmp_path: Path) -> None:
     assert config.public_url == "http://127.0.0.2:8100/"
     assert config.warehouse_dir == tmp_path / "wh" and config.state_dir == tmp_path / "st"
     assert config.backend_options == {"accel": "tcg"}
-    assert config.ip_file == tmp_path / "st" / "ip.txt" and config.switch_dir == tmp_path / "st" / "switch"
+    assert config.ip_file == tmp_path / "st" / "ip.txt" and config.switch_dir == tmp_path / "st" / "switches"
     assert (config.capacity_vms, config.capacity_memory, config.datastore) == (3, 1024, tmp_path / "data")
     pool = IPPool(config.ip_file)
     entries = pool.entries()

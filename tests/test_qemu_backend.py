@@ -48,7 +48,7 @@ def free_port() -> int:
 def spec_on_paper(tmp_path: Path, **changes: object) -> GuestSpec:
     """A spec whose files need not exist (for the command line only)."""
     spec = GuestSpec(vm_id="paper", disk=tmp_path / "disk.qcow2", memory=128, vcpus=2, run_dir=tmp_path / "run",
-                     channel_dir=tmp_path / "channel", kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd.img",
+                     kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd.img",
                      cmdline="console=ttyS0 quiet", machine="q35")
     return replace(spec, **changes)  # type: ignore[arg-type]
 
@@ -62,7 +62,7 @@ def test_command_line(tmp_path: Path) -> None:
     nics = (Nic("user", "52:54:00:00:00:01", host_port=18080), Nic("user", "52:54:00:00:00:02"),
             Nic("segment", "52:54:00:00:00:03", switch="/run/sw.ctl"))
     spec = spec_on_paper(tmp_path, nics=nics, data_dir=tmp_path / "data")
-    command = qemu_command(spec, "/usr/bin/qemu-system-x86_64", "tcg")
+    command = qemu_command(spec, "/usr/bin/qemu-system-x86_64", "tcg", runas="vmshop-qemu")
     paths = RunPaths.of(spec.run_dir)
     assert command[0] == "/usr/bin/qemu-system-x86_64"
     assert option_values(command, "-machine") == ["q35"] and option_values(command, "-accel") == ["tcg"]
@@ -70,22 +70,30 @@ def test_command_line(tmp_path: Path) -> None:
     assert option_values(command, "-kernel") == [str(tmp_path / "vmlinux")]
     assert option_values(command, "-append") == ["console=ttyS0 quiet"]
     assert option_values(command, "-drive") == [f"file={tmp_path / 'disk.qcow2'},if=virtio,format=qcow2,cache=unsafe"]
+    # No writable share at all: the data share is read-only; the channel is the agent's virtio-serial port.
     assert option_values(command, "-fsdev") == [
-        f"local,id=cfg,path={tmp_path / 'channel'},security_model=none",
         f"local,id=data,path={tmp_path / 'data'},security_model=none,readonly=on"]
-    assert "virtio-9p-pci,fsdev=cfg,mount_tag=vmshop" in option_values(command, "-device")
     assert "virtio-9p-pci,fsdev=data,mount_tag=vmdata" in option_values(command, "-device")
+    assert option_values(command, "-chardev") == [
+        f"socket,id=qga0,path={paths.agent},server=on,wait=off",
+        f"socket,id=con0,path={paths.console_socket},server=on,wait=off"]
+    assert option_values(command, "-device")[:2] == [
+        "virtio-serial-pci,id=vser0", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
+    # Unprivileged and sandboxed once it has opened what it needs.
+    assert option_values(command, "-runas") == ["vmshop-qemu"]
+    assert option_values(command, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     netdevs = option_values(command, "-netdev")
     assert netdevs == ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:18080-:80", "user,id=net1,restrict=on",
                        "vde,id=net2,sock=/run/sw.ctl"]
     assert all("restrict=on" in n for n in netdevs if n.startswith("user,"))
-    assert option_values(command, "-device")[2:] == [
+    assert option_values(command, "-device")[3:] == [
         "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile=",
         "virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02,romfile=",
         "virtio-net-pci,netdev=net2,mac=52:54:00:00:00:03,romfile="]
     assert option_values(command, "-qmp") == [f"unix:{paths.qmp},server=on,wait=off"]
     assert option_values(command, "-pidfile") == [str(paths.pidfile)]
-    assert option_values(command, "-serial") == [f"file:{paths.console}"]
+    assert option_values(command, "-serial") == ["chardev:con0"]
     for flag in ("-daemonize", "-nodefaults", "-no-reboot", "-no-user-config"):
         assert flag in command
     assert option_values(command, "-display") == ["none"]
@@ -93,8 +101,10 @@ def test_command_line(tmp_path: Path) -> None:
 
 
 def test_command_line_without_data_share_or_initrd(tmp_path: Path) -> None:
-    command = qemu_command(spec_on_paper(tmp_path, initrd=None), "qemu-system-x86_64", "kvm", "writeback")
+    command = qemu_command(spec_on_paper(tmp_path, initrd=None), "qemu-system-x86_64", "kvm", "writeback",
+                           sandbox=False)
     assert "-initrd" not in command and "mount_tag=vmdata" not in " ".join(command)
+    assert "-runas" not in command and "-sandbox" not in command
     assert option_values(command, "-drive")[0].endswith("cache=writeback")
 
 
@@ -105,13 +115,11 @@ def test_command_line_without_data_share_or_initrd(tmp_path: Path) -> None:
     ({"vm_id": "a,b"}, "VM id"),
     ({"arch": "aarch64"}, "x86_64"),
     ({"memory": 0}, "positive"),
-    ({"channel_dir": Path("/nonexistent/channel")}, "channel"),
     ({"data_dir": Path("/nonexistent/data")}, "data"),
 ])
 def test_refused_specs_make_nothing(tmp_path: Path, change: dict[str, object], message: str) -> None:
     for name in ("disk.qcow2", "vmlinux", "initrd.img"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "channel").mkdir()
     spec = spec_on_paper(tmp_path, **change)
     with pytest.raises(BackendError, match=message):
         QemuBackend({"accel": "tcg"}).start(spec)
@@ -121,7 +129,6 @@ def test_refused_specs_make_nothing(tmp_path: Path, change: dict[str, object], m
 def test_run_dir_too_long_for_a_socket(tmp_path: Path) -> None:
     for name in ("disk.qcow2", "vmlinux", "initrd.img"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "channel").mkdir()
     spec = spec_on_paper(tmp_path, run_dir=tmp_path / ("r" * 120))
     with pytest.raises(BackendError, match="too long"):
         QemuBackend({"accel": "tcg"}).start(spec)
@@ -274,7 +281,7 @@ def test_capabilities_from_the_host() -> None:
     caps = QemuBackend({"accel": "tcg"}).capabilities()
     with open("/proc/meminfo") as handle:
         total = int(next(line for line in handle if line.startswith("MemTotal:")).split()[1]) // 1024
-    assert caps.available and caps.accelerator == "tcg" and caps.channel == "9p"
+    assert caps.available and caps.accelerator == "tcg" and caps.channel == "virtio-serial"
     assert caps.max_memory == int(total * 0.75) and caps.max_vcpus == os.cpu_count()
     missing = QemuBackend({"qemu_binary": "/nonexistent/qemu"}).capabilities()
     assert not missing.available and "not installed" in missing.reason

@@ -35,6 +35,11 @@ DEFAULT_CAPACITY_VMS = 8
 DEFAULT_CAPACITY_MEMORY = 4096
 #: Seconds between two looks at the running guests (see Plant.check_guests).
 DEFAULT_WATCH_INTERVAL = 5.0
+#: Per-VM bounds a plant enforces by default (``<limits>``): an action's timeout, the sum of the timeouts of
+#: one create's or configure's actions (seconds), and a VM's virtual disk (GiB; its overlay never grows beyond).
+DEFAULT_MAX_ACTION_SECONDS = 3600
+DEFAULT_MAX_DAG_SECONDS = 4 * 3600
+DEFAULT_MAX_DISK_GIB = 64
 RECORDS_FILE = "records.sqlite3"
 _WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -66,6 +71,9 @@ class PlantConfig:
     datastore: Path | None = None
     shops_file: Path | None = None
     watch_interval: float = DEFAULT_WATCH_INTERVAL
+    max_action_seconds: int = DEFAULT_MAX_ACTION_SECONDS
+    max_dag_seconds: int = DEFAULT_MAX_DAG_SECONDS
+    max_disk: int = DEFAULT_MAX_DISK_GIB
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -145,9 +153,14 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
     if mode == "vde":
         if ip_file is None:
             raise fail("network mode 'vde' needs an ipfile (the address pool)", network)
-        switch_dir = switch_dir or state_dir / "switch"
+        switch_dir = switch_dir or state_dir / "switches"
     capacity = element("capacity")
     watch = element("watch")
+    limits = element("limits")
+
+    def limit(name: str, default: int) -> int:
+        return int(limits.get(name)) if limits is not None and limits.get(name) is not None else default
+
     warehouse_dir = path_of("warehouse", "dir")
     assert warehouse_dir is not None
     return PlantConfig(
@@ -158,7 +171,10 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
         capacity_vms=int(capacity.get("vms")) if capacity is not None else DEFAULT_CAPACITY_VMS,
         capacity_memory=int(capacity.get("memory")) if capacity is not None else DEFAULT_CAPACITY_MEMORY,
         datastore=path_of("datastore", "dir"), shops_file=path_of("shops", "file"),
-        watch_interval=float(watch.get("interval")) if watch is not None else DEFAULT_WATCH_INTERVAL, source=source)
+        watch_interval=float(watch.get("interval")) if watch is not None else DEFAULT_WATCH_INTERVAL,
+        max_action_seconds=limit("action-timeout", DEFAULT_MAX_ACTION_SECONDS),
+        max_dag_seconds=limit("dag-seconds", DEFAULT_MAX_DAG_SECONDS),
+        max_disk=limit("disk", DEFAULT_MAX_DISK_GIB), source=source)
 
 
 def _absolute(base: Path, value: str) -> Path:
@@ -199,6 +215,12 @@ def config_to_xml(config: PlantConfig) -> str:
         add("shops", file=config.shops_file)
     if config.watch_interval != DEFAULT_WATCH_INTERVAL:
         add("watch", interval=f"{config.watch_interval:g}")
+    limits = {"action_timeout": config.max_action_seconds, "dag_seconds": config.max_dag_seconds,
+              "disk": config.max_disk}
+    defaults = {"action_timeout": DEFAULT_MAX_ACTION_SECONDS, "dag_seconds": DEFAULT_MAX_DAG_SECONDS,
+                "disk": DEFAULT_MAX_DISK_GIB}
+    if limits != defaults:
+        add("limits", **limits)
     etree.indent(root, space="  ")
     body = etree.tostring(root, encoding="unicode")
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -215,7 +237,7 @@ def write_config(config: PlantConfig, path: str | Path) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(config_to_xml(config))
             handle.flush()
-            os.fchmod(handle.fileno(), 0o644)
+            os.fchmod(handle.fileno(), 0o600)
             os.fsync(handle.fileno())
         os.replace(temp, target)
     except BaseException:

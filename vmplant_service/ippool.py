@@ -12,7 +12,10 @@ Each address line has eight whitespace-separated fields, as in the original:
 8. ``unused``, or the id of the VM that holds the address.
 
 Blank lines and ``#`` comment lines are kept as they are; an address line
-is rewritten only when its eighth field changes (and then only that field).
+is rewritten only when its holder changes, and then only its eighth field
+and, when the plant says which segment the VM is on, its second (the
+bridge field names the owner's segment while a VM holds the address, and
+the pool's free value again once it is released).
 The first comment ``# network A.B.C.D/N`` (which :func:`write_pool` writes)
 gives the pool's prefix length.
 
@@ -44,6 +47,8 @@ UNUSED = "unused"
 FIELDS = 8
 DEFAULT_PREFIX = 24
 _LAST_FIELD = re.compile(r"^(.*\S\s+)(\S+)(\s*)$")
+_FIELD = re.compile(r"\S+")
+_BRIDGE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _NETWORK_COMMENT = re.compile(r"^#\s*network[:=]?\s+(\S+)\s*$", re.IGNORECASE)
 _VM_ID = re.compile(r"^[^\s#]{1,128}$")
 
@@ -83,12 +88,16 @@ class _Pool:
     def ordered(self) -> list[tuple[int, PoolEntry]]:
         return sorted(self.entries.items())
 
-    def set_holder(self, index: int, holder: str | None) -> None:
+    def set_holder(self, index: int, holder: str | None, bridge: str | None = None) -> None:
         entry = self.entries[index]
         match = _LAST_FIELD.match(self.lines[index])
         assert match is not None  # the line has eight fields
         self.lines[index] = match.group(1) + (holder or UNUSED) + match.group(3)
         self.entries[index] = replace(entry, holder=holder)
+        if bridge is not None and bridge != entry.bridge:
+            second = list(_FIELD.finditer(self.lines[index]))[1]
+            self.lines[index] = self.lines[index][:second.start()] + bridge + self.lines[index][second.end():]
+            self.entries[index] = replace(self.entries[index], bridge=bridge)
 
     def text(self) -> str:
         return "".join(line + "\n" for line in self.lines)
@@ -139,7 +148,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        mode = 0o644
+        mode = 0o600
     fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -168,7 +177,7 @@ class IPPool:
     defaults to the file's ``# network`` comment, else 24.
     """
 
-    def __init__(self, path: str | Path, prefix: int | None = None) -> None:
+    def __init__(self, path: str | Path, prefix: int | None = None, free_bridge: str | None = None) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._thread_lock = threading.Lock()
@@ -176,6 +185,9 @@ class IPPool:
         with self._locked() as pool:
             if self._prefix is None:
                 self._prefix = pool.prefix if pool.prefix is not None else DEFAULT_PREFIX
+            free = [entry.bridge for _, entry in pool.ordered() if entry.free]
+        #: The bridge field of an address no VM holds: as given, else what the file's first free line says.
+        self.free_bridge = free_bridge or (free[0] if free else "none")
 
     @property
     def prefix(self) -> int:
@@ -197,13 +209,17 @@ class IPPool:
                 finally:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def checkout(self, vm_id: str) -> PoolEntry:
+    def checkout(self, vm_id: str, bridge: str | None = None) -> PoolEntry:
         """The address for ``vm_id``: the one it holds already, else the first unused one in file order.
 
+        ``bridge`` (the VM's segment) is written to the address's bridge field.
         Raises PoolExhaustedError when no address is free, ValueError for a
-        VM id that can't be written as one field (whitespace, '#', 'unused').
+        VM id that can't be written as one field (whitespace, '#', 'unused')
+        or a bridge name that can't.
         """
         _check_vm_id(vm_id)
+        if bridge is not None and not _BRIDGE.match(bridge):
+            raise ValueError(f"{bridge!r} cannot be a bridge field")
         with self._locked() as pool:
             free: int | None = None
             for index, entry in pool.ordered():
@@ -213,7 +229,7 @@ class IPPool:
                     free = index
             if free is None:
                 raise PoolExhaustedError(f"all {len(pool.entries)} addresses of the pool {self.path} are in use")
-            pool.set_holder(free, vm_id)
+            pool.set_holder(free, vm_id, bridge)
             _atomic_write(self.path, pool.text())
             return pool.entries[free]
 
@@ -233,7 +249,7 @@ class IPPool:
             if not chosen:
                 return []
             for index, _ in chosen:
-                pool.set_holder(index, None)
+                pool.set_holder(index, None, self.free_bridge)
             _atomic_write(self.path, pool.text())
             return [entry for _, entry in chosen]
 

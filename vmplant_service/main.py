@@ -34,7 +34,7 @@ from .ippool import IPPool
 from .notify import ShopNotifier
 from .plant import Plant
 from .records import PlantRecords
-from .segment import VdeSegment
+from .segment import OwnerSegments
 from .service import APP_NAME, PlantRuntime, VMPlantService
 from .warehouse import Warehouse
 from .wire import TNS
@@ -56,14 +56,13 @@ def build_plant(config: PlantConfig) -> Plant:
     for problem in warehouse.problems:
         log.warning("warehouse entry skipped: %s line %s: [%s] %s", problem.path, problem.line, problem.code,
                     problem.message)
-    pool = segment = None
+    pool = segments = None
     if config.network_mode == "vde":
         if config.ip_file is None:
             raise ConfigurationError("network mode vde needs an ip file (<network ipfile=...>)")
         pool = IPPool(Path(config.ip_file))
-        segment = VdeSegment(Path(config.switch_dir) if config.switch_dir else state / "switch")
-        segment.start()
-    return Plant(config, backend, records, warehouse, pool, segment)
+        segments = OwnerSegments(Path(config.switch_dir) if config.switch_dir else state / "switches")
+    return Plant(config, backend, records, warehouse, pool, segments)
 
 
 def serve(config: PlantConfig, host: str | None = None, port: int | None = None) -> int:
@@ -96,8 +95,7 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
         if watch.running:
             watch.stop()
         pool.stop()
-        if plant.segment is not None and not plant.records.live_vms():
-            plant.segment.stop()
+        plant.release_segments()
         plant.backend.close()
         plant.records.close()
 

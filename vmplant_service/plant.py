@@ -16,6 +16,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
@@ -24,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmshop_common.cost import Bid, CostModel, Decline
 from vmshop_common.dag import Action, Dag, MountAction, NetworkAction
@@ -40,16 +42,17 @@ from vmshop_common.errors import (
     VMShopError,
 )
 from vmshop_common.matching import flatten
+from vmshop_common.rules import check_static_addresses
 
-from .backends.base import Backend, GuestSpec, Nic, VMState
-from .backends.hostside import tail
 from .agent.qga import GuestAgent
+from .backends.base import Backend, GuestSpec, Nic, VMState
+from .backends.console import console_tail
 from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
 from .ippool import IPPool
 from .records import PlantRecords, VMRecord
-from .segment import VdeSegment, mac_for
+from .segment import OwnerSegments, mac_for, segment_name
 from .warehouse import ImageInfo, Warehouse
 
 log = logging.getLogger(__name__)
@@ -81,20 +84,24 @@ class Plant:
     """One host's VMs. ``clock`` gives wall-clock seconds (records' times)."""
 
     def __init__(self, config: PlantConfig, backend: Backend, records: PlantRecords, warehouse: Warehouse,
-                 pool: IPPool | None = None, segment: VdeSegment | None = None,
+                 pool: IPPool | None = None, segments: OwnerSegments | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.backend = backend
         self.records = records
         self.warehouse = warehouse
         self.pool = pool
-        self.segment = segment
+        self.segments = segments
         self.clock = clock
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
+        self._reserved_owners: dict[str, str] = {}  # vm_id -> owner, VMs being created
         self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
         for sub in ("overlays", "run"):
             (self.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.state_dir / sub, 0o700)
 
     # Costs ------------------------------------------------------------------
     def cost_model(self) -> CostModel:
@@ -107,8 +114,10 @@ class Plant:
         return round(len(self._reserved) * (self.records.metric("boot_seconds") or 5.0) / 2, 6)
 
     def estimate(self, dag_xml: str) -> Bid | Decline:
-        """A bid for the DAG, or a decline with the reason. Invalid DAGs raise."""
-        result = self.estimate_dag(load_dag(dag_xml))
+        """A bid for the DAG, or a decline with the reason. Invalid DAGs (and static addresses) raise."""
+        dag = load_dag(dag_xml)
+        check_static_addresses(dag, None)
+        result = self.estimate_dag(dag)
         if isinstance(result, Bid):
             full = self._full()
             if full:
@@ -132,7 +141,24 @@ class Plant:
         reason = self._unservable(flat)
         if reason:
             return Decline(reason)
-        return self.cost_model().estimate(dag, images, self._load_seconds())
+        bid = self.cost_model().estimate(dag, images, self._load_seconds())
+        if isinstance(bid, Bid):
+            reason = self._too_long([flat.nodes[n] for n in bid.remaining if isinstance(flat.nodes[n], Action)])
+            if reason:
+                return Decline(reason)
+        return bid
+
+    def _too_long(self, actions: list[Any]) -> str | None:
+        """Why running ``actions`` would take more than this plant allows a VM (its ``<limits>``), or None."""
+        for action in actions:
+            if action.timeout > self.config.max_action_seconds:
+                return (f"action '{action.id}' may run {action.timeout} s; this plant allows an action "
+                        f"{self.config.max_action_seconds} s")
+        total = sum(action.timeout for action in actions)
+        if total > self.config.max_dag_seconds:
+            return (f"the actions may run {total} s in all (the sum of their timeouts); this plant allows "
+                    f"{self.config.max_dag_seconds} s")
+        return None
 
     def _unservable(self, flat: Dag) -> str | None:
         """Why this plant can never serve the (flattened) DAG, or None."""
@@ -142,6 +168,8 @@ class Plant:
             return f"backend {caps.name} is not available here: {caps.reason}"
         if hardware.arch not in caps.architectures:
             return f"backend {caps.name} runs {', '.join(caps.architectures)}, not {hardware.arch}"
+        if hardware.disk > self.config.max_disk:
+            return f"a {hardware.disk} GiB disk is more than this plant gives a VM ({self.config.max_disk} GiB)"
         if hardware.memory > self.config.capacity_memory:
             return f"{hardware.memory} MiB is more than this plant's {self.config.capacity_memory} MiB for guests"
         if caps.max_memory and hardware.memory > caps.max_memory:
@@ -163,6 +191,7 @@ class Plant:
     def create(self, dag_xml: str, owner: str = "", vm_id: str | None = None) -> CreateResult:
         """Make the VM the DAG describes; returns when it is configured (see the module's guarantees)."""
         dag = load_dag(dag_xml)
+        check_static_addresses(dag, None)
         estimate = self.estimate_dag(dag)
         if isinstance(estimate, Decline):
             if estimate.reason.startswith("no cached image is named"):
@@ -174,12 +203,12 @@ class Plant:
         vm_id = vm_id or uuid.uuid4().hex[:12]
         if not VM_ID.match(vm_id):
             raise DeclinedError(f"'{vm_id}' is not a valid VM id", [Problem("bad VM id", None, None)])
-        self._reserve(vm_id, hardware.memory)
+        self._reserve(vm_id, hardware.memory, owner)
         paths = self._paths(vm_id)
         try:
             return self._build(vm_id, dag, flat, estimate, info, owner, paths)
         except BaseException as exc:
-            console = tail(paths["run"] / "console.log", 4000)
+            console = console_tail(paths["run"] / "console.log", 4000)
             self._reclaim(vm_id, paths, forget=True)
             if isinstance(exc, BackendError) and console:
                 log.warning("create %s failed (%s); the guest's console ended with:\n%s", vm_id, exc, console)
@@ -192,8 +221,10 @@ class Plant:
         finally:
             with self._lock:
                 self._reserved.pop(vm_id, None)
+                self._reserved_owners.pop(vm_id, None)
+            self.release_segments()
 
-    def _reserve(self, vm_id: str, memory: int) -> None:
+    def _reserve(self, vm_id: str, memory: int, owner: str) -> None:
         with self._lock:
             # A VM being created is both reserved and (once recorded) live: count it once.
             live = [r for r in self.records.live_vms() if r.vm_id not in self._reserved]
@@ -212,6 +243,7 @@ class Plant:
                 raise CapacityExhaustedError(
                     f"{memory} MiB asked, {self.config.capacity_memory - used} MiB of guest memory free")
             self._reserved[vm_id] = memory
+            self._reserved_owners[vm_id] = owner
 
     def _guest_gone(self, vm_id: str) -> bool:
         """True only when the backend is sure the guest has stopped or crashed.
@@ -230,11 +262,11 @@ class Plant:
         hardware = flat.start.hardware  # type: ignore[union-attr]
         address = None
         if self.pool is not None:
-            address = self.pool.checkout(vm_id).address
+            address = self.pool.checkout(vm_id, segment_name(owner)).address
         clone_seconds = make_overlay(info.disk, info.disk_format, paths["overlay"],
                                      hardware.disk if hardware.disk > info.hardware.disk else None)
         self._remember("clone_seconds", clone_seconds)
-        spec = self._spec(vm_id, info, hardware.memory, hardware.vcpus, paths)
+        spec = self._spec(vm_id, info, hardware.memory, hardware.vcpus, paths, owner)
         now = self.clock()
         record = VMRecord(vm_id=vm_id, owner=owner, state="booting", image=info.name, memory=hardware.memory,
                           vcpus=hardware.vcpus, disk=hardware.disk, arch=hardware.arch, address=address,
@@ -252,10 +284,12 @@ class Plant:
         self.records.update_vm(vm_id, state="running")
         return CreateResult(self.records.get_vm(vm_id), bid, tuple(results))
 
-    def _spec(self, vm_id: str, info: ImageInfo, memory: int, vcpus: int, paths: dict[str, Path]) -> GuestSpec:
+    def _spec(self, vm_id: str, info: ImageInfo, memory: int, vcpus: int, paths: dict[str, Path],
+              owner: str) -> GuestSpec:
         nics = [Nic("user", mac_for(vm_id, 0), host_port=free_port())]
-        if self.segment is not None:
-            nics.append(Nic("segment", mac_for(vm_id, 1), switch=str(self.segment.control)))
+        if self.segments is not None:
+            # The owner's own switch: their VMs reach each other, no one else's.
+            nics.append(Nic("segment", mac_for(vm_id, 1), switch=str(self.segments.start(owner).control)))
         datastore = Path(self.config.datastore) if self.config.datastore else None
         return GuestSpec(vm_id=vm_id, disk=paths["overlay"], memory=memory, vcpus=vcpus, run_dir=paths["run"],
                          kernel=info.kernel, initrd=info.initrd, cmdline=info.cmdline,
@@ -304,9 +338,13 @@ class Plant:
         """Run the DAG's actions on a running VM, in DAG order (its start node stands for the VM as it is)."""
         dag = load_dag(dag_xml)
         record = self.records.get_vm(vm_id)
+        check_static_addresses(dag, record.address)
         for action in dag.actions:
             if isinstance(action, NetworkAction) and self.pool is None:
                 raise DeclinedError(f"action '{action.id}' needs a host-only network, which this plant lacks")
+        reason = self._too_long(list(dag.actions))
+        if reason:
+            raise DeclinedError(f"this plant will not configure VM {vm_id} so: {reason}")
         order = [n for n in dag.topological_order() if isinstance(dag.nodes[n], Action)]
         with self._lock:
             record = self.records.get_vm(vm_id)
@@ -348,6 +386,7 @@ class Plant:
         finally:
             self._reclaim(vm_id, self._paths(vm_id), forget=False)
             self.records.update_vm(vm_id, state="collected", collected=self.clock())
+            self.release_segments()
         return self.records.get_vm(vm_id)
 
     def check_guests(self) -> list[str]:
@@ -378,7 +417,24 @@ class Plant:
                 self.records.update_vm(record.vm_id, state="failed", error=why)
             log.warning("VM %s: %s; reclaimed and marked failed", record.vm_id, why)
             ended.append(record.vm_id)
+        self.release_segments()
         return ended
+
+    def release_segments(self) -> list[str]:
+        """Stop the segments (switches) of owners with no VM here any more; their names. Never raises.
+
+        Taken under the plant's lock, so a create that reserved its VM (and
+        so its owner's segment) before is never left without its switch.
+        """
+        if self.segments is None:
+            return []
+        try:
+            with self._lock:
+                owners = {r.owner for r in self.records.live_vms()} | set(self._reserved_owners.values())
+                return self.segments.release(owners)
+        except Exception:  # noqa: BLE001 - a switch that will not stop is logged, not fatal
+            log.exception("releasing unused segments failed")
+            return []
 
     def _reclaim(self, vm_id: str, paths: dict[str, Path], forget: bool) -> None:
         """Free everything ``vm_id`` holds; with ``forget`` also its records. Never raises."""
@@ -414,7 +470,8 @@ class Plant:
             if info is not None:
                 # Adopt every live VM, even one a restart caught while booting: only an adopted
                 # VM's process can be found (and killed) by the backend.
-                alive = self.backend.adopt(self._spec(record.vm_id, info, record.memory, record.vcpus, paths))
+                alive = self.backend.adopt(self._spec(record.vm_id, info, record.memory, record.vcpus, paths,
+                                                      record.owner))
                 ok = alive and record.state in ("running", "configuring")
             if ok:
                 if record.state != "running":
@@ -427,6 +484,7 @@ class Plant:
                 failed.append(record.vm_id)
         if self.pool is not None:
             self.pool.reconcile(set(adopted))
+        self.release_segments()
         live = set(adopted)
         for sub, suffix in (("overlays", ".qcow2"), ("run", "")):
             for leftover in (self.state_dir / sub).iterdir():

@@ -18,6 +18,7 @@ read consistent with the last write of any thread).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -144,7 +145,12 @@ class PlantRecords:
         self.path = Path(db_path)
         self.clock = clock
         self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:  # made 0600 before SQLite opens it (its journal files take the database file's mode)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            os.chmod(self.path, 0o600)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot open the plant's records {self.path}: {exc.strerror or exc}") from None
         try:
             self._db: sqlite3.Connection | None = sqlite3.connect(
                 str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)

@@ -1,10 +1,13 @@
-"""The plant's host-only segment: a VDE switch over unix sockets.
+"""The plant's host-only segments: VDE switches over unix sockets, one per owner.
 
-All of a plant's VMs plug a second NIC into one switch, so they reach each
-other on their pool addresses while nothing of theirs touches the host's
-own interfaces or addresses (the switch has no uplink). No root needed.
-The switch runs as a daemon with a pidfile, so it outlives a plant restart
-and the guests still on it; :meth:`VdeSegment.stop` ends it.
+Each VM plugs a second NIC into its owner's switch (:class:`OwnerSegments`),
+so one owner's VMs reach each other on their pool addresses, while another
+owner's VMs are on another switch and cannot reach them, and nothing of
+theirs touches the host's own interfaces or addresses (a switch has no
+uplink). No root needed. A switch runs as a daemon with a pidfile, so it
+outlives a plant restart and the guests still on it; :meth:`VdeSegment.stop`
+ends it. Its directory is 0700: only the plant (and the hypervisors it
+starts, which connect while they still have its rights) can reach it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -52,10 +56,12 @@ class VdeSegment:
         binary = shutil.which("vde_switch")
         if binary is None:
             raise BackendError("vde_switch is not installed (Debian package vde2)")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
         self.stop()
         subprocess.run(
-            [binary, "-s", str(self.control), "-d", "-p", str(self.pidfile), "-M", str(self.directory / "mgmt")],
+            [binary, "-s", str(self.control), "-d", "-p", str(self.pidfile), "-M", str(self.directory / "mgmt"),
+             "--mgmtmode", "0600"],
             check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout,
         )
         deadline = time.monotonic() + timeout
@@ -79,3 +85,67 @@ class VdeSegment:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+
+
+#: The ip.txt bridge field of an address no VM holds.
+FREE_BRIDGE = "none"
+
+
+def segment_name(owner: str) -> str:
+    """The name of ``owner``'s host-only segment on a plant (the ip.txt bridge field of their VMs' addresses).
+
+    A digest of the owner's name, so any name (an X.509 subject with
+    slashes, say) gives a short, path-safe, fixed-length name.
+    """
+    return "seg-" + hashlib.sha256(owner.encode()).hexdigest()[:12]
+
+
+class OwnerSegments:
+    """One VDE switch per owner: ``directory/<segment name>/switch.ctl``.
+
+    Guests of one owner share their owner's switch and reach each other;
+    guests of two owners are on two switches with no link between them, so
+    they cannot reach (or spoof) each other at all. Switches outlive a plant
+    restart, as their guests do; :meth:`release` stops the switches of
+    owners who have no VM left. Thread-safe.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._lock = threading.Lock()
+
+    def switch(self, owner: str) -> VdeSegment:
+        """``owner``'s switch, not started."""
+        return VdeSegment(self.directory / segment_name(owner))
+
+    def start(self, owner: str) -> VdeSegment:
+        """``owner``'s switch, started (or adopted) if it did not run."""
+        with self._lock:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            segment = self.switch(owner)
+            segment.start()
+            return segment
+
+    def names(self) -> list[str]:
+        """The segments that have a directory here (running or not)."""
+        try:
+            return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("seg-"))
+        except OSError:
+            return []
+
+    def release(self, owners_in_use: set[str]) -> list[str]:
+        """Stop and remove every switch whose owner is not in ``owners_in_use``; their names."""
+        keep = {segment_name(owner) for owner in owners_in_use}
+        stopped = []
+        with self._lock:
+            for name in self.names():
+                if name in keep:
+                    continue
+                segment = VdeSegment(self.directory / name)
+                segment.stop()
+                shutil.rmtree(segment.directory, ignore_errors=True)
+                stopped.append(name)
+        return stopped
+
+    def stop_all(self) -> None:
+        self.release(set())

@@ -132,6 +132,12 @@ class DeclinedError(VMShopError):
 
     CODE = "Client.Declined"
 
+
+class AddressNotLeasedError(VMShopError):
+    """A static network action names an address that is not the VM's own lease."""
+
+    CODE = "Client.AddressNotLeased"
+
 # Plants and guests -----------------------------------------
 
 

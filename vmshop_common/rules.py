@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from .dag import Dag, FileAction, MountAction, NetworkAction
-from .errors import DagInvalidError, Problem
+from .errors import AddressNotLeasedError, DagInvalidError, Problem
 
 
 def check_dag(dag: Dag, what: str = "DAG") -> None:
@@ -167,3 +167,21 @@ def _node_problems(node: object) -> list[Problem]:
             if not [segment for segment in value.split("/") if segment not in ("", ".")]:
                 problems.append(Problem(f"{attribute} '{value}' is the root directory", node.line, node.id))
     return problems
+
+
+def check_static_addresses(dag: Dag, lease: str | None, what: str = "DAG") -> None:
+    """Refuse a static network action whose address is not ``lease``, the VM's own pool address.
+
+    A VM keeps the address it was leased on its owner's segment: a static
+    address that is not its lease could take over a neighbour's. A VM
+    being created has no lease yet (``lease`` None), so there every static
+    address is refused: ask for ``mode="pool"`` instead. Raises
+    :class:`AddressNotLeasedError` naming each such action.
+    """
+    problems = [
+        Problem(f"static address {node.address} is not this VM's lease"
+                + (f" ({lease})" if lease else " (a new VM has none yet: use mode=\"pool\")"), node.line, node.id)
+        for node in dag.nodes.values()
+        if isinstance(node, NetworkAction) and node.mode == "static" and node.address != lease]
+    if problems:
+        raise AddressNotLeasedError(f"{what}: {problems[0].message}", problems)

@@ -1,14 +1,18 @@
 """The command line both servers share: ``--config``, ``--host``, ``--port``, ``--log-level``.
 
-:func:`server_main` parses it, sets up logging (spyne's included), calls
-``serve(config_path, host, port)`` and turns a project error into one line
-on stderr with its stable code and exit status 1.
+:func:`server_main` parses it, sets up logging (spyne's included), sets
+the process's umask to 077 (everything a server makes -- records,
+registries, overlays, pool files, sockets -- is its owner's alone: files
+0600, directories 0700), calls ``serve(config_path, host, port)`` and turns
+a project error into one line on stderr with its stable code and exit
+status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +30,7 @@ def server_main(argv: Sequence[str] | None, *, prog: str, description: str, defa
     parser.add_argument("--port", type=int, help="listen on this port instead of the configured one (0: any)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    os.umask(0o077)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     configure_spyne_logging()
     try:

@@ -52,11 +52,12 @@ class ConsoleKeeper:
         self.limit = limit
         self._consoles: dict[str, _Console] = {}
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Made with the thread, on the first keep(): a backend that keeps no console holds no descriptors.
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
 
     def keep(self, key: str, socket_path: Path, log_path: Path) -> None:
         """Start keeping the console behind ``socket_path`` in ``log_path`` (replacing any for ``key``)."""
@@ -69,6 +70,11 @@ class ConsoleKeeper:
         with self._lock:
             self._consoles[key] = console
             if self._thread is None or not self._thread.is_alive():
+                if self._selector is None:
+                    self._wake_r, self._wake_w = socket.socketpair()
+                    self._selector = selectors.DefaultSelector()
+                    self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+                self._stop.clear()
                 self._thread = threading.Thread(target=self._run, daemon=True, name="console-keeper")
                 self._thread.start()
         self._wake()
@@ -92,24 +98,37 @@ class ConsoleKeeper:
         self._wake()
         if self._thread is not None:
             self._thread.join(5)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                if self._selector is not None:
+                    self._selector.close()
+                for sock in (self._wake_r, self._wake_w):
+                    if sock is not None:
+                        sock.close()
+                self._selector = self._wake_r = self._wake_w = None
+                self._thread = None
 
     # The thread ----------------------------------------------------------------------
     def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
 
     def _close(self, console: _Console) -> None:
         if console.sock is not None:
             try:
-                self._selector.unregister(console.sock)
+                if self._selector is not None:
+                    self._selector.unregister(console.sock)
             except (KeyError, ValueError):
                 pass
             console.sock.close()
             console.sock = None
 
     def _run(self) -> None:
+        selector, wake = self._selector, self._wake_r
+        assert selector is not None and wake is not None
         while not self._stop.is_set():
             now = time.monotonic()
             with self._lock:
@@ -118,13 +137,13 @@ class ConsoleKeeper:
                 if console.sock is None and now >= console.next_try:
                     self._connect(console)
             try:
-                events = self._selector.select(RETRY)
-            except OSError:
+                events = selector.select(RETRY)
+            except (OSError, ValueError):
                 events = []
             for key, _ in events:
                 if key.data is None:
                     try:
-                        self._wake_r.recv(4096)
+                        wake.recv(4096)
                     except OSError:
                         pass
                     continue
@@ -141,6 +160,9 @@ class ConsoleKeeper:
             except OSError:
                 sock.close()
                 console.next_try = time.monotonic() + RETRY
+                return
+            if self._selector is None:
+                sock.close()
                 return
             console.sock = sock
             self._selector.register(sock, selectors.EVENT_READ, console)

@@ -61,15 +61,21 @@ class FakeAgent:
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(str(self.path))
         os.chmod(self.path, 0o600)
+        self._inode = os.stat(self.path).st_ino
         self._server.listen(4)
-        self._thread = threading.Thread(target=self._serve, daemon=True, name=f"fake-qga-{name or self.path.parent.name}")
+        self._thread = threading.Thread(target=self._serve, daemon=True,
+                                        name=f"fake-qga-{name or self.path.parent.name}")
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop serving and remove the socket; False if the thread did not end in time."""
         self._stop.set()
         self._thread.join(timeout)
-        self.path.unlink(missing_ok=True)
+        try:
+            if os.stat(self.path).st_ino == self._inode:  # not the socket of an agent that took over
+                self.path.unlink()
+        except OSError:
+            pass
         return not self._thread.is_alive()
 
     # Serving ------------------------------------------------------------------------
