@@ -6,14 +6,16 @@
 # Produces WAREHOUSE_DIR/tiny/{vmlinux,initrd.img,disk.qcow2,image.xml} and
 # lists the absolute path of image.xml in WAREHOUSE_DIR/index.txt (once).
 #
-# Everything comes from Debian 12 packages: the kernel (linux-image-*-amd64)
-# and busybox-static, fetched with apt-get download and cached in
-# ${VMSHOP_CACHE:-$HOME/.cache/vmshop}/debs.  The build host needs apt (and
-# root, to install the few host tools it needs if they are missing and to
-# create the device node in the initramfs); no other network access.
+# Everything comes from Debian 12 packages: the kernel (linux-image-*-amd64),
+# busybox-static, and the QEMU guest agent (qemu-guest-agent, with the shared
+# libraries its ELF NEEDED entries name, from their own packages), fetched with
+# apt-get download and cached in ${VMSHOP_CACHE:-$HOME/.cache/vmshop}/debs.
+# The build host needs apt (and root, to install the few host tools it needs
+# if they are missing and to create the device node in the initramfs); no
+# other network access.
 #
 # The build is idempotent: when nothing that goes into the image changed (this
-# script, guest/, the two .deb files) it stops at once with "up to date";
+# script, guest/, the .deb files) it stops at once with "up to date";
 # --force (or VMSHOP_FORCE_REBUILD=1) builds again.  Outputs are written under
 # temporary names and renamed into place.  Rebuilding replaces disk.qcow2:
 # clones (qcow2 overlays) made from the previous base must be discarded.
@@ -84,7 +86,7 @@ apt_update_once() {
 }
 
 need_pkgs=()
-for p in e2fsprogs qemu-utils busybox-static cpio xz-utils gzip util-linux; do
+for p in e2fsprogs qemu-utils busybox-static cpio xz-utils gzip util-linux binutils; do
 	if [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" != installed ]; then
 		need_pkgs+=("$p")
 	fi
@@ -101,36 +103,53 @@ fi
 [ "$(id -u)" = 0 ] || die "must run as root (device nodes in the initramfs, apt-get)"
 
 # ---------------------------------------------------------------------------
-# Packages: the kernel and busybox-static, cached
+# Packages: the kernel, busybox-static and the guest agent's, cached
 # ---------------------------------------------------------------------------
 kernel_pkg() {
 	apt-cache depends linux-image-amd64 2>/dev/null |
 		sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n 1
 }
 
-# deb_for PKG: prints the path of PKG's .deb in the cache, downloading the
-# candidate version if it is not there.  Offline, falls back to a cached one.
-deb_for() {
-	local pkg=$1 ver file
-	ver=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)
-	if [ -z "$ver" ]; then
-		apt_update_once || :
-		ver=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)
-	fi
-	if [ -n "$ver" ]; then
-		file="$DEBS/${pkg}_${ver//:/%3a}_amd64.deb"
-		if [ ! -s "$file" ]; then
-			log "downloading $pkg $ver"
-			(cd "$DEBS" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$ver" >&2)
+# debs_for PKG...: prints the path of each PKG's .deb in the cache (one a
+# line, in the order given), downloading the candidate versions that are not
+# there yet in one apt-get call.  Offline (apt does not know a package), falls
+# back to the newest cached .deb of it.
+debs_for() {
+	local pkg ver file missing=() files=()
+	declare -A vers=()
+	# One apt-cache call for all: each record starts with Package:, then Version:.
+	candidates() {
+		apt-cache show --no-all-versions "$@" 2>/dev/null |
+			awk '/^Package: /{p=$2} /^Version: /{if (p != "") print p, $2; p=""}'
+	}
+	while read -r pkg ver; do vers[$pkg]=$ver; done < <(candidates "$@")
+	for pkg in "$@"; do
+		if [ -z "${vers[$pkg]:-}" ]; then
+			apt_update_once || :
+			while read -r pkg ver; do vers[$pkg]=$ver; done < <(candidates "$@")
+			break
 		fi
-		[ -s "$file" ] || die "apt-get download $pkg=$ver did not give $file"
-		echo "$file"
-		return
+	done
+	for pkg in "$@"; do
+		ver=${vers[$pkg]:-}
+		if [ -n "$ver" ]; then
+			file="$DEBS/${pkg}_${ver//:/%3a}_amd64.deb"
+			[ -s "$file" ] || missing+=("$pkg=$ver")
+		else
+			file=$(ls -1 "$DEBS/${pkg}"_*_amd64.deb 2>/dev/null | sort -V | tail -n 1 || :)
+			[ -n "$file" ] || die "cannot find package $pkg (apt-get update?)"
+			log "apt does not know $pkg: using cached $file"
+		fi
+		files+=("$file")
+	done
+	if [ "${#missing[@]}" -gt 0 ]; then
+		log "downloading ${missing[*]}"
+		(cd "$DEBS" && apt-get download -qq -o APT::Sandbox::User=root "${missing[@]}" >&2)
 	fi
-	file=$(ls -1 "$DEBS/${pkg}"_*_amd64.deb 2>/dev/null | sort -V | tail -n 1 || :)
-	[ -n "$file" ] || die "cannot find package $pkg (apt-get update?)"
-	log "apt does not know $pkg: using cached $file"
-	echo "$file"
+	for file in "${files[@]}"; do
+		[ -s "$file" ] || die "apt-get download did not give $file"
+		echo "$file"
+	done
 }
 
 KPKG=${VMSHOP_KERNEL_PKG:-$(kernel_pkg)}
@@ -143,8 +162,17 @@ if [ -z "$KPKG" ]; then
 fi
 [ -n "$KPKG" ] || die "cannot find the kernel package (apt-cache depends linux-image-amd64)"
 KVER=${KPKG#linux-image-}
-KDEB=$(deb_for "$KPKG")
-BDEB=$(deb_for busybox-static)
+# The guest agent and the packages holding the shared libraries it loads.
+# Its closure is checked below from the ELF NEEDED entries: a library missing
+# from these packages fails the build (add its package here).  libgcc-s1 is
+# not NEEDED by anything but glibc loads libgcc_s.so.1 with dlopen when a
+# thread exits or is cancelled (unwinding), so it is shipped too.
+QGA_PKGS=(qemu-guest-agent libc6 libgcc-s1 libglib2.0-0 libpcre2-8-0 libudev1 libnuma1 liburing2)
+mapfile -t ALL_DEBS < <(debs_for "$KPKG" busybox-static "${QGA_PKGS[@]}")
+[ "${#ALL_DEBS[@]}" -eq $((2 + ${#QGA_PKGS[@]})) ] || die "could not get every package"
+KDEB=${ALL_DEBS[0]}
+BDEB=${ALL_DEBS[1]}
+QGA_DEBS=("${ALL_DEBS[@]:2}")
 
 # ---------------------------------------------------------------------------
 # Up to date?
@@ -154,8 +182,7 @@ stamp=$(
 		sha256sum <"${BASH_SOURCE[0]}"
 		(cd "$GUEST" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
 		(cd "$GUEST" && find . -type f -perm -u+x -print | LC_ALL=C sort)
-		basename "$KDEB"
-		basename "$BDEB"
+		for f in "${ALL_DEBS[@]}"; do basename "$f"; done
 		echo "$SOURCE_DATE_EPOCH"
 	} | sha256sum | cut -d' ' -f1
 )
@@ -183,6 +210,86 @@ VMLINUZ=$TMP/kernel/boot/vmlinuz-$KVER
 MODDIR=$TMP/kernel/lib/modules/$KVER
 [ -f "$VMLINUZ" ] || die "no boot/vmlinuz-$KVER in $KDEB"
 [ -d "$MODDIR" ] || die "no lib/modules/$KVER in $KDEB"
+
+# ---------------------------------------------------------------------------
+# The guest agent: qemu-ga and the closure of the shared libraries it needs
+# ---------------------------------------------------------------------------
+# Only the files under lib/, lib64/ and usr/ are unpacked (no docs, no
+# man pages, no /etc); only the closure is copied into the image.  tar's
+# status is ignored (it fails when a package has no lib64/, say): every
+# file the image needs is checked below.
+QGA_TREE=$TMP/qga
+mkdir -p "$QGA_TREE"
+for deb in "${QGA_DEBS[@]}"; do
+	dpkg-deb --fsys-tarfile "$deb" |
+		tar -x -C "$QGA_TREE" --no-same-owner --wildcards \
+			--exclude='./usr/share/*' --exclude='*/gconv/*' --exclude='*/audit/*' \
+			'./lib/*' './lib64/*' './usr/*' 2>/dev/null || :
+done
+QGA_BIN=/usr/sbin/qemu-ga
+[ -x "$QGA_TREE$QGA_BIN" ] || die "no $QGA_BIN in $(basename "${QGA_DEBS[0]}")"
+LIBDIRS=(/lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64 /usr/lib64 /lib /usr/lib)
+
+# tree_real PATH: PATH (absolute, inside the unpacked tree) with its symlinks
+# resolved inside the tree; absolute link targets are taken from the tree's root.
+tree_real() {
+	local p=$1 t n=0
+	while [ -L "$QGA_TREE$p" ]; do
+		t=$(readlink "$QGA_TREE$p")
+		case "$t" in /*) p=$t ;; *) p=${p%/*}/$t ;; esac
+		n=$((n + 1))
+		[ "$n" -lt 40 ] || die "symlink loop at $1 in the agent's packages"
+	done
+	echo "$p"
+}
+# elf_needed FILE: its NEEDED entries, one a line.
+elf_needed() {
+	readelf -dW "$1" | sed -n 's/.*(NEEDED).*Shared library: \[\(.*\)\]$/\1/p'
+}
+elf_interp() {
+	readelf -lW "$1" | sed -n 's/.*\[Requesting program interpreter: \(.*\)\]$/\1/p'
+}
+is_elf_x86_64() {
+	readelf -hW "$1" 2>/dev/null | grep -q 'Machine:.*X86-64'
+}
+
+QGA_INTERP=$(elf_interp "$QGA_TREE$QGA_BIN")
+[ -n "$QGA_INTERP" ] || die "$QGA_BIN has no program interpreter"
+declare -A LIB_FILE=()   # soname -> resolved path inside the tree
+declare -A SEEN_ELF=()
+QGA_LIBS=()
+queue=("$QGA_BIN" "lib:${QGA_INTERP##*/}" lib:libgcc_s.so.1)
+while [ "${#queue[@]}" -gt 0 ]; do
+	item=${queue[0]}
+	queue=("${queue[@]:1}")
+	case "$item" in
+		lib:*)
+			name=${item#lib:}
+			[ -n "${LIB_FILE[$name]:-}" ] && continue
+			found=
+			for d in "${LIBDIRS[@]}"; do
+				if [ -e "$QGA_TREE$d/$name" ]; then
+					found=$(tree_real "$d/$name")
+					break
+				fi
+			done
+			[ -n "$found" ] && [ -f "$QGA_TREE$found" ] ||
+				die "qemu-ga needs $name, which none of ${QGA_PKGS[*]} holds (add its package to QGA_PKGS)"
+			is_elf_x86_64 "$QGA_TREE$found" || die "$found (for $name) is not an x86-64 ELF file"
+			LIB_FILE[$name]=$found
+			QGA_LIBS+=("$name")
+			file=$found
+			;;
+		*) file=$item ;;
+	esac
+	[ -n "${SEEN_ELF[$file]:-}" ] && continue
+	SEEN_ELF[$file]=1
+	while read -r n; do
+		[ -n "$n" ] && queue+=("lib:$n")
+	done < <(elf_needed "$QGA_TREE$file")
+done
+[ -n "${LIB_FILE[${QGA_INTERP##*/}]:-}" ] || die "the interpreter $QGA_INTERP is in none of ${QGA_PKGS[*]}"
+log "qemu-ga $(basename "${QGA_DEBS[0]}" | cut -d_ -f2 | sed 's/%3a/:/') needs: ${QGA_LIBS[*]}"
 
 # ---------------------------------------------------------------------------
 # Kernel: the uncompressed ELF vmlinux (QEMU boots it through its PVH entry
@@ -275,7 +382,7 @@ find "$IR" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 # Root file system: ext4 made with mkfs.ext4 -d from a directory
 # ---------------------------------------------------------------------------
 RF=$TMP/rootfs
-mkdir -p "$RF"/{bin,sbin,usr/bin,usr/sbin,etc,dev,proc,sys,tmp,run,root,var/log,var/run,vmshop,vmdata,lib/modules,mnt}
+mkdir -p "$RF"/{bin,sbin,usr/bin,usr/sbin,etc,dev,proc,sys,tmp,run,root,var/log,var/run,vmdata,lib/modules,mnt}
 chmod 1777 "$RF/tmp"
 chmod 0700 "$RF/root"
 install -m 0755 "$BUSYBOX" "$RF/bin/busybox"
@@ -289,7 +396,21 @@ while read -r a; do
 	esac
 done < <("$BUSYBOX" --list-full)
 cp -a "$GUEST/rootfs/." "$RF/"
-chmod 0755 "$RF/sbin/vmshop-agent" "$RF/etc/init.d/rcS" "$RF/etc/init.d/rcK" \
+# The guest agent: the binary, its libraries under their sonames in
+# /lib/x86_64-linux-gnu (the loader's default search path: no ld.so.cache),
+# and its interpreter where its PT_INTERP says (a link, as in Debian).
+mkdir -p "$RF/lib/x86_64-linux-gnu" "$RF/usr/sbin"
+rm -f "$RF$QGA_BIN"
+install -m 0755 "$QGA_TREE$QGA_BIN" "$RF$QGA_BIN"
+for name in "${QGA_LIBS[@]}"; do
+	install -m 0644 "$QGA_TREE${LIB_FILE[$name]}" "$RF/lib/x86_64-linux-gnu/$name"
+done
+chmod 0755 "$RF/lib/x86_64-linux-gnu/${QGA_INTERP##*/}"
+if [ "$QGA_INTERP" != "/lib/x86_64-linux-gnu/${QGA_INTERP##*/}" ]; then
+	mkdir -p "$RF${QGA_INTERP%/*}"
+	ln -sfn "/lib/x86_64-linux-gnu/${QGA_INTERP##*/}" "$RF$QGA_INTERP"
+fi
+chmod 0755 "$RF/sbin/vmshop-qga" "$RF/sbin/shutdown" "$RF/etc/init.d/rcS" "$RF/etc/init.d/rcK" \
 	"$RF/etc/udhcpc/default.script" "$RF/etc/acpi/PWRF/00000080"
 mknod -m 0600 "$RF/dev/console" c 5 1
 mknod -m 0666 "$RF/dev/null" c 1 3
@@ -300,6 +421,9 @@ BASE=debian12
 KERNEL=$KVER
 KERNEL_PACKAGE=$(basename "$KDEB")
 BUSYBOX_PACKAGE=$(basename "$BDEB")
+AGENT=qemu-ga
+AGENT_PACKAGE=$(basename "${QGA_DEBS[0]}")
+AGENT_LIBRARIES=${QGA_LIBS[*]}
 EOF
 : >"$RF/etc/resolv.conf"
 find "$RF" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
