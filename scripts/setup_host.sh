@@ -21,6 +21,17 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The unprivileged user hypervisors run as (QEMU drops to it with -runas, UML is started as it): a system
+# user with no login and no home, in group kvm (for /dev/kvm where KVM works).
+HV_USER=vmshop-qemu
+if ! getent passwd "$HV_USER" >/dev/null; then
+  echo "setup: creating the system user $HV_USER (hypervisors run as it)"
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  getent group kvm >/dev/null || $SUDO groupadd --system kvm
+  $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+    --user-group --groups kvm "$HV_USER"
+fi
+
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv"

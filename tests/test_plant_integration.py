@@ -127,7 +127,8 @@ def test_configure_runs_more_actions_inside_the_guest(plant: PlantProcess, vms: 
 
 def test_two_guests_reach_each_other_on_pool_addresses(plant: PlantProcess, vms: dict[str, object]) -> None:
     a = vms["a"]
-    made = plant.service.createVM(dag=script_dag(f"ping -c 2 -W 5 {a.address}", network=True), owner="bob")
+    # The same owner: their VMs share their segment (another owner's would not reach "a": the hostile-guest suite)
+    made = plant.service.createVM(dag=script_dag(f"ping -c 2 -W 5 {a.address}", network=True), owner="alice")
     assert made.vm.address != a.address
     assert " 0% packet loss" in made.runs[-1].output
     vms["b"] = made.vm

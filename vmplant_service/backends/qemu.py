@@ -1,6 +1,6 @@
-"""The QEMU backend: one daemonized ``qemu-system-x86_64`` per VM.
+"""The QEMU backend: one detached ``qemu-system-x86_64`` per VM.
 
-Each VM's QEMU runs with ``-daemonize``, so it outlives the plant process;
+Each VM's QEMU runs in a session of its own, so it outlives the plant process;
 what the backend needs to find it again lives in the VM's ``run_dir``:
 
 - ``qemu.pid``: QEMU's pidfile. A pid is trusted only while
@@ -12,14 +12,15 @@ what the backend needs to find it again lives in the VM's ``run_dir``:
 - ``console.sock``: the guest's serial console, read by the backend's
   :class:`~vmplant_service.backends.console.ConsoleKeeper` into
   ``console.log`` (rotated to ``console.log.1`` at ``console_limit`` bytes);
-- ``qemu.err``: what QEMU printed before it daemonized (errors, warnings).
+- ``qemu.err``: what QEMU printed on stderr (errors, warnings).
 
 QEMU makes every socket, opens the disk, the kernel and the data share's
 root and writes its pidfile while it is still root, then drops to the
-``runas`` user and installs its seccomp sandbox (``-sandbox
-on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny``):
-from then on the QEMU process (and a guest that escaped into it) can write
-nothing on the host but its already-open files. ``run_dir`` is 0700 and
+``runas`` user, under its seccomp sandbox (:data:`SANDBOX`): from then on
+the QEMU process (and a guest that escaped into it) holds no capability,
+may not fork or exec, and can open nothing in the plant's 0700 directories
+(every VM's files stay root's): it can write nothing on the host but its
+already-open files. ``run_dir`` is 0700 and
 belongs to the plant's user; every file in it is 0600.
 
 The guest boots its kernel directly; its disk is the plant's overlay
@@ -49,7 +50,7 @@ Options (strings, from the plant's configuration):
 - ``probe_timeout``: seconds a KVM probe boot may take (default 5);
 - ``disk_cache``: QEMU's cache mode for the overlay (default ``unsafe``);
 - ``qmp_timeout``: seconds each QMP exchange may take (default 5);
-- ``start_timeout``: seconds QEMU may take to daemonize (default 30);
+- ``start_timeout``: seconds QEMU may take to answer on QMP once started (default 30);
 - ``max_vcpus``: vCPUs a guest may have (default: the host's CPU count);
 - ``memory_fraction``: share of the host's memory guests may use (default 0.75);
 - ``runas``: the user QEMU drops to (default ``vmshop-qemu`` when the plant
@@ -79,7 +80,7 @@ from pathlib import Path
 from vmshop_common.errors import BackendError, ConfigurationError
 
 from ..agent.transport import AgentTransport, SocketTransport
-from ..processes import owned_pid
+from ..processes import owned_pid, pid_alive
 from .base import Backend, Capabilities, GuestSpec, VMState
 from .console import ConsoleKeeper, console_tail
 from .hostside import choice, host_memory_mib, positive_number, tail
@@ -125,7 +126,11 @@ PROBE_MARKER = "VMSHOP-ACCEL-PROBE-OK"
 AGENT_PORT = "org.qemu.guest_agent.0"
 #: The user QEMU runs as by default (made by scripts/setup_host.sh).
 DEFAULT_RUNAS = "vmshop-qemu"
-SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: QEMU's seccomp sandbox. ``elevateprivileges=deny`` is left out: QEMU 7.2 installs the filter before ``-runas``
+#: drops to the unprivileged user, and that filter forbids the setgid/setuid the drop needs (QEMU dies of SIGSYS,
+#: measured). Once dropped, QEMU holds no capability, and ``spawn=deny`` forbids the execve (of a set-uid program)
+#: that could give it one back.
+SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 PROBE_CMDLINE = ("console=ttyS0 quiet loglevel=0 panic=-1 "
                  f'rdinit=/bin/sh -- -c "echo {PROBE_MARKER}; /bin/busybox poweroff -f"')
 
@@ -176,7 +181,7 @@ class RunPaths:
 
 def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str = "unsafe",
                  runas: str | None = None, sandbox: bool = True) -> list[str]:
-    """The command line that runs ``spec`` under QEMU (daemonized; see the module docstring)."""
+    """The command line that runs ``spec`` under QEMU (see the module docstring)."""
     paths = RunPaths.of(spec.run_dir)
     command = [
         binary,
@@ -218,7 +223,6 @@ def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str
         command += ["-sandbox", SANDBOX]
     if runas:
         command += ["-runas", runas]
-    command.append("-daemonize")
     return command
 
 
@@ -240,7 +244,7 @@ class _VM:
 
 
 class QemuBackend(Backend):
-    """VMs as daemonized QEMU processes; see the module docstring for the options."""
+    """VMs as detached QEMU processes; see the module docstring for the options."""
 
     name = "qemu"
 
@@ -444,31 +448,43 @@ class QemuBackend(Backend):
             raise
 
     def _launch(self, command: list[str], spec: GuestSpec, paths: RunPaths) -> None:
-        """Run QEMU until it daemonizes; BackendError (with QEMU's words) unless the VM then runs."""
+        """Start QEMU detached; BackendError (with QEMU's words) unless it then answers QMP.
+
+        QEMU is not told to ``-daemonize`` (in 7.2 its sandbox forbids the
+        fork that takes): a shell starts it in the background of a session of
+        its own, with umask 077, says its pid and exits, so QEMU is init's
+        child, never the plant's (no zombie to reap), and outlives the plant.
+        """
         try:
-            with open(paths.stderr, "wb") as err:
-                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                        start_new_session=True)
-        except OSError as exc:
+            fd = os.open(paths.stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as err:
+                shell = subprocess.run(["/bin/sh", "-c", '"$@" </dev/null >/dev/null & echo $!', "vmshop-qemu-launch",
+                                        *command], stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+                                       umask=0o077, timeout=self.start_timeout, check=True)
+            pid = int(shell.stdout.strip())
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise BackendError(f"cannot run {command[0]}: {exc}") from None
-        try:
-            status = proc.wait(timeout=self.start_timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise BackendError(f"QEMU did not start VM {spec.vm_id} within {self.start_timeout:g} s: "
-                               f"{tail(paths.stderr)}") from None
-        if status != 0:
-            raise BackendError(f"QEMU could not start VM {spec.vm_id} (exit status {status}): "
-                               f"{tail(paths.stderr) or 'no message'}")
-        if qemu_pid(paths) is None:
-            raise BackendError(f"QEMU for VM {spec.vm_id} exited right after it started: "
-                               f"{tail(paths.stderr)} {console_tail(paths.console, 600)}".strip())
-        try:
-            with QMPClient(paths.qmp, self.qmp_timeout) as qmp:
-                qmp.execute("query-status")
-        except QMPError as exc:
-            raise BackendError(f"QEMU for VM {spec.vm_id} does not answer on QMP: {exc}") from None
+        deadline = time.monotonic() + self.start_timeout
+        last = ""
+        while True:
+            if not pid_alive(pid):
+                raise BackendError(f"QEMU could not start VM {spec.vm_id}: "
+                                   f"{tail(paths.stderr) or console_tail(paths.console, 600) or 'no message'}")
+            if qemu_pid(paths) == pid:
+                try:
+                    with QMPClient(paths.qmp, min(self.qmp_timeout, max(deadline - time.monotonic(), 0.1))) as qmp:
+                        qmp.execute("query-status")
+                    return
+                except QMPError as exc:
+                    last = str(exc)
+            if time.monotonic() > deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                raise BackendError(f"QEMU did not start VM {spec.vm_id} within {self.start_timeout:g} s: "
+                                   f"{tail(paths.stderr) or last}") from None
+            time.sleep(POLL)
 
     def _check(self, spec: GuestSpec) -> None:
         """Refuse a spec QEMU could not run, before anything is made."""
@@ -572,6 +588,9 @@ class QemuBackend(Backend):
         paths = RunPaths.of(spec.run_dir)
         vm = _VM(spec, paths)
         with self._lock:
+            known = self._vms.get(spec.vm_id)
+            if known is not None and known.transport is not None:
+                known.transport.close()
             self._vms[spec.vm_id] = vm
             self._ended.discard(spec.vm_id)
         if qemu_pid(paths) is None:
