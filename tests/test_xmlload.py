@@ -315,6 +315,7 @@ STABLE_CODES = {
     "QueryInvalidError": "Client.QueryInvalid",
     "NotSupportedError": "Client.NotSupported",
     "DeclinedError": "Client.Declined",
+    "AddressNotLeasedError": "Client.AddressNotLeased",
     "CapacityExhaustedError": "Server.CapacityExhausted",
     "PoolExhaustedError": "Server.PoolExhausted",
     "ActionFailedError": "Server.ActionFailed",

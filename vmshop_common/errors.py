@@ -186,7 +186,7 @@ class ConfigurationError(VMShopError):
 ALL_ERRORS: tuple[type[VMShopError], ...] = (
     XMLSyntaxError, DoctypeRefusedError, DocumentTooLargeError, WrongRootError, SchemaInvalidError,
     DagInvalidError, NoSuchImageError, NoSuchVMError, NoSuchPlantError, QueryInvalidError, NotSupportedError,
-    DeclinedError, CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError,
+    DeclinedError, AddressNotLeasedError, CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError,
     NoPlantError, PlantGoneError, ConfigurationError,
 )
 ERROR_BY_CODE: dict[str, type[VMShopError]] = {cls.CODE: cls for cls in ALL_ERRORS}
