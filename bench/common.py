@@ -322,7 +322,8 @@ def wait_bare(guests: list[BareGuest], timeout: float = 600.0) -> None:
             Channel(guest.agent()).wait_agent(timeout, alive=lambda: proc.poll() is None)
             guest.ready = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(f"{guest.spec.vm_id}: {exc} (stderr: {guest.paths.stderr.read_text(errors='replace')[-300:]})")
+            stderr = guest.paths.stderr.read_text(errors="replace")[-300:]
+            errors.append(f"{guest.spec.vm_id}: {exc} (stderr: {stderr})")
 
     threads = [threading.Thread(target=wait, args=(guest,)) for guest in guests]
     for thread in threads:
