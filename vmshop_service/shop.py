@@ -39,6 +39,7 @@ from vmshop_common.errors import (
     Problem,
     VMShopError,
 )
+from vmshop_common.rules import check_static_addresses
 from vmshop_common.soap.fastxml import spyne_record
 from vmshop_common.soap.faults import from_fault
 
@@ -64,6 +65,13 @@ KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CREATING_STATES = ("placing", "creating")
 #: The latest termination time (9999-12-31T23:59:59Z): later ones can't be written as an xs:dateTime.
 MAX_TERMINATION = 253402300799.0
+
+
+def load_new_vm_dag(dag_xml: str) -> Any:
+    """The DAG of a VM to be made, checked as the plants will: valid, and no static address (a new VM has no lease)."""
+    dag = load_dag(dag_xml)
+    check_static_addresses(dag, None)
+    return dag
 
 
 def check_termination(termination: float | None) -> None:
@@ -140,7 +148,7 @@ class Shop:
     # Estimate -----------------------------------------------------------------
     @defer.inlineCallbacks
     def estimate(self, dag_xml: str) -> Any:
-        yield self._in_thread(load_dag, dag_xml)
+        yield self._in_thread(load_new_vm_dag, dag_xml)
         bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
         ranked = rank(bids)
         best = ranked[0] if ranked else None
@@ -151,7 +159,7 @@ class Shop:
     # Create -------------------------------------------------------------------
     @defer.inlineCallbacks
     def create(self, dag_xml: str, owner: str, termination: float | None, key: str | None) -> Any:
-        dag = yield self._in_thread(load_dag, dag_xml)
+        dag = yield self._in_thread(load_new_vm_dag, dag_xml)
         check_termination(termination)
         key = key or "vm-" + uuid.uuid4().hex[:12]
         if not KEY.match(key):
