@@ -573,19 +573,38 @@ def row_tls(ctx: Context) -> list[Row]:
     for name in pairs:  # warm-up: connections, page cache, the plants' first measurements
         create(name)
     creates: dict[str, list[float]] = {"tls": [], "plain": []}
-    for i in range(ctx.n(5, 2)):
+    for i in range(ctx.n(7, 2)):
         for name in (("tls", "plain") if i % 2 == 0 else ("plain", "tls")):
             log(f"tls: create round {i + 1}: {name}")
             creates[name].append(create(name))
     t, p = median(creates["tls"]), median(creates["plain"])
+    # Each round's two creates ran back to back: their ratio is the least disturbed by the machine's load.
+    paired = median([a / b for a, b in zip(creates["tls"], creates["plain"], strict=True)])
 
-    log("tls: estimate throughput over kept-alive connections, with and without TLS, and the echo")
-    fakes: dict[str, Any] = {}
+    log("tls: the same on fake plants (no guest boots): what TLS adds to a create, in milliseconds")
+    fake_pairs: dict[str, Any] = {}
     for name, insecure in (("tls", False), ("plain", True)):
         plant = common.launch_plant(ctx, directory / f"{name}-fake", name=f"{name}-fake", backend="fake",
-                                    network="none", client=False, insecure=insecure)
-        fakes[name] = common.launch_shop(ctx, directory / f"{name}-fake-shop", [common.servers.host_port(plant)],
-                                         insecure=insecure)
+                                    network="none", client=False, insecure=insecure, capacity_vms=8)
+        fake_pairs[name] = common.launch_shop(ctx, directory / f"{name}-fake-shop",
+                                              [common.servers.host_port(plant)], insecure=insecure)
+
+    def fake_create(name: str) -> float:
+        shop = fake_pairs[name]
+        seconds, made = timed(lambda: shop.service.createVM(dag=CREATE_DAG, owner="bench"))
+        shop.service.collectVM(vm=made.vm.epr)
+        return seconds
+
+    for name in fake_pairs:
+        fake_create(name)
+    fakes_timed: dict[str, list[float]] = {"tls": [], "plain": []}
+    for i in range(ctx.n(20, 5)):
+        for name in (("tls", "plain") if i % 2 == 0 else ("plain", "tls")):
+            fakes_timed[name].append(fake_create(name))
+    ft, fp = median(fakes_timed["tls"]), median(fakes_timed["plain"])
+
+    log("tls: estimate throughput over kept-alive connections, with and without TLS, and the echo")
+    fakes = fake_pairs
     echo = soap_harness.start_subprocess_server("bench.echo_server:make_site", timeout=120)
     ctx.cleanup.push("echo server", echo.stop)
     pki = common.servers.test_pki()
@@ -620,10 +639,15 @@ def row_tls(ctx: Context) -> list[Row]:
     added = (1 / et - 1 / ep) * 1000  # ms TLS adds to each estimate (client-shop and shop-plant legs)
     return [
         Row("8a", "Create through the shop with mutual TLS (client-shop and shop-plant) vs the same without TLS "
-                  "(insecure shop and plant), real qemu plants, same run, alternating; medians",
-            f"with TLS: {sec(t)}; without: {sec(p)}", x(t / p), "<= 1.05x", at_most(t / p, 1.05, x),
-            [f"with TLS {spread(creates['tls'], sec)}; without {spread(creates['plain'], sec)}; tiny + 1 script "
-             "action, network none; each create's own TLS connections are kept alive by the clients' pools"]),
+                  "(insecure shop and plant), real qemu plants, same run, alternating; median of each round's "
+                  "ratio (the two creates of a round run back to back)",
+            f"with TLS: {sec(t)}; without: {sec(p)} (medians)", x(paired), "<= 1.05x", at_most(paired, 1.05, x),
+            [f"with TLS {spread(creates['tls'], sec)}; without {spread(creates['plain'], sec)}; ratio of the "
+             f"medians {x(t / p)}; tiny + 1 script action, network none; the clients keep their TLS connections "
+             "alive (zeep's session, the shop's pool to its plant)"]),
+        Row("8a'", "The same on fake plants (no guest boot): what mutual TLS adds to a create, medians",
+            f"with TLS: {ms(ft)}; without: {ms(fp)}", f"+{ms(ft - fp)} per create", "(not a target)", "info",
+            [f"with TLS {spread(fakes_timed['tls'], ms)}; without {spread(fakes_timed['plain'], ms)}"]),
         Row("8b", "estimateCost throughput with mutual TLS on kept-alive connections vs the same without, "
                   "against the same (plain) echo",
             f"estimate with TLS: {et:.0f} req/s; without: {ep:.0f} req/s; echo: {e:.0f} req/s "

@@ -255,6 +255,23 @@ def test_a_user_calling_a_plant_directly_is_refused(site: Site, alices_vm: Any) 
     assert site.plant_as("shop").plantInfo().name == "p1"
 
 
+def test_a_plant_rereads_its_authorisation_file_on_sighup(site: Site, pki: TestPki) -> None:
+    plant = site.plant2
+    assert plant.mapfile is not None and plant.process is not None
+    original = plant.mapfile.read_text()
+    try:
+        assert refused(site.plant_as("bob", plant).plantInfo)[0] == "Client.AuthenticationFailed"
+        plant.mapfile.write_text(original + f'"{pki.subject("bob")}" bob shop\n')  # bob's becomes a shop
+        plant.process.send_signal(1)  # SIGHUP
+        wait_for(lambda: not _refused_quietly(site.plant_as("bob", plant).plantInfo), timeout=20,
+                 what="the plant to re-read its authorisation file")
+    finally:
+        plant.mapfile.write_text(original)
+        plant.process.send_signal(1)
+    wait_for(lambda: _refused_quietly(site.plant_as("bob", plant).plantInfo), timeout=20,
+             what="the plant to forget bob again")
+
+
 def test_a_plant_may_speak_only_for_its_own_address(site: Site) -> None:
     p1, p2 = site.plant.url, site.plant2.url
     code, message = refused(site.shop.service_as("plant2").plantChanged, plant=p1)
