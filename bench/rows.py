@@ -576,6 +576,7 @@ def row_tls(ctx: Context) -> list[Row]:
     for i in range(ctx.n(7, 2)):
         for name in (("tls", "plain") if i % 2 == 0 else ("plain", "tls")):
             log(f"tls: create round {i + 1}: {name}")
+            common.settle(timeout=15)  # a guest boot is CPU-bound: start each one on an idle machine
             creates[name].append(create(name))
     t, p = median(creates["tls"]), median(creates["plain"])
     # Each round's two creates ran back to back: their ratio is the least disturbed by the machine's load.
