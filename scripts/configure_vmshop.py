@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vmshop_common.errors import VMShopError
 from vmshop_common.security import add_security_flags, security_from_flags
+from vmshop_common.wsse import read_users
 from vmshop_service.config import CONFIG_FILE, ShopConfig, load_config, write_config
 from vmshop_service.quota import Limits, QuotaConfig
 
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="every identity's quota: vms=N,memory=MIB,vcpus=N (default: none)")
     parser.add_argument("--quota", action="append", default=[], metavar="IDENTITY:LIMITS",
                         help="one identity's quota, e.g. alice:vms=2,memory=512 (repeatable)")
+    parser.add_argument("--wsse-users", metavar="FILE",
+                        help="also take WS-Security UsernameTokens from TLS callers without a certificate, for the "
+                             "users of FILE (NAME ROLES PASSWORD per line, mode 0600)")
+    parser.add_argument("--wsse-window", type=float, default=300.0,
+                        help="seconds a UsernameToken's Created may be off (default 300)")
     parser.add_argument("--output", default=CONFIG_FILE, help=f"where to write (default ./{CONFIG_FILE})")
     parser.add_argument("--yes", action="store_true", help="take defaults for everything not given")
     args = parser.parse_args(argv)
@@ -99,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                             database=database.absolute(), plants_file=plants_file.absolute(),
                             bid_timeout=float(value(args.bid_timeout, "bid timeout (s)", "10")),
                             poll_interval=float(value(args.poll_interval, "state refresh interval (s)", "5")),
-                            security=security, quotas=parse_quotas(args.default_quota, args.quota))
+                            security=security, quotas=parse_quotas(args.default_quota, args.quota),
+                            wsse_users=Path(args.wsse_users).absolute() if args.wsse_users else None,
+                            wsse_window=args.wsse_window)
+        if config.wsse_users is not None:
+            read_users(config.wsse_users)
         config.database.parent.mkdir(parents=True, exist_ok=True)
         if not config.plants_file.exists():
             config.plants_file.parent.mkdir(parents=True, exist_ok=True)

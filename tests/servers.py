@@ -208,12 +208,12 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
 def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, poll_interval: float = 0.5,
                lease_interval: float = 0.2, public_url: str | None = None,
                plant_identities: dict[str, list[str]] | None = None, quotas: list[str] | None = None,
-               insecure: bool = False) -> ServerProcess:
+               insecure: bool = False, flags: list[str] | None = None) -> ServerProcess:
     """Configure and start a shop whose plant list holds ``plants`` (``host:port`` each).
 
     Its authorisation file maps the test users and admin, and the plant identities of
     ``plant_identities`` (default: ``plant`` for every address in ``plants``). ``quotas``: configure
-    flags (``--default-quota ...``, ``--quota ...``).
+    flags (``--default-quota ...``, ``--quota ...``); ``flags``: any other configure flags.
     """
     directory.mkdir(parents=True, exist_ok=True)
     pki = test_pki()
@@ -226,7 +226,7 @@ def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, 
             "--database", str(directory / "registry.sqlite3"), "--plants-file", str(plants_file),
             "--bid-timeout", str(bid_timeout), "--poll-interval", str(poll_interval), "--output", str(config)]
     args += ["--insecure"] if insecure else pki.tls_flags("shop") + ["--authorization", str(mapfile)]
-    args += list(quotas or [])
+    args += list(quotas or []) + list(flags or [])
     if public_url:
         args += ["--public-url", public_url]
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory))

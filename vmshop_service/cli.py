@@ -2,7 +2,7 @@
 
 Usage::
 
-    vmshop [--shop URL] [--cert PEM --key PEM] [--ca PEM] [--json] [--timeout SECONDS] COMMAND ...
+    vmshop [--shop URL] [--cert PEM --key PEM | --user NAME] [--ca PEM] [--json] [--timeout SECONDS] COMMAND ...
 
     create --dag FILE [--owner O] [--lease DURATION | --until ISO8601] [--vm-key K]
                                   make a VM (live progress on stderr)
@@ -24,7 +24,10 @@ Usage::
 an https shop (the command never talks to an unverified shop). Bad
 credentials (an unknown CA, an expired certificate, a key that does not
 match, a subject the shop does not know) are one line with the code
-``Client.BadCredentials`` or ``Client.AuthenticationFailed``.
+``Client.BadCredentials`` or ``Client.AuthenticationFailed``. Without a
+certificate, ``--user NAME`` (default ``$VMSHOP_USER``) signs each request
+with a WS-Security UsernameToken, for shops that take them; the password
+comes from ``$VMSHOP_PASSWORD``, or is asked on a terminal (never a flag).
 A DURATION is seconds, or a number with ``s``, ``m``, ``h`` or ``d``
 (``90``, ``30m``, ``2h``). ``VM`` is a VM's key. The global options may also
 follow the command (``vmshop query --json``).
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import math
 import os
@@ -233,8 +237,13 @@ def parse_limit(text: str) -> int:
 
 def _client(args: argparse.Namespace) -> VMShopClient:
     url = args.shop or os.environ.get("VMSHOP_URL") or DEFAULT_URL
+    user = args.user or os.environ.get("VMSHOP_USER") or None
+    password = os.environ.get("VMSHOP_PASSWORD")
+    if user and password is None and sys.stdin.isatty():
+        password = getpass.getpass(f"password of {user}: ")
     try:
-        return VMShopClient(url, timeout=args.timeout, cert=args.cert, key=args.key, ca=args.ca)
+        return VMShopClient(url, timeout=args.timeout, cert=args.cert, key=args.key, ca=args.ca, username=user,
+                            password=password)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -425,7 +434,7 @@ def cmd_plants(args: argparse.Namespace) -> int:
 
 
 def _shop_options(parser: argparse.ArgumentParser, default: Any) -> None:
-    """--shop/--cert/--key/--ca/--json/--timeout, before the command (defaults) and after it (SUPPRESS:
+    """--shop/--cert/--key/--ca/--user/--json/--timeout, before the command (defaults) and after it (SUPPRESS:
     no override)."""
     unset = default if default is argparse.SUPPRESS else None
     parser.add_argument("--shop", metavar="URL", default=unset,
@@ -434,6 +443,9 @@ def _shop_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("--key", metavar="PEM", default=unset, help="your private key (default: $VMSHOP_KEY)")
     parser.add_argument("--ca", metavar="PEM", default=unset,
                         help="the CA that signs the shop's certificate (default: $VMSHOP_CA)")
+    parser.add_argument("--user", metavar="NAME", default=unset,
+                        help="without a certificate: sign requests as NAME with a WS-Security UsernameToken "
+                             "(password from $VMSHOP_PASSWORD, or asked; default user: $VMSHOP_USER)")
     _json_option(parser, default)
     parser.add_argument("--timeout", metavar="SECONDS", type=parse_timeout,
                         default=default if default is argparse.SUPPRESS else 600.0,

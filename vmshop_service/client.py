@@ -42,6 +42,11 @@ Contracts:
   expired) raises it too, with one line naming the problem. A certificate
   whose subject the shop does not map is the shop's fault
   ``Client.AuthenticationFailed``.
+- Without a certificate, a shop that takes them may be given a user name
+  and password (``username``/``password``, else ``$VMSHOP_USER`` and
+  ``$VMSHOP_PASSWORD``): every request then carries a WS-Security
+  UsernameToken with a PasswordDigest, a fresh nonce and its creation time
+  (zeep's ``wsse``); the password itself is never sent.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ import requests
 import zeep
 import zeep.exceptions
 from zeep.wsdl import Document
+from zeep.wsse.username import UsernameToken
 
 from vmshop_common.errors import CredentialsError, DocumentTooLargeError, Problem, VMShopError, XMLSyntaxError
 from vmshop_common.soap.faults import from_fault
@@ -77,6 +83,7 @@ from vmshop_common.tls import (
 from vmshop_common.xmlload import MAX_BYTES
 
 DEFAULT_URL = "https://127.0.0.1:8080/"
+ENV_USER, ENV_PASSWORD = "VMSHOP_USER", "VMSHOP_PASSWORD"
 TNS = "urn:vmshop:vmshop:1"
 BINDING = f"{{{TNS}}}VMShop"
 DEFAULT_TIMEOUT = 600.0
@@ -353,7 +360,7 @@ class VMShopClient:
 
     def __init__(self, url: str = DEFAULT_URL, *, wsdl: str | Path | None = None,
                  timeout: float = DEFAULT_TIMEOUT, cert: str | Path | None = None, key: str | Path | None = None,
-                 ca: str | Path | None = None) -> None:
+                 ca: str | Path | None = None, username: str | None = None, password: str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"the shop URL must be https://host:port/, not {url!r}")
@@ -369,6 +376,11 @@ class VMShopClient:
             raise CredentialsError("a client certificate needs its key, and a key its certificate: give both "
                                    f"--cert and --key (or {ENV_CERT} and {ENV_KEY})")
         self._ca = Path(ca) if ca else None
+        username = username or os.environ.get(ENV_USER) or None
+        password = password if password is not None else os.environ.get(ENV_PASSWORD)
+        if username and password is None:
+            raise CredentialsError(f"a user name needs its password (in {ENV_PASSWORD})")
+        self._user: tuple[str, str] | None = (username, password or "") if username else None
         self._creds: Credentials | None = None
         if cert and key and ca:
             self._creds = load_credentials(cert, key, ca)
@@ -412,6 +424,7 @@ class VMShopClient:
         twin._document = self._document
         twin._creds = self._creds
         twin._ca = self._ca
+        twin._user = self._user
         return twin
 
     def close(self) -> None:
@@ -432,7 +445,8 @@ class VMShopClient:
     def _proxy(self) -> Any:
         proxy = getattr(self._local, "proxy", None)
         if proxy is None:
-            client = zeep.Client(self._document, transport=self._transport(), settings=self._settings)
+            wsse = UsernameToken(*self._user, use_digest=True) if self._user is not None else None
+            client = zeep.Client(self._document, transport=self._transport(), settings=self._settings, wsse=wsse)
             proxy = client.create_service(BINDING, self.url)
             self._local.proxy = proxy
             with self._lock:

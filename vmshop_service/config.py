@@ -43,6 +43,8 @@ class ShopConfig:
     lease_interval: float = 1.0
     security: ServerSecurity = ServerSecurity()
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    wsse_users: Path | None = None  # users file for WS-Security UsernameTokens (None: certificates only)
+    wsse_window: float = 300.0
 
     def plants(self) -> list[str]:
         """The plants' endpoint URLs from the plant list file (ConfigurationError if it is bad): https, or
@@ -96,7 +98,7 @@ def load_config(path: str | Path) -> ShopConfig:
         value = Path(str(get(local, attribute)))
         return value if value.is_absolute() else source.parent / value
 
-    return ShopConfig(
+    config = ShopConfig(
         name=root.get("name", "vmshop"), listen_host=str(get("listen", "host", "127.0.0.1")),
         listen_port=int(str(get("listen", "port", "8080"))), public_url=str(get("public", "url", "")),
         database=path_of("database", "path"), plants_file=path_of("plants", "file"),
@@ -107,7 +109,13 @@ def load_config(path: str | Path) -> ShopConfig:
         lease_interval=float(str(get("intervals", "lease", "1"))),
         security=read_security(root, CONFIG_NS, source.parent, what),
         quotas=_quotas(root.find(f"{{{CONFIG_NS}}}quotas")),
+        wsse_users=path_of("wsse", "users") if get("wsse", "users") else None,
+        wsse_window=float(str(get("wsse", "window", "300"))),
     )
+    if config.wsse_users is not None and config.security.insecure:
+        raise ConfigurationError(f"{what}: WS-Security UsernameTokens are accepted only over TLS, and this "
+                                 "shop listens insecure")
+    return config
 
 
 def write_config(config: ShopConfig, path: str | Path) -> Path:
@@ -125,6 +133,8 @@ def write_config(config: ShopConfig, path: str | Path) -> Path:
     add("plants", file=config.plants_file)
     add("timeouts", bid=config.bid_timeout, create=config.create_timeout, call=config.call_timeout)
     add("intervals", poll=config.poll_interval, lease=config.lease_interval)
+    if config.wsse_users is not None:
+        add("wsse", users=config.wsse_users, window=config.wsse_window)
     if config.quotas.default != Limits() or config.quotas.identities:
         quotas = etree.SubElement(element, f"{{{CONFIG_NS}}}quotas")
         _write_limits(quotas, config.quotas.default)

@@ -319,17 +319,27 @@ class SoapResource(CompatTwistedWebResource):
     """What maps a caller to an identity (``identify(subject) -> Identity``, see :mod:`vmshop_common.authz`);
     ``None``: requests carry no identity (``ctx.udc`` is ``None``)."""
 
-    def caller(self, request: Request, body: bytes) -> Any:
-        """The identity of the caller: its TLS client certificate's subject, through :attr:`identities`.
+    tokens: Any = None
+    """For TLS callers without a certificate: ``identify(body) -> Identity | None`` from a WS-Security
+    UsernameToken (:mod:`vmshop_common.wsse`); ``None``: certificates only."""
 
-        An unknown subject (or none, where one is needed) is refused here, before the body is parsed,
-        with the fault ``Client.AuthenticationFailed``.
+    def caller(self, request: Request, body: bytes) -> Any:
+        """The identity of the caller: its TLS client certificate's subject, through :attr:`identities`;
+        without a certificate, a UsernameToken through :attr:`tokens` (when the site takes them).
+
+        An unknown subject (or none, where one is needed) or a token that does not check is refused here,
+        before spyne parses the body, with the fault ``Client.AuthenticationFailed``.
         """
         identities = self.identities
         if identities is None:
             return None
-        subject = peer_subject(request.channel.transport) if request.isSecure() else None
+        secure = request.isSecure()
+        subject = peer_subject(request.channel.transport) if secure else None
         try:
+            if subject is None and secure and self.tokens is not None:
+                found = self.tokens.identify(body)
+                if found is not None:
+                    return found
             return identities.identify(subject)
         except VMShopError as exc:
             raise to_fault(exc) from None
@@ -364,6 +374,15 @@ class SoapSite(LimitedSite):
     @identities.setter
     def identities(self, value: Any) -> None:
         self.soap_resource.identities = value
+
+    @property
+    def tokens(self) -> Any:
+        """UsernameTokens for TLS callers without a certificate (see :attr:`SoapResource.tokens`)."""
+        return self.soap_resource.tokens
+
+    @tokens.setter
+    def tokens(self, value: Any) -> None:
+        self.soap_resource.tokens = value
 
     def set_public_url(self, url: str) -> None:
         """Build the WSDL for ``url`` (once) and serve it from now on."""
