@@ -13,12 +13,26 @@
  * otherwise (with the reason on stderr).
  */
 
+import java.io.InputStream;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.security.KeyFactory;
+import java.security.KeyStore;
+import java.security.PrivateKey;
+import java.security.cert.Certificate;
+import java.security.cert.CertificateFactory;
+import java.security.spec.PKCS8EncodedKeySpec;
+import java.util.ArrayList;
+import java.util.Base64;
 import java.util.List;
 import java.util.Map;
 
+import javax.net.ssl.KeyManager;
+import javax.net.ssl.KeyManagerFactory;
+import javax.net.ssl.SSLContext;
+import javax.net.ssl.SSLSocketFactory;
+import javax.net.ssl.TrustManagerFactory;
 import javax.xml.namespace.QName;
 import javax.xml.ws.BindingProvider;
 import javax.xml.ws.soap.SOAPFaultException;
@@ -54,7 +68,64 @@ public final class VMShopClient {
         context.put(BindingProvider.ENDPOINT_ADDRESS_PROPERTY, url);
         context.put("com.sun.xml.ws.connect.timeout", 30_000);
         context.put("com.sun.xml.ws.request.timeout", 120_000);
+        if (url.startsWith("https:")) {
+            String ca = System.getenv("VMSHOP_CA");
+            if (ca == null || ca.isEmpty()) {
+                throw new IllegalArgumentException("an https URL needs VMSHOP_CA (the CA that signed the shop)");
+            }
+            // JAXWSProperties.SSL_SOCKET_FACTORY: this port's connections use our own TLS context; the JDK's
+            // default host name check (the URL's host against the shop certificate's names) still applies.
+            context.put("com.sun.xml.ws.transport.https.client.SSLSocketFactory",
+                        tls(ca, System.getenv("VMSHOP_CERT"), System.getenv("VMSHOP_KEY")));
+        }
         return shop;
+    }
+
+    /** TLS that trusts only the CA certificates in {@code caFile} and, if given, presents our certificate. */
+    static SSLSocketFactory tls(String caFile, String certFile, String keyFile) throws Exception {
+        CertificateFactory x509 = CertificateFactory.getInstance("X.509");
+        KeyStore trusted = KeyStore.getInstance("PKCS12");
+        trusted.load(null, null);
+        for (Certificate ca : readCertificates(x509, caFile)) {
+            trusted.setCertificateEntry("ca" + trusted.size(), ca);
+        }
+        TrustManagerFactory trust = TrustManagerFactory.getInstance(TrustManagerFactory.getDefaultAlgorithm());
+        trust.init(trusted);
+        KeyManager[] ours = null;
+        if (certFile != null && !certFile.isEmpty()) {
+            List<Certificate> chain = readCertificates(x509, certFile);
+            PrivateKey key = readPkcs8Key(keyFile, chain.get(0).getPublicKey().getAlgorithm());
+            char[] password = "in-memory".toCharArray();  // the store never leaves this process
+            KeyStore identity = KeyStore.getInstance("PKCS12");
+            identity.load(null, null);
+            identity.setKeyEntry("me", key, password, chain.toArray(new Certificate[0]));
+            KeyManagerFactory keys = KeyManagerFactory.getInstance(KeyManagerFactory.getDefaultAlgorithm());
+            keys.init(identity, password);
+            ours = keys.getKeyManagers();
+        }
+        SSLContext context = SSLContext.getInstance("TLS");
+        context.init(ours, trust.getTrustManagers(), null);
+        return context.getSocketFactory();
+    }
+
+    static List<Certificate> readCertificates(CertificateFactory x509, String file) throws Exception {
+        try (InputStream in = Files.newInputStream(Path.of(file))) {
+            return new ArrayList<>(x509.generateCertificates(in));
+        }
+    }
+
+    /** A PEM "PRIVATE KEY" (PKCS#8, unencrypted: what vmshop-ca writes; 'openssl pkcs8 -topk8' converts others). */
+    static PrivateKey readPkcs8Key(String file, String algorithm) throws Exception {
+        if (file == null || file.isEmpty()) {
+            throw new IllegalArgumentException("VMSHOP_CERT needs VMSHOP_KEY, the certificate's private key");
+        }
+        String pem = Files.readString(Path.of(file), StandardCharsets.US_ASCII);
+        if (!pem.contains("-----BEGIN PRIVATE KEY-----")) {
+            throw new IllegalArgumentException(file + " holds no PKCS#8 'PRIVATE KEY' in PEM");
+        }
+        String base64 = pem.replaceAll("-----(BEGIN|END) PRIVATE KEY-----", "").replaceAll("\\s", "");
+        byte[] der = Base64.getDecoder().decode(base64);
+        return KeyFactory.getInstance(algorithm).generatePrivate(new PKCS8EncodedKeySpec(der));
     }
 
     public static void main(String[] args) throws Exception {
