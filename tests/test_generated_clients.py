@@ -58,8 +58,12 @@ def good_dag(client: str) -> str:
             f'<edges><edge from="s" to="run"/></edges></vm>')
 
 
-# Each bad DAG, the fault code every client must get for it, and a word its message must hold.
+# Each bad DAG, the fault code every client must get for it, and words its message must hold. The last
+# three never reach the DAG's reader: the SOAP layer refuses the envelope (Spyne's own codes) when a client
+# wrote a character XML 1.0 forbids (gSOAP as "&#1;", JAX-WS and soap raw) or the string is longer than the
+# WSDL's maxLength (1 MiB).
 BAD_DAGS: list[tuple[str, str, str, str]] = [
+    ("empty", "", "Client.XMLSyntax", "DAG is empty"),
     ("syntax", f'<vm xmlns="{DAG_NS}"><nodes>', "Client.XMLSyntax", "not well-formed"),
     ("doctype", f'<!DOCTYPE vm [<!ENTITY boom "boom">]><vm xmlns="{DAG_NS}">&boom;</vm>',
      "Client.DoctypeRefused", "DOCTYPE"),
@@ -67,6 +71,10 @@ BAD_DAGS: list[tuple[str, str, str, str]] = [
     ("cycle", f'<vm xmlns="{DAG_NS}"><nodes><image id="s" name="tiny"/><script id="a">true</script>'
               '<script id="b">true</script></nodes><edges><edge from="s" to="a"/><edge from="a" to="b"/>'
               '<edge from="b" to="a"/></edges></vm>', "Client.DagInvalid", "cycle: a -> b -> a"),
+    ("control-character", good_dag("bad").replace("true &amp;&amp;", "echo \x01;"), "Client.XMLSyntaxError",
+     "Char value 1"),
+    ("over-1-MiB", good_dag("bad").replace("true &amp;&amp;", "#" + "x" * (1 << 20)), "Client.SchemaValidationError",
+     "maxLength"),
 ]
 
 
