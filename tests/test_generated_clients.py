@@ -106,6 +106,8 @@ def built(name: str, tools: list[str]) -> Path:
     if target.is_dir():
         return target
     BUILDS.mkdir(parents=True, exist_ok=True)
+    for left in BUILDS.glob(f".{name}-*"):  # an earlier session's build that was interrupted
+        shutil.rmtree(left, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=BUILDS))
     started = time.monotonic()
     result = subprocess.run(["bash", str(CLIENTS / name / "build.sh"), str(work)], capture_output=True,

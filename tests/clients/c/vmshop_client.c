@@ -130,9 +130,10 @@ int main(int argc, char **argv)
         put("create", "run", result->runs[i].node);
         put("create", "output", result->runs[i].output);
     }
-    struct shop__EndpointReference epr = *result->vm->epr;  /* copied: the next call reuses the memory */
-    put("create", "epr_address", epr.Address);
-    put("create", "epr_key", epr.VMKey);
+    /* The reference the shop answered; gSOAP keeps what it read until soap_end(), across calls. */
+    struct shop__EndpointReference *epr = result->vm->epr;
+    put("create", "epr_address", epr->Address);
+    put("create", "epr_key", epr->VMKey);
 
     struct shop__queryVMs query = {0};
     struct shop__queryVMsResponse found = {0};
@@ -147,7 +148,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < found.__sizequeryVMsResult; i++)
         put("query", "vm_id", found.queryVMsResult[i].vm_USCOREid);
 
-    struct shop__describeVM describe = {.vm = &epr};
+    struct shop__describeVM describe = {.vm = epr};
     struct shop__describeVMResponse described = {0};
     if (soap_call___shop__describeVM(soap, url, NULL, &describe, &described) != SOAP_OK) {
         status = failed(soap, "describeVM");
@@ -155,7 +156,7 @@ int main(int argc, char **argv)
     }
     put_vm("describe", described.describeVMResult);
 
-    struct shop__collectVM collect = {.vm = &epr};
+    struct shop__collectVM collect = {.vm = epr};
     struct shop__collectVMResponse collected = {0};
     if (soap_call___shop__collectVM(soap, url, NULL, &collect, &collected) != SOAP_OK) {
         status = failed(soap, "collectVM");
