@@ -13,12 +13,17 @@ its own toolkit made from the WSDL:
 
 Each is built once (a build is kept under ``var/clients/`` and reused until
 its sources or the WSDL change) and run as a subprocess against a real shop
-with a fake-backend plant. Every client creates a VM from a DAG whose script
-holds ``&``, ``<``, ``"`` and a non-ASCII letter (so its own escaping is
-tested), finds it with a query, describes it through the endpoint reference
-the shop answered, collects it, and then sends bad DAGs, each of which must
-come back as the SOAP fault with the stable code the shop gives every
-client. The clients print what they learn as ``STEP FIELD VALUE`` lines.
+with a fake-backend plant, over mutual TLS: each client verifies the shop
+against the session's CA and proves an identity of its own with its own
+client certificate (``VMSHOP_CA``, ``VMSHOP_CERT``, ``VMSHOP_KEY``), added
+to the running shop's authorisation file as an operator adds a user (a line
+for the certificate's subject, then SIGHUP). Every client creates a VM from
+a DAG whose script holds ``&``, ``<``, ``"`` and a non-ASCII letter (so its
+own escaping is tested), finds it with a query, describes it through the
+endpoint reference the shop answered, collects it, and then sends bad DAGs,
+each of which must come back as the SOAP fault with the stable code the shop
+gives every client. The clients print what they learn as ``STEP FIELD
+VALUE`` lines.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -34,8 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from servers import ROOT, ServerProcess, host_port, start_plant, start_shop
+import zeep.exceptions
+from pki import test_pki
+from servers import ROOT, ServerProcess, host_port, start_plant, start_shop, wait_for
 
+from vmshop_common import pki as ca_tool
 from vmshop_common.dagxml import DAG_NS
 
 pytestmark = pytest.mark.integration
@@ -47,6 +56,8 @@ JARS = Path("/usr/share/java")
 SOAP11_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 RUN_TIMEOUT = 300.0
 SETUP_HINT = "run 'bash scripts/setup_host.sh'"
+# Each client's own identity (a user), with a certificate of the session's CA.
+IDENTITIES = {"c": "gsoap-user", "java": "jaxws-user", "node": "node-soap-user"}
 
 SCRIPT = 'true &amp;&amp; echo "both &lt;ok&gt; é"'  # XML text of the shell's: true && echo "both <ok> é"
 SCRIPT_OUTPUT = 'fake: true && echo "both <ok> é"\n'  # what the fake backend says it ran
@@ -173,13 +184,46 @@ def plant(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Iter
         server.cleanup()
 
 
+def answers(shop: ServerProcess, identity: str) -> bool:
+    """Whether the shop takes ``identity``'s certificate (a mapped user may list the plants)."""
+    try:
+        shop.service_as(identity, timeout=30).listPlants()
+    except zeep.exceptions.Fault as fault:
+        if "AuthenticationFailed" in str(fault.code):
+            return False
+        raise
+    return True
+
+
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory, plant: ServerProcess) -> Iterator[ServerProcess]:
+    """A shop over mutual TLS that knows each client's identity as a user, added while it runs."""
     server = start_shop(tmp_path_factory.mktemp("generated-shop"), [host_port(plant)])
     try:
+        pki = test_pki()
+        lines = []
+        for identity in IDENTITIES.values():
+            if not pki.cert(identity).exists():
+                ca_tool.issue(pki.directory, identity, "user")
+            lines.append(ca_tool.mapfile_line(pki.subject(identity), identity, "user"))
+        assert server.mapfile is not None and server.process is not None
+        with open(server.mapfile, "a", encoding="utf-8") as mapfile:
+            mapfile.write("# the generated clients\n" + "\n".join(lines) + "\n")
+        server.process.send_signal(signal.SIGHUP)
+        for identity in IDENTITIES.values():
+            wait_for(lambda name=identity: answers(server, name), timeout=60, what=f"the shop to map {identity}")
         yield server
     finally:
         server.cleanup()
+
+
+def tls_env(client: str, *, certificate: bool = True, ca: Path | None = None) -> dict[str, str]:
+    """What a client is given to speak TLS: the CA to verify the shop with and its own certificate and key."""
+    pki = test_pki()
+    env = {"VMSHOP_CA": str(ca or pki.ca), "VMSHOP_CERT": "", "VMSHOP_KEY": ""}
+    if certificate:
+        env.update(VMSHOP_CERT=str(pki.cert(IDENTITIES[client])), VMSHOP_KEY=str(pki.key(IDENTITIES[client])))
+    return env
 
 
 # --- what a client printed ----------------------------------------------------------------
@@ -220,7 +264,7 @@ def exact_code(client: str, code: str) -> str:
 
 def test_each_generated_client_creates_queries_describes_collects_and_gets_stable_faults(
         program: ClientProgram, shop: ServerProcess, plant: ServerProcess, tmp_path: Path) -> None:
-    name = program.name
+    name, identity = program.name, IDENTITIES[program.name]
     key = f"{name}-client-1"
     dag = tmp_path / "good.xml"
     dag.write_text(good_dag(name), encoding="utf-8")
@@ -231,12 +275,15 @@ def test_each_generated_client_creates_queries_describes_collects_and_gets_stabl
     before = len(shop.service.queryVMs("", None) or [])
 
     started = time.monotonic()
-    result = program.run(shop.url, str(dag), key, f"client={name} state=running", *map(str, bad_files))
+    assert shop.url.startswith("https://")
+    result = program.run(shop.url, str(dag), key, f"client={name} state=running", *map(str, bad_files),
+                         env=tls_env(name))
     seconds = time.monotonic() - started
     assert result.returncode == 0, f"the {name} client failed ({seconds:.1f} s):\n{result.stdout}\n{result.stderr}"
     got = facts(result.stdout)
 
     assert got["create", "vm_id"] == [key] and got["create", "state"] == ["running"]
+    assert got["create", "owner"] == got["describe", "owner"] == got["collect", "owner"] == [identity]
     assert got["create", "plant"] == [plant.url]
     assert got["create", "run"] == ["run"]
     assert SCRIPT_OUTPUT in got["create", "output"][0]  # &, <, > , " and é went through intact both ways
@@ -260,3 +307,19 @@ def test_each_generated_client_creates_queries_describes_collects_and_gets_stabl
     assert plant.service.listVMs(include_collected=False) in (None, [])
     for server in (shop, plant):
         assert "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize("wrong", ["no certificate", "another CA"])
+def test_each_generated_client_is_refused_without_its_certificate_and_refuses_a_shop_of_another_ca(
+        program: ClientProgram, shop: ServerProcess, tmp_path: Path, wrong: str) -> None:
+    """No client gets in without a certificate, and none talks to a shop its CA did not sign."""
+    dag = tmp_path / "good.xml"
+    dag.write_text(good_dag(program.name), encoding="utf-8")
+    env = tls_env(program.name, certificate=False) if wrong == "no certificate" else \
+        tls_env(program.name, ca=test_pki().other_ca)
+    before = len(shop.service.queryVMs("", None) or [])
+    result = program.run(shop.url, str(dag), f"{program.name}-refused", "", str(dag), env=env)
+    assert result.returncode != 0 and ("create", "vm_id") not in facts(result.stdout), result
+    print(f"{program.name}, {wrong}: {result.stderr.strip()[:400]}")
+    assert len(shop.service.queryVMs("", None) or []) == before
+    assert "Traceback" not in shop.output()
