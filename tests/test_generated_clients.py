@@ -207,6 +207,8 @@ def shop(tmp_path_factory: pytest.TempPathFactory, plant: ServerProcess) -> Iter
                 ca_tool.issue(pki.directory, identity, "user")
             lines.append(ca_tool.mapfile_line(pki.subject(identity), identity, "user"))
         assert server.mapfile is not None and server.process is not None
+        # An answer means its reactor runs, so its SIGHUP handler is in place (before it, SIGHUP would end it).
+        assert answers(server, "admin")
         with open(server.mapfile, "a", encoding="utf-8") as mapfile:
             mapfile.write("# the generated clients\n" + "\n".join(lines) + "\n")
         server.process.send_signal(signal.SIGHUP)
