@@ -325,3 +325,19 @@ def test_each_generated_client_is_refused_without_its_certificate_and_refuses_a_
     print(f"{program.name}, {wrong}: {result.stderr.strip()[:400]}")
     assert len(shop.service.queryVMs("", None) or []) == before
     assert "Traceback" not in shop.output()
+
+
+SOAP12_LIST_PLANTS = ('<?xml version="1.0" encoding="UTF-8"?><e:Envelope xmlns:e="http://www.w3.org/2003/05/soap-envelope"'
+                      ' xmlns:shop="urn:vmshop:vmshop:1"><e:Body><shop:listPlants/></e:Body></e:Envelope>')
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Spyne answers a SOAP 1.2 envelope with Client.SoapError ('No {...soap/envelope/}"
+                          "Envelope element was found!'); if this passes, drop the marker")
+def test_a_soap_1_2_envelope_gets_soap_1_1s_version_mismatch(shop: ServerProcess) -> None:
+    """What gSOAP's default build of this WSDL sends (see c/build.sh) should get SOAP 1.1's own answer (4.4.1)."""
+    answer = test_pki().session("admin").post(
+        shop.url, data=SOAP12_LIST_PLANTS.encode(), timeout=60,
+        headers={"Content-Type": 'application/soap+xml; charset=utf-8; action="listPlants"'})
+    assert answer.status_code == 500
+    assert "<faultcode>soap11env:VersionMismatch</faultcode>" in answer.text
