@@ -93,8 +93,11 @@ BAD_DAGS: list[tuple[str, str, str, str]] = [
 
 
 def source_digest(*paths: Path) -> str:
-    """A digest of the files under ``paths`` (names and contents), to know when a build is stale."""
-    digest = hashlib.sha256()
+    """A digest of the files under ``paths`` (names and contents), to know when a build is stale.
+
+    The checkout's own path counts too: the Java build names the WSDL it reads at run time by its path.
+    """
+    digest = hashlib.sha256(str(ROOT).encode() + b"\0")
     for path in paths:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
