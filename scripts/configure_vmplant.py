@@ -187,7 +187,7 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
     host = asker.get(args.host, "Listen on host", "127.0.0.1", _nonempty)
     port = asker.get(args.port, "Listen on port", DEFAULT_PORT, _int_in(0, 65535, "the port"))
     security = security_from_flags(args, lambda given, prompt, default: asker.get(given, prompt, default),
-                                   here, name, "plant")
+                                   here, name, "plant", cwd)
     public_url = asker.get(args.public_url, "Public URL (the address its WSDL names)",
                            default_public_url(host, port, security.scheme), _url)
     warehouse = asker.get(args.warehouse, "Warehouse directory (holds index.txt)",

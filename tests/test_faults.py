@@ -26,11 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import zeep
-import zeep.exceptions
 from servers import (
-    SHOP_BINDING,
-    SHOP_WSDL,
     ServerProcess,
     host_port,
     processes_mentioning,
@@ -64,8 +60,7 @@ def image_dag(*scripts: str, network: bool = False) -> str:
 
 def shop_client(shop: ServerProcess, timeout: float = 600) -> Any:
     """A zeep service of its own on ``shop`` (one per thread: a zeep client is not shared between threads)."""
-    client = zeep.Client(str(SHOP_WSDL), transport=zeep.Transport(timeout=timeout, operation_timeout=timeout))
-    return client.create_service(SHOP_BINDING, shop.url)
+    return shop.service_as("admin", timeout)
 
 
 def epr(shop: ServerProcess, key: str) -> dict[str, str]:

@@ -37,6 +37,7 @@ import pytest
 import requests
 import zeep.exceptions
 import zeep.helpers
+from pki import test_pki
 from servers import ServerProcess, host_port, processes_mentioning, start_plant, start_shop
 
 from vmplant_service.ippool import IPPool
@@ -359,7 +360,7 @@ def send_raw(server: ServerProcess, item: Item) -> tuple[str, str]:
     if isinstance(data, str):
         data = data.replace("{tns}", TNS[item.target]).encode()
     headers = {} if item.content_type is None else {"Content-Type": item.content_type}
-    response = requests.post(server.url, data=data, headers=headers, timeout=120)
+    response = test_pki().session("admin").post(server.url, data=data, headers=headers, timeout=120)
     assert response.status_code == item.status, (response.status_code, response.content[:300])
     return fault_of(response)
 

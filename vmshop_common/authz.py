@@ -90,6 +90,22 @@ _ATTRIBUTE_OIDS = {
     "EMAILADDRESS": "1.2.840.113549.1.9.1", "EMAIL": "1.2.840.113549.1.9.1", "E": "1.2.840.113549.1.9.1",
 }
 _OID = re.compile(r"^\d+(\.\d+)+$")
+_CAMEL = ("emailAddress", "serialNumber", "givenName", "surname", "userId", "pseudonym", "initials", "title",
+          "street")
+
+
+def _rfc4514_names() -> dict[str, x509.ObjectIdentifier]:
+    """Attribute type names for cryptography's RFC 4514 parser, in the cases people write them."""
+    names: dict[str, x509.ObjectIdentifier] = {}
+    for name, oid in _ATTRIBUTE_OIDS.items():
+        for form in (name, name.lower(), name.capitalize()):
+            names[form] = x509.ObjectIdentifier(oid)
+    for name in _CAMEL:
+        names[name] = x509.ObjectIdentifier(_ATTRIBUTE_OIDS[name.upper()])
+    return names
+
+
+_RFC4514_NAMES = _rfc4514_names()
 
 CanonicalDN = tuple[tuple[tuple[str, str], ...], ...]
 
@@ -180,7 +196,7 @@ def canonical_dn(text: str) -> CanonicalDN:
     if text.startswith("/"):
         return _slash_form(text)
     try:
-        return _canonical_name(x509.Name.from_rfc4514_string(text))
+        return _canonical_name(x509.Name.from_rfc4514_string(text, _RFC4514_NAMES))
     except ValueError as exc:
         raise ValueError(f"not an RFC 4514 DN ({exc})") from None
 

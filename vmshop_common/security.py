@@ -25,6 +25,7 @@ key that does not match, a bad mapping line...).
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,16 +174,19 @@ def add_security_flags(parser: Any, server: str) -> None:
         help="plain HTTP without identities (every caller may do everything); loopback only, for development")
 
 
-def security_from_flags(args: Any, ask: Any, base: Path, name: str, server: str) -> ServerSecurity:
-    """The security settings from the flags, else by ``ask(given, prompt, default) -> str``; paths made
-    absolute against ``base``. The files are checked (ConfigurationError naming the problem); a missing
+def security_from_flags(args: Any, ask: Any, base: Path, name: str, server: str,
+                        cwd: Path | None = None) -> ServerSecurity:
+    """The security settings from the flags, else by ``ask(given, prompt, default) -> str``. Defaults are in
+    ``base`` (the configuration file's directory); relative paths are taken from ``cwd`` (default: the
+    current directory). The files are checked (ConfigurationError naming the problem); a missing
     authorisation file is written with a commented header."""
     if args.insecure:
         return ServerSecurity(insecure=True)
+    here = cwd or Path.cwd()
 
     def path(value: str) -> Path:
         candidate = Path(value).expanduser()
-        return (candidate if candidate.is_absolute() else base / candidate).absolute()
+        return Path(os.path.normpath(candidate if candidate.is_absolute() else here / candidate))
 
     pki = base / "pki"
     cert = path(ask(args.tls_cert, f"{server} certificate (PEM)", str(pki / f"{name}.pem")))

@@ -311,17 +311,21 @@ def _chain_text(error: BaseException | str) -> str:
     return " | ".join(seen)
 
 
-def describe_tls_failure(error: BaseException | str, peer: str = "server",
-                         creds: Credentials | None = None) -> str | None:
+def describe_tls_failure(error: BaseException | str, peer: str = "server", creds: Credentials | None = None,
+                         client: bool = False) -> str | None:
     """One line naming a TLS failure found in ``error`` (or its causes), or ``None`` if it is none.
 
-    ``creds`` (the client's own credentials) add which certificate was refused, and turn a connection the
-    server closed during the handshake into the likeliest reason (see :data:`_REFUSED_AFTER_HANDSHAKE`).
+    ``client``: the caller is a client that knows what it presented, ``creds`` (its own credentials, or
+    ``None``: no certificate). That adds which certificate was refused, and turns a connection the server
+    closed during the handshake into the likeliest reason (see :data:`_REFUSED_AFTER_HANDSHAKE`).
     """
     text = _chain_text(error)
     found = next((message.format(peer=peer) for pattern, message in _FAILURES if pattern.search(text)), None)
-    if found is None and creds is not None and re.search(r"SSL|TLS", text) \
-            and _REFUSED_AFTER_HANDSHAKE.search(text):
+    closed = found is None and client and re.search(r"SSL|TLS", text) and _REFUSED_AFTER_HANDSHAKE.search(text)
+    if closed and creds is None:
+        found = (f"the {peer} closed the connection in the TLS handshake: it wants a client certificate "
+                 "(--cert/--key, or VMSHOP_CERT/VMSHOP_KEY)")
+    elif closed and creds is not None:
         if issued_by_own_ca(creds):
             found = (f"the {peer} closed the connection while checking your certificate (it does not trust "
                      "its CA, or refused it)")

@@ -449,7 +449,8 @@ class VMShopClient:
             raise ShopUnreachableError(f"the shop at {self.url} gave no answer within {self.timeout:g} s "
                                        f"({what})") from None
         except requests.exceptions.ConnectionError as exc:
-            tls = describe_tls_failure(exc, "shop", self._creds) if self.url.lower().startswith("https:") else None
+            https = self.url.lower().startswith("https:")
+            tls = describe_tls_failure(exc, "shop", self._creds, client=True) if https else None
             if tls is not None:
                 raise CredentialsError(f"TLS with the shop at {self.url} failed: {tls}") from None
             hint = ""
