@@ -135,7 +135,16 @@ public final class VMShopClient {
         }
         // Debian's SAAJ registers its factory under a name the JDK's finder warns about on every message.
         System.setProperty("javax.xml.soap.SAAJMetaFactory", "com.sun.xml.messaging.saaj.soap.SAAJMetaFactoryImpl");
-        VMShop shop = connect(args[0]);
+        try {
+            run(connect(args[0]), args);
+        } catch (SOAPFaultException fault) {  // a fault where none was due: name its code, not only its text
+            System.err.println("VMShopClient: SOAP fault " + fault.getFault().getFaultCodeAsQName().getLocalPart()
+                               + ": " + fault.getFault().getFaultString());
+            System.exit(1);
+        }
+    }
+
+    static void run(VMShop shop, String[] args) throws Exception {
         String dag = Files.readString(Path.of(args[1]), StandardCharsets.UTF_8);
 
         CreateResult created = shop.createVM(dag, null, null, args[2]);
