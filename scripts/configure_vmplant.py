@@ -48,6 +48,7 @@ from vmplant_service.config import (
     write_config,
 )
 from vmplant_service.ippool import write_pool
+from vmplant_service.segment import default_switch_dir
 from vmshop_common.addresses import read_addresses
 from vmshop_common.errors import VMShopError
 from vmshop_common.security import add_security_flags, security_from_flags
@@ -74,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--backend-option", action="append", default=[], metavar="NAME=VALUE", help="a backend option (repeatable)")
     add("--network", choices=NETWORK_MODES, help="host-only network: vde or none (default vde if vde_switch is here)")
     add("--ip-file", help="the address pool, ip.txt (default STATE_DIR/ip.txt)")
-    add("--switch-dir", help="where the owners' VDE switches live (default STATE_DIR/switches)")
+    add("--switch-dir", help="where the owners' VDE switches live (a short path: their sockets are below it; "
+                             "default /run/vmshop/switches/<digest of STATE_DIR>)")
     add("--pool-network", default=DEFAULT_POOL, help=f"network of a new pool (default {DEFAULT_POOL})")
     add("--pool-first", type=int, default=DEFAULT_POOL_FIRST, help="first host number of a new pool (default 10)")
     add("--pool-count", type=int, default=DEFAULT_POOL_COUNT, help="addresses in a new pool (default 64)")
@@ -200,7 +202,7 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
     ip_file = switch_dir = None
     if network == "vde":
         ip_file = asker.get(args.ip_file, "IP pool file (ip.txt)", state_dir / "ip.txt", _path(cwd))
-        switch_dir = asker.get(args.switch_dir, "VDE switches directory", state_dir / "switches", _path(cwd))
+        switch_dir = asker.get(args.switch_dir, "VDE switches directory", default_switch_dir(state_dir), _path(cwd))
     capacity_vms = asker.get(args.capacity_vms, "Most VMs at once", DEFAULT_CAPACITY_VMS,
                              _int_in(1, 4096, "the number of VMs"))
     capacity_memory = asker.get(args.capacity_memory, "MiB of guest memory, all VMs together",

@@ -247,6 +247,15 @@ def _started(server: ServerProcess) -> ServerProcess:
     return server
 
 
+def switches_of(plant: ServerProcess) -> list[str]:
+    """The owners' switches a plant runs now (the segment names under its switch directory)."""
+    from vmplant_service.config import load_config
+    from vmplant_service.segment import OwnerSegments
+
+    directory = load_config(plant.config).switch_dir
+    return OwnerSegments(directory).names() if directory is not None else []
+
+
 def host_port(server: ServerProcess) -> str:
     """``127.0.0.1:PORT`` of a running server, as a plant list names it."""
     return server.url.split("://", 1)[1].rstrip("/")

@@ -32,6 +32,7 @@ from servers import (
     processes_mentioning,
     start_plant,
     start_shop,
+    switches_of,
     wait_for,
 )
 
@@ -83,7 +84,7 @@ def holdings(plant: ServerProcess) -> dict[str, Any]:
     return {
         "pool": pool,
         "overlays": sorted(p.name for p in (state / "overlays").iterdir()),
-        "switches": sorted(p.name for p in (state / "switches").iterdir()) if (state / "switches").exists() else [],
+        "switches": switches_of(plant),
         "run": sorted(p.name for p in (state / "run").iterdir()),
         "guests": processes_mentioning(str(state / "run")),
     }

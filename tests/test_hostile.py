@@ -38,7 +38,7 @@ import requests
 import zeep.exceptions
 import zeep.helpers
 from pki import test_pki
-from servers import ServerProcess, host_port, processes_mentioning, start_plant, start_shop
+from servers import ServerProcess, host_port, processes_mentioning, start_plant, start_shop, switches_of
 
 from vmplant_service.ippool import IPPool
 from vmshop_common.dagxml import DAG_NS
@@ -314,7 +314,7 @@ def plant_holdings(plant: ServerProcess) -> dict[str, Any]:
     return {
         "records": records, "action runs": runs,
         "overlays": sorted(p.name for p in (state / "overlays").iterdir()),
-        "switches": sorted(p.name for p in (state / "switches").iterdir()) if (state / "switches").exists() else [],
+        "switches": switches_of(plant),
         "run": sorted(p.name for p in (state / "run").iterdir()),
         "pool": {e.address: e.holder for e in IPPool(state / "ip.txt").entries() if e.holder},
         "processes": sorted(processes_mentioning(str(state))),

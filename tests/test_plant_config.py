@@ -14,6 +14,7 @@ from pki import TestPki
 
 from vmplant_service.config import PlantConfig, load_config, write_config
 from vmplant_service.ippool import IPPool
+from vmplant_service.segment import default_switch_dir
 from vmshop_common.errors import ConfigurationError, DoctypeRefusedError, SchemaInvalidError, WrongRootError
 from vmshop_common.security import ServerSecurity
 from vmshop_common.tls import TlsFiles
@@ -125,7 +126,7 @@ def test_public_url_defaults(tmp_path: Path) -> None:
 
 def test_vde_switch_dir_defaults_into_the_state_dir(tmp_path: Path) -> None:
     text = MINIMAL.replace("</vmplant>", '<network mode="vde" ipfile="/p/ip.txt"/></vmplant>')
-    assert load_config(write(tmp_path, text)).switch_dir == Path("/s/switches")
+    assert load_config(write(tmp_path, text)).switch_dir == default_switch_dir(Path("/s"))
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -209,7 +210,7 @@ def test_flags_only(script: ModuleType, tmp_path: Path, pki: TestPki) -> None:
     assert "vmshop-ca issue" in (tmp_path / "conf" / "mapfile").read_text()  # a missing one gets a header
     assert config.warehouse_dir == tmp_path / "wh" and config.state_dir == tmp_path / "st"
     assert config.backend_options == {"accel": "tcg"}
-    assert config.ip_file == tmp_path / "st" / "ip.txt" and config.switch_dir == tmp_path / "st" / "switches"
+    assert config.ip_file == tmp_path / "st" / "ip.txt" and config.switch_dir == default_switch_dir(tmp_path / "st")
     assert (config.capacity_vms, config.capacity_memory, config.datastore) == (3, 1024, tmp_path / "data")
     pool = IPPool(config.ip_file)
     entries = pool.entries()

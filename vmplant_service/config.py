@@ -26,6 +26,8 @@ from vmshop_common.errors import ConfigurationError, Problem
 from vmshop_common.security import ServerSecurity, read_security, url, write_security
 from vmshop_common.xmlload import parse_xml, parse_xml_file
 
+from .segment import default_switch_dir
+
 CONFIG_NS = "urn:vmshop:vmplant-config:1"
 CONFIG_ROOT = f"{{{CONFIG_NS}}}vmplant"
 CONFIG_XSD = "vmplant-config-1.0.xsd"
@@ -158,7 +160,7 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
     if mode == "vde":
         if ip_file is None:
             raise fail("network mode 'vde' needs an ipfile (the address pool)", network)
-        switch_dir = switch_dir or state_dir / "switches"
+        switch_dir = switch_dir or default_switch_dir(state_dir)
     capacity = element("capacity")
     watch = element("watch")
     limits = element("limits")

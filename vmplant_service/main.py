@@ -39,7 +39,7 @@ from .ippool import IPPool
 from .notify import ShopNotifier
 from .plant import Plant
 from .records import PlantRecords
-from .segment import OwnerSegments
+from .segment import OwnerSegments, default_switch_dir
 from .service import APP_NAME, PlantRuntime, VMPlantService
 from .warehouse import Warehouse
 from .wire import TNS
@@ -66,7 +66,7 @@ def build_plant(config: PlantConfig) -> Plant:
         if config.ip_file is None:
             raise ConfigurationError("network mode vde needs an ip file (<network ipfile=...>)")
         pool = IPPool(Path(config.ip_file))
-        segments = OwnerSegments(Path(config.switch_dir) if config.switch_dir else state / "switches")
+        segments = OwnerSegments(Path(config.switch_dir) if config.switch_dir else default_switch_dir(state))
     return Plant(config, backend, records, warehouse, pool, segments)
 
 
