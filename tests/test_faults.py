@@ -181,7 +181,7 @@ def test_a_plant_killed_in_the_middle_of_a_create_loses_the_vm_to_the_next_bidde
     a.start()
     a.client()
     record = a.service.describeVM(vm_id=key)
-    assert record.state == "failed" and "gone" in record.error
+    assert record.state == "failed" and "cut short" in record.error
     assert holdings(a) == NOTHING
     assert a.service.plantInfo().running_vms == 0
     # The shop sees a again; a's report of its failed VM does not touch the entry, which is b's.

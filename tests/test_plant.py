@@ -619,7 +619,7 @@ def test_recover_after_a_restart(plant: Plant, parts: pf.PlantParts) -> None:
     again = pf.restart_plant(plant, parts)
     assert again.backend is not plant.backend
     report = again.recover()
-    assert report == {"adopted": ["keep"], "failed": ["lost"]}
+    assert report == {"adopted": ["keep"], "failed": ["lost"], "collected": []}
     # the running VM is adopted, and still works
     assert again.describe("keep").state == "running"
     assert again.backend.running() == ["keep"]
@@ -648,15 +648,80 @@ def test_recover_frees_a_create_the_restart_interrupted(plant: Plant, parts: pf.
     plant.create(pf.chain(pf.script("a")), vm_id="half")
     plant.records.update_vm("half", state="booting")
     again = pf.restart_plant(plant, parts)
-    assert again.recover() == {"adopted": [], "failed": ["half"]}
+    assert again.recover() == {"adopted": [], "failed": ["half"], "collected": []}
     assert again.describe("half").state == "failed"
     assert again.backend.running() == []
     assert again.pool is not None and again.pool.free_count() == 4
     assert list((parts.state_dir / "overlays").iterdir()) == []
 
 
+def test_recover_never_adopts_a_create_cut_short_even_with_its_guest_alive(plant: Plant,
+                                                                          parts: pf.PlantParts) -> None:
+    """The plant died while the DAG ran (its guest lives on): the half-made VM is failed, never 'running'."""
+    plant.create(pf.chain(pf.script("a")), vm_id="half")
+    plant.records.update_vm("half", state="configuring", made=False)
+    again = pf.restart_plant(plant, parts)
+    assert again.recover() == {"adopted": [], "failed": ["half"], "collected": []}
+    record = again.describe("half")
+    assert record.state == "failed" and "cut short" in (record.error or "")
+    assert again.backend.running() == [] and list((parts.state_dir / "overlays").iterdir()) == []
+
+
+def test_recover_adopts_a_made_vm_whose_configure_was_cut_short(plant: Plant, parts: pf.PlantParts) -> None:
+    plant.create(pf.chain(pf.script("a")), vm_id="cfg")
+    plant.records.update_vm("cfg", state="configuring")
+    again = pf.restart_plant(plant, parts)
+    assert again.recover() == {"adopted": ["cfg"], "failed": [], "collected": []}
+    assert again.describe("cfg").state == "running"
+
+
+def test_recover_finishes_a_collect_cut_short(plant: Plant, parts: pf.PlantParts) -> None:
+    plant.create(pf.chain(pf.network(), pf.script("a")), vm_id="going")
+    plant.records.update_vm("going", state="collecting")
+    again = pf.restart_plant(plant, parts)
+    assert again.recover() == {"adopted": [], "failed": [], "collected": ["going"]}
+    assert again.describe("going").state == "collected"
+    assert again.backend.running() == [] and again.pool is not None and again.pool.free_count() == 4
+
+
+def test_a_collect_during_create_cancels_it(plant: Plant, parts: pf.PlantParts) -> None:
+    """Collect-during-create: the create stops at its next step, reclaims, and the VM ends collected."""
+    outcome: dict[str, BaseException] = {}
+
+    def create() -> None:
+        try:
+            plant.create(pf.chain(pf.network(), pf.script("hang", "FAKE_HANG", timeout=300)), vm_id="cancel")
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcome["error"] = exc
+
+    creator = threading.Thread(target=create)
+    creator.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _state_is(plant, "cancel", "configuring"):
+            assert time.monotonic() < deadline, "the create never reached its actions"
+            time.sleep(0.02)
+        started = time.monotonic()
+        collected = plant.collect("cancel")
+        assert time.monotonic() - started < 10
+    finally:
+        creator.join(60)
+    assert collected.state == "collected" and "being created" in (collected.error or "")
+    assert isinstance(outcome.get("error"), ActionFailedError) and "cancelled" in str(outcome["error"])
+    assert plant.backend.running() == [] and plant.pool is not None and plant.pool.held_by("cancel") is None
+    assert list((parts.state_dir / "overlays").iterdir()) == []
+    assert plant.collect("cancel").state == "collected"  # and again: fine
+
+
+def _state_is(plant: Plant, vm_id: str, state: str) -> bool:
+    try:
+        return plant.describe(vm_id).state == state
+    except NoSuchVMError:
+        return False
+
+
 def test_recover_with_nothing_to_do(plant: Plant) -> None:
-    assert plant.recover() == {"adopted": [], "failed": []}
+    assert plant.recover() == {"adopted": [], "failed": [], "collected": []}
 
 
 # Concurrency ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def vm(vm_id: str = "vm1", state: str = "booting", created: float = 10.0, **extr
 def test_schema_and_durability_settings(tmp_path: Path) -> None:
     path = tmp_path / "r.sqlite3"
     with PlantRecords(path) as records:
-        assert records.schema_version == 1
+        assert records.schema_version == 2
         db = records._conn()
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -52,6 +52,32 @@ def test_schema_and_durability_settings(tmp_path: Path) -> None:
         assert {"vms_state", "action_runs_digest"} <= indexes
     with PlantRecords(path) as again:  # reopening keeps one version row
         assert again._conn().execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+
+
+V1_VMS = """CREATE TABLE vms (vm_id TEXT PRIMARY KEY, owner TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
+    image TEXT NOT NULL, memory INTEGER NOT NULL, vcpus INTEGER NOT NULL, disk INTEGER NOT NULL, arch TEXT NOT NULL,
+    address TEXT, overlay TEXT NOT NULL DEFAULT '', channel_dir TEXT NOT NULL DEFAULT '', run_dir TEXT NOT NULL
+    DEFAULT '', created REAL NOT NULL, updated REAL NOT NULL, collected REAL, error TEXT, dag_xml TEXT NOT NULL
+    DEFAULT '', host_port INTEGER, mac TEXT, attributes TEXT NOT NULL DEFAULT '{}')"""
+
+
+def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    """Records written before 'made' and 'shop' existed: a VM that ran had finished its create; one booting had not."""
+    path = tmp_path / "r.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (1)")
+        db.execute(V1_VMS)
+        for vm_id, state in (("ran", "running"), ("half", "booting")):
+            db.execute("INSERT INTO vms (vm_id, state, image, memory, vcpus, disk, arch, created, updated) "
+                       "VALUES (?, ?, 'tiny', 128, 1, 1, 'x86_64', 1, 1)", (vm_id, state))
+    db.close()
+    with PlantRecords(path) as records:
+        assert records.schema_version == 2
+        assert records.get_vm("ran").made is True and records.get_vm("half").made is False
+        assert records.get_vm("ran").shop == ""
+        records.update_vm("half", made=True, shop="shop1")
+        assert records.get_vm("half").made is True and records.get_vm("half").shop == "shop1"
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

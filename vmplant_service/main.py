@@ -80,8 +80,9 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
     security = start_security(config.security, "plant")
     plant = build_plant(config)
     report = plant.recover()
-    if report["adopted"] or report["failed"]:
-        log.info("recovered: adopted %s, failed %s", report["adopted"], report["failed"])
+    if any(report.values()):
+        log.info("recovered: adopted %s, failed %s, collected %s", report["adopted"], report["failed"],
+                 report["collected"])
     pool = ThreadPool(minthreads=2, maxthreads=MAX_THREADS, name="vmplant")
     pool.start()
     port = config.listen_port if port is None else port

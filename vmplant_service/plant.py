@@ -10,7 +10,13 @@ Guarantees:
   overlay, no channel directory, no pool address, no record; the error
   says which step failed;
 - records are written to SQLite (durable) before a method returns;
-- a VM is only ever created from a DAG that :func:`load_dag` accepted.
+- a VM is only ever created from a DAG that :func:`load_dag` accepted;
+- a VM is ``made`` only once its whole DAG ran: a restart fails and
+  reclaims a create it cut short, never adopts it as running
+  (``docs/consistency.md``);
+- a collect that arrives while the VM is being created cancels the create:
+  the create stops at its next step, reclaims everything, and the VM ends
+  ``collected`` (it never runs unwanted).
 """
 
 from __future__ import annotations
@@ -63,6 +69,13 @@ LIVE_STATES = ("creating", "booting", "configuring", "running", "collecting")
 BOOT_TIMEOUT = 180.0
 #: Seconds a guest gets to power down before it is killed.
 STOP_TIMEOUT = 20.0
+#: Seconds a collect waits for a create it cancelled to stop (the create's longest uninterruptible step is a
+#: backend's start, bounded by its own start timeout).
+CANCEL_WAIT = 90.0
+
+
+class CreateCancelled(Exception):
+    """A collect cancelled this create (internal: the create reclaims and answers as collected)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,7 @@ class Plant:
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
         self._reserved_owners: dict[str, str] = {}  # vm_id -> owner, VMs being created
+        self._cancelled: set[str] = set()  # VMs being created that a collect cancelled
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
@@ -188,8 +202,12 @@ class Plant:
         return None
 
     # Create -----------------------------------------------------------------
-    def create(self, dag_xml: str, owner: str = "", vm_id: str | None = None) -> CreateResult:
-        """Make the VM the DAG describes; returns when it is configured (see the module's guarantees)."""
+    def create(self, dag_xml: str, owner: str = "", vm_id: str | None = None, shop: str = "") -> CreateResult:
+        """Make the VM the DAG describes; returns when it is configured (see the module's guarantees).
+
+        ``shop`` is the identity (certificate subject) of the shop that asks:
+        only it may later tell the plant the VM is unwanted.
+        """
         dag = load_dag(dag_xml)
         check_static_addresses(dag, None)
         estimate = self.estimate_dag(dag)
@@ -206,10 +224,15 @@ class Plant:
         self._reserve(vm_id, hardware.memory, owner)
         paths = self._paths(vm_id)
         try:
-            return self._build(vm_id, dag, flat, estimate, info, owner, paths)
+            return self._build(vm_id, dag, flat, estimate, info, owner, paths, shop)
         except BaseException as exc:
             console = console_tail(paths["run"] / "console.log", 4000)
-            self._reclaim(vm_id, paths, forget=True)
+            cancelled = vm_id in self._cancelled
+            self._reclaim(vm_id, paths, forget=not cancelled)
+            if cancelled:
+                self._mark_collected(vm_id, "collected while it was being created")
+                raise ActionFailedError(f"the create of VM {vm_id} was cancelled: it was collected meanwhile") \
+                    from None
             if isinstance(exc, BackendError) and console:
                 log.warning("create %s failed (%s); the guest's console ended with:\n%s", vm_id, exc, console)
                 last = console.splitlines()[-1][-200:] if console else ""
@@ -222,7 +245,19 @@ class Plant:
             with self._lock:
                 self._reserved.pop(vm_id, None)
                 self._reserved_owners.pop(vm_id, None)
+                self._cancelled.discard(vm_id)
             self.release_segments()
+
+    def _mark_collected(self, vm_id: str, why: str) -> None:
+        try:
+            self.records.update_vm(vm_id, state="collected", collected=self.clock(), error=why)
+        except NoSuchVMError:
+            pass  # cancelled before its record was written: nothing to show
+
+    def _go_on(self, vm_id: str) -> None:
+        """A create's checkpoint: raise CreateCancelled once a collect cancelled it."""
+        if vm_id in self._cancelled:
+            raise CreateCancelled(vm_id)
 
     def _reserve(self, vm_id: str, memory: int, owner: str) -> None:
         with self._lock:
@@ -258,7 +293,7 @@ class Plant:
                 "run": self.state_dir / "run" / vm_id}
 
     def _build(self, vm_id: str, dag: Dag, flat: Dag, bid: Bid, info: ImageInfo, owner: str,
-               paths: dict[str, Path]) -> CreateResult:
+               paths: dict[str, Path], shop: str) -> CreateResult:
         hardware = flat.start.hardware  # type: ignore[union-attr]
         address = None
         if self.pool is not None:
@@ -272,16 +307,23 @@ class Plant:
                           vcpus=hardware.vcpus, disk=hardware.disk, arch=hardware.arch, address=address,
                           overlay=str(paths["overlay"]), run_dir=str(paths["run"]),
                           created=now, updated=now, collected=None, error=None, dag_xml=dag_to_xml(dag),
-                          host_port=_user_port(spec), mac=_segment_mac(spec), attributes=dict(dag.attributes))
+                          host_port=_user_port(spec), mac=_segment_mac(spec), attributes=dict(dag.attributes),
+                          made=False, shop=shop)
         self.records.add_vm(record)
+        self._go_on(vm_id)
         started = time.monotonic()
         self.backend.start(spec)
+        self._go_on(vm_id)
         channel = self._channel(vm_id)
-        channel.wait_agent(BOOT_TIMEOUT, alive=lambda: not self._guest_gone(vm_id))
+        going = lambda: not self._guest_gone(vm_id) and vm_id not in self._cancelled  # noqa: E731
+        channel.wait_agent(BOOT_TIMEOUT, alive=going)
         self._remember("boot_seconds", time.monotonic() - started)
+        self._go_on(vm_id)
         self.records.update_vm(vm_id, state="configuring")
-        results = self._run_actions(vm_id, flat, list(bid.remaining), channel, record)
-        self.records.update_vm(vm_id, state="running")
+        results = self._run_actions(vm_id, flat, list(bid.remaining), channel, record, going)
+        with self._lock:  # either the create ends here, or a collect cancelled it before: never both
+            self._go_on(vm_id)
+            self.records.update_vm(vm_id, state="running", made=True)
         return CreateResult(self.records.get_vm(vm_id), bid, tuple(results))
 
     def _spec(self, vm_id: str, info: ImageInfo, memory: int, vcpus: int, paths: dict[str, Path],
@@ -309,17 +351,21 @@ class Plant:
                              datastore=Path(self.config.datastore) if self.config.datastore else None)
 
     def _run_actions(self, vm_id: str, dag: Dag, order: list[str], channel: Channel,
-                     record: VMRecord) -> list[ActionResult]:
-        """Run ``order`` (action ids of ``dag``) in the guest, one by one; ActionFailedError on the first failure."""
+                     record: VMRecord, alive: Callable[[], bool] | None = None) -> list[ActionResult]:
+        """Run ``order`` (action ids of ``dag``) in the guest, one by one; ActionFailedError on the first failure.
+
+        ``alive`` (default: the guest has not stopped) is asked while an action runs; a create passes one that
+        also turns False when a collect cancels it.
+        """
         context = self._context(record)
         results = []
         first = len(self.records.action_runs(vm_id))
+        going = alive or (lambda: not self._guest_gone(vm_id))
         for number, node_id in enumerate(order, start=first + 1):
             action = dag.nodes[node_id]
             assert isinstance(action, Action)
             started = self.clock()
-            result = channel.run(f"{number:04d}-{node_id}", action, context,
-                                 alive=lambda: not self._guest_gone(vm_id))
+            result = channel.run(f"{number:04d}-{node_id}", action, context, alive=going)
             self.records.add_action_run(vm_id=vm_id, node_id=node_id, digest=_digest(action), kind=action.kind,
                                         started=started, seconds=result.elapsed, status=result.status,
                                         output=result.output, ok=result.ok)
@@ -371,15 +417,36 @@ class Plant:
         return self.records.list_vms(include_collected=include_collected)
 
     def collect(self, vm_id: str) -> VMRecord:
-        """Stop the VM, delete its clone, release its address; the record stays. Collecting twice is fine."""
+        """Stop the VM, delete its clone, release its address; the record stays. Collecting twice is fine.
+
+        A VM still being created is cancelled: its create stops at its next
+        step and reclaims everything; this waits (at most CANCEL_WAIT s) and
+        answers the VM collected. NoSuchVMError if the create was cancelled
+        before it wrote the VM's record (nothing of it is left).
+        """
+        with self._lock:
+            creating = vm_id in self._reserved
+            if creating:
+                self._cancelled.add(vm_id)
+        if creating:
+            log.info("VM %s is collected while it is being created: its create is cancelled", vm_id)
+            deadline = time.monotonic() + CANCEL_WAIT
+            while True:
+                with self._lock:
+                    if vm_id not in self._reserved:
+                        break
+                if time.monotonic() > deadline:
+                    raise BackendError(f"the create of VM {vm_id} did not stop within {CANCEL_WAIT:g} s; "
+                                       "it will be collected when it does")
+                time.sleep(0.05)
         record = self.records.get_vm(vm_id)
         if record.state == "failed":
             self._reclaim(vm_id, self._paths(vm_id), forget=False)  # safe to repeat
         if record.state in ("collected", "failed"):
             return record
         with self._lock:
-            if vm_id in self._reserved:
-                raise NotSupportedError(f"VM {vm_id} is still being created; collect it when it is made")
+            if vm_id in self._reserved:  # a new create under this id began meanwhile
+                raise NotSupportedError(f"VM {vm_id} is being created again; collect it once more")
             self.records.update_vm(vm_id, state="collecting")
         try:
             self.backend.stop(vm_id, STOP_TIMEOUT)
@@ -456,31 +523,40 @@ class Plant:
 
     # Start-up -----------------------------------------------------------------
     def recover(self) -> dict[str, list[str]]:
-        """Reconcile records with the guests that really run (after a plant restart).
+        """Reconcile records with the guests that really run (after a plant restart; ``docs/consistency.md``).
 
-        Running VMs whose guest still runs are re-adopted; VMs whose guest is
-        gone, and creates that a restart interrupted, are marked failed and
-        everything they held is reclaimed. Returns {'adopted': [...], 'failed': [...]}.
+        - A VM whose create finished (``made``) and whose guest still runs is
+          re-adopted (a configure the restart cut short leaves it running);
+        - a VM whose create the restart cut short is failed and reclaimed,
+          never adopted: its DAG did not finish;
+        - a collect the restart cut short is finished (the VM ends collected);
+        - a VM whose guest is gone is failed and reclaimed.
+
+        Returns {'adopted': [...], 'failed': [...], 'collected': [...]}.
         """
-        adopted, failed = [], []
+        adopted, failed, collected = [], [], []
         for record in self.records.live_vms():
             paths = self._paths(record.vm_id)
-            ok = False
+            alive = False
             info = self.warehouse.images.get(record.image)
             if info is not None:
-                # Adopt every live VM, even one a restart caught while booting: only an adopted
-                # VM's process can be found (and killed) by the backend.
+                # Adopt every live VM, even one that will be reclaimed: only an adopted VM's process can be
+                # found (and killed) by the backend.
                 alive = self.backend.adopt(self._spec(record.vm_id, info, record.memory, record.vcpus, paths,
                                                       record.owner))
-                ok = alive and record.state in ("running", "configuring")
-            if ok:
+            if record.state == "collecting":
+                self._reclaim(record.vm_id, paths, forget=False)
+                self.records.update_vm(record.vm_id, state="collected", collected=self.clock())
+                collected.append(record.vm_id)
+            elif alive and record.made and record.state in ("running", "configuring"):
                 if record.state != "running":
                     self.records.update_vm(record.vm_id, state="running")
                 adopted.append(record.vm_id)
             else:
+                why = ("its create was cut short by a plant restart" if not record.made
+                       else f"the guest was gone when the plant restarted (it was {record.state})")
                 self._reclaim(record.vm_id, paths, forget=False)
-                self.records.update_vm(record.vm_id, state="failed", collected=self.clock(),
-                                       error=f"the guest was gone when the plant restarted (it was {record.state})")
+                self.records.update_vm(record.vm_id, state="failed", collected=self.clock(), error=why)
                 failed.append(record.vm_id)
         if self.pool is not None:
             self.pool.reconcile(set(adopted))
@@ -493,7 +569,7 @@ class Plant:
                         shutil.rmtree(leftover, ignore_errors=True)
                     else:
                         leftover.unlink(missing_ok=True)
-        return {"adopted": adopted, "failed": failed}
+        return {"adopted": adopted, "failed": failed, "collected": collected}
 
     def info(self) -> dict[str, object]:
         caps = self.backend.capabilities()

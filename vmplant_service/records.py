@@ -29,7 +29,14 @@ from typing import Any
 
 from vmshop_common.errors import ConfigurationError, DeclinedError, NoSuchVMError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema changes, applied in order to an older database (version -> statements that make it that version).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE vms ADD COLUMN made INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN shop TEXT NOT NULL DEFAULT ''",
+        # A VM that ever ran had finished its create.
+        "UPDATE vms SET made = 1 WHERE state IN ('running', 'collecting', 'collected')"),
+}
 HISTORY_RUNS = 5
 MAX_OUTPUT_BYTES = 64 * 1024
 VM_STATES = ("creating", "booting", "configuring", "running", "collecting", "collected", "failed")
@@ -57,7 +64,9 @@ CREATE TABLE IF NOT EXISTS vms (
     dag_xml TEXT NOT NULL DEFAULT '',
     host_port INTEGER,
     mac TEXT,
-    attributes TEXT NOT NULL DEFAULT '{}'
+    attributes TEXT NOT NULL DEFAULT '{}',
+    made INTEGER NOT NULL DEFAULT 0,
+    shop TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS vms_state ON vms(state);
 CREATE TABLE IF NOT EXISTS action_runs (
@@ -101,6 +110,10 @@ class VMRecord:
     host_port: int | None = None
     mac: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
+    #: True once the create finished (the DAG fully ran): a restart never adopts a VM whose create it cut short.
+    made: bool = False
+    #: The identity of the shop that asked for the VM (it alone may say the VM is no longer wanted).
+    shop: str = ""
 
     @property
     def live(self) -> bool:
@@ -178,6 +191,11 @@ class PlantRecords:
                 elif version > SCHEMA_VERSION:
                     raise ConfigurationError(f"the plant's records {self.path} have schema version {version}; "
                                              f"this plant knows version {SCHEMA_VERSION} at most")
+                else:
+                    for target in range(version + 1, SCHEMA_VERSION + 1):
+                        for statement in _MIGRATIONS[target]:
+                            db.execute(statement)
+                        db.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -345,10 +363,13 @@ def _check_state(state: object) -> None:
 def _to_column(name: str, value: Any) -> Any:
     if name == "attributes":
         return json.dumps(dict(value or {}), sort_keys=True)
+    if name == "made":
+        return 1 if value else 0
     return value
 
 
 def _record(row: sqlite3.Row) -> VMRecord:
     values = {name: row[name] for name in VM_COLUMNS}
     values["attributes"] = json.loads(values["attributes"] or "{}")
+    values["made"] = bool(values["made"])
     return VMRecord(**values)

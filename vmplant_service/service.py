@@ -89,9 +89,10 @@ class VMPlantService(ServiceBase):
     def createVM(ctx, dag: str, owner: str | None, vm_id: str | None):  # noqa: N802, N805
         """Make the VM; answers once it is configured. ``vm_id`` lets the caller choose the id."""
         rt = _runtime(ctx)
+        shop = ctx.udc.subject or ctx.udc.name  # who asked: only that shop may later say it is unwanted
 
         def work() -> CreateResult:
-            made = rt.plant.create(dag, owner or "", vm_id or None)
+            made = rt.plant.create(dag, owner or "", vm_id or None, shop=shop)
             runs = [run_out(node, result) for node, result in zip(made.bid.remaining, made.results, strict=False)]
             return CreateResult(vm=vm_out(made.record, list(made.bid.remaining)),
                                 estimate=estimate_out(rt.plant.config.name, made.bid), runs=runs)

@@ -71,6 +71,8 @@ class VMInfo(ComplexModel):
     error = Unicode
     attributes = _many(Attribute)
     steps = _many(Unicode)
+    made = Boolean  # its create finished (its whole DAG ran)
+    shop = Unicode  # the identity (certificate subject) of the shop that asked for it
 
 
 class ActionRun(ComplexModel):
@@ -127,7 +129,7 @@ def vm_out(record: VMRecord, steps: list[str] | None = None) -> VMInfo:
                         memory=record.memory, vcpus=record.vcpus, disk=record.disk, arch=record.arch,
                         address=record.address, host_port=record.host_port, created=record.created,
                         updated=record.updated, collected=record.collected, error=record.error,
-                        attributes=attributes, steps=list(steps or []))
+                        attributes=attributes, steps=list(steps or []), made=record.made, shop=record.shop)
 
 
 def run_out(node: str, result: ActionResult) -> ActionRun:

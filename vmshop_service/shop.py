@@ -28,6 +28,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -103,8 +104,11 @@ class Shop:
         self.reactor = reactor
         self.clock = clock
         self.public_url = config.public_url
-        self._creating: set[str] = set()
+        self._creating: set[str] = set()  # keys whose create runs in this process
+        self._cancelled: set[str] = set()  # ... and that were collected meanwhile
         self._collecting: set[str] = set()
+        #: How the plants know this shop: its certificate's subject (VMs they hold record who asked for them).
+        self.identity = _own_identity(config)
         self._loops: list[task.LoopingCall] = []
         self._looking: set[str] = set()  # plants being looked at after a notice
         self._look_again: set[str] = set()  # ... and noticed again meanwhile
@@ -115,7 +119,7 @@ class Shop:
 
     # Life cycle ---------------------------------------------------------------
     def start(self) -> defer.Deferred[Any]:
-        """Check the plants, reconcile unfinished creates, and start the lease and state timers."""
+        """Resolve creates a stop cut short, check the plants, and start the lease and state timers."""
         for interval, work in ((self.config.lease_interval, self.enforce_leases),
                                (self.config.poll_interval, self.refresh)):
             loop = task.LoopingCall(self._safely, work)
@@ -198,18 +202,27 @@ class Shop:
                         disk=hardware.disk if hardware else None, arch=hardware.arch if hardware else None,
                         image=getattr(start, "name", None))
         demand = Usage(1, entry.memory or 0, entry.vcpus or 0)
+        if key in self._creating:
+            raise DeclinedError(f"a VM with the key '{key}' exists already")
+        # Marked ours before the entry exists: the state poll never takes it for one a stop left behind.
+        self._creating.add(key)
         try:
             yield self.quotas.admit(owner, key, demand, lambda: self._in_thread(self.registry.add, entry))
         except ValueError:
+            self._creating.discard(key)
             raise DeclinedError(f"a VM with the key '{key}' exists already") from None
-        self._creating.add(key)
+        except BaseException:
+            self._creating.discard(key)
+            raise
         try:
             result = yield self._place(key, dag_xml, owner)
         except BaseException:
-            yield self._in_thread(self.registry.delete, key)
+            if key not in self._cancelled:  # a collected create keeps its (collected) entry: the VM existed
+                yield self._in_thread(self.registry.delete, key)
             raise
         finally:
             self._creating.discard(key)
+            self._cancelled.discard(key)
         return result
 
     @defer.inlineCallbacks
@@ -217,6 +230,7 @@ class Shop:
         bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
         attempts: list[str] = []
         for bid in rank(bids):
+            self._still_wanted(key)
             handle = self.plants.get(bid.plant)
             changes = {"state": "creating", "plant": bid.plant, "plant_vm_id": key, "cost": bid.cost,
                        "image": bid.image}
@@ -224,8 +238,10 @@ class Shop:
                 changes.update(memory=bid.memory, vcpus=bid.vcpus)
             # The plant's bid says what hardware the VM gets: that is what the owner's quota must hold.
             demand = Usage(1, bid.memory or 0, bid.vcpus or 0)
+            # Durable before the plant is asked: after a crash, the shop knows where to look (docs/consistency.md).
             yield self.quotas.admit(owner, key, demand, functools.partial(self._in_thread, self.registry.update, key,
                                                                           **changes))
+            self._still_wanted(key)
             try:
                 made = yield handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml,
                                                              owner=owner, vm_id=key)
@@ -235,9 +251,11 @@ class Shop:
                 log.warning("create %s on %s failed (%s): %s; trying the next bidder", key, bid.plant, status,
                             reason)
                 if status in ("timeout", "down"):
-                    # The plant may still make it: ask it to collect what it has under this key.
+                    # The plant may still make it: cancel it there (a collect during a create cancels it). If
+                    # this does not get through, the plant's copy is unwanted and the state poll collects it.
                     handle.client.call("collectVM", vm_id=key).addErrback(lambda _: None)
                 continue
+            self._still_wanted(key)
             vm = made.vm
             yield self._in_thread(self.registry.update, key, state=vm.state, image=vm.image, memory=vm.memory,
                                   vcpus=vm.vcpus, disk=vm.disk, arch=vm.arch, address=vm.address,
@@ -252,6 +270,11 @@ class Shop:
             reasons = ["this shop has no plants (see its plant list file)"]
         raise NoPlantError("no plant could create the VM: " + "; ".join(reasons),
                            [Problem(reason) for reason in reasons])
+
+    def _still_wanted(self, key: str) -> None:
+        """Raise NotSupportedError once the VM being created was collected (its create goes no further)."""
+        if key in self._cancelled:
+            raise NotSupportedError(f"VM {key} was collected while it was being created")
 
     # Per-VM operations ----------------------------------------------------------
     @defer.inlineCallbacks
@@ -298,7 +321,14 @@ class Shop:
         if entry.collected is not None or entry.state in ("collected", "failed"):
             return self.vm_out(entry)
         if entry.vm_id in self._creating:
-            raise NotSupportedError(f"VM {entry.vm_id} is still being created; collect it when it is made")
+            # Collect-during-create: the create goes no further here, and its plant (if it has one yet)
+            # cancels it; the entry ends collected.
+            self._cancelled.add(entry.vm_id)
+            if not entry.plant:
+                yield self._in_thread(self.registry.update, entry.vm_id, state="collected", collected=self.clock(),
+                                      error="collected while it was being placed")
+                updated = yield self._in_thread(self.registry.get, entry.vm_id)
+                return self.vm_out(updated)
         handle = self._plant_of(entry)
         self._collecting.add(entry.vm_id)
         try:
@@ -404,7 +434,16 @@ class Shop:
 
     @defer.inlineCallbacks
     def refresh(self) -> Any:
-        """Check every plant and bring the registry's states up to date with what the plants report."""
+        """Check every plant and bring the registry's states up to date with what the plants report.
+
+        Also removes entries left in ``placing`` with no create of this process behind them (a stop cut
+        their bidding short: no plant was asked, so no plant holds them).
+        """
+        placing = yield self._in_thread(self.registry.query, "state=placing", None)
+        for entry in placing:
+            if entry.vm_id not in self._creating:
+                log.info("VM %s: its placing was cut short by a stop: removed", entry.vm_id)
+                yield self._in_thread(self.registry.delete, entry.vm_id)
         yield self.plants.check_all(min(5.0, self.config.call_timeout))
         for handle in self.plants.all():
             if handle.up:
@@ -448,7 +487,18 @@ class Shop:
 
     @defer.inlineCallbacks
     def _refresh_plant(self, handle: Any) -> Any:
-        """Bring the registry's entries for one plant up to date with its ``listVMs``."""
+        """Bring the registry's entries for one plant up to date with its ``listVMs`` (docs/consistency.md).
+
+        - An entry the plant reports on is given the plant's state.
+        - An entry left in ``creating`` by a stopped shop (no create of this
+          process runs for it) is adopted once the plant made the VM; removed
+          when the plant has no such VM, or failed or collected it; and
+          cancelled at the plant and removed once it is older than the create
+          timeout and one poll interval.
+        - A live VM the plant holds for this shop that the registry does not
+          want on this plant (no entry, an entry on another plant, or an
+          ended one) is collected there, once it is older than the grace.
+        """
         seen = time.time()  # the registry stamps its changes with time.time()
         try:
             vms = yield handle.client.call("listVMs", include_collected=True)
@@ -458,13 +508,17 @@ class Shop:
         self.plants.mark(handle, True)
         reported = {vm.vm_id: vm for vm in vms or []}
         entries = yield self._in_thread(self.registry.query, f'plant="{handle.url}"', None)
+        wanted: set[str] = set()
         for entry in entries:
+            if entry.collected is None and entry.state not in ("collected", "failed"):
+                wanted.add(entry.plant_vm_id or entry.vm_id)
             if entry.collected is not None or entry.vm_id in self._creating or entry.vm_id in self._collecting:
                 continue
             vm = reported.get(entry.plant_vm_id or "")
+            if entry.state in CREATING_STATES:
+                yield self._resolve_create(handle, entry, vm, seen)
+                continue
             if vm is None:
-                if entry.state in CREATING_STATES:  # a create the shop was stopped in the middle of
-                    yield self._in_thread(self.registry.delete, entry.vm_id)
                 continue
             changes: dict[str, Any] = {}
             if vm.state != entry.state:
@@ -472,11 +526,39 @@ class Shop:
             if vm.state in ("collected", "failed"):
                 changes["collected"] = vm.collected or self.clock()
                 changes["error"] = vm.error
-            if entry.state in CREATING_STATES:
-                changes.update(address=vm.address, host_port=vm.host_port, image=vm.image, memory=vm.memory)
             if changes:
                 # A create or collect that ended since the plant's report was taken wins over it.
                 yield self._in_thread(self.registry.update_if_unchanged, entry.vm_id, seen, **changes)
+        grace = max(2 * self.config.poll_interval, 1.0)
+        for vm in reported.values():
+            if (vm.state in ("collected", "failed", "collecting") or vm.vm_id in wanted or vm.vm_id in self._creating
+                    or not same_identity(vm.shop or "", self.identity) or (vm.created or 0) > self.clock() - grace):
+                continue
+            log.warning("plant %s holds VM %s (%s) for this shop, which the registry does not want there: "
+                        "collecting it", handle.url, vm.vm_id, vm.state)
+            handle.client.call("collectVM", vm_id=vm.vm_id).addErrback(
+                lambda failure, vm_id=vm.vm_id: log.warning("collecting unwanted VM %s on %s failed: %s", vm_id,
+                                                            handle.url, describe_failure(failure.value)[1]))
+
+    @defer.inlineCallbacks
+    def _resolve_create(self, handle: Any, entry: VMEntry, vm: Any, seen: float) -> Any:
+        """An entry left in ``placing``/``creating`` with no create of this process behind it (a restart)."""
+        if vm is not None and vm.made and vm.state not in ("collected", "failed", "collecting"):
+            log.info("VM %s: its create on %s finished while the shop was away: adopted", entry.vm_id, handle.url)
+            yield self._in_thread(self.registry.update_if_unchanged, entry.vm_id, seen, state=vm.state,
+                                  address=vm.address, host_port=vm.host_port, image=vm.image, memory=vm.memory,
+                                  vcpus=vm.vcpus, disk=vm.disk, arch=vm.arch, steps=list(vm.steps or []))
+            return
+        if vm is None or vm.state in ("collected", "failed", "collecting"):
+            log.info("VM %s: its create on %s was cut short (%s): removed", entry.vm_id, handle.url,
+                     "no such VM there" if vm is None else vm.state)
+            yield self._in_thread(self.registry.delete, entry.vm_id)
+            return
+        if entry.updated < self.clock() - self.config.create_timeout - self.config.poll_interval:
+            log.warning("VM %s: its create on %s outlived the create timeout: cancelled and removed", entry.vm_id,
+                        handle.url)
+            handle.client.call("collectVM", vm_id=entry.plant_vm_id or entry.vm_id).addErrback(lambda _: None)
+            yield self._in_thread(self.registry.delete, entry.vm_id)
 
     # Output -------------------------------------------------------------------
     def vm_out(self, entry: VMEntry) -> VMInfo:
@@ -508,6 +590,31 @@ def _plant_out(handle: Any) -> PlantStatus:
                        running_vms=getattr(info, "running_vms", None), capacity_vms=getattr(info, "capacity_vms", None),
                        free_memory=getattr(info, "free_memory", None), images=list(getattr(info, "images", None) or []),
                        last_error=handle.last_error, last_seen=handle.last_seen)
+
+
+def _own_identity(config: ShopConfig) -> str:
+    """The subject DN of the shop's certificate (what its plants record as the VMs' shop); 'anonymous' without TLS."""
+    tls = getattr(getattr(config, "security", None), "tls", None)
+    if tls is None:
+        return authz.ANONYMOUS.name
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(Path(tls.cert).read_bytes()).subject.rfc4514_string()
+    except (OSError, ValueError):
+        return ""
+
+
+def same_identity(recorded: str, mine: str) -> bool:
+    """Whether a plant's record of who asked for a VM (a subject DN, or a name without TLS) is this shop."""
+    if not recorded or not mine:
+        return False
+    if recorded == mine:
+        return True
+    try:
+        return authz.canonical_dn(recorded) == authz.canonical_dn(mine)
+    except ValueError:
+        return False
 
 
 def _normal_url(url: str) -> str:
