@@ -143,10 +143,16 @@ class ServerProcess:
     def cleanup(self) -> None:
         """Stop the server and kill anything of its own that still runs (a plant's guests, its switch)."""
         self.stop()
-        marker = str(self.state_dir)
+        markers = [str(self.state_dir)]
+        if self.module == "vmplant_service.main":  # its owners' switches live outside its state directory
+            from vmplant_service.config import load_config
+
+            switch_dir = load_config(self.config).switch_dir
+            if switch_dir is not None:
+                markers.append(str(switch_dir))
         deadline = time.monotonic() + 10
         while True:
-            pids = processes_mentioning(marker)
+            pids = [pid for marker in markers for pid in processes_mentioning(marker)]
             if not pids or time.monotonic() > deadline:
                 break
             for pid in pids:
@@ -155,6 +161,10 @@ class ServerProcess:
                 except ProcessLookupError:
                     pass
             time.sleep(0.05)
+        if len(markers) > 1:
+            import shutil
+
+            shutil.rmtree(markers[1], ignore_errors=True)
 
 
 PlantProcess = ServerProcess
@@ -208,7 +218,8 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
 def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, poll_interval: float = 0.5,
                lease_interval: float = 0.2, public_url: str | None = None,
                plant_identities: dict[str, list[str]] | None = None, quotas: list[str] | None = None,
-               insecure: bool = False, flags: list[str] | None = None) -> ServerProcess:
+               insecure: bool = False, flags: list[str] | None = None,
+               create_timeout: float | None = None) -> ServerProcess:
     """Configure and start a shop whose plant list holds ``plants`` (``host:port`` each).
 
     Its authorisation file maps the test users and admin, and the plant identities of
@@ -231,7 +242,10 @@ def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, 
         args += ["--public-url", public_url]
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory))
     from vmshop_service.config import load_config, write_config
-    write_config(replace(load_config(config), lease_interval=lease_interval), config)
+    written = replace(load_config(config), lease_interval=lease_interval)
+    if create_timeout is not None:
+        written = replace(written, create_timeout=create_timeout)
+    write_config(written, config)
     shop = ServerProcess(directory=directory, config=config, state_dir=directory, log=directory / "shop.log",
                          module="vmshop_service.main", wsdl=SHOP_WSDL, binding=SHOP_BINDING, mapfile=mapfile)
     return _started(shop)

@@ -9,7 +9,8 @@ when it has none) and status 0, unless what it was given (standard input,
 arguments, or a file it was asked to write and is now chmod'ed) holds a
 marker: ``FAKE_FAIL`` (status 1), ``FAKE_STATUS=<n>`` (status n), or
 ``FAKE_HANG`` (it runs until the timeout the plant's wrapper was given, then
-ends with 137, as ``timeout -s KILL`` would).
+ends with 137, as ``timeout -s KILL`` would); ``FAKE_SLEEP=<seconds>`` makes
+it run that long (at most its timeout) and then succeed.
 
 One thread serves one client at a time, as QEMU's chardev does. Commands
 before ``ready_at`` (the end of the fake boot) are held, as a real guest's
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 STATUS_MARKER = re.compile(r"FAKE_STATUS=(\d+)")
+SLEEP_MARKER = re.compile(r"FAKE_SLEEP=(\d+(?:\.\d+)?)")
 POLL = 0.02
 MAX_LINE = 4 * 1024 * 1024
 
@@ -202,6 +204,8 @@ class FakeAgent:
             status = 1
         elif (found := STATUS_MARKER.search(marked)) is not None:
             status = int(found.group(1)) % 256
+        if (slept := SLEEP_MARKER.search(marked)) is not None and status == 0:
+            ends = now + min(float(slept.group(1)), _timeout_of(args))
         pid = self._new_id()
         self._processes[pid] = _Process(now, ends, status, output.encode())
         return pid
