@@ -38,7 +38,10 @@ from vmplant_service.config import (
     CONFIG_FILE,
     DEFAULT_CAPACITY_MEMORY,
     DEFAULT_CAPACITY_VMS,
+    DEFAULT_CREATES,
     DEFAULT_PORT,
+    DEFAULT_QUEUE,
+    DEFAULT_THREADS,
     DEFAULT_WATCH_INTERVAL,
     NETWORK_MODES,
     PlantConfig,
@@ -88,6 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the shops it notifies of changes, host:port per line (default ./addresses/vmshop_addresses.txt)")
     add("--watch-interval", type=float, default=DEFAULT_WATCH_INTERVAL,
         help=f"seconds between looks at the running guests (default {DEFAULT_WATCH_INTERVAL:g})")
+    add("--threads", type=int, default=DEFAULT_THREADS, help=f"threads for requests (default {DEFAULT_THREADS})")
+    add("--queue", type=int, default=DEFAULT_QUEUE,
+        help=f"requests that may wait for a thread; more are refused (default {DEFAULT_QUEUE})")
+    add("--max-creates", type=int, default=DEFAULT_CREATES,
+        help=f"creates at once; more are declined at bid time (default {DEFAULT_CREATES})")
     add_security_flags(parser, "plant")
     add("--output", "-o", default=CONFIG_FILE, help=f"the file to write (default ./{CONFIG_FILE})")
     add("--yes", "-y", action="store_true", help="take the defaults for everything not given; ask nothing")
@@ -216,6 +224,7 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
                        backend_options=_options(args.backend_option), network_mode=network, ip_file=ip_file,
                        switch_dir=switch_dir, capacity_vms=capacity_vms, capacity_memory=capacity_memory,
                        datastore=datastore, shops_file=shops_file, watch_interval=args.watch_interval,
+                       threads=args.threads, queue=args.queue, max_creates=args.max_creates,
                        security=security)
 
 

@@ -176,7 +176,7 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
                 backend_options: dict[str, str] | None = None,
                 metrics: dict[str, float] | None = None, shops: list[str] | None = None,
                 watch_interval: float | None = None, identity: str = "plant",
-                insecure: bool = False) -> ServerProcess:
+                insecure: bool = False, flags: list[str] | None = None) -> ServerProcess:
     """Configure (with scripts/configure_vmplant.py) and start a plant in ``directory``.
 
     ``shops`` (``host:port`` each) go into its shop list, which is empty by
@@ -203,6 +203,7 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
         args += ["--watch-interval", str(watch_interval)]
     for key, value in (backend_options or {}).items():
         args += ["--backend-option", f"{key}={value}"]
+    args += list(flags or [])
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory))
     if metrics:
         # What the plant measured on earlier runs (clone and boot seconds) is what it bids with.

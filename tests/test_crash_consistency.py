@@ -92,7 +92,7 @@ def world(tmp_path: Path, warehouse_dir: Path) -> Iterator[World]:
     try:
         for name in ("a", "b"):
             started.append(start_plant(tmp_path / name, warehouse_dir, name=name, backend="fake", capacity_vms=40,
-                                       capacity_memory=40 * 128, pool_count=40,
+                                       capacity_memory=40 * 128, pool_count=40, flags=["--max-creates", "40"],
                                        backend_options={"boot_seconds": "0.5"}))
         shop = start_shop(tmp_path / "shop", [host_port(p) for p in started], poll_interval=0.5,
                           create_timeout=CREATE_TIMEOUT)

@@ -720,6 +720,30 @@ def _state_is(plant: Plant, vm_id: str, state: str) -> bool:
         return False
 
 
+def test_a_busy_plant_declines_more_creates_than_it_makes_at_once(tmp_path: Path) -> None:
+    """<work creates>: a plant making as many VMs as it may declines at bid time, and refuses at once."""
+    from dataclasses import replace as copy
+
+    plant, parts = pf.make_plant(tmp_path / "busy")
+    plant.config = copy(plant.config, max_creates=1)
+    creator = threading.Thread(target=lambda: plant.create(pf.chain(pf.script("s", "FAKE_SLEEP=2")), vm_id="one"))
+    creator.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _state_is(plant, "one", "configuring"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        bid = plant.estimate(pf.chain(pf.script("t")))
+        assert isinstance(bid, Decline) and "busy" in bid.reason
+        with pytest.raises(CapacityExhaustedError, match="busy"):
+            plant.create(pf.chain(pf.script("t")), vm_id="two")
+        creator.join(30)
+        assert plant.describe("one").state == "running"
+    finally:
+        creator.join(30)
+        pf.shutdown_plant(parts)
+
+
 def test_recover_with_nothing_to_do(plant: Plant) -> None:
     assert plant.recover() == {"adopted": [], "failed": [], "collected": []}
 

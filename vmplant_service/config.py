@@ -43,6 +43,10 @@ DEFAULT_WATCH_INTERVAL = 5.0
 DEFAULT_MAX_ACTION_SECONDS = 3600
 DEFAULT_MAX_DAG_SECONDS = 4 * 3600
 DEFAULT_MAX_DISK_GIB = 64
+#: Work a plant takes on at once (``<work>``): threads for requests, requests waiting for one, creates at once.
+DEFAULT_THREADS = 32
+DEFAULT_QUEUE = 64
+DEFAULT_CREATES = 8
 RECORDS_FILE = "records.sqlite3"
 _WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -77,6 +81,9 @@ class PlantConfig:
     max_action_seconds: int = DEFAULT_MAX_ACTION_SECONDS
     max_dag_seconds: int = DEFAULT_MAX_DAG_SECONDS
     max_disk: int = DEFAULT_MAX_DISK_GIB
+    threads: int = DEFAULT_THREADS
+    queue: int = DEFAULT_QUEUE
+    max_creates: int = DEFAULT_CREATES
     security: ServerSecurity = ServerSecurity()
     source: Path | None = field(default=None, compare=False)
 
@@ -164,9 +171,10 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
     capacity = element("capacity")
     watch = element("watch")
     limits = element("limits")
+    work = element("work")
 
-    def limit(name: str, default: int) -> int:
-        return int(limits.get(name)) if limits is not None and limits.get(name) is not None else default
+    def limit(name: str, default: int, of: etree._Element | None = limits) -> int:
+        return int(of.get(name)) if of is not None and of.get(name) is not None else default
 
     warehouse_dir = path_of("warehouse", "dir")
     assert warehouse_dir is not None
@@ -181,7 +189,9 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
         watch_interval=float(watch.get("interval")) if watch is not None else DEFAULT_WATCH_INTERVAL,
         max_action_seconds=limit("action-timeout", DEFAULT_MAX_ACTION_SECONDS),
         max_dag_seconds=limit("dag-seconds", DEFAULT_MAX_DAG_SECONDS),
-        max_disk=limit("disk", DEFAULT_MAX_DISK_GIB), security=security, source=source)
+        max_disk=limit("disk", DEFAULT_MAX_DISK_GIB), threads=limit("threads", DEFAULT_THREADS, work),
+        queue=limit("queue", DEFAULT_QUEUE, work), max_creates=limit("creates", DEFAULT_CREATES, work),
+        security=security, source=source)
 
 
 def _absolute(base: Path, value: str) -> Path:
@@ -229,6 +239,8 @@ def config_to_xml(config: PlantConfig) -> str:
                 "disk": DEFAULT_MAX_DISK_GIB}
     if limits != defaults:
         add("limits", **limits)
+    if (config.threads, config.queue, config.max_creates) != (DEFAULT_THREADS, DEFAULT_QUEUE, DEFAULT_CREATES):
+        add("work", threads=config.threads, queue=config.queue, creates=config.max_creates)
     etree.indent(root, space="  ")
     body = etree.tostring(root, encoding="unicode")
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'

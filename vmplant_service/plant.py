@@ -139,11 +139,18 @@ class Plant:
         return result
 
     def _full(self) -> str | None:
-        """Why this plant has no room for another VM right now, or None (a bid it could not honour is a decline)."""
+        """Why this plant has no room for another VM right now, or None (a bid it could not honour is a decline).
+
+        Besides its capacity, a plant makes at most ``<work creates>`` VMs at once: it declines more (it is
+        busy) instead of queueing them without end.
+        """
         with self._lock:
             count = len({r.vm_id for r in self.records.live_vms()} | set(self._reserved))
+            creating = len(self._reserved)
         if count >= self.config.capacity_vms:
             return f"this plant is full: it runs {count} VMs, its limit"
+        if creating >= self.config.max_creates:
+            return f"this plant is busy: it is making {creating} VMs at once, its limit"
         return None
 
     def estimate_dag(self, dag: Dag) -> Bid | Decline:
@@ -274,6 +281,9 @@ class Plant:
             used = sum(r.memory for r in live) + sum(self._reserved.values())
             if count >= self.config.capacity_vms:
                 raise CapacityExhaustedError(f"this plant runs {count} VMs, its limit")
+            if len(self._reserved) >= self.config.max_creates:
+                raise CapacityExhaustedError(f"this plant is busy: it is making {len(self._reserved)} VMs at once, "
+                                             "its limit")
             if used + memory > self.config.capacity_memory:
                 raise CapacityExhaustedError(
                     f"{memory} MiB asked, {self.config.capacity_memory - used} MiB of guest memory free")
