@@ -7,13 +7,16 @@ kernel panic read as CRASHED. The relay and the launcher alone: ``tests/test_uml
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,13 +32,14 @@ from vmplant_service.backends import load_backend
 from vmplant_service.backends.base import GuestSpec, Nic, VMState
 from vmplant_service.backends.uml import UML_STATES, RunPaths, UmlBackend, guest_cmdline, translate_condition
 from vmplant_service.backends.uml import fpu as uml_fpu
+from vmplant_service.backends.uml.agent import MAX_REQUEST, STDIN_FROM_FILE, SerialLineTransport
 from vmplant_service.backends.uml.command import GUEST_GLIBC_TUNABLES, DiskPlan, uml_command
 from vmplant_service.backends.uml.disk import cow_layout, prepare_disk, write_cow_header
 from vmplant_service.backends.uml.jail import launch_config, uml_dir
 from vmplant_service.backends.uml.states import ended_condition, read_exit_record
 from vmplant_service.channel import MAX_OUTPUT, ActionContext, ActionResult, Channel
 from vmplant_service.segment import VdeSegment, mac_for
-from vmshop_common.dag import MountAction, NetworkAction, ScriptAction
+from vmshop_common.dag import FileAction, MountAction, NetworkAction, ScriptAction
 from vmshop_common.errors import BackendError, ConfigurationError
 
 BOOT_TIMEOUT = 120.0
@@ -232,6 +236,95 @@ def test_a_taken_port_is_refused(fake_specs: SpecFactory) -> None:
 def test_agent_of_a_vm_not_controlled() -> None:
     with pytest.raises(BackendError):
         UmlBackend({}).agent("nobody")
+
+
+# The agent's transport: requests small enough for UML's serial line ---------------------------------
+class RecordingAgent:
+    """A qemu-ga stand-in on a unix socket that records every request line (and answers like qemu-ga)."""
+
+    def __init__(self, path: Path) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        self.lines: list[bytes] = []
+        self.files: dict[int, tuple[str, bytearray]] = {}
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        try:
+            client, _ = self.server.accept()
+        except OSError:
+            return
+        buffer = b""
+        with client:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    return
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    line = line.lstrip(b"\xff")
+                    self.lines.append(line)
+                    client.sendall(self.answer(json.loads(line)))
+
+    def answer(self, request: dict[str, object]) -> bytes:
+        name, args = request["execute"], request.get("arguments") or {}
+        assert isinstance(args, dict)
+        value: object = {}
+        if name == "guest-sync-delimited":
+            return b"\xff" + json.dumps({"return": args["id"]}).encode() + b"\n"
+        if name == "guest-file-open":
+            value = 1000 + len(self.files)
+            self.files[value] = (str(args["path"]), bytearray())
+        elif name == "guest-file-write":
+            piece = base64.b64decode(str(args["buf-b64"]))
+            self.files.setdefault(int(args["handle"]), ("", bytearray()))[1].extend(piece)  # type: ignore[call-overload]
+            value = {"count": len(piece), "eof": False}
+        elif name == "guest-exec":
+            value = {"pid": 42}
+        return json.dumps({"return": value}).encode() + b"\n"
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_large_requests_go_to_uml_in_pieces(guest_tmp: Path) -> None:
+    path = guest_tmp / f"qga-{time.monotonic_ns()}.sock"
+    agent = RecordingAgent(path)
+    transport = SerialLineTransport(path)
+    try:
+        content = bytes(range(256)) * 400  # 100 KiB
+        assert transport.command("guest-file-write", {"handle": 7, "buf-b64": base64.b64encode(content).decode()}
+                                 ) == {"count": len(content), "eof": False}
+        script = b"echo " + b"x" * 20000 + b"\n"
+        assert transport.command("guest-exec", {"path": "/bin/sh", "arg": ["-c", "WRAPPER", "a"],
+                                                "input-data": base64.b64encode(script).decode(),
+                                                "capture-output": True}) == {"pid": 42}
+        assert transport.command("guest-exec", {"path": "/bin/true", "arg": [], "input-data": "eA=="}) == {"pid": 42}
+        with pytest.raises(AgentError, match="larger than UML's serial line"):
+            transport.command("guest-exec", {"path": "/bin/echo", "arg": ["y" * 5000]})
+    finally:
+        transport.close()
+        agent.close()
+    assert max(len(line) + 1 for line in agent.lines) <= MAX_REQUEST
+    (name, written), = [(name, data) for name, data in agent.files.values() if name.startswith("/run/")]
+    assert written == script and re.fullmatch(r"/run/vmshop-stdin-[0-9a-f]{16}", name)
+    execs = [json.loads(line)["arguments"] for line in agent.lines if b'"guest-exec"' in line]
+    assert execs[0]["path"] == "/bin/sh" and "input-data" not in execs[0]
+    assert execs[0]["arg"][:4] == ["-c", STDIN_FROM_FILE, "vmshop-stdin", name]
+    assert execs[0]["arg"][4:] == ["/bin/sh", "-c", "WRAPPER", "a"] and execs[0]["capture-output"] is True
+    assert execs[1] == {"path": "/bin/true", "arg": [], "input-data": "eA=="}  # small: sent as it is
+
+
+def test_stdin_from_file_runs_the_command_with_its_input(tmp_path: Path) -> None:
+    """The guest-side program of a large guest-exec, run here by a POSIX shell as the guest's busybox would."""
+    data = tmp_path / "stdin"
+    data.write_bytes(b"line one\nline two\n")
+    done = subprocess.run(["/bin/sh", "-c", STDIN_FROM_FILE, "vmshop-stdin", str(data), "/bin/sh", "-c",
+                           'cat; echo "args: $0 $1"', "zero", "one"], capture_output=True, timeout=30)
+    assert done.stdout == b"line one\nline two\nargs: zero one\n" and not data.exists()
 
 
 # The FPU probe -------------------------------------------------------------------------------------
@@ -572,6 +665,23 @@ def test_large_answers_come_back_intact(guest: Guest, backend: UmlBackend, uml_s
     verdict = cached[uml_fpu.probe_key(os.path.realpath(shutil.which("linux.uml") or ""))]
     print(f"\nUML FPU probe here: plain UML {'passes' if verdict['plain'] else 'fails'}, "
           f"workaround {'on' if verdict['workaround'] else 'off'}")
+
+
+@pytest.mark.guest
+def test_large_scripts_and_files_reach_the_guest(guest: Guest) -> None:
+    """Requests far over the serial line's 4 KiB tty buffer (which would kill the line for good) go in pieces."""
+    body = "cat <<'EOF' | md5sum\n" + "".join(f"line {i:06d} of a long here-document\n" for i in range(1000)) + "EOF\n"
+    expected = hashlib.md5("".join(f"line {i:06d} of a long here-document\n" for i in range(1000)).encode())
+    result = run(guest.channel, body, "long")
+    assert result.status == 0 and result.output.startswith(expected.hexdigest()), result.output
+    content = "".join(f"{i:07d}\n" for i in range(12500))  # 100 KB
+    done = guest.channel.run("0001-file", FileAction(id="f", path="/root/big.txt", content=content, mode=0o600),
+                             ActionContext())
+    assert done.status == 0, done.output
+    check = run(guest.channel, "md5sum /root/big.txt; ls /run | grep -c vmshop-stdin", "check")
+    assert check.output.split()[0] == hashlib.md5((content.strip() + "\n").encode()).hexdigest()
+    assert check.output.split()[-1] == "0"  # the stdin files are gone
+    assert run(guest.channel, "echo still alive", "alive").output == "still alive\n"
 
 
 @pytest.mark.guest

@@ -24,13 +24,14 @@ from pathlib import Path
 from vmshop_common.errors import BackendError, ConfigurationError
 
 from ...agent.qga import GuestAgent
-from ...agent.transport import AgentCommandError, AgentError, AgentTransport, SocketTransport
+from ...agent.transport import AgentCommandError, AgentError, AgentTransport
 from ...channel import Channel
 from ...processes import owned_pid, pid_alive, proc_args, read_pid
 from ..base import Backend, Capabilities, GuestSpec, VMState
 from ..console import console_tail
 from ..hostside import choice, host_memory_mib, positive_number
 from . import fpu, launcher, relay
+from .agent import SerialLineTransport
 from .command import AGENT_FD, CONSOLE_FD, STATUS_FD, nic_fd, uml_command
 from .disk import prepare_disk
 from .jail import launch_config, uml_dir, vdeplug_module
@@ -78,7 +79,7 @@ class _VM:
     paths: RunPaths
     #: Set when the backend killed the VM's UML (so its end is 'killed', not 'failed').
     killed: bool = False
-    transport: SocketTransport | None = None
+    transport: SerialLineTransport | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -285,7 +286,7 @@ class UmlBackend(Backend):
         where = Path(tempfile.mkdtemp(prefix="vmshop-uml-probe-"))
         probe = replace(spec, vm_id="fpu-probe", run_dir=where / "run", nics=(), data_dir=None)
         vm = _VM(probe, RunPaths.of(probe.run_dir))
-        transport = SocketTransport(vm.paths.agent)
+        transport = SerialLineTransport(vm.paths.agent)
         try:
             self._boot(vm, binary, self._runas_ids(), workaround, ())
             deadline = time.monotonic() + self.probe_timeout
@@ -457,13 +458,14 @@ class UmlBackend(Backend):
         return sorted(vm_id for vm_id, vm in vms if self._uml_pid(vm.paths) is not None)
 
     def agent(self, vm_id: str) -> AgentTransport:
-        """The relay's socket for the guest agent's line (one client at a time: this backend's transport)."""
+        """The relay's socket for the guest agent's line (one client at a time: this backend's transport), with
+        every request small enough for UML's serial line (:class:`.agent.SerialLineTransport`)."""
         with self._lock:
             vm = self._vms.get(vm_id)
             if vm is None:
                 raise BackendError(f"VM {vm_id} is not controlled by this backend")
             if vm.transport is None:
-                vm.transport = SocketTransport(vm.paths.agent)
+                vm.transport = SerialLineTransport(vm.paths.agent)
             return vm.transport
 
     def close(self) -> None:

@@ -46,6 +46,19 @@ is read as fast as UML writes it and is bounded by its rotation. Nothing the
 guest sends is ever a name or a path to the relay: bytes are passed on or
 written to files the backend named.
 
+**The line's own limit.** UML's serial line is a tty: once 4 KiB wait
+unread in the guest's tty buffer, the tty throttles the line, and UML 6.1
+(``line_throttle``/``line_unthrottle`` in ``arch/um/drivers/line.c``) never
+turns its host descriptor's interrupt back on: the agent's line is dead for
+good (measured: one request of ~4-8 KB does it). So the relay hands UML at
+most :data:`LINE_WRITE` bytes at a time, and only once UML has read
+everything it was given before (``SIOCOUTQ`` of the socketpair is 0; while
+the guest has not opened the line yet, nothing more is pushed), and drops
+what a departed client sent but UML was not given: stale readiness probes
+cannot pile up on a line that opens late. The other half, keeping each
+request small, is the backend's transport's
+(:class:`~vmplant_service.backends.uml.agent.SerialLineTransport`).
+
 **Isolation choice.** The relay runs as ``python3 -I -S relay.py RUN_DIR/``
 with the standard library only: ``-I`` ignores the environment (no
 ``PYTHON*`` variables, no user site, not even its own directory on
@@ -74,12 +87,18 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
+import termios
 import time
 from typing import Any
 
 #: Bytes that may wait in each direction between the agent's line and its client.
 BUFFER = 64 * 1024
+#: The most bytes handed to UML's end of the agent's line at once, and only when UML has read all before.
+LINE_WRITE = 2048
+#: Seconds between two looks at whether UML has read what it was given (no event tells).
+LINE_POLL = 0.01
 READ_CHUNK = 65536
 #: Bytes of UML's last output kept for an error message.
 TAIL = 2000
@@ -90,6 +109,14 @@ TICK = 0.5
 #: Descriptors the relay's own ends are moved to (above any number a child gets).
 HIGH_FD = 64
 PR_SET_PDEATHSIG = 1
+
+
+def unread(sock: socket.socket) -> int:
+    """Bytes written to ``sock`` that its peer has not read yet (SIOCOUTQ of a unix socket)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 def write_file(path: str, text: str) -> None:
@@ -359,7 +386,10 @@ class Relay:
             handlers[self.client.fileno()] = self.on_client
         if self.agent is not None:
             reading = self.client is None or len(self.to_client) < BUFFER
-            events = (select.POLLIN if reading else 0) | (select.POLLOUT if self.to_agent else 0)
+            writing = bool(self.to_agent) and unread(self.agent) == 0
+            if self.to_agent and not writing:
+                timeout = min(timeout, LINE_POLL)
+            events = (select.POLLIN if reading else 0) | (select.POLLOUT if writing else 0)
             poller.register(self.agent, events)
             handlers[self.agent.fileno()] = self.on_agent
         if self.console_end is not None:
@@ -398,10 +428,13 @@ class Relay:
         self.to_client.clear()
 
     def drop_client(self) -> None:
+        """Forget the client and what it sent that UML has not been given yet: nobody waits for its answer,
+        and stale requests (a readiness probe's syncs while the guest boots) must not pile up on the line."""
         if self.client is not None:
             self.client.close()
             self.client = None
         self.to_client.clear()
+        self.to_agent.clear()
 
     def on_client(self, events: int) -> None:
         assert self.client is not None
@@ -422,7 +455,7 @@ class Relay:
             except OSError:
                 data = b""
             if not data:
-                self.drop_client()  # what it sent still goes to the agent
+                self.drop_client()
                 return
             self.to_agent += data
 
@@ -430,7 +463,7 @@ class Relay:
         assert self.agent is not None
         if events & select.POLLOUT and self.to_agent:
             try:
-                sent = self.agent.send(self.to_agent)
+                sent = self.agent.send(self.to_agent[:LINE_WRITE])
                 del self.to_agent[:sent]
             except (BlockingIOError, InterruptedError):
                 pass
