@@ -72,6 +72,17 @@ elif mode == "orphan":
         os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(120)", token])
     time.sleep(0.5)
     sys.exit(0)
+elif mode == "late":  # opens "its line" late: reads what waited, shows it on the console
+    time.sleep(float(sys.argv[3]))
+    os.set_blocking(agent, False)
+    waited = b""
+    try:
+        while True:
+            waited += os.read(agent, 65536)
+    except BlockingIOError:
+        pass
+    os.write(console, b"WAITED:" + waited.hex().encode() + b"\n")
+    sys.exit(0)
 elif mode == "exit-now":
     sys.exit(5)
 else:
@@ -235,6 +246,27 @@ def test_a_client_that_does_not_read_stops_the_guest_not_the_relay(where: Path) 
             assert rss < 64 * 1024
     finally:
         kill(relayed)
+
+
+def test_a_line_opened_late_gets_one_request_and_newlines_only(where: Path) -> None:
+    """While UML leaves its line unread, the relay gives it no second request (stale probes are dropped with their
+    clients) and only bounded newlines, which qemu-ga skips without answering."""
+    relayed = start_relay(where, "late", "2.5")
+    try:
+        first = relayed.connect()
+        first.sendall(b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":1}}\n")
+        time.sleep(0.5)
+        first.close()  # a readiness probe that gave up
+        with relayed.connect() as second:
+            second.sendall(b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":2}}\n")
+            wait_for(lambda: b"WAITED:" in relayed.console(), timeout=20, what="the late reader")
+    finally:
+        kill(relayed)
+    waited = bytes.fromhex(relayed.console().split(b"WAITED:")[1].split(b"\n")[0].decode())
+    request = b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":1}}\n"
+    assert waited.startswith(request) and b'"id":2' not in waited
+    pokes = waited[len(request):]
+    assert pokes == b"\n" * len(pokes) and 1 <= len(pokes) <= relay.POKE_LIMIT
 
 
 # The console ------------------------------------------------------------------------------------

@@ -55,7 +55,12 @@ most :data:`LINE_WRITE` bytes at a time, and only once UML has read
 everything it was given before (``SIOCOUTQ`` of the socketpair is 0; while
 the guest has not opened the line yet, nothing more is pushed), and drops
 what a departed client sent but UML was not given: stale readiness probes
-cannot pile up on a line that opens late. The other half, keeping each
+cannot pile up on a line that opens late. UML reads its line only when new
+input arrives, so input that was waiting when the guest opened the line
+would wait on (measured: 2-4 s more to agent-ready); while a client waits
+and UML leaves bytes unread, the relay adds a newline every
+:data:`POKE_EVERY` seconds (JSON whitespace, which qemu-ga skips without an
+answer; only between requests, at most :data:`POKE_LIMIT` in a row). The other half, keeping each
 request small, is the backend's transport's
 (:class:`~vmplant_service.backends.uml.agent.SerialLineTransport`).
 
@@ -99,6 +104,12 @@ BUFFER = 64 * 1024
 LINE_WRITE = 2048
 #: Seconds between two looks at whether UML has read what it was given (no event tells).
 LINE_POLL = 0.01
+#: While UML leaves what it was given unread for this long, a newline (JSON whitespace: qemu-ga skips it
+#: without an answer) is added, and again as often, at most POKE_LIMIT of them in a row: UML reads a line
+#: on new input only, so bytes that arrived before the guest opened the line would otherwise wait
+#: (measured: 2-4 s) for something else.
+POKE_EVERY = 0.25
+POKE_LIMIT = 512
 READ_CHUNK = 65536
 #: Bytes of UML's last output kept for an error message.
 TAIL = 2000
@@ -112,7 +123,8 @@ PR_SET_PDEATHSIG = 1
 
 
 def unread(sock: socket.socket) -> int:
-    """Bytes written to ``sock`` that its peer has not read yet (SIOCOUTQ of a unix socket)."""
+    """What ``sock`` holds that its peer has not read yet: SIOCOUTQ of a unix socket, the memory charged to
+    the sender until the reader consumes it (so 0 when all was read; not a byte count)."""
     try:
         return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
     except OSError:
@@ -246,6 +258,10 @@ class Relay:
         self.status_message = b""
         self.to_agent = bytearray()
         self.to_client = bytearray()
+        self.at_boundary = True  # the last byte handed to UML ended a request (or none was)
+        self.poked = 0.0
+        self.handed = 0.0  # when bytes were last handed to UML
+        self.pokes = 0  # newlines added since UML last read everything
         self.uml_pid = 0
         self.plugs: dict[int, int] = {}  # pid -> NIC index
         self.exit: dict[str, int] | None = None
@@ -386,9 +402,15 @@ class Relay:
             handlers[self.client.fileno()] = self.on_client
         if self.agent is not None:
             reading = self.client is None or len(self.to_client) < BUFFER
-            writing = bool(self.to_agent) and unread(self.agent) == 0
+            waiting = unread(self.agent) > 0
+            if not waiting:
+                self.pokes = 0
+            writing = bool(self.to_agent) and not waiting
             if self.to_agent and not writing:
                 timeout = min(timeout, LINE_POLL)
+            if waiting and self.client is not None:
+                self.poke()
+                timeout = min(timeout, POKE_EVERY)
             events = (select.POLLIN if reading else 0) | (select.POLLOUT if writing else 0)
             poller.register(self.agent, events)
             handlers[self.agent.fileno()] = self.on_agent
@@ -464,6 +486,8 @@ class Relay:
         if events & select.POLLOUT and self.to_agent:
             try:
                 sent = self.agent.send(self.to_agent[:LINE_WRITE])
+                self.at_boundary = self.to_agent[sent - 1:sent] == b"\n" if sent else self.at_boundary
+                self.handed = time.monotonic()
                 del self.to_agent[:sent]
             except (BlockingIOError, InterruptedError):
                 pass
@@ -484,6 +508,19 @@ class Relay:
             if self.client is not None:
                 self.to_client += data
             # else: no client, the guest's words are dropped
+
+    def poke(self) -> None:
+        """Give UML's line a newline to look at (see :data:`POKE_EVERY`), between requests only."""
+        now = time.monotonic()
+        if (self.agent is None or not self.at_boundary or self.pokes >= POKE_LIMIT
+                or now < max(self.poked, self.handed) + POKE_EVERY):
+            return
+        self.poked = now
+        try:
+            self.agent.send(b"\n")
+            self.pokes += 1
+        except OSError:
+            pass
 
     def close_agent(self) -> None:
         if self.agent is not None:
