@@ -30,7 +30,7 @@ the disk file, 0660 root:hypervisor group):
 - ``console.log`` (``console.log.1``): the guest's console and UML's own
   output, kept by the relay, rotated at ``console_limit`` bytes;
 - ``uml.exit``: how UML ended (its exit status or signal, recorded by the
-  relay); ``relay.err``: what the relay and the plugs said on stderr;
+  relay); ``relay.err``: what the relay itself said on stderr (a few lines at most);
 - ``disk.cow`` or ``disk.raw``: the VM's disk (:mod:`.disk`);
 - ``root/``: an empty directory, the mount point of the VM's jail.
 

@@ -53,7 +53,7 @@ class RunPaths:
 
     @property
     def relay_errors(self) -> Path:
-        """The relay's (and the plugs') standard error."""
+        """The relay's own standard error (the plugs' goes to the console log)."""
         return self.run_dir / "relay.err"
 
     @property

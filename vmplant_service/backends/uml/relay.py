@@ -23,8 +23,8 @@ daemon of its own, this relay, which lives exactly as long as the VM:
   :class:`~vmplant_service.agent.transport.SocketTransport` speaks to UML
   and QEMU alike, and a restarted plant simply connects again;
 - it holds the host end of the **console** (``con0=fd:M``, a second
-  socketpair) and UML's own standard output and error (a pipe), and appends
-  both to ``console.log``, renamed to ``console.log.1`` at ``console_limit``
+  socketpair) and UML's own standard output and error (a pipe, which the
+  plugs' standard error shares), and appends both to ``console.log``, renamed to ``console.log.1`` at ``console_limit``
   bytes, so a guest's console never holds more than twice that of the host's
   disk (as :class:`~vmplant_service.backends.console.ConsoleKeeper` does for
   QEMU);
@@ -312,7 +312,8 @@ class Relay:
             try:
                 argv = [nic["plug"], "--descr", f"vmshop-uml {self.run_dir}/ nic{nic['index']}",
                         f"seqpacket://{nic['fd']}", f"vde://{nic['switch']}"]
-                pid = spawn(argv, {int(nic["fd"]): plug}, null, 2, {"PATH": "/usr/bin:/bin"})
+                # Its complaints go to the console log (bounded), like UML's own.
+                pid = spawn(argv, {int(nic["fd"]): plug}, null, output_w, {"PATH": "/usr/bin:/bin"})
             finally:
                 os.close(plug)
             self.plugs[pid] = int(nic["index"])
