@@ -9,7 +9,8 @@ initramfs are not used: UML has ext4, ubd and hostfs built in.
 
 One module per job:
 
-- :mod:`.backend`: the contract (:class:`UmlBackend`);
+- :mod:`.backend`: the contract (:class:`UmlBackend`); :mod:`.agent`: the
+  agent's transport (requests small enough for UML's serial line);
 - :mod:`.relay`: the per-VM daemon, UML's parent: the agent's socket, the
   console's keeper, the segment NICs' plugs, UML's exit record;
 - :mod:`.launcher`: jails UML, drops it to the hypervisor user and execs it;
@@ -44,7 +45,12 @@ restarted plant must talk to the same agent again (it connects to the
 socket, and the transport resynchronises). Requests sent before qemu-ga
 opens the line may be lost: the plant's readiness probe
 (:meth:`~vmplant_service.channel.Channel.wait_agent`) reconnects and sends
-a new ``guest-sync-delimited`` every second until one is answered.
+a new ``guest-sync-delimited`` every second until one is answered. The line
+is a tty in the guest, which UML 6.1 loses for good once 4 KiB wait unread
+in it (see :mod:`.relay`): the backend's transport
+(:class:`.agent.SerialLineTransport`) keeps every request under 2 KiB
+(large file writes and script inputs go in pieces), and the relay feeds
+UML only what it has read, dropping stale probes.
 
 **Confinement.** hostfs lets the guest's root mount *any* host path the
 UML process can reach. So (``confine=namespace``, the default) UML runs in
