@@ -351,17 +351,26 @@ def test_fpu_probe_checks_every_byte() -> None:
 
 
 def test_fpu_verdict_is_cached_per_binary_kernel_and_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = UmlBackend({"state_dir": str(tmp_path)})
-    probes: list[bool] = []
-    monkeypatch.setattr(backend, "_probe", lambda spec, binary, workaround: probes.append(workaround) or False)
     spec = spec_on_paper(tmp_path)
-    assert backend.fpu_workaround_for(spec, "/bin/true") is False  # both failed: plain, and it says so
-    assert probes == [False, True]
-    again = UmlBackend({"state_dir": str(tmp_path)})
-    monkeypatch.setattr(again, "_probe", lambda *a: pytest.fail("probed again"))
-    assert again.fpu_workaround_for(spec, "/bin/true") is False
-    cached = json.loads((tmp_path / "uml-fpu-probe.json").read_text())
-    assert list(cached) == [uml_fpu.probe_key("/bin/true")] and os.uname().release in list(cached)[0]
+    for verdicts, workaround in (((False, True), True), ((False, False), False), ((True,), False)):
+        state = tmp_path / f"state-{len(list(tmp_path.iterdir()))}"
+        backend = UmlBackend({"state_dir": str(state)})
+        answers = list(verdicts)
+        probes: list[bool] = []
+        monkeypatch.setattr(backend, "_probe", lambda spec, binary, with_filter, answers=answers, probes=probes:
+                            probes.append(with_filter) or answers.pop(0))
+        assert backend.fpu_workaround_for(spec, "/bin/true") is workaround
+        assert probes == [False, True][:len(verdicts)]  # plain first; the workaround only if plain fails
+        again = UmlBackend({"state_dir": str(state)})
+        monkeypatch.setattr(again, "_probe", lambda *a: pytest.fail("probed again"))
+        assert again.fpu_workaround_for(spec, "/bin/true") is workaround
+        cached = json.loads((state / "uml-fpu-probe.json").read_text())
+        assert list(cached) == [uml_fpu.probe_key("/bin/true")] and os.uname().release in list(cached)[0]
+    # No agent answered at all (the image's fault, not the host's): nothing is cached.
+    backend = UmlBackend({"state_dir": str(tmp_path / "state-none")})
+    monkeypatch.setattr(backend, "_probe", lambda *a: None)
+    assert backend.fpu_workaround_for(spec, "/bin/true") is False
+    assert not (tmp_path / "state-none" / "uml-fpu-probe.json").exists()
 
 
 # The disk UML gets ---------------------------------------------------------------------------------

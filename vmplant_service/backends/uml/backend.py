@@ -267,6 +267,7 @@ class UmlBackend(Backend):
             started = time.monotonic()
             plain = self._probe(spec, binary, False)
             workaround = False
+            with_filter: bool | None = None
             if plain is not True:
                 with_filter = self._probe(spec, binary, True)
                 workaround = with_filter is True
@@ -275,6 +276,8 @@ class UmlBackend(Backend):
                               "plain", plain, with_filter)
             log.info("UML's FPU probe: plain UML %s; the workaround is %s (%.1f s)",
                      "passes" if plain else "fails", "on" if workaround else "off", time.monotonic() - started)
+            if plain is None and with_filter is None:
+                return False  # no agent answered either way (the image, not the host): decide again next time
             fpu.write_cache(self.fpu_cache, key, {"workaround": workaround, "plain": plain,
                                                   "probed": time.time()})
             self._fpu[key] = workaround
