@@ -102,7 +102,9 @@ Options (strings, from the plant's configuration):
 - ``uml_binary``: default ``linux.uml`` (looked up in PATH);
 - ``state_dir``: where the raw base images and the FPU probe's verdict are
   cached (default ``$XDG_CACHE_HOME/vmshop`` or ``~/.cache/vmshop``);
-- ``confine``: ``namespace`` (default) or ``none``;
+- ``confine``: ``namespace`` (default) or ``none`` (then UML, as the
+  ``runas`` user, opens its disk, the cached base and the data store by their
+  host paths, so they must be reachable by that user);
 - ``runas``: the user UML runs as (default ``vmshop-qemu`` when the plant
   runs as root; ``none`` keeps the plant's user; a root plant without that
   user refuses to start guests unless ``runas=root`` says so);
