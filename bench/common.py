@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -113,11 +114,12 @@ def remove_tree(path: Path) -> None:
 
 def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend: str = "qemu", network: str = "vde",
                  capacity_vms: int = 4, capacity_memory: int = 2048, pool_count: int = 8,
-                 start_timeout: float = 300.0, client: bool = True) -> servers.ServerProcess:
+                 start_timeout: float = 300.0, client: bool = True, insecure: bool = False) -> servers.ServerProcess:
     """tests/servers.py's start_plant, with a longer start deadline (many plants start at once on 2 cores).
 
     Registers the plant's cleanup (the server, its guests, its switch) at once. Its shop list is
-    empty: the shops of a run find out by asking, as the rows measure.
+    empty: the shops of a run find out by asking, as the rows measure. Mutual TLS with the test PKI
+    (tests/pki.py), as in production; ``insecure``: plain HTTP on loopback.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vmshop_addresses.txt").write_text("# no shop is told of changes in a benchmark run\n")
@@ -128,8 +130,12 @@ def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend
             "--network", network, "--capacity-vms", str(capacity_vms), "--capacity-memory", str(capacity_memory),
             "--pool-count", str(pool_count), "--shops-file", str(directory / "vmshop_addresses.txt"),
             "--output", str(config)]
+    pki = servers.test_pki()
+    mapfile = pki.plant_mapfile(directory / "vmplant-mapfile")
+    args += ["--insecure"] if insecure else pki.tls_flags("plant") + ["--authorization", str(mapfile)]
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory), timeout=start_timeout)
-    plant = servers.ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log")
+    plant = servers.ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log",
+                                  mapfile=mapfile)
     ctx.cleanup.push(f"plant {name}", plant.cleanup)
     plant.start(timeout=start_timeout)
     if client:
@@ -170,20 +176,28 @@ def envelope(client: Any, service: Any, operation: str, **kwargs: Any) -> bytes:
 
 
 class RawSoap:
-    """POSTs prebuilt SOAP envelopes over one HTTP/1.1 keep-alive connection (no client-side parsing)."""
+    """POSTs prebuilt SOAP envelopes over one HTTP/1.1 keep-alive connection (no client-side parsing).
 
-    def __init__(self, url: str, timeout: float = 120.0) -> None:
+    An https URL is reached over mutual TLS as ``identity`` of the test PKI (the handshake once, then the
+    connection is kept alive like the plain one).
+    """
+
+    def __init__(self, url: str, timeout: float = 120.0, identity: str = "admin") -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+        self.tls = parts.scheme == "https"
+        self.port = parts.port or (443 if self.tls else 80)
         self.path = parts.path or "/"
         self.timeout = timeout
+        self.context = servers.test_pki().ssl_context(identity) if self.tls else None
         self.conn: http.client.HTTPConnection | None = None
 
     def post(self, body: bytes, action: str = "") -> bytes:
         for attempt in (0, 1):
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self.conn = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                                         context=self.context) if self.tls
+                             else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
             try:
                 self.conn.request("POST", self.path, body, {"Content-Type": "text/xml; charset=utf-8",
                                                              "SOAPAction": f'"{action}"'})
@@ -246,9 +260,12 @@ class BareGuest:
 
         return RunPaths.of(self.spec.run_dir)
 
-    @property
-    def ready_file(self) -> Path:
-        return Path(self.spec.channel_dir) / "agent" / "ready"
+    def agent(self) -> Any:
+        """The guest's agent, reached as the plant reaches it (a SocketTransport on the backend's socket)."""
+        from vmplant_service.agent.qga import GuestAgent
+        from vmplant_service.agent.transport import SocketTransport
+
+        return GuestAgent(SocketTransport(self.paths.agent))
 
 
 def tiny_image() -> Any:
@@ -263,15 +280,14 @@ def tiny_spec_for_probe() -> Any:
 
     info = tiny_image()
     return GuestSpec(vm_id="probe", disk=info.disk, memory=info.hardware.memory, vcpus=info.hardware.vcpus,
-                     run_dir=Path("/nonexistent"), channel_dir=Path("/nonexistent"), kernel=info.kernel,
+                     run_dir=Path("/nonexistent"), kernel=info.kernel,
                      initrd=info.initrd, cmdline=info.cmdline, machine=info.machine)
 
 
 def prepare_bare(directory: Path, vm_id: str, switch: Any, accelerator: str) -> BareGuest:
-    """Clone the tiny image, make the channel share and the run directory, build the command (nothing runs)."""
+    """Clone the tiny image, make the run directory, build the command the qemu backend would (nothing runs)."""
     from vmplant_service.backends.base import GuestSpec, Nic
     from vmplant_service.backends.qemu import QemuBackend, qemu_command
-    from vmplant_service.channel import Channel
     from vmplant_service.clone import make_overlay
     from vmplant_service.plant import free_port
     from vmplant_service.segment import mac_for
@@ -281,19 +297,18 @@ def prepare_bare(directory: Path, vm_id: str, switch: Any, accelerator: str) -> 
     base.mkdir(parents=True)
     overlay = base / "disk.qcow2"
     clone_seconds = make_overlay(info.disk, info.disk_format, overlay)
-    channel = Channel(base / "channel")
-    channel.create()
-    (base / "run").mkdir()
+    (base / "run").mkdir(mode=0o700)
     # The NICs a plant with a host-only segment gives each VM (plant.Plant._spec).
     nics = [Nic("user", mac_for(vm_id, 0), host_port=free_port())]
     if switch is not None:
         nics.append(Nic("segment", mac_for(vm_id, 1), switch=str(switch.control)))
     spec = GuestSpec(vm_id=vm_id, disk=overlay, memory=info.hardware.memory, vcpus=info.hardware.vcpus,
-                     run_dir=base / "run", channel_dir=channel.directory, kernel=info.kernel, initrd=info.initrd,
+                     run_dir=base / "run", kernel=info.kernel, initrd=info.initrd,
                      cmdline=info.cmdline, machine=info.machine, arch=info.hardware.arch, nics=tuple(nics))
     backend = QemuBackend({})
     binary = shutil.which(backend.binary) or backend.binary
-    return BareGuest(spec, qemu_command(spec, binary, accelerator, backend.disk_cache), clone_seconds)
+    command = qemu_command(spec, binary, accelerator, backend.disk_cache, backend._runas_user(), backend.sandbox)
+    return BareGuest(spec, command, clone_seconds)
 
 
 def launch_bare(guest: BareGuest) -> None:
@@ -305,36 +320,31 @@ def launch_bare(guest: BareGuest) -> None:
 
 
 def wait_bare(guests: list[BareGuest], timeout: float = 600.0) -> None:
-    """Wait until every guest's agent wrote ``agent/ready`` (polling every 10 ms); RuntimeError otherwise."""
-    from vmplant_service.backends.qemu import qemu_pid
+    """Wait until every guest's agent answers (as the plant waits: ``Channel.wait_agent``); RuntimeError otherwise.
 
-    deadline = time.monotonic() + timeout
-    last_alive_check = 0.0
-    while True:
-        now = time.monotonic()
-        pending = [g for g in guests if g.ready is None]
-        for guest in pending:
-            if guest.ready_file.exists():
-                guest.ready = now
-        pending = [g for g in guests if g.ready is None]
-        if not pending:
-            return
-        for guest in pending:
-            assert guest.proc is not None
-            status = guest.proc.poll()
-            if status not in (None, 0):
-                raise RuntimeError(f"QEMU of {guest.spec.vm_id} failed (status {status}): "
-                                   f"{guest.paths.stderr.read_text(errors='replace')[-600:]}")
-        if now - last_alive_check > 1.0:
-            last_alive_check = now
-            for guest in pending:
-                assert guest.proc is not None
-                if guest.proc.poll() == 0 and qemu_pid(guest.paths) is None:
-                    console = _tail(guest.paths.console)
-                    raise RuntimeError(f"the guest {guest.spec.vm_id} stopped before its agent was ready: {console}")
-        if now > deadline:
-            raise RuntimeError(f"{len(pending)} guest(s) not ready within {timeout:.0f} s")
-        time.sleep(0.01)
+    One thread per guest, so guests booting together are each timed when their own agent answers.
+    """
+    from vmplant_service.channel import Channel
+
+    errors: list[str] = []
+
+    def wait(guest: BareGuest) -> None:
+        assert guest.proc is not None
+        proc = guest.proc
+        try:
+            Channel(guest.agent()).wait_agent(timeout, alive=lambda: proc.poll() is None)
+            guest.ready = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            stderr = guest.paths.stderr.read_text(errors="replace")[-300:]
+            errors.append(f"{guest.spec.vm_id}: {exc} (stderr: {stderr})")
+
+    threads = [threading.Thread(target=wait, args=(guest,)) for guest in guests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError("; ".join(errors))
 
 
 def _tail(path: Path, limit: int = 600) -> str:
@@ -358,6 +368,11 @@ def kill_bare(guest: BareGuest) -> None:
         deadline = time.monotonic() + 10
         while qemu_pid(paths) is not None and time.monotonic() < deadline:
             time.sleep(0.02)
+    if guest.proc is not None:
+        try:
+            guest.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
     if guest.proc is not None and guest.proc.poll() is None:
         # Still in front of -daemonize (killed early): it is our child.
         guest.proc.kill()

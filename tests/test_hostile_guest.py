@@ -33,7 +33,6 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import pytest
-import zeep
 import zeep.exceptions
 from servers import PlantProcess, fault_code, processes_mentioning, start_plant, wait_for
 
@@ -114,7 +113,7 @@ class Watch:
         self.rss_before = lab.rss()
         self.rss_most = self.rss_before
         # A client of its own (zeep clients are not shared across threads), with a short timeout.
-        client = zeep.Client(str(lab.plant.wsdl), transport=zeep.Transport(timeout=10, operation_timeout=10))
+        client = lab.plant.client(timeout=10, keep=False)
         self.service = client.create_service(lab.plant.binding, lab.plant.url)
         self.thread = threading.Thread(target=self._ask, daemon=True)
 

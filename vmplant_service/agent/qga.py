@@ -31,8 +31,10 @@ from .transport import AgentCommandError, AgentError, AgentTimeout, AgentTranspo
 EXCHANGE_TIMEOUT = 10.0
 #: Largest chunk written with one guest-file-write (bytes before base64).
 WRITE_CHUNK = 256 * 1024
-#: guest-exec-status polling: first and longest interval (seconds).
-POLL_FIRST = 0.05
+#: guest-exec-status polling: every POLL_FIRST seconds for the first POLL_FAST_FOR seconds (most actions are
+#: short, and an answer costs ~1 ms), then doubling up to POLL_LONGEST.
+POLL_FIRST = 0.02
+POLL_FAST_FOR = 1.0
 POLL_LONGEST = 0.5
 
 
@@ -137,7 +139,8 @@ class GuestAgent:
             if self.clock() + interval > deadline:
                 raise AgentTimeout(f"the process (guest pid {pid}) did not end in time")
             self.sleep(interval)
-            interval = min(interval * 2, POLL_LONGEST)
+            if self.clock() - started > POLL_FAST_FOR:
+                interval = min(interval * 2, POLL_LONGEST)
 
     def write_file(self, path: str, content: bytes, timeout: float = EXCHANGE_TIMEOUT) -> None:
         """Write ``content`` to the guest file ``path`` (created or truncated), with the guest-file-* commands."""
