@@ -29,7 +29,7 @@ from ...channel import Channel
 from ...processes import owned_pid, pid_alive, proc_args, read_pid
 from ..base import Backend, Capabilities, GuestSpec, VMState
 from ..console import console_tail
-from ..hostside import choice, host_memory_mib, positive_number
+from ..hostside import choice, host_memory_mib, positive_number, tail
 from . import fpu, launcher, relay
 from .agent import SerialLineTransport
 from .command import AGENT_FD, CONSOLE_FD, STATUS_FD, nic_fd, uml_command
@@ -184,7 +184,7 @@ class UmlBackend(Backend):
                 os.chown(paths.unconfined_ctl, *user)
         disk = prepare_disk(spec, paths, self.state_dir, user[1] if user else None)
         # The guest reaches its own disk file through hostfs: it may not grow it (or any file UML writes)
-        # beyond what the disk holds. UML's memory file (mem + a little) is a file UML writes too.
+        # beyond what the disk holds. UML's memory file (the guest's memory, with no ASLR) is one UML writes too.
         fsize = max(disk.limit, spec.memory * 1024 * 1024) + FSIZE_MARGIN
         config = launch_config(spec, paths, disk, binary, jailed=jailed, user=user, fsize=fsize,
                                fpu_workaround=workaround)
@@ -210,7 +210,7 @@ class UmlBackend(Backend):
         try:
             answer = json.loads(line[0])
         except ValueError:
-            answer = {"ok": False, "error": line[0] or _tail(paths.relay_errors) or "no message"}
+            answer = {"ok": False, "error": line[0] or tail(paths.relay_errors, 1000) or "no message"}
         if not isinstance(answer, dict) or answer.get("ok") is not True:
             error = answer.get("error") if isinstance(answer, dict) else None
             raise BackendError(f"UML could not start VM {spec.vm_id}: {str(error or 'no message')[:1500]}")
@@ -505,11 +505,6 @@ def _runas_option(value: str | None) -> str:
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
         raise ConfigurationError(f"uml backend: runas must be a user name, 'none' or 'root', not {value!r}")
     return value
-
-
-def _tail(path: Path, limit: int = 1000) -> str:
-    from ..hostside import tail
-    return tail(path, limit)
 
 
 def _listening(port: int) -> bool:
