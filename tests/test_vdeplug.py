@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -64,6 +65,22 @@ def test_the_port_ends_with_its_control_socket(switch: VdeSegment) -> None:
         for sock in (first[1], *second):
             sock.close()
     assert received[1:] == []  # (the first frame may have been on its way while the switch noticed)
+
+
+def test_a_switch_deep_in_a_long_path() -> None:
+    """Unix socket paths are at most 107 bytes: a switch whose own sockets just fit must do (the state dir is deep)."""
+    root = Path(tempfile.mkdtemp(prefix="vdeplug-", dir="/tmp"))
+    filler = 100 - len(str(root / "x" / "segment" / "switch.ctl"))
+    segment = VdeSegment(root / ("d" * (filler + 1)) / "segment")
+    assert len(str(segment.control)) == 100  # its "ctl" fits; a name bound beside it (".PID-NNNNN") would not
+    try:
+        segment.start()
+        ends = plug(segment.control)
+        for sock in ends:
+            sock.close()
+    finally:
+        segment.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_no_switch(tmp_path: Path) -> None:

@@ -8,11 +8,16 @@ hypervisor then reaches exactly that one port and nothing else.
 
 This is the handshake of VDE's ``libvdeplug`` (vdeplug4's ``vde`` module,
 spoken by ``vde_switch`` 2.3): connect a stream socket to the switch's
-``ctl`` socket; bind a datagram socket to a fresh name in the switch's
-directory; send a request (magic ``0xfeedface``, version 3, type "new
-port", that name, a description); the switch answers the name of the
-port's own datagram socket, which the datagram socket connects to. The
-bound name is unlinked at once (the switch's socket is connected to it).
+``ctl`` socket; bind a datagram socket to a fresh name; send a request
+(magic ``0xfeedface``, version 3, type "new port", that name, a
+description); the switch answers the name of the port's own datagram
+socket, which the datagram socket connects to. The bound name (in a
+private directory of this process, as unix socket paths must be short) is
+removed at once: the switch's socket is connected to it, and a connected
+datagram socket takes datagrams from its peer only. The control socket is
+reached through ``/proc/self/fd`` (a descriptor of the switch's
+directory), so a switch deep in the plant's state directory is no problem
+for the 107-byte limit either.
 From then on each datagram is one Ethernet frame, and the port lives as
 long as the stream socket stays open: whoever holds both descriptors owns
 the port.
@@ -20,10 +25,11 @@ the port.
 
 from __future__ import annotations
 
-import errno
 import os
+import shutil
 import socket
 import struct
+import tempfile
 from pathlib import Path
 
 from vmshop_common.errors import BackendError
@@ -47,24 +53,17 @@ def plug(control: Path | str, description: str = "vmshop") -> tuple[socket.socke
     control = Path(control)
     ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     data = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    bound: str | None = None
+    private: str | None = None
     try:
         ctl.settimeout(SECONDS)
-        ctl.connect(str(control / "ctl"))
-        for number in range(1000):
-            name = str(control / f".{os.getpid():05d}-{number:05d}")
-            if len(name.encode()) > SOCKADDR_UN.size - 3:
-                raise BackendError(f"the switch's path {control} is too long for a unix socket")
-            try:
-                data.bind(name)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue
-                raise
-            bound = name
-            break
-        else:
-            raise BackendError(f"no free socket name in the switch's directory {control}")
+        directory = os.open(control, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            ctl.connect(f"/proc/self/fd/{directory}/ctl")
+        finally:
+            os.close(directory)
+        private = tempfile.mkdtemp(prefix="vmshop-vde-", dir="/tmp")
+        bound = os.path.join(private, "plug")
+        data.bind(bound)
         request = (REQUEST_HEADER.pack(SWITCH_MAGIC, REQUEST_VERSION, REQ_NEW_CONTROL)
                    + SOCKADDR_UN.pack(socket.AF_UNIX, bound.encode())
                    + description.encode()[:MAX_DESCRIPTION])
@@ -86,11 +85,7 @@ def plug(control: Path | str, description: str = "vmshop") -> tuple[socket.socke
             raise
         raise BackendError(f"cannot plug into the switch at {control}: {exc.strerror or exc}") from None
     finally:
-        if bound is not None:
-            try:
-                os.unlink(bound)
-            except OSError:
-                pass
-
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 __all__ = ["plug"]
