@@ -145,7 +145,7 @@ def test_an_error_answer_keeps_the_agents_words_cut_and_printable() -> None:
     (SystemError("returned a result with an exception set"), AgentError, "not valid UTF-8"),
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), AgentError, "not valid UTF-8"),
     (FakeLibvirtError(86, "Guest agent is not responding: QEMU guest agent is not available due to an error"),
-     AgentError, "until the guest's agent reopens"),
+     AgentError, "stopped talking to this guest's agent"),
     (FakeLibvirtError(38, "No complete agent response found in 10485760 bytes: Numerical result out of range"),
      AgentError, "10 MiB"),
     (FakeLibvirtError(39, "Unable to encode message payload"), AgentError, "4 MiB"),
@@ -167,6 +167,56 @@ def test_every_libvirt_failure_is_an_agent_error(failure: BaseException, kind: t
         transport.command("guest-ping", timeout=2)
     assert type(info.value) is kind and words in str(info.value)
     assert len(str(info.value)) < 600 and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("failure", [
+    FakeLibvirtError(86, "Guest agent is not responding: QEMU guest agent is not available due to an error"),
+    FakeLibvirtError(38, "No complete agent response found in 10485760 bytes: Numerical result out of range"),
+    FakeLibvirtError(1, "internal error: cannot parse json xxxx: lexical error: invalid char in json text."),
+    FakeLibvirtError(1, "internal error: Unknown JSON reply '{\"x\": 1}'"),
+    SystemError("returned a result with an exception set"),
+])
+def test_a_guest_that_breaks_the_protocol_is_not_talked_to_again(failure: Exception) -> None:
+    """libvirtd logs what it could not parse, in full: the plant sends such a guest nothing more."""
+    outcomes: list[Exception | str] = [failure, json.dumps({"return": {}})]
+
+    def answer(command: dict[str, Any], seconds: int) -> str:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    fake = FakeLibvirt(answer)
+    transport = fake.transport()
+    with pytest.raises(AgentError):
+        transport.command("guest-exec-status", {"pid": 1}, timeout=2)
+    started = time.monotonic()
+    with pytest.raises(AgentError, match="no longer sends commands to this guest's agent"):
+        transport.command("guest-ping", timeout=2)
+    assert time.monotonic() - started < 0.5 and len(fake.calls) == 1
+    fresh = fake.transport()  # what a plant restart makes when it adopts the VM: one more chance
+    assert fresh.command("guest-ping", timeout=2) == {}
+
+
+@pytest.mark.parametrize("failure", [
+    FakeLibvirtError(86, "Guest agent is not responding: QEMU guest agent is not connected"),
+    FakeLibvirtError(86, "Guest agent is not responding: Guest agent not available for now"),
+    FakeLibvirtError(39, "Unable to encode message payload"),
+    FakeLibvirtError(1, "internal error: unable to execute QEMU agent command 'guest-ping': no"),
+])
+def test_failures_a_good_agent_may_cause_do_not_end_the_conversation(failure: Exception) -> None:
+    outcomes: list[Exception | str] = [failure, json.dumps({"return": {}})]
+
+    def answer(command: dict[str, Any], seconds: int) -> str:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    transport = FakeLibvirt(answer).transport()
+    with pytest.raises(AgentError):
+        transport.command("guest-ping", timeout=2)
+    assert transport.command("guest-ping", timeout=2) == {}
 
 
 def test_guest_sync_delimited_never_reaches_libvirt() -> None:

@@ -46,6 +46,17 @@ against qemu-ga 7.2 in the tiny image (see ``docs/guest-image.md``):
   passes a guest's bytes on unchecked, and its Python bindings then raise
   ``SystemError``), becomes an :class:`AgentError`, with libvirt's words
   cut to a few hundred printable characters: they may quote the guest.
+- **A guest that breaks the protocol is not talked to again.** libvirtd
+  logs each line it cannot parse *in full* ("cannot parse json <line>",
+  up to 10 MiB, at error level in its own log, which libvirt does not
+  rotate), and a guest can reset libvirt's error state whenever it likes
+  by reopening its channel. So after the first such failure (the error
+  state, a line libvirt could not parse, an answer that is not UTF-8) this
+  transport refuses every later command itself, at once, without asking
+  libvirt: a hostile guest gets at most one line into libvirtd's log per
+  plant process (a new transport, made when the plant restarts and adopts
+  the VM, tries again). A well-behaved qemu-ga never sends such a thing:
+  the plant caps every output far below the limits inside the guest.
 - **Readiness.** Before the guest's qemu-ga has opened its end, libvirt
   fails a command at once ("QEMU guest agent is not connected"), and logs
   each such failure in libvirtd's log. So while the agent has not answered
@@ -168,12 +179,15 @@ class LibvirtAgentTransport(AgentTransport):
         self._answered = False  # the agent answered the last command: no readiness check before the next
         self._call: _Call | None = None
         self._drop_after = False  # close() came while a command was in libvirt: its worker drops the connection
+        self._broken: str | None = None  # why the guest's agent is not talked to any more (see the module docstring)
 
     def command(self, name: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
         deadline = self._clock() + timeout
         if name in REFUSED:
             raise AgentError(f"{name} is not sent through libvirt (libvirt cannot parse its 0xFF delimiter "
                              "and would stop talking to the agent); libvirt synchronises by itself")
+        if self._broken is not None:
+            raise AgentError(f"{name}: {self._broken}")
         text = encode_command(name, arguments).decode().rstrip("\n")
         if not self._lock.acquire(timeout=max(timeout, 0.0)):
             raise AgentTimeout(f"{name}: libvirt was still busy with an earlier command to this guest's agent "
@@ -261,6 +275,26 @@ class LibvirtAgentTransport(AgentTransport):
 
     def _translate(self, name: str, exc: Exception) -> AgentError:
         """A libvirt failure (or a failure to decode what libvirt passed on) as an AgentError."""
+        failure = self._classify(name, exc)
+        if self._broken is None and self._protocol_broken(exc):
+            self._broken = ("the plant no longer sends commands to this guest's agent: it broke the agent protocol "
+                            f"({str(failure).split(': ', 1)[-1][:200]})")
+            log.warning("VM %s: %s", self.label, self._broken)
+        return failure
+
+    @staticmethod
+    def _protocol_broken(exc: Exception) -> bool:
+        """Whether ``exc`` says the guest sent libvirt something no qemu-ga sends (see the module docstring)."""
+        code = _code(exc)
+        if code is None:
+            return isinstance(exc, (SystemError, UnicodeError))
+        words = _words(exc)
+        return ((code == VIR_ERR_AGENT_UNRESPONSIVE and "due to an error" in words)
+                or (code == VIR_ERR_SYSTEM_ERROR and "No complete agent response" in words)
+                or (code == VIR_ERR_INTERNAL_ERROR and any(
+                    text in words for text in ("cannot parse json", "Unknown JSON reply", "isn't an object"))))
+
+    def _classify(self, name: str, exc: Exception) -> AgentError:
         code = _code(exc)
         words = _words(exc)
         if code is None:
@@ -274,16 +308,14 @@ class LibvirtAgentTransport(AgentTransport):
         if code == VIR_ERR_AGENT_UNRESPONSIVE:
             if "due to an error" in words:
                 return AgentError(f"{name}: libvirt has stopped talking to this guest's agent after a protocol "
-                                  "error (an answer libvirt could not read, or one over its 10 MiB limit); it "
-                                  "stays so until the guest's agent reopens its channel")
+                                  "error (an answer libvirt could not read, or one over its 10 MiB limit)")
             if "not available for now" in words:
                 return AgentTimeout(f"{name}: the guest's agent did not answer in time (libvirt: {words})")
             if "not connected" in words:
                 return AgentError(f"{name}: the guest's agent is not connected")
             return AgentError(f"{name}: the guest's agent is gone ({words})")
         if code == VIR_ERR_SYSTEM_ERROR and "No complete agent response" in words:
-            return AgentError(f"{name}: the guest's agent sent an answer over libvirt's 10 MiB limit; libvirt has "
-                              "stopped talking to it until it reopens its channel")
+            return AgentError(f"{name}: the guest's agent sent an answer over libvirt's 10 MiB limit")
         if code == VIR_ERR_RPC and "encode message payload" in words:
             return AgentError(f"{name}: the guest's answer is larger than libvirt passes on (4 MiB)")
         if code in (VIR_ERR_NO_DOMAIN, VIR_ERR_OPERATION_INVALID):
