@@ -142,6 +142,16 @@ def _words(exc: BaseException) -> str:
     return _printable(text.strip())[:MAX_ERROR_CHARS]
 
 
+def _detached(exc: AgentError) -> AgentError:
+    """``exc`` without its traceback and context: they hold this thread's frames, and with them the libvirt
+    domain (and so its connection, which the daemon counts as a client) until the garbage collector's next
+    full pass."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
+
+
 @dataclass
 class _Call:
     """One command on its way through libvirt: the worker fills it in, the caller waits for ``done``."""
@@ -230,7 +240,7 @@ class LibvirtAgentTransport(AgentTransport):
                 call.value = self._exchange(call)
             except AgentError as exc:
                 if call.error is None:
-                    call.error = exc
+                    call.error = _detached(exc)
             except Exception as exc:  # noqa: BLE001 - rule 3: nothing but AgentError reaches the caller
                 if call.error is None:
                     call.error = AgentError(f"{call.name}: {type(exc).__name__}: {_words(exc)}")
