@@ -342,3 +342,31 @@ def test_a_failing_agent_fails_the_action_not_the_plant() -> None:
     channel = Channel(GuestAgent(FakeLibvirt(answer).transport()))
     result = channel.run("0001-a", ScriptAction(id="a", body="echo hi", script_timeout=5), ActionContext())
     assert not result.ok and result.error is not None and "stopped talking" in result.error
+
+
+def test_a_closed_transport_holds_no_connection_even_after_errors() -> None:
+    """A libvirt connection is a client of the daemon (a spawned one exits only when none is left): errors
+    handed to the caller must not keep the domain, and with it the connection, alive until a GC pass."""
+    import gc
+    import weakref
+
+    def fails(command: dict[str, Any], seconds: int) -> str:
+        raise FakeLibvirtError(86, "Guest agent is not responding: Guest agent not available for now")
+
+    domains: list[weakref.ref[FakeDomain]] = []
+
+    def connect() -> FakeDomain:
+        domain = FakeDomain()
+        domains.append(weakref.ref(domain))
+        return domain
+
+    transport = LibvirtAgentTransport("test", connect, FakeLibvirt(fails).agent_command)
+    gc.disable()
+    try:
+        for _ in range(2):
+            with pytest.raises(AgentTimeout):
+                transport.command("guest-ping", timeout=2)
+        transport.close()
+        assert [ref() for ref in domains] == [None]
+    finally:
+        gc.enable()
