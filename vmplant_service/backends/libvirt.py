@@ -40,6 +40,14 @@ plant's 0700 directories, and nothing shared is handed to it:
 - the data share is opened by QEMU as that user: the data store must be
   readable by it.
 
+What the DAC user does not give: every domain runs as the same user, and
+libvirt sets that user before it execs QEMU, so (unlike the qemu backend's
+QEMU, which drops to it itself and is then not dumpable) one libvirt QEMU
+may ptrace another: a guest that escapes into its QEMU can reach the other
+libvirt guests of the host. A distinct numeric label per VM would close
+that (libvirt runs QEMU as a uid with no passwd entry, with group ``kvm``:
+checked); it is not done here.
+
 What libvirt changes on the host for a domain (and restores when it stops):
 it makes ``run_dir/console.sock`` (the console's listening socket, chowned
 to QEMU's user; the backend makes it 0600) and its own per-domain files
