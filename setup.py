@@ -16,6 +16,11 @@ setup(
         "constantly==23.10.4",
         "zeep==4.3.3",
         "lxml==6.1.3",
+        # TLS: Twisted's TLS needs pyOpenSSL and service-identity (Twisted[tls]); certificates, keys and
+        # the site CA (vmshop-ca) use cryptography.
+        "pyOpenSSL==26.4.0",
+        "service-identity==26.1.0",
+        "cryptography==50.0.2",
     ],
     extras_require={
         "test": [
@@ -32,6 +37,7 @@ setup(
             "vmshop=vmshop_service.cli:main",
             "vmplant=vmplant_service.main:main",
             "vmshop-server=vmshop_service.main:main",
+            "vmshop-ca=vmshop_common.pki:main",
         ],
     },
 )

@@ -114,11 +114,12 @@ def remove_tree(path: Path) -> None:
 
 def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend: str = "qemu", network: str = "vde",
                  capacity_vms: int = 4, capacity_memory: int = 2048, pool_count: int = 8,
-                 start_timeout: float = 300.0, client: bool = True) -> servers.ServerProcess:
+                 start_timeout: float = 300.0, client: bool = True, insecure: bool = False) -> servers.ServerProcess:
     """tests/servers.py's start_plant, with a longer start deadline (many plants start at once on 2 cores).
 
     Registers the plant's cleanup (the server, its guests, its switch) at once. Its shop list is
-    empty: the shops of a run find out by asking, as the rows measure.
+    empty: the shops of a run find out by asking, as the rows measure. Mutual TLS with the test PKI
+    (tests/pki.py), as in production; ``insecure``: plain HTTP on loopback.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vmshop_addresses.txt").write_text("# no shop is told of changes in a benchmark run\n")
@@ -129,8 +130,12 @@ def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend
             "--network", network, "--capacity-vms", str(capacity_vms), "--capacity-memory", str(capacity_memory),
             "--pool-count", str(pool_count), "--shops-file", str(directory / "vmshop_addresses.txt"),
             "--output", str(config)]
+    pki = servers.test_pki()
+    mapfile = pki.plant_mapfile(directory / "vmplant-mapfile")
+    args += ["--insecure"] if insecure else pki.tls_flags("plant") + ["--authorization", str(mapfile)]
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory), timeout=start_timeout)
-    plant = servers.ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log")
+    plant = servers.ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log",
+                                  mapfile=mapfile)
     ctx.cleanup.push(f"plant {name}", plant.cleanup)
     plant.start(timeout=start_timeout)
     if client:
@@ -171,20 +176,28 @@ def envelope(client: Any, service: Any, operation: str, **kwargs: Any) -> bytes:
 
 
 class RawSoap:
-    """POSTs prebuilt SOAP envelopes over one HTTP/1.1 keep-alive connection (no client-side parsing)."""
+    """POSTs prebuilt SOAP envelopes over one HTTP/1.1 keep-alive connection (no client-side parsing).
 
-    def __init__(self, url: str, timeout: float = 120.0) -> None:
+    An https URL is reached over mutual TLS as ``identity`` of the test PKI (the handshake once, then the
+    connection is kept alive like the plain one).
+    """
+
+    def __init__(self, url: str, timeout: float = 120.0, identity: str = "admin") -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+        self.tls = parts.scheme == "https"
+        self.port = parts.port or (443 if self.tls else 80)
         self.path = parts.path or "/"
         self.timeout = timeout
+        self.context = servers.test_pki().ssl_context(identity) if self.tls else None
         self.conn: http.client.HTTPConnection | None = None
 
     def post(self, body: bytes, action: str = "") -> bytes:
         for attempt in (0, 1):
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self.conn = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                                         context=self.context) if self.tls
+                             else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
             try:
                 self.conn.request("POST", self.path, body, {"Content-Type": "text/xml; charset=utf-8",
                                                              "SOAPAction": f'"{action}"'})
@@ -322,7 +335,8 @@ def wait_bare(guests: list[BareGuest], timeout: float = 600.0) -> None:
             Channel(guest.agent()).wait_agent(timeout, alive=lambda: proc.poll() is None)
             guest.ready = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(f"{guest.spec.vm_id}: {exc} (stderr: {guest.paths.stderr.read_text(errors='replace')[-300:]})")
+            stderr = guest.paths.stderr.read_text(errors="replace")[-300:]
+            errors.append(f"{guest.spec.vm_id}: {exc} (stderr: {stderr})")
 
     threads = [threading.Thread(target=wait, args=(guest,)) for guest in guests]
     for thread in threads:

@@ -25,5 +25,5 @@ class EchoService(ServiceBase):
         return text
 
 
-def make_site() -> object:
-    return build_site([EchoService], TNS, "http://127.0.0.1:{port}/", name="Echo")
+def make_site(public_url: str = "http://127.0.0.1:{port}/") -> object:
+    return build_site([EchoService], TNS, public_url, name="Echo")

@@ -301,10 +301,12 @@ def row_throughput(ctx: Context) -> list[Row]:
     log("throughput: echo server, a fake plant, a shop with 1,000 VMs")
     echo = soap_harness.start_subprocess_server("bench.echo_server:make_site", timeout=120)
     ctx.cleanup.push("echo server", echo.stop)
-    plant = common.launch_plant(ctx, directory / "plant", backend="fake", network="none", client=False)
+    # Plain HTTP (insecure, loopback), as the echo: this row measures the SOAP stack; row 8 what TLS adds.
+    plant = common.launch_plant(ctx, directory / "plant", backend="fake", network="none", client=False,
+                                insecure=True)
     (directory / "shop").mkdir()
     registry_with(directory / "shop" / "registry.sqlite3", 1000)
-    shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(plant)])
+    shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(plant)], insecure=True)
     query = "owner=user3 rank<50"
     found = shop.service.queryVMs(query=query, limit=None) or []
     if not found:
@@ -335,7 +337,8 @@ def row_throughput(ctx: Context) -> list[Row]:
     e = rates["echo"]
     method = ("sequential, one client: prebuilt envelopes (built by zeep) POSTed over one keep-alive HTTP "
               f"connection, {seconds} s x {ctx.n(2, 1)} round(s) each, alternating; echo = a trivial Spyne "
-              "service on `build_site` + Twisted in its own process, echoing the same DAG text")
+              "service on `build_site` + Twisted in its own process, echoing the same DAG text; plain HTTP "
+              "everywhere (shop and plant insecure on loopback), TLS is row 8's")
     return [
         Row("4a", "estimateCost throughput through the shop (1 fake plant) vs a bare Spyne echo",
             f"estimate: {rates['estimate']:.0f} req/s; echo: {e:.0f} req/s", f"{rates['estimate'] / e * 100:.0f}%",
@@ -539,6 +542,126 @@ def row_backends(ctx: Context) -> list[Row]:
     return rows
 
 
+# --- 8. what mutual TLS costs -----------------------------------------------------------------------------
+
+
+def row_tls(ctx: Context) -> list[Row]:
+    """Create through the shop with and without mutual TLS (same run, alternating); estimate throughput with TLS
+    on kept-alive connections vs without, against the same plain echo."""
+    import soap_harness
+    import zeep
+
+    directory = ctx.directory("tls")
+    log("tls: a qemu plant and a shop with mutual TLS, the same without (insecure), an echo server")
+    pairs: dict[str, tuple[Any, Any]] = {}
+    for name, insecure in (("tls", False), ("plain", True)):
+        plant = common.launch_plant(ctx, directory / f"{name}-plant", name=f"{name}-plant", network="none",
+                                    capacity_vms=2, insecure=insecure)
+        shop = common.launch_shop(ctx, directory / f"{name}-shop", [common.servers.host_port(plant)],
+                                  insecure=insecure)
+        pairs[name] = (plant, shop)
+
+    def create(name: str) -> float:
+        _, shop = pairs[name]
+        seconds, made = timed(lambda: shop.service.createVM(dag=CREATE_DAG, owner="bench"))
+        try:
+            _check_created(made, f"{name} shop createVM")
+        finally:
+            shop.service.collectVM(vm=made.vm.epr)
+        return seconds
+
+    common.settle()
+    for name in pairs:  # warm-up: connections, page cache, the plants' first measurements
+        create(name)
+    creates: dict[str, list[float]] = {"tls": [], "plain": []}
+    for i in range(ctx.n(7, 2)):
+        for name in (("tls", "plain") if i % 2 == 0 else ("plain", "tls")):
+            log(f"tls: create round {i + 1}: {name}")
+            common.settle(timeout=15)  # a guest boot is CPU-bound: start each one on an idle machine
+            creates[name].append(create(name))
+    t, p = median(creates["tls"]), median(creates["plain"])
+    # Each round's two creates ran back to back: their ratio is the least disturbed by the machine's load.
+    paired = median([a / b for a, b in zip(creates["tls"], creates["plain"], strict=True)])
+
+    log("tls: the same on fake plants (no guest boots): what TLS adds to a create, in milliseconds")
+    fake_pairs: dict[str, Any] = {}
+    for name, insecure in (("tls", False), ("plain", True)):
+        plant = common.launch_plant(ctx, directory / f"{name}-fake", name=f"{name}-fake", backend="fake",
+                                    network="none", client=False, insecure=insecure, capacity_vms=8)
+        fake_pairs[name] = common.launch_shop(ctx, directory / f"{name}-fake-shop",
+                                              [common.servers.host_port(plant)], insecure=insecure)
+
+    def fake_create(name: str) -> float:
+        shop = fake_pairs[name]
+        seconds, made = timed(lambda: shop.service.createVM(dag=CREATE_DAG, owner="bench"))
+        shop.service.collectVM(vm=made.vm.epr)
+        return seconds
+
+    for name in fake_pairs:
+        fake_create(name)
+    fakes_timed: dict[str, list[float]] = {"tls": [], "plain": []}
+    for i in range(ctx.n(20, 5)):
+        for name in (("tls", "plain") if i % 2 == 0 else ("plain", "tls")):
+            fakes_timed[name].append(fake_create(name))
+    ft, fp = median(fakes_timed["tls"]), median(fakes_timed["plain"])
+
+    log("tls: estimate throughput over kept-alive connections, with and without TLS, and the echo")
+    fakes = fake_pairs
+    echo = soap_harness.start_subprocess_server("bench.echo_server:make_site", timeout=120)
+    ctx.cleanup.push("echo server", echo.stop)
+    pki = common.servers.test_pki()
+    echo_tls = soap_harness.start_subprocess_server("bench.echo_server:make_site", timeout=120,
+                                                    tls=(pki.cert("shop"), pki.key("shop"), pki.ca),
+                                                    args={"public_url": "https://127.0.0.1:{port}/"})
+    ctx.cleanup.push("echo server (TLS)", echo_tls.stop)
+    echo_client = zeep.Client(echo.url + "?wsdl")
+    echo_body = envelope(echo_client, echo_client.service, "echo", text=CREATE_DAG)
+    targets: dict[str, tuple[RawSoap, bytes, str]] = {"echo": (RawSoap(echo.url), echo_body, "echo"),
+                                                      "echo over TLS": (RawSoap(echo_tls.url), echo_body, "echo")}
+    for name, shop in fakes.items():
+        targets[f"estimate {name}"] = (RawSoap(shop.url), envelope(shop.service._client, shop.service, "estimateCost",
+                                                                   dag=CREATE_DAG), "estimateCost")
+    counts = {name: [0, 0.0] for name in targets}
+    seconds = ctx.n(10, 3)
+    common.settle()
+    for raw, body, action in targets.values():
+        for _ in range(20):  # warm-up (the TLS handshakes happen here, once per connection)
+            raw.post(body, action)
+    for round_ in range(ctx.n(2, 1)):
+        for name, (raw, body, action) in targets.items():
+            log(f"tls: round {round_ + 1}: {name} for {seconds} s")
+            calls, elapsed = common.rate(lambda r=raw, b=body, a=action: r.post(b, a), seconds)
+            counts[name][0] += calls
+            counts[name][1] += elapsed
+    for raw, _, _ in targets.values():
+        raw.close()
+    rates = {name: calls / elapsed for name, (calls, elapsed) in counts.items()}
+    e, et, ep = rates["echo"], rates["estimate tls"], rates["estimate plain"]
+    lost = (ep - et) / e * 100  # estimate throughput TLS takes away, in points of the echo's throughput
+    added = (1 / et - 1 / ep) * 1000  # ms TLS adds to each estimate (client-shop and shop-plant legs)
+    return [
+        Row("8a", "Create through the shop with mutual TLS (client-shop and shop-plant) vs the same without TLS "
+                  "(insecure shop and plant), real qemu plants, same run, alternating; median of each round's "
+                  "ratio (the two creates of a round run back to back)",
+            f"with TLS: {sec(t)}; without: {sec(p)} (medians)", x(paired), "<= 1.05x", at_most(paired, 1.05, x),
+            [f"with TLS {spread(creates['tls'], sec)}; without {spread(creates['plain'], sec)}; ratio of the "
+             f"medians {x(t / p)}; tiny + 1 script action, network none; the clients keep their TLS connections "
+             "alive (zeep's session, the shop's pool to its plant)"]),
+        Row("8a'", "The same on fake plants (no guest boot): what mutual TLS adds to a create, medians",
+            f"with TLS: {ms(ft)}; without: {ms(fp)}", f"+{ms(ft - fp)} per create", "(not a target)", "info",
+            [f"with TLS {spread(fakes_timed['tls'], ms)}; without {spread(fakes_timed['plain'], ms)}"]),
+        Row("8b", "estimateCost throughput with mutual TLS on kept-alive connections vs the same without, "
+                  "against the same (plain) echo",
+            f"estimate with TLS: {et:.0f} req/s; without: {ep:.0f} req/s; echo: {e:.0f} req/s "
+            f"(echo over TLS: {rates['echo over TLS']:.0f} req/s)",
+            f"TLS costs {lost:.1f} points of the echo's throughput ({added:.2f} ms/request)",
+            "< 15 points", "PASS" if lost < 15 else f"MISS ({lost:.1f} points)",
+            ["cost = (estimate without TLS - estimate with TLS) / echo, in percentage points; sequential, one "
+             f"client, prebuilt envelopes over one kept-alive connection, {seconds} s x {ctx.n(2, 1)} round(s) "
+             "each, alternating; fake plants; with TLS, the shop's call to its plant is TLS too"]),
+    ]
+
+
 ROWS = {
     "clone": ("1", row_clone),
     "create": ("2", row_create),
@@ -547,4 +670,5 @@ ROWS = {
     "query": ("5", row_query),
     "concurrent": ("6", row_concurrent),
     "backends": ("7", row_backends),
+    "tls": ("8", row_tls),
 }

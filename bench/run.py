@@ -8,6 +8,12 @@ Rows (names for ``--only``; numbers work too):
 4. ``throughput``  estimate and query throughput vs a bare Spyne echo on the same stack
 5. ``query``       a selective query over 100,000 registered VMs (at the server, and round trip)
 6. ``concurrent``  16 creates at once on one plant vs 16 bare QEMU boots at once
+7. ``backends``    the qemu, libvirt and uml backends side by side
+8. ``tls``         create through the shop with mutual TLS vs without; estimate throughput with TLS vs without,
+                   against the same echo
+
+Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
+in production, except where a row says it compares without.
 
 Every ratio is measured in the same run against its baseline. The table
 (markdown) is printed and written to ``--out`` (default bench/RESULTS.md)

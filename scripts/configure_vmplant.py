@@ -11,7 +11,11 @@ It writes the configuration (default: ./configuration_vmplant.xml) and
 reads it back to check it. With network mode 'vde' and no IP pool file yet,
 it writes a fresh pool (default 192.168.77.0/24, addresses .10 to .73,
 bridge vmshop0). If the shops file does not exist it writes one listing
-127.0.0.1:8080.
+127.0.0.1:8080. The plant serves over TLS (--tls-cert, --tls-key, --tls-ca;
+default pki/NAME.pem, pki/NAME.key, pki/ca.pem next to the output, made by
+vmshop-ca) and takes calls from the shops and admins its authorisation file
+maps (--authorization; written with a header if missing); --insecure
+instead serves plain HTTP on loopback, to anyone.
 
     python scripts/configure_vmplant.py                      # asks
     python scripts/configure_vmplant.py --yes --port 8091    # defaults but the port
@@ -44,14 +48,16 @@ from vmplant_service.config import (
     write_config,
 )
 from vmplant_service.ippool import write_pool
+from vmplant_service.segment import default_switch_dir
 from vmshop_common.addresses import read_addresses
 from vmshop_common.errors import VMShopError
+from vmshop_common.security import add_security_flags, security_from_flags
 
 DEFAULT_POOL = "192.168.77.0/24"
 DEFAULT_POOL_FIRST = 10
 DEFAULT_POOL_COUNT = 64
 DEFAULT_BRIDGE = "vmshop0"
-DEFAULT_SHOPS = "# The VMShop servers this plant trusts and notifies: one host:port per line.\n127.0.0.1:8080\n"
+DEFAULT_SHOPS = "# The VMShop servers this plant notifies of changes: one host:port per line.\n127.0.0.1:8080\n"
 BACKENDS = ("qemu", "libvirt", "fake")
 
 
@@ -62,14 +68,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--name", help="the plant's name (default plant1)")
     add("--host", help="address the plant listens on (default 127.0.0.1)")
     add("--port", type=int, help=f"port the plant listens on (default {DEFAULT_PORT})")
-    add("--public-url", help="the URL its WSDL names (default http://HOST:PORT/)")
+    add("--public-url", help="the URL its WSDL names (default https://HOST:PORT/; http:// when --insecure)")
     add("--warehouse", help="the warehouse directory, holding index.txt (default $VMSHOP_WAREHOUSE or ./var/warehouse)")
     add("--state-dir", help="records, overlays, channels (default ./var/vmplant)")
     add("--backend", help="hypervisor backend (default qemu)")
     add("--backend-option", action="append", default=[], metavar="NAME=VALUE", help="a backend option (repeatable)")
     add("--network", choices=NETWORK_MODES, help="host-only network: vde or none (default vde if vde_switch is here)")
     add("--ip-file", help="the address pool, ip.txt (default STATE_DIR/ip.txt)")
-    add("--switch-dir", help="where the owners' VDE switches live (default STATE_DIR/switches)")
+    add("--switch-dir", help="where the owners' VDE switches live (a short path: their sockets are below it; "
+                             "default /run/vmshop/switches/<digest of STATE_DIR>)")
     add("--pool-network", default=DEFAULT_POOL, help=f"network of a new pool (default {DEFAULT_POOL})")
     add("--pool-first", type=int, default=DEFAULT_POOL_FIRST, help="first host number of a new pool (default 10)")
     add("--pool-count", type=int, default=DEFAULT_POOL_COUNT, help="addresses in a new pool (default 64)")
@@ -81,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the shops it notifies of changes, host:port per line (default ./addresses/vmshop_addresses.txt)")
     add("--watch-interval", type=float, default=DEFAULT_WATCH_INTERVAL,
         help=f"seconds between looks at the running guests (default {DEFAULT_WATCH_INTERVAL:g})")
+    add_security_flags(parser, "plant")
     add("--output", "-o", default=CONFIG_FILE, help=f"the file to write (default ./{CONFIG_FILE})")
     add("--yes", "-y", action="store_true", help="take the defaults for everything not given; ask nothing")
     add("--interactive", action="store_true", help="ask even when standard input is not a terminal")
@@ -180,8 +188,10 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
     name = asker.get(args.name, "Plant name", "plant1", _nonempty)
     host = asker.get(args.host, "Listen on host", "127.0.0.1", _nonempty)
     port = asker.get(args.port, "Listen on port", DEFAULT_PORT, _int_in(0, 65535, "the port"))
+    security = security_from_flags(args, lambda given, prompt, default: asker.get(given, prompt, default),
+                                   here, name, "plant", cwd)
     public_url = asker.get(args.public_url, "Public URL (the address its WSDL names)",
-                           default_public_url(host, port), _url)
+                           default_public_url(host, port, security.scheme), _url)
     warehouse = asker.get(args.warehouse, "Warehouse directory (holds index.txt)",
                           os.environ.get("VMSHOP_WAREHOUSE") or here / "var" / "warehouse", _path(cwd))
     state_dir = asker.get(args.state_dir, "State directory (records, overlays, channels)",
@@ -192,7 +202,7 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
     ip_file = switch_dir = None
     if network == "vde":
         ip_file = asker.get(args.ip_file, "IP pool file (ip.txt)", state_dir / "ip.txt", _path(cwd))
-        switch_dir = asker.get(args.switch_dir, "VDE switches directory", state_dir / "switches", _path(cwd))
+        switch_dir = asker.get(args.switch_dir, "VDE switches directory", default_switch_dir(state_dir), _path(cwd))
     capacity_vms = asker.get(args.capacity_vms, "Most VMs at once", DEFAULT_CAPACITY_VMS,
                              _int_in(1, 4096, "the number of VMs"))
     capacity_memory = asker.get(args.capacity_memory, "MiB of guest memory, all VMs together",
@@ -205,7 +215,8 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
                        warehouse_dir=warehouse, state_dir=state_dir, backend=backend,
                        backend_options=_options(args.backend_option), network_mode=network, ip_file=ip_file,
                        switch_dir=switch_dir, capacity_vms=capacity_vms, capacity_memory=capacity_memory,
-                       datastore=datastore, shops_file=shops_file, watch_interval=args.watch_interval)
+                       datastore=datastore, shops_file=shops_file, watch_interval=args.watch_interval,
+                       security=security)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,

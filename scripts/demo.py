@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """The main job, end to end: a plant and a shop on loopback, one VM made, configured, found and collected.
 
-Run by ``scripts/demo.sh`` (which sets the machine up first). Every step is
-a ``vmshop`` command, printed before it runs, so the output shows the CLI as
-a user would type it. Nothing is left running afterwards; the servers' logs
-and configuration stay in ``var/demo/`` for a look.
+Run by ``scripts/demo.sh`` (which sets the machine up first). It first makes
+a site CA and credentials of its own with ``vmshop-ca`` (in ``var/demo/pki``):
+the shop, the plant and the user ``demo`` each get a certificate, and each
+server an authorisation file saying who may call it. The plant and the shop
+then speak mutual TLS, and every step is a ``vmshop`` command as the user
+``demo`` (``VMSHOP_CERT``/``VMSHOP_KEY``/``VMSHOP_CA``), printed before it
+runs, so the output shows the CLI as a user would type it; a second user
+(``bob``) is shown that demo's VM does not exist for him. Nothing is left
+running afterwards; the servers' logs and configuration stay in
+``var/demo/`` for a look.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 VMSHOP = str(Path(PYTHON).with_name("vmshop"))
+VMSHOP_CA = str(Path(PYTHON).with_name("vmshop-ca"))
 
 
 def banner(text: str) -> None:
@@ -35,7 +42,7 @@ def start(name: str, module: str, config: Path, log: Path) -> tuple[subprocess.P
                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(config.parent))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        found = re.search(r"listening on (http://127\.0\.0\.1:(\d+)/)", log.read_text(errors="replace"))
+        found = re.search(r"listening on (https?://127\.0\.0\.1:(\d+)/)", log.read_text(errors="replace"))
         if found:
             print(f"{name} listening on {found.group(1)} (log: {log.relative_to(ROOT)})", flush=True)
             return process, found.group(1)
@@ -46,12 +53,19 @@ def start(name: str, module: str, config: Path, log: Path) -> tuple[subprocess.P
     raise SystemExit(f"{name} did not start:\n{log.read_text(errors='replace')}")
 
 
-def vmshop(url: str, *args: str) -> None:
-    """Run one ``vmshop`` command against the shop, echoing it; stop the demo if it fails."""
+def run(*args: str) -> None:
+    """Run a command, echoing it; stop the demo if it fails."""
+    print(f"$ {' '.join(shlex.quote(a) for a in (Path(args[0]).name, *args[1:]))}", flush=True)
+    subprocess.run(list(args), check=True, cwd=str(ROOT))
+
+
+def vmshop(url: str, *args: str, env: dict[str, str] | None = None, expect: int = 0) -> None:
+    """Run one ``vmshop`` command against the shop, echoing it; stop the demo if its exit status is not
+    ``expect``."""
     print(f"\n$ vmshop {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    result = subprocess.run([VMSHOP, "--shop", url, *args], cwd=str(ROOT))
-    if result.returncode != 0:
-        raise SystemExit(f"vmshop {args[0]} failed with exit status {result.returncode}")
+    result = subprocess.run([VMSHOP, "--shop", url, *args], cwd=str(ROOT), env=env)
+    if result.returncode != expect:
+        raise SystemExit(f"vmshop {args[0]} ended with exit status {result.returncode}, not {expect}")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -74,29 +88,53 @@ def main() -> int:
     started = time.monotonic()
     vm = "-"
     try:
-        banner("Configure and start a VMPlant (QEMU backend, host-only VDE segment, address pool)")
+        banner("A site CA of the demo's own, a certificate for each server and user, who may call whom")
+        pki = work / "pki"
+        plant_map, shop_map = work / "vmplant-mapfile", work / "vmshop-mapfile"
+        run(VMSHOP_CA, "init", str(pki), "--org", "VMShop demo")
+        run(VMSHOP_CA, "issue", str(pki), "plant1", "--role", "plant")
+        run(VMSHOP_CA, "issue", str(pki), "shop", "--role", "shop", "--mapfile", str(plant_map))  # the plant obeys it
+        run(VMSHOP_CA, "issue", str(pki), "demo", "--role", "user", "--mapfile", str(shop_map))
+        run(VMSHOP_CA, "issue", str(pki), "bob", "--role", "user", "--mapfile", str(shop_map))
+
+        banner("Configure and start a VMPlant (QEMU backend, host-only VDE segment, address pool, TLS)")
         subprocess.run([PYTHON, str(ROOT / "scripts" / "configure_vmplant.py"), "--yes", "--port", "0",
                         "--warehouse", str(warehouse), "--state-dir", str(work / "plant"), "--backend", "qemu",
                         "--network", "vde", "--datastore", str(work / "data"), "--shops-file",
-                        str(work / "vmshop_addresses.txt"), "--output", str(work / "configuration_vmplant.xml")],
+                        str(work / "vmshop_addresses.txt"), "--output", str(work / "configuration_vmplant.xml"),
+                        "--tls-cert", str(pki / "plant1.pem"), "--tls-key", str(pki / "plant1.key"),
+                        "--tls-ca", str(pki / "ca.pem"), "--authorization", str(plant_map)],
                        check=True, cwd=str(work))
         plant, plant_url = start("VMPlant", "vmplant_service.main", work / "configuration_vmplant.xml",
                                  work / "plant.log")
         servers.append(plant)
 
         banner("Configure and start a VMShop that uses that plant")
+        plant_address = plant_url.split("://", 1)[1].rstrip("/")
         plants_file = work / "vmplant_addresses.txt"
-        plants_file.write_text(plant_url.removeprefix("http://").rstrip("/") + "\n")
+        plants_file.write_text(plant_address + "\n")
+        # The shop hears notices for that address only from the plant's own certificate.
+        with open(shop_map, "a", encoding="utf-8") as mapfile:
+            mapfile.write(f'"CN=plant1,O=VMShop demo" plant1 plant {plant_address}\n')
+        print(f"{shop_map.relative_to(ROOT)}:\n{shop_map.read_text()}", end="")
         subprocess.run([PYTHON, str(ROOT / "scripts" / "configure_vmshop.py"), "--yes", "--port", "0",
                         "--database", str(work / "registry.sqlite3"), "--plants-file", str(plants_file),
-                        "--output", str(work / "configuration_vmshop.xml")], check=True, cwd=str(work))
+                        "--output", str(work / "configuration_vmshop.xml"),
+                        "--tls-cert", str(pki / "shop.pem"), "--tls-key", str(pki / "shop.key"),
+                        "--tls-ca", str(pki / "ca.pem"), "--authorization", str(shop_map)], check=True, cwd=str(work))
         shop, shop_url = start("VMShop", "vmshop_service.main", work / "configuration_vmshop.xml", work / "shop.log")
         servers.append(shop)
         # The plant tells the shops in its shop list of changes (it reads the list again at every change).
-        shop_address = shop_url.removeprefix("http://").rstrip("/")
+        shop_address = shop_url.split("://", 1)[1].rstrip("/")
         shops_file = work / "vmshop_addresses.txt"
         shops_file.write_text(f"{shop_address}\n")
         print(f"wrote {shops_file.relative_to(ROOT)} ({shop_address}: the plant tells this shop of changes)")
+
+        banner("From here on, every command is the user 'demo' (its certificate says so)")
+        for variable, value in (("VMSHOP_CERT", pki / "demo.pem"), ("VMSHOP_KEY", pki / "demo.key"),
+                                ("VMSHOP_CA", pki / "ca.pem")):
+            os.environ[variable] = str(value)
+            print(f"$ export {variable}={value.relative_to(ROOT)}")
 
         banner("The shop's plants")
         vmshop(shop_url, "plants")
@@ -104,7 +142,7 @@ def main() -> int:
         vmshop(shop_url, "estimate", "--dag", "scripts/sample_image.xml")
         banner("Create the VM where it costs least: cloned, booted, configured inside the guest")
         vm = "vm-demo-" + os.urandom(3).hex()
-        vmshop(shop_url, "create", "--dag", "scripts/sample_image.xml", "--owner", "demo", "--key", vm)
+        vmshop(shop_url, "create", "--dag", "scripts/sample_image.xml", "--vm-key", vm)
         banner("Configure it with one more action; its output comes back from inside the guest")
         (work / "more.xml").write_text(
             '<vm xmlns="urn:vmshop:dag:1"><nodes><image id="vm" name="tiny"/>'
@@ -114,6 +152,8 @@ def main() -> int:
         banner("Find it by a query over built-in and user attributes")
         vmshop(shop_url, "query", "state=running application=wordcount memory>=128")
         vmshop(shop_url, "show", vm)
+        banner("Another user does not even see it")
+        vmshop(shop_url, "--cert", str(pki / "bob.pem"), "--key", str(pki / "bob.key"), "show", vm, expect=1)
         banner("Collect it: the guest is stopped, its clone deleted, its address released; the record stays")
         vmshop(shop_url, "collect", vm)
         vmshop(shop_url, "query", f"vm_id={vm}")
@@ -124,8 +164,9 @@ def main() -> int:
         for pid in leftovers:
             os.kill(int(pid), signal.SIGKILL)
     banner("Summary")
-    print(f"a VMPlant and a VMShop ran on 127.0.0.1; VM {vm} was made from scripts/sample_image.xml on the cheapest")
-    print("plant, configured with one more action, found by a query and collected.")
+    print("a VMPlant and a VMShop ran on 127.0.0.1 over mutual TLS with the demo's own CA; the user 'demo' had")
+    print(f"VM {vm} made from scripts/sample_image.xml on the cheapest plant, configured it with one more action,")
+    print("found it by a query (another user could not see it) and collected it.")
     print(f"Everything took {time.monotonic() - started:.1f} s; nothing is left running "
           f"({len(leftovers)} stray processes had to be killed). Logs: var/demo/")
     return 0 if not leftovers else 1

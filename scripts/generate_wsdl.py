@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PLANT_URL = "http://localhost:8090/"
-SHOP_URL = "http://localhost:8080/"
+PLANT_URL = "https://localhost:8090/"
+SHOP_URL = "https://localhost:8080/"
 
 
 def documents() -> dict[str, bytes]:

@@ -47,6 +47,9 @@ fi
 # The libvirt backend: libvirt's daemon and tools, libvirt-python built into .venv.
 bash scripts/setup_libvirt.sh
 
+# The toolkits of the generated C, Java and Node.js clients the tests build and run.
+bash scripts/setup_clients.sh
+
 WAREHOUSE=${VMSHOP_WAREHOUSE:-$ROOT/var/warehouse}
 # The build is idempotent: it does nothing (in about 2 s) unless its inputs changed.
 bash scripts/build_guest_image.sh "$WAREHOUSE"

@@ -17,6 +17,7 @@ import itertools
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,8 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from vmplant_service.backends.base import GuestSpec, Nic
-from vmshop_common.xmlload import parse_xml_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pki import TestPki, test_pki  # noqa: E402
+
+from vmplant_service.backends.base import GuestSpec, Nic  # noqa: E402
+from vmshop_common.xmlload import parse_xml_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_NS = "urn:vmshop:image:1"
@@ -45,6 +49,23 @@ class TinyImage:
     cmdline: str
     machine: str
     memory: int
+
+
+@pytest.fixture(scope="session")
+def pki() -> TestPki:
+    """The session's PKI: a CA and credentials for every identity the tests play (see tests/pki.py)."""
+    return test_pki()
+
+
+@pytest.fixture(scope="module")
+def client_env(pki: TestPki) -> Iterator[TestPki]:
+    """``VMSHOP_CERT``/``VMSHOP_KEY``/``VMSHOP_CA`` set to the admin's credentials for a module's tests (the
+    way a user's shell would hold them)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VMSHOP_CERT", str(pki.cert("admin")))
+        patch.setenv("VMSHOP_KEY", str(pki.key("admin")))
+        patch.setenv("VMSHOP_CA", str(pki.ca))
+        yield pki
 
 
 @pytest.fixture(scope="session")

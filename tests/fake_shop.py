@@ -25,15 +25,22 @@ Behaviour tests can rely on:
   as a run that exited with status 3 (``ok`` false), nothing raised.
 - A second create with a key in use is refused with ``Client.Declined``;
   a failed create removes the VM's entry again (as the real shop does).
-- An endpoint reference whose Address is not this shop's URL names no VM
-  here (``Client.NoSuchVM``), as in the real shop.
+- Like the real shop, every operation takes the caller's identity and
+  applies :mod:`vmshop_common.authz`'s rules: a VM is seen and touched by
+  its owner or an admin only (anyone else: ``Client.NoSuchVM``), queries see
+  the caller's VMs (an admin's: all), ``owner`` is the caller's unless an
+  admin names another, ``reloadPlants`` is for admins, ``plantChanged`` for
+  the plant itself or an admin.
 
-Serve it with :func:`serve_fake_shop`.
+Serve it with :func:`serve_fake_shop` (mutual TLS with the session's PKI,
+its authorisation file mapping the test identities).
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +53,8 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 from lxml import etree
 from twisted.internet import defer, task
 
+from vmshop_common import authz
+from vmshop_common.authz import Identity
 from vmshop_common.dag import Action, BlankStart, Dag, ScriptAction
 from vmshop_common.dagxml import load_dag
 from vmshop_common.errors import (
@@ -54,10 +63,12 @@ from vmshop_common.errors import (
     NoPlantError,
     NoSuchPlantError,
     NoSuchVMError,
+    NotAuthorizedError,
     NotSupportedError,
     VMShopError,
 )
 from vmshop_service import wire
+from vmshop_service.query import Term, parse_query
 from vmshop_service.registry import Registry, VMEntry
 from vmshop_service.resource import get_resource_property, properties_document, query_resource_properties
 from vmshop_service.service import APP_NAME, VMShopService
@@ -112,9 +123,14 @@ class FakeShop:
             attributes=[wire.Attribute(name=k, value=v) for k, v in sorted(entry.attributes.items())],
         )
 
-    def _entry(self, vm: Any) -> VMEntry:
-        # Like the real shop: the key decides, whatever name the reference gives this shop.
-        return self.registry.get(vm.VMKey)
+    def _entry(self, caller: Identity, vm: Any) -> VMEntry:
+        # Like the real shop: the key decides, whatever name the reference gives this shop, and another
+        # owner's VM is one that does not exist.
+        authz.require(caller, authz.VM_ROLES, "act on VMs")
+        entry = self.registry.get(vm.VMKey)
+        if not authz.may_manage(caller, entry.owner):
+            raise NoSuchVMError(f"no VM has id '{vm.VMKey}'")
+        return entry
 
     @staticmethod
     def _order(dag: Dag) -> list[Action]:
@@ -153,12 +169,13 @@ class FakeShop:
 
     # The shop's operations -------------------------------------------------------------------------------
 
-    def create(self, dag_xml: str, owner: str, termination_time: float | None,
+    def create(self, caller: Identity, dag_xml: str, owner: str, termination_time: float | None,
                vm_key: str | None) -> defer.Deferred[Any]:
         """Register the VM (placing), wait through creating/configuring, answer it running."""
         from twisted.internet import reactor
 
-        self.calls.append(("create", (owner, termination_time, vm_key)))
+        self.calls.append(("create", (owner, termination_time, vm_key)))  # as sent
+        owner = authz.owner_of_new_vm(caller, owner)
         dag = load_dag(dag_xml)
         number = next(self._numbers)
         key = vm_key or f"vm-{number:04d}"
@@ -207,7 +224,7 @@ class FakeShop:
         d.addCallback(lambda _: task.deferLater(reactor, seconds * 0.2, running))
         return d
 
-    def estimate(self, dag_xml: str) -> wire.Estimate:
+    def estimate(self, caller: Identity, dag_xml: str) -> wire.Estimate:
         dag = load_dag(dag_xml)
         bids = self._bids(dag)
         best = next((b for b in bids if b.status == "bid"), None)
@@ -216,51 +233,54 @@ class FakeShop:
         return wire.Estimate(plant=best.plant, cost=best.cost, image=best.image, items=best.items,
                              remaining=[a.id for a in self._order(dag)], bids=bids)
 
-    def configure(self, vm: Any, dag_xml: str) -> list[wire.ActionRun]:
-        entry = self._entry(vm)
+    def configure(self, caller: Identity, vm: Any, dag_xml: str) -> list[wire.ActionRun]:
+        entry = self._entry(caller, vm)
         if entry.state != "running":
             raise NotSupportedError(f"VM '{entry.vm_id}' is {entry.state}, not running")
         runs = self._runs(load_dag(dag_xml))
         self.registry.update(entry.vm_id, steps=entry.steps + [r.node for r in runs], updated=time.time())
         return runs
 
-    def query(self, text: str, limit: int | None) -> list[wire.VMInfo]:
-        return [self._info(e) for e in self.registry.query(text, limit)]
+    def query(self, caller: Identity, text: str, limit: int | None) -> list[wire.VMInfo]:
+        owner = authz.visible_owner(caller)
+        query = parse_query(text) + ((Term("owner", "=", owner),) if owner is not None else ())
+        return [self._info(e) for e in self.registry.query(query, limit)]
 
-    def describe(self, vm: Any) -> wire.VMInfo:
-        return self._info(self._entry(vm))
+    def describe(self, caller: Identity, vm: Any) -> wire.VMInfo:
+        return self._info(self._entry(caller, vm))
 
-    def collect(self, vm: Any) -> wire.VMInfo:
-        entry = self._entry(vm)
+    def collect(self, caller: Identity, vm: Any) -> wire.VMInfo:
+        entry = self._entry(caller, vm)
         if entry.collected is None:
             now = time.time()
             self.registry.update(entry.vm_id, state="collected", collected=now, updated=now)
-        return self._info(self._entry(vm))
+        return self._info(self._entry(caller, vm))
 
-    def set_termination(self, vm: Any, termination_time: float | None) -> wire.VMInfo:
-        entry = self._entry(vm)
+    def set_termination(self, caller: Identity, vm: Any, termination_time: float | None) -> wire.VMInfo:
+        entry = self._entry(caller, vm)
         self.registry.update(entry.vm_id, termination=termination_time, updated=time.time())
-        return self._info(self._entry(vm))
+        return self._info(self._entry(caller, vm))
 
-    def resource_document(self, vm: Any) -> str:
-        return etree.tostring(properties_document(self._entry(vm), time.time()), encoding="unicode")
+    def resource_document(self, caller: Identity, vm: Any) -> str:
+        return etree.tostring(properties_document(self._entry(caller, vm), time.time()), encoding="unicode")
 
-    def resource_property(self, vm: Any, name: str) -> list[str]:
-        return get_resource_property(self._entry(vm), name, time.time())
+    def resource_property(self, caller: Identity, vm: Any, name: str) -> list[str]:
+        return get_resource_property(self._entry(caller, vm), name, time.time())
 
-    def resource_query(self, vm: Any, xpath: str) -> list[str]:
-        return query_resource_properties(self._entry(vm), xpath, time.time())
+    def resource_query(self, caller: Identity, vm: Any, xpath: str) -> list[str]:
+        return query_resource_properties(self._entry(caller, vm), xpath, time.time())
 
-    def plants_list(self) -> list[wire.PlantStatus]:
+    def plants_list(self, caller: Identity) -> list[wire.PlantStatus]:
         return list(self.plant_list)
 
-    plants = plants_list  # the name service.py used at first
-
-    def reload_plants(self) -> list[wire.PlantStatus]:
+    def reload_plants(self, caller: Identity) -> list[wire.PlantStatus]:
+        authz.require(caller, (authz.ADMIN,), "reload the plant list")
         self.reloads += 1
         return list(self.plant_list)
 
-    def plant_changed(self, url: str) -> bool:
+    def plant_changed(self, caller: Identity, url: str) -> bool:
+        if not authz.may_notify(caller, url):
+            raise NotAuthorizedError(f"{caller.name} may not send notices for the plant at {url!r}")
         if url not in {p.address for p in self.plant_list}:
             raise NoSuchPlantError(f"{url!r} is not one of this shop's plants")
         self.notices.append(url)
@@ -282,13 +302,24 @@ class FakeShopServer:
         self.served.stop()
 
 
-def serve_fake_shop(shop: FakeShop | None = None) -> FakeShopServer:
-    """Serve ``shop`` (a new :class:`FakeShop` by default) with the real service on a free port."""
+def serve_fake_shop(shop: FakeShop | None = None, mapfile: Path | None = None) -> FakeShopServer:
+    """Serve ``shop`` (a new :class:`FakeShop` by default) with the real service on a free port, over mutual
+    TLS; ``mapfile`` (default: the test PKI's shop mapfile, in a temporary file) says who the callers are."""
+    import tempfile
+
+    from pki import test_pki
+
     from vmshop_common.soap.server import build_site
 
     shop = shop or FakeShop()
-    site = build_site([VMShopService], wire.TNS, "http://127.0.0.1:{port}/", name=APP_NAME)
+    if mapfile is None:
+        handle, name = tempfile.mkstemp(prefix="fake-shop-mapfile-")
+        os.close(handle)
+        mapfile = test_pki().shop_mapfile(Path(name), {"plant": [PLANT_UP, PLANT_DOWN]})
+        atexit.register(Path(name).unlink, True)
+    site = build_site([VMShopService], wire.TNS, "https://127.0.0.1:{port}/", name=APP_NAME)
     site.app.vmshop = shop  # type: ignore[attr-defined]
+    site.identities = authz.AuthorizationFile(mapfile, "shop")
     served = soap_harness.serve_in_thread(site)
     shop.address = served.url
     return FakeShopServer(shop=shop, served=served)

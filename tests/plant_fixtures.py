@@ -37,7 +37,7 @@ from vmplant_service.config import PlantConfig
 from vmplant_service.ippool import IPPool, write_pool
 from vmplant_service.plant import Plant
 from vmplant_service.records import PlantRecords
-from vmplant_service.segment import OwnerSegments
+from vmplant_service.segment import OwnerSegments, default_switch_dir
 from vmplant_service.warehouse import Warehouse
 
 IMAGE = "base"
@@ -115,7 +115,7 @@ def make_plant(root: Path, *, backend: str = "fake", backend_options: dict[str, 
     segments = None
     if pool_size is not None:
         ip_file = write_pool(root / "ip.txt", NETWORK, 10, pool_size, "vmbr0", root / "shares")
-        segments = OwnerSegments(root / "switches")
+        segments = OwnerSegments(default_switch_dir(state_dir))
     store = None
     if datastore:
         store = root / "data"
@@ -125,7 +125,7 @@ def make_plant(root: Path, *, backend: str = "fake", backend_options: dict[str, 
     config = PlantConfig(name=name, listen_host="127.0.0.1", listen_port=0, public_url="",
                          warehouse_dir=warehouse_dir, state_dir=state_dir, backend=backend,
                          backend_options=options, network_mode="vde" if ip_file else "none", ip_file=ip_file,
-                         switch_dir=root / "switches" if ip_file else None, capacity_vms=capacity_vms,
+                         switch_dir=default_switch_dir(state_dir) if ip_file else None, capacity_vms=capacity_vms,
                          capacity_memory=capacity_memory, datastore=store)
     parts = PlantParts(root=root, warehouse_dir=warehouse_dir, state_dir=state_dir, ip_file=ip_file,
                        datastore=store, segments=segments, config=config)

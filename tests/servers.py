@@ -6,6 +6,13 @@ operator would), start the server on a port the OS picks, and wait
 (polling, with a deadline) until it listens. ``cleanup()`` leaves nothing
 behind: the server, and for a plant every QEMU whose files live in its state
 directory and its VDE switch.
+
+Servers speak mutual TLS with the session's PKI (``tests/pki.py``): a plant
+presents the ``plant`` certificate and obeys ``shop`` and ``admin``; a shop
+presents ``shop`` and maps the users, the admin and its plants (``plant``,
+listed for every plant address it is given). Clients made by
+:meth:`ServerProcess.client` are ``admin`` unless told otherwise.
+``insecure=True`` starts plain-HTTP servers (for comparisons).
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from typing import Any, TypeVar
 import pytest
 import zeep
 import zeep.exceptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pki import test_pki  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANT_WSDL = ROOT / "wsdl" / "vmplant.wsdl"
@@ -82,6 +92,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
     service: Any = None
+    mapfile: Path | None = None
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server (on the port it had before, if it ran already) and wait until it listens."""
@@ -93,7 +104,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             text = self.log.read_bytes()[offset:].decode(errors="replace")
-            found = re.search(r"listening on (http://127\.0\.0\.1:(\d+)/)", text)
+            found = re.search(r"listening on (https?://127\.0\.0\.1:(\d+)/)", text)
             if found:
                 self.url, self.port = found.group(1), int(found.group(2))
                 return
@@ -101,11 +112,20 @@ class ServerProcess:
                 raise RuntimeError(f"the plant did not start:\n{text}")
             time.sleep(0.05)
 
-    def client(self, timeout: float = 300) -> zeep.Client:
-        """A zeep client built from the checked-in WSDL, pointed at this server (also kept as ``service``)."""
-        client = zeep.Client(str(self.wsdl), transport=zeep.Transport(timeout=timeout, operation_timeout=timeout))
-        self.service = client.create_service(self.binding, self.url)
+    def client(self, timeout: float = 300, identity: str | None = "admin", keep: bool = True) -> zeep.Client:
+        """A zeep client built from the checked-in WSDL, pointed at this server, presenting ``identity``'s
+        certificate (the default one is also kept as ``service``)."""
+        transport = test_pki().zeep_transport(identity, timeout) if self.url.startswith("https:") else \
+            zeep.Transport(timeout=timeout, operation_timeout=timeout)
+        client = zeep.Client(str(self.wsdl), transport=transport)
+        service = client.create_service(self.binding, self.url)
+        if keep:
+            self.service = service
         return client
+
+    def service_as(self, identity: str | None, timeout: float = 300) -> Any:
+        """The service proxy of a zeep client presenting ``identity``'s certificate (``None``: none)."""
+        return self.client(timeout, identity, keep=False).create_service(self.binding, self.url)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -145,13 +165,17 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
                 public_url: str | None = None, datastore: Path | None = None, pool_count: int = 8,
                 backend_options: dict[str, str] | None = None,
                 metrics: dict[str, float] | None = None, shops: list[str] | None = None,
-                watch_interval: float | None = None) -> ServerProcess:
+                watch_interval: float | None = None, identity: str = "plant",
+                insecure: bool = False) -> ServerProcess:
     """Configure (with scripts/configure_vmplant.py) and start a plant in ``directory``.
 
     ``shops`` (``host:port`` each) go into its shop list, which is empty by
-    default: a test plant tells no shop of its changes unless asked to.
+    default: a test plant tells no shop of its changes unless asked to. It
+    presents ``identity``'s certificate (``plant``, or ``plant2``).
     """
     directory.mkdir(parents=True, exist_ok=True)
+    pki = test_pki()
+    mapfile = pki.plant_mapfile(directory / "vmplant-mapfile")
     (directory / "vmshop_addresses.txt").write_text("# shops of this test\n" + "".join(f"{s}\n" for s in shops or []))
     state = directory / "state"
     config = directory / "configuration_vmplant.xml"
@@ -160,6 +184,7 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
             "--network", network, "--capacity-vms", str(capacity_vms), "--capacity-memory", str(capacity_memory),
             "--pool-count", str(pool_count), "--shops-file", str(directory / "vmshop_addresses.txt"),
             "--output", str(config)]
+    args += ["--insecure"] if insecure else pki.tls_flags(identity) + ["--authorization", str(mapfile)]
     if public_url:
         args += ["--public-url", public_url]
     if datastore:
@@ -175,27 +200,40 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
         with PlantRecords(state / "records.sqlite3") as records:
             for key, value in metrics.items():
                 records.set_metric(key, value)
-    plant = ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log")
+    plant = ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log",
+                          mapfile=mapfile)
     return _started(plant)
 
 
 def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, poll_interval: float = 0.5,
-               lease_interval: float = 0.2, public_url: str | None = None) -> ServerProcess:
-    """Configure and start a shop whose plant list holds ``plants`` (``host:port`` each)."""
+               lease_interval: float = 0.2, public_url: str | None = None,
+               plant_identities: dict[str, list[str]] | None = None, quotas: list[str] | None = None,
+               insecure: bool = False, flags: list[str] | None = None) -> ServerProcess:
+    """Configure and start a shop whose plant list holds ``plants`` (``host:port`` each).
+
+    Its authorisation file maps the test users and admin, and the plant identities of
+    ``plant_identities`` (default: ``plant`` for every address in ``plants``). ``quotas``: configure
+    flags (``--default-quota ...``, ``--quota ...``); ``flags``: any other configure flags.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    pki = test_pki()
+    mapfile = pki.shop_mapfile(directory / "vmshop-mapfile",
+                               plant_identities if plant_identities is not None else {"plant": list(plants)})
     plants_file = directory / "vmplant_addresses.txt"
     plants_file.write_text("# plants of this test\n" + "".join(f"{plant}\n" for plant in plants))
     config = directory / "configuration_vmshop.xml"
     args = [sys.executable, str(ROOT / "scripts" / "configure_vmshop.py"), "--yes", "--port", "0",
             "--database", str(directory / "registry.sqlite3"), "--plants-file", str(plants_file),
             "--bid-timeout", str(bid_timeout), "--poll-interval", str(poll_interval), "--output", str(config)]
+    args += ["--insecure"] if insecure else pki.tls_flags("shop") + ["--authorization", str(mapfile)]
+    args += list(quotas or []) + list(flags or [])
     if public_url:
         args += ["--public-url", public_url]
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory))
     from vmshop_service.config import load_config, write_config
     write_config(replace(load_config(config), lease_interval=lease_interval), config)
     shop = ServerProcess(directory=directory, config=config, state_dir=directory, log=directory / "shop.log",
-                         module="vmshop_service.main", wsdl=SHOP_WSDL, binding=SHOP_BINDING)
+                         module="vmshop_service.main", wsdl=SHOP_WSDL, binding=SHOP_BINDING, mapfile=mapfile)
     return _started(shop)
 
 
@@ -209,6 +247,15 @@ def _started(server: ServerProcess) -> ServerProcess:
     return server
 
 
+def switches_of(plant: ServerProcess) -> list[str]:
+    """The owners' switches a plant runs now (the segment names under its switch directory)."""
+    from vmplant_service.config import load_config
+    from vmplant_service.segment import OwnerSegments
+
+    directory = load_config(plant.config).switch_dir
+    return OwnerSegments(directory).names() if directory is not None else []
+
+
 def host_port(server: ServerProcess) -> str:
     """``127.0.0.1:PORT`` of a running server, as a plant list names it."""
-    return server.url.removeprefix("http://").rstrip("/")
+    return server.url.split("://", 1)[1].rstrip("/")

@@ -30,7 +30,10 @@ would block the tests. Two ways are offered, both real reactors on real
    ``SoapSite`` or a list of them (a public URL with ``{port}`` is completed
    on listen).
 
-Both bind 127.0.0.1 only.
+Both bind 127.0.0.1 only. In-process servers speak mutual TLS with the
+session's PKI (``tests/pki.py``; the server presents the ``shop``
+certificate) unless ``tls=False``; subprocess servers take ``tls`` as the
+three PEM files, and are plain HTTP (insecure, loopback) without.
 """
 
 from __future__ import annotations
@@ -183,11 +186,12 @@ class ServedSite:
     host: str
     port: int
     rt: ReactorThread
+    scheme: str = "https"
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>/``: where to send requests."""
-        return f"http://{self.host}:{self.port}/"
+        """``https://127.0.0.1:<port>/`` (``http`` without TLS): where to send requests."""
+        return f"{self.scheme}://{self.host}:{self.port}/"
 
     @property
     def wsdl_url(self) -> str:
@@ -198,13 +202,20 @@ class ServedSite:
         self.rt.call(self.listening.stopListening, timeout=timeout)
 
 
-def serve_in_thread(site: Any, host: str = LOCALHOST, port: int = 0, *, rt: ReactorThread | None = None) -> ServedSite:
-    """Listen for ``site`` on ``host:port`` in the reactor thread (``port=0``: a free port)."""
+def serve_in_thread(site: Any, host: str = LOCALHOST, port: int = 0, *, rt: ReactorThread | None = None,
+                    tls: bool = True, require_client_certificate: bool = True) -> ServedSite:
+    """Listen for ``site`` on ``host:port`` in the reactor thread (``port=0``: a free port), over mutual TLS
+    with the session's PKI (the ``shop`` certificate), or plain HTTP with ``tls=False``."""
+    from pki import test_pki
+
     from vmshop_common.soap.server import bound_port, listen
 
     rt = rt or reactor_thread()
-    listening = rt.call(listen, site, host, port)
-    return ServedSite(site=site, listening=listening, host=host, port=bound_port(listening), rt=rt)
+    creds = test_pki().credentials("shop") if tls else None
+    listening = rt.call(listen, site, host, port, tls=creds, insecure=not tls,
+                        require_client_certificate=require_client_certificate)
+    return ServedSite(site=site, listening=listening, host=host, port=bound_port(listening), rt=rt,
+                      scheme="https" if tls else "http")
 
 
 # --- 2. servers in a subprocess ----------------------------------------------------------
@@ -218,6 +229,7 @@ class SubprocessServer:
     ports: list[int]
     host: str = LOCALHOST
     output: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200))
+    scheme: str = "http"
 
     @property
     def port(self) -> int:
@@ -226,10 +238,10 @@ class SubprocessServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
+        return f"{self.scheme}://{self.host}:{self.port}/"
 
     def urls(self) -> list[str]:
-        return [f"http://{self.host}:{p}/" for p in self.ports]
+        return [f"{self.scheme}://{self.host}:{p}/" for p in self.ports]
 
     def log(self) -> str:
         """The last lines the process printed (stdout and stderr)."""
@@ -262,6 +274,7 @@ def start_subprocess_server(
     args: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    tls: tuple[str | Path, str | Path, str | Path] | None = None,
 ) -> SubprocessServer:
     """Start ``python tests/soap_harness.py serve factory`` and wait until it listens.
 
@@ -270,10 +283,13 @@ def start_subprocess_server(
         a site or a list of sites.
     :param port: first port (``0``: free ports); with several sites and a
         non-zero port, they get ``port``, ``port+1``...
+    :param tls: (certificate, key, CA bundle) to serve over mutual TLS; ``None``: plain HTTP.
     :raises RuntimeError: the process exited or did not print its ready line
         within ``timeout`` seconds (the message carries its output).
     """
     argv = [sys.executable, str(Path(__file__).resolve()), "serve", factory, "--host", host, "--port", str(port)]
+    if tls is not None:
+        argv += ["--tls", *(str(part) for part in tls)]
     for key, value in (args or {}).items():
         argv += ["--arg", f"{key}={value}"]
     child_env = dict(os.environ if env is None else env)
@@ -309,7 +325,8 @@ def start_subprocess_server(
                 proc.wait()
             time.sleep(0.1)  # let the drain thread catch the last lines
             raise RuntimeError(f"server {factory} did not start (exit status {proc.returncode}):\n" + "".join(output))
-    return SubprocessServer(process=proc, ports=found[0], host=host, output=output)
+    return SubprocessServer(process=proc, ports=found[0], host=host, output=output,
+                            scheme="https" if tls is not None else "http")
 
 
 def _load_factory(spec: str) -> Callable[..., Any]:
@@ -331,20 +348,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default=LOCALHOST)
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--arg", action="append", default=[])
+    serve.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CA"), help="serve over mutual TLS")
     opts = parser.parse_args(argv)
 
     from twisted.internet import reactor
 
     import vmshop_common.soap.compat  # noqa: F401
     from vmshop_common.soap.server import bound_port, listen
+    from vmshop_common.tls import load_credentials
 
+    creds = load_credentials(*opts.tls) if opts.tls else None
     kwargs = dict(a.split("=", 1) for a in opts.arg)
     sites = _load_factory(opts.factory)(**kwargs)
     if not isinstance(sites, (list, tuple)):
         sites = [sites]
     ports = []
     for i, site in enumerate(sites):
-        ports.append(bound_port(listen(site, opts.host, opts.port + i if opts.port else 0)))
+        ports.append(bound_port(listen(site, opts.host, opts.port + i if opts.port else 0, tls=creds,
+                                       insecure=creds is None)))
     print(READY_LINE, *ports, flush=True)
     run: Any = reactor.run  # type: ignore[attr-defined,misc]
     run()

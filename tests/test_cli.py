@@ -35,7 +35,7 @@ CYCLE = str(TESTS / "dags" / "cycle.xml")
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[fake_shop.FakeShopServer]:
+def server(client_env: object) -> Iterator[fake_shop.FakeShopServer]:
     served = fake_shop.serve_fake_shop(fake_shop.FakeShop(create_seconds=0.3))
     with VMShopClient(served.url, timeout=10) as client:  # two VMs every test can rely on
         client.create(dag_from_file(BLANK), owner="alice", key="vm-alice")
@@ -72,6 +72,9 @@ def closed_url() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}/"
+
+
+pytestmark = pytest.mark.usefixtures("client_env")
 
 
 def test_exit_statuses_are_documented() -> None:
@@ -117,7 +120,7 @@ def test_create_human_with_progress(run, shop: fake_shop.FakeShop, monkeypatch: 
 
 def test_create_json_lease_and_key(run, shop: fake_shop.FakeShop) -> None:
     before = time.time()
-    status, out, err = run("create", "--dag", MINIMAL, "--lease", "2h", "--key", "vm-json", "--json")
+    status, out, err = run("create", "--dag", MINIMAL, "--lease", "2h", "--vm-key", "vm-json", "--json")
     assert (status, err) == (cli.EXIT_OK, "")  # nothing but the JSON document, and no progress
     made = json.loads(out)
     assert made["vm"]["epr"] == {"address": shop.address, "key": "vm-json"}
@@ -142,7 +145,7 @@ def test_create_usage_errors(run, args: list[str]) -> None:
 def test_create_failures(run, shop: fake_shop.FakeShop, tmp_path: Path) -> None:
     nowhere = tmp_path / "nowhere.xml"
     nowhere.write_text('<vm xmlns="urn:vmshop:dag:1"><nodes><image id="base" name="nowhere"/></nodes></vm>')
-    status, out, err = run("create", "--dag", str(nowhere), "--key", "vm-nowhere")
+    status, out, err = run("create", "--dag", str(nowhere), "--vm-key", "vm-nowhere")
     assert status == cli.EXIT_FAILED and out == ""
     assert re.fullmatch(r"vmshop: \[Server\.NoPlantAvailable\] no plant can create the VM: 127\.0\.0\.1:9001: "
                         r"no cached image named 'nowhere'; 127\.0\.0\.1:9002: connection refused\n", err), err
@@ -154,7 +157,7 @@ def test_create_failures(run, shop: fake_shop.FakeShop, tmp_path: Path) -> None:
     assert err == f"vmshop: [Client.Unreadable] {tmp_path / 'missing.xml'}: No such file or directory\n"
     shop.fail_create = BackendError("the hypervisor fell over")
     shop.create_seconds = 1.0  # long enough to be seen creating: then the progress ends 'failed'
-    status, out, err = run("create", "--dag", MINIMAL, "--key", "vm-fell")
+    status, out, err = run("create", "--dag", MINIMAL, "--vm-key", "vm-fell")
     assert status == cli.EXIT_FAILED and out == ""
     assert re.fullmatch(r"(vm-fell: [a-z:]+ after \d+\.\d s\n)*vm-fell: creating after \d+\.\d s\n"
                         r"vm-fell: failed after \d+\.\d s\nvmshop: \[Server\.BackendError\] the hypervisor fell over\n",
@@ -420,7 +423,7 @@ def test_installed_console_script(server: fake_shop.FakeShopServer) -> None:
     if not command:
         pytest.skip("the vmshop console script is not installed")
     done = subprocess.run([command, "--shop", server.url, "create", "--dag", BLANK, "--owner", "dave",
-                           "--key", "vm-script"], capture_output=True, text=True, timeout=60, check=False)
+                           "--vm-key", "vm-script"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == cli.EXIT_OK, done.stderr
     assert done.stdout.startswith("vm-script: running on 127.0.0.1:9001 (cost 2.50)\n")
     assert "vm-script: running after " in done.stderr and "Traceback" not in done.stderr

@@ -63,7 +63,7 @@ FAILING = """<vm xmlns="urn:vmshop:dag:1"><nodes><blank id="hw" memory="128" dis
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[fake_shop.FakeShopServer]:
+def server(client_env: object) -> Iterator[fake_shop.FakeShopServer]:
     served = fake_shop.serve_fake_shop(fake_shop.FakeShop(create_seconds=0.2))
     yield served
     served.stop()
@@ -125,7 +125,7 @@ def test_create_gives_typed_outcome(made: CreateOutcome, server: fake_shop.FakeS
 
 def test_create_passes_owner_lease_and_key(client: VMShopClient, shop: fake_shop.FakeShop) -> None:
     made = client.create(dag_from_file(MINIMAL))
-    assert made.vm.key.startswith("vm-") and made.vm.owner == ""
+    assert made.vm.key.startswith("vm-") and made.vm.owner == "admin"  # the caller, by default
     assert shop.calls[-1] == ("create", ("", None, None))
     assert made.runs == [] and made.vm.attributes == {} and made.vm.steps == ["hw"]
 
@@ -278,6 +278,8 @@ def test_plants(client: VMShopClient, shop: fake_shop.FakeShop) -> None:
     shop.plant_list = []
     assert client.plants() == [] and client.reload_plants() == []
 
+
+pytestmark = pytest.mark.usefixtures("client_env")
 
 # Faults ------------------------------------------------------------------------------------------------
 

@@ -354,3 +354,22 @@ def test_every_problem_of_a_document_is_reported() -> None:
                       '<script id="lost">x</script>',
                       '<edge from="hw" to="n"/>\n<edge from="hw" to="f"/>\n<edge from="hw" to="m"/>'))
     assert [(p.line, p.node) for p in exc.problems] == [(7, "lost"), (4, "n"), (5, "f"), (6, "m")]
+
+
+# Static addresses: only the VM's own lease ------------------------------------------------------------
+STATIC = ('<vm xmlns="urn:vmshop:dag:1"><nodes><image id="s" name="tiny"/>'
+          '<network id="net" mode="static" address="192.168.77.10"/><network id="p" mode="pool"/></nodes>'
+          '<edges><edge from="s" to="net"/><edge from="s" to="p"/></edges></vm>')
+
+
+def test_a_static_address_must_be_the_vms_lease() -> None:
+    from vmshop_common.errors import AddressNotLeasedError
+    from vmshop_common.rules import check_static_addresses
+
+    dag = load_dag(STATIC)
+    check_static_addresses(dag, "192.168.77.10")  # the VM's own: fine
+    for lease in (None, "192.168.77.11"):
+        with pytest.raises(AddressNotLeasedError) as raised:
+            check_static_addresses(dag, lease)
+        assert raised.value.code == "Client.AddressNotLeased"
+        assert "192.168.77.10" in str(raised.value) and raised.value.problems[0].node == "net"

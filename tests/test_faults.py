@@ -26,16 +26,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import zeep
-import zeep.exceptions
 from servers import (
-    SHOP_BINDING,
-    SHOP_WSDL,
     ServerProcess,
     host_port,
     processes_mentioning,
     start_plant,
     start_shop,
+    switches_of,
     wait_for,
 )
 
@@ -65,8 +62,7 @@ def image_dag(*scripts: str, network: bool = False) -> str:
 
 def shop_client(shop: ServerProcess, timeout: float = 600) -> Any:
     """A zeep service of its own on ``shop`` (one per thread: a zeep client is not shared between threads)."""
-    client = zeep.Client(str(SHOP_WSDL), transport=zeep.Transport(timeout=timeout, operation_timeout=timeout))
-    return client.create_service(SHOP_BINDING, shop.url)
+    return shop.service_as("admin", timeout)
 
 
 def epr(shop: ServerProcess, key: str) -> dict[str, str]:
@@ -88,7 +84,7 @@ def holdings(plant: ServerProcess) -> dict[str, Any]:
     return {
         "pool": pool,
         "overlays": sorted(p.name for p in (state / "overlays").iterdir()),
-        "switches": sorted(p.name for p in (state / "switches").iterdir()) if (state / "switches").exists() else [],
+        "switches": switches_of(plant),
         "run": sorted(p.name for p in (state / "run").iterdir()),
         "guests": processes_mentioning(str(state / "run")),
     }

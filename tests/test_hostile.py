@@ -37,7 +37,8 @@ import pytest
 import requests
 import zeep.exceptions
 import zeep.helpers
-from servers import ServerProcess, host_port, processes_mentioning, start_plant, start_shop
+from pki import test_pki
+from servers import ServerProcess, host_port, processes_mentioning, start_plant, start_shop, switches_of
 
 from vmplant_service.ippool import IPPool
 from vmshop_common.dagxml import DAG_NS
@@ -313,7 +314,7 @@ def plant_holdings(plant: ServerProcess) -> dict[str, Any]:
     return {
         "records": records, "action runs": runs,
         "overlays": sorted(p.name for p in (state / "overlays").iterdir()),
-        "switches": sorted(p.name for p in (state / "switches").iterdir()) if (state / "switches").exists() else [],
+        "switches": switches_of(plant),
         "run": sorted(p.name for p in (state / "run").iterdir()),
         "pool": {e.address: e.holder for e in IPPool(state / "ip.txt").entries() if e.holder},
         "processes": sorted(processes_mentioning(str(state))),
@@ -359,7 +360,7 @@ def send_raw(server: ServerProcess, item: Item) -> tuple[str, str]:
     if isinstance(data, str):
         data = data.replace("{tns}", TNS[item.target]).encode()
     headers = {} if item.content_type is None else {"Content-Type": item.content_type}
-    response = requests.post(server.url, data=data, headers=headers, timeout=120)
+    response = test_pki().session("admin").post(server.url, data=data, headers=headers, timeout=120)
     assert response.status_code == item.status, (response.status_code, response.content[:300])
     return fault_of(response)
 

@@ -15,8 +15,9 @@ class FakeClient:
 
     made: list[FakeClient] = []
 
-    def __init__(self, wsdl: str, url: str, timeout: float, reactor: Any = None) -> None:
+    def __init__(self, wsdl: str, url: str, timeout: float, reactor: Any = None, tls: Any = None) -> None:
         self.url = url
+        self.tls = tls
         self.calls: list[defer.Deferred[Any]] = []
         self.closed = False
         FakeClient.made.append(self)
@@ -79,3 +80,10 @@ def test_the_shop_list_is_followed_and_a_bad_one_keeps_the_last() -> None:
     b.calls[0].callback(True)
     notifier.changed()  # the list cannot be read: the shops it had are told
     assert notifier.shops == ["http://b:2/", "http://c:3/"] and len(b.calls) == 2
+
+
+def test_notices_go_out_with_the_plants_own_credentials() -> None:
+    policy = object()
+    notifier = notify.ShopNotifier("http://plant:1/", lambda: ["https://shop:2/"], reactor=None, tls=policy)
+    notifier.changed()
+    assert [client.tls for client in FakeClient.made] == [policy]

@@ -26,13 +26,14 @@ from vmshop_common.soap import compat  # noqa: F401, E402  (before spyne)
 
 # isort: split
 import plant_fixtures as pf  # noqa: E402
-import requests  # noqa: E402
 import soap_harness  # noqa: E402
 import zeep  # noqa: E402
 import zeep.exceptions  # noqa: E402
+from pki import test_pki  # noqa: E402
 
 from vmplant_service import channel as channel_module  # noqa: E402
 from vmplant_service.plant import Plant  # noqa: E402
+from vmshop_common.authz import AuthorizationFile  # noqa: E402
 from vmshop_common.cost import Bid, Decline  # noqa: E402
 from vmshop_common.dagxml import load_dag  # noqa: E402
 from vmshop_common.errors import (  # noqa: E402
@@ -786,8 +787,10 @@ def soap_plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
     pool.start()
     served = None
     try:
-        site = build_site([VMPlantService], TNS, "http://127.0.0.1:{port}/", name=APP_NAME)
+        site = build_site([VMPlantService], TNS, "https://127.0.0.1:{port}/", name=APP_NAME)
         site.app.vmplant = PlantRuntime(plant, rt.reactor, pool)
+        mapfile = test_pki().plant_mapfile(tmp_path_factory.mktemp("soap-plant-authz") / "vmplant-mapfile")
+        site.identities = AuthorizationFile(mapfile, "plant")
         served = soap_harness.serve_in_thread(site, rt=rt)
         yield served, plant
     finally:
@@ -800,8 +803,8 @@ def soap_plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
 @pytest.fixture(scope="module")
 def soap(soap_plant: tuple[Any, Plant]) -> Iterator[Any]:
     served, _ = soap_plant
-    with zeep.Client(served.wsdl_url) as client:
-        yield client.service
+    with zeep.Client(served.wsdl_url, transport=test_pki().zeep_transport("shop", 60)) as client:
+        yield client.service  # the plant's caller: a shop
 
 
 def fault_of(call: Any, *args: Any, **kwargs: Any) -> zeep.exceptions.Fault:
@@ -884,7 +887,7 @@ def test_soap_fault_doctype(soap: Any, soap_plant: tuple[Any, Plant]) -> None:
     envelope = ('<?xml version="1.0"?>\n<!DOCTYPE e [<!ENTITY x "y">]>\n'
                 '<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" '
                 'xmlns:p="urn:vmshop:vmplant:1"><soap:Body><p:plantInfo/></soap:Body></soap:Envelope>')
-    response = requests.post(served.url, data=envelope.encode(), timeout=30,
+    response = test_pki().session("shop").post(served.url, data=envelope.encode(), timeout=30,
                              headers={"Content-Type": "text/xml; charset=utf-8"})
     assert response.status_code == 500
     from lxml import etree

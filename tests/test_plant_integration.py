@@ -19,6 +19,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 import pytest
 import zeep.exceptions
+from pki import test_pki
 from servers import ROOT, PlantProcess, fault_code, processes_mentioning, start_plant, wait_for
 
 from vmplant_service.ippool import IPPool
@@ -26,7 +27,7 @@ from vmshop_common.dagxml import DAG_NS
 
 pytestmark = [pytest.mark.guest, pytest.mark.integration]
 
-PUBLIC_URL = "http://localhost:8090/"
+PUBLIC_URL = "https://localhost:8090/"
 
 
 def script_dag(*scripts: str, network: bool = False) -> str:
@@ -85,7 +86,7 @@ def overlays(plant: PlantProcess) -> list[str]:
 
 def test_served_wsdl_is_the_checked_in_one_whatever_the_host_header(plant: PlantProcess) -> None:
     request = urllib.request.Request(plant.url + "?wsdl", headers={"Host": "evil.example.org:666"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
+    with urllib.request.urlopen(request, timeout=10, context=test_pki().ssl_context("shop")) as answer:
         served = answer.read()
     assert served == (ROOT / "wsdl" / "vmplant.wsdl").read_bytes()
     assert b"evil.example.org" not in served

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmplant_service.records import MAX_OUTPUT_BYTES, VM_STATES, PlantRecords, VMRecord
+from vmplant_service.records import MAX_OUTPUT_BYTES, MAX_RUNS_PER_VM, VM_STATES, PlantRecords, VMRecord
 from vmshop_common.cost import CostModel, StepHistory
 from vmshop_common.dag import ScriptAction
 from vmshop_common.errors import ConfigurationError, DeclinedError, NoSuchVMError
@@ -193,3 +193,19 @@ def test_many_threads_at_once(records: PlantRecords) -> None:
     assert not errors
     assert len(records.live_vms()) == 200
     assert records.expected_seconds("digest") == 1.0
+
+
+def test_a_vm_keeps_its_latest_runs_only(records: PlantRecords) -> None:
+    records.add_vm(vm("busy"))
+    for number in range(MAX_RUNS_PER_VM + 200):
+        records.add_action_run("busy", f"n{number}", "d", "script", 0.0, 0.1, 0, "", True)
+    runs = records.action_runs("busy")
+    assert MAX_RUNS_PER_VM <= len(runs) <= MAX_RUNS_PER_VM + 64
+    assert runs[-1].node_id == f"n{MAX_RUNS_PER_VM + 199}"
+
+
+def test_files_are_the_plants_alone(tmp_path: Path) -> None:
+    with PlantRecords(tmp_path / "state" / "records.sqlite3") as records:
+        records.add_vm(vm("x"))
+        assert (tmp_path / "state" / "records.sqlite3").stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "state").stat().st_mode & 0o077 == 0

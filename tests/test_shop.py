@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import zeep.exceptions
+from pki import test_pki
 from servers import ROOT, ServerProcess, fault_code, host_port, start_plant, start_shop, wait_for
 
 from vmshop_common.dagxml import DAG_NS
@@ -66,7 +67,7 @@ def test_the_cheapest_plant_wins_and_every_bid_is_shown(shop: ServerProcess, pla
     assert estimate.plant == plants["fast"].url
     statuses = {bid.plant: bid.status for bid in estimate.bids}
     assert statuses == {plants["fast"].url: "bid", plants["medium"].url: "bid", plants["slow"].url: "bid",
-                        "http://127.0.0.1:1/": "down"}
+                        "https://127.0.0.1:1/": "down"}
     costs = {bid.plant: bid.cost for bid in estimate.bids if bid.status == "bid"}
     assert costs[plants["fast"].url] < costs[plants["medium"].url] < costs[plants["slow"].url]
 
@@ -200,7 +201,7 @@ def test_lease_fires_and_survives_a_shop_restart(shop: ServerProcess, plants: di
 def test_plants_and_reload(shop: ServerProcess, plants: dict[str, ServerProcess]) -> None:
     health = {p.address: p for p in shop.service.listPlants()}
     assert health[plants["fast"].url].up and health[plants["fast"].url].backend == "fake"
-    assert not health["http://127.0.0.1:1/"].up and health["http://127.0.0.1:1/"].last_error
+    assert not health["https://127.0.0.1:1/"].up and health["https://127.0.0.1:1/"].last_error
     plants_file = shop.directory / "vmplant_addresses.txt"
     original = plants_file.read_text()
     plants_file.write_text(original + host_port(plants["broken"]) + "\n")
@@ -213,10 +214,10 @@ def test_plants_and_reload(shop: ServerProcess, plants: dict[str, ServerProcess]
 
 def test_served_wsdl_is_the_checked_in_one(tmp_path: Path) -> None:
     import urllib.request
-    shop = start_shop(tmp_path / "shop", [], public_url="http://localhost:8080/")
+    shop = start_shop(tmp_path / "shop", [], public_url="https://localhost:8080/")
     try:
         request = urllib.request.Request(shop.url + "?wsdl", headers={"Host": "evil.example.org"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        with urllib.request.urlopen(request, timeout=10, context=test_pki().ssl_context()) as answer:
             assert answer.read() == (ROOT / "wsdl" / "vmshop.wsdl").read_bytes()
     finally:
         shop.cleanup()

@@ -48,6 +48,15 @@ from vmshop_common.soap.server import (
 # soap_harness lives next to this file; import it under one name whatever pytest's import mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soap_harness  # noqa: E402
+from pki import test_pki  # noqa: E402
+
+PKI = test_pki()
+#: Every request of these tests goes over mutual TLS, as the admin of the test PKI.
+HTTP = PKI.session("admin")
+
+
+def zeep_client(url: str, timeout: float = 30) -> zeep.Client:
+    return zeep.Client(url, transport=PKI.zeep_transport("admin", timeout))
 
 TNS = "urn:vmshop:test:echo"
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -105,7 +114,7 @@ class EchoService(ServiceBase):  # type: ignore[misc]
 
 
 def build_echo_site(
-    public_url: str = "http://127.0.0.1:{port}/", max_body_bytes: str | int = 2 * 1024 * 1024
+    public_url: str = "https://127.0.0.1:{port}/", max_body_bytes: str | int = 2 * 1024 * 1024
 ) -> SoapSite:
     """The echo site (also the subprocess factory: arguments may come as str)."""
     return build_site([EchoService], TNS, public_url, name="Echo", max_body_bytes=int(max_body_bytes))
@@ -119,7 +128,7 @@ def envelope(body: str) -> bytes:
 
 def post(url: str, data: Any, **headers: str) -> requests.Response:
     headers.setdefault("Content-Type", "text/xml; charset=utf-8")
-    return requests.post(url, data=data, headers=headers, timeout=30)
+    return HTTP.post(url, data=data, headers=headers, timeout=30)
 
 
 def assert_soap_fault(response: requests.Response, code: str, status: int = 500) -> None:
@@ -158,7 +167,7 @@ def limited_server(rt: soap_harness.ReactorThread) -> Iterator[soap_harness.Serv
 
 @pytest.fixture(scope="module")
 def client(server: soap_harness.ServedSite) -> Iterator[Any]:
-    with zeep.Client(server.wsdl_url) as zc:
+    with zeep_client(server.wsdl_url) as zc:
         yield zc.service
 
 
@@ -166,7 +175,7 @@ def client(server: soap_harness.ServedSite) -> Iterator[Any]:
 def wsdl_file(server: soap_harness.ServedSite, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The served WSDL saved to a file, as a checked-in WSDL would be."""
     path = tmp_path_factory.mktemp("wsdl") / "echo.wsdl"
-    path.write_bytes(requests.get(server.wsdl_url, timeout=10).content)
+    path.write_bytes(HTTP.get(server.wsdl_url, timeout=10).content)
     return path
 
 
@@ -175,7 +184,7 @@ def relay_client(
     rt: soap_harness.ReactorThread, server: soap_harness.ServedSite, wsdl_file: Path
 ) -> Iterator[AsyncSoapClient]:
     global RELAY_CLIENT
-    RELAY_CLIENT = AsyncSoapClient(wsdl_file, server.url, timeout=10)
+    RELAY_CLIENT = AsyncSoapClient(wsdl_file, server.url, timeout=10, tls=PKI.client_policy("admin"))
     yield RELAY_CLIENT
     rt.call(RELAY_CLIENT.close)
     RELAY_CLIENT = None
@@ -198,13 +207,13 @@ def test_wsdl_served_for_configured_url_despite_forged_host(rt: soap_harness.Rea
     site = build_echo_site(public_url=public)
     served = soap_harness.serve_in_thread(site, rt=rt)
     try:
-        forged = requests.get(served.wsdl_url, headers={"Host": "evil.example:6666"}, timeout=10)
+        forged = HTTP.get(served.wsdl_url, headers={"Host": "evil.example:6666"}, timeout=10)
         assert forged.status_code == 200
         assert forged.headers["Content-Type"].startswith("text/xml")
         assert f'location="{public}"'.encode() in forged.content
         assert b"evil.example" not in forged.content
-        honest = requests.get(served.wsdl_url, timeout=10)
-        upper = requests.get(served.url + "any/path?WSDL", timeout=10)
+        honest = HTTP.get(served.wsdl_url, timeout=10)
+        upper = HTTP.get(served.url + "any/path?WSDL", timeout=10)
         assert honest.content == forged.content == upper.content == site.wsdl
         assert wsdl_document(site.app, public) == site.wsdl
     finally:
@@ -212,8 +221,8 @@ def test_wsdl_served_for_configured_url_despite_forged_host(rt: soap_harness.Rea
 
 
 def test_wsdl_names_bound_port_when_configured_with_placeholder(server: soap_harness.ServedSite) -> None:
-    wsdl = requests.get(server.wsdl_url, headers={"Host": "evil.example"}, timeout=10).content
-    assert f'location="http://127.0.0.1:{server.port}/"'.encode() in wsdl
+    wsdl = HTTP.get(server.wsdl_url, headers={"Host": "evil.example"}, timeout=10).content
+    assert f'location="https://127.0.0.1:{server.port}/"'.encode() in wsdl  # https, the bound port
     assert b'transport="http://schemas.xmlsoap.org/soap/http"' in wsdl
 
 
@@ -276,7 +285,7 @@ def test_body_over_limit_is_a_soap_fault(limited_server: soap_harness.ServedSite
             yield big[:20_000]
 
     assert_soap_fault(post(limited_server.url, chunks()), REQUEST_TOO_LONG, status=413)
-    with zeep.Client(limited_server.wsdl_url) as zc:
+    with zeep_client(limited_server.wsdl_url) as zc:
         with pytest.raises(zeep.exceptions.Fault) as info:
             zc.service.echo("z" * 100_000)
         assert fault_code(info.value) == REQUEST_TOO_LONG
@@ -304,9 +313,9 @@ def test_schema_validation_and_syntax_errors_are_soap_faults(server: soap_harnes
         post(server.url, envelope("<t:echo><t:bogus>1</t:bogus></t:echo>")), "Client.SchemaValidationError"
     )
     assert_soap_fault(post(server.url, b"not xml at all"), "Client.XMLSyntaxError")
-    response = requests.get(server.url, timeout=10)  # GET without ?wsdl
+    response = HTTP.get(server.url, timeout=10)  # GET without ?wsdl
     assert_soap_fault(response, "Client.RequestNotAllowed", status=405)
-    response = requests.post(server.url, data=envelope("<t:echo/>"), timeout=10)  # no Content-Type
+    response = HTTP.post(server.url, data=envelope("<t:echo/>"), timeout=10)  # no Content-Type
     assert_soap_fault(response, "Client.RequestNotAllowed", status=405)
 
 
@@ -363,11 +372,11 @@ def test_async_client_parallel_calls(
 
     # The shop's case: a service method (relay) waits on three calls; other requests are served meanwhile.
     def call_relay() -> tuple[str, float]:
-        with zeep.Client(server.wsdl_url) as zc:
+        with zeep_client(server.wsdl_url) as zc:
             t0 = time.monotonic()
             return zc.service.relay(3, 0.3), time.monotonic() - t0
 
-    with zeep.Client(server.wsdl_url) as zc, concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with zeep_client(server.wsdl_url) as zc, concurrent.futures.ThreadPoolExecutor(1) as pool:
         zc.service.echo("warm-up")
         future = pool.submit(call_relay)
         latencies = []
@@ -384,7 +393,7 @@ def test_async_client_parallel_calls(
 def test_async_client_timeout(
     rt: soap_harness.ReactorThread, server: soap_harness.ServedSite, wsdl_file: Path, client: Any
 ) -> None:
-    quick = AsyncSoapClient(wsdl_file, server.url, timeout=0.2)
+    quick = AsyncSoapClient(wsdl_file, server.url, timeout=0.2, tls=PKI.client_policy("admin"))
     try:
         started = time.monotonic()
         with pytest.raises(SoapCallTimeout) as info:
@@ -425,7 +434,7 @@ def test_async_client_keeps_fault_code_through_gather(
 
 
 def test_async_client_loads_wsdl_from_url(rt: soap_harness.ReactorThread, server: soap_harness.ServedSite) -> None:
-    remote = AsyncSoapClient(server.wsdl_url, timeout=5)  # address from the WSDL's soap:address
+    remote = AsyncSoapClient(server.wsdl_url, timeout=5, tls=PKI.client_policy("admin"))  # address: the WSDL's
     try:
         assert remote.address == server.url
         assert "echo" in remote.operations
@@ -436,9 +445,10 @@ def test_async_client_loads_wsdl_from_url(rt: soap_harness.ReactorThread, server
 
 def test_server_in_subprocess() -> None:
     """The subprocess way of the harness (used by the shop and plant end-to-end tests)."""
-    proc = soap_harness.start_subprocess_server("tests.test_soap_stack:build_echo_site")
+    proc = soap_harness.start_subprocess_server("tests.test_soap_stack:build_echo_site",
+                                                tls=(PKI.cert("shop"), PKI.key("shop"), PKI.ca))
     try:
-        with zeep.Client(proc.url + "?wsdl") as zc:
+        with zeep_client(proc.url + "?wsdl") as zc:
             assert zc.service.echo("from a subprocess") == "from a subprocess"
     finally:
         status = proc.stop()

@@ -13,11 +13,17 @@ begins ``&amp;``, ``&lt;``, ``&gt;``, ``&quot;`` or ``&apos;``
 whose script says ``&amp;&amp;``, XML for the shell's ``&&``) reaches the
 server altered. Passing ``suds.sax.text.Raw(xml.sax.saxutils.escape(dag))``
 sends it intact; both are tested below.
+
+Over mutual TLS: suds' urllib transport takes an ``ssl`` context (the CA
+that signs the shop's certificate, and the client's own certificate and
+key) through an extra ``HTTPSHandler`` (:class:`MutualTlsTransport`).
 """
 
 from __future__ import annotations
 
+import ssl
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +31,13 @@ from xml.sax.saxutils import escape
 
 import pytest
 from lxml import etree
+from pki import test_pki
 from servers import ROOT, ServerProcess, host_port, start_plant, start_shop
 from suds import WebFault
 from suds.client import Client
 from suds.plugin import MessagePlugin
 from suds.sax.text import Raw
+from suds.transport.http import HttpTransport
 
 from vmshop_common.dagxml import DAG_NS
 
@@ -66,6 +74,23 @@ class AnsweredOperations(MessagePlugin):
         for child in body.getChildren():
             if child.name.endswith("Response"):
                 self.names.add(child.name.removesuffix("Response"))
+
+
+class MutualTlsTransport(HttpTransport):  # type: ignore[misc]
+    """suds' HTTP transport with an ``ssl`` context: verify the shop, present the client's certificate."""
+
+    def __init__(self, context: ssl.SSLContext, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.context = context
+
+    def u2handlers(self) -> list[Any]:
+        return [*super().u2handlers(), urllib.request.HTTPSHandler(context=self.context)]
+
+
+def suds_client(shop: ServerProcess, identity: str = "admin", **options: Any) -> Client:
+    """suds from the checked-in WSDL, pointed at ``shop``, as ``identity`` over mutual TLS."""
+    transport = MutualTlsTransport(test_pki().ssl_context(identity), timeout=60)
+    return Client(WSDL.as_uri(), location=shop.url, cache=None, transport=transport, **options)
 
 
 def fault_code(info: pytest.ExceptionInfo[WebFault]) -> str:
@@ -105,7 +130,7 @@ def answered() -> AnsweredOperations:
 @pytest.fixture
 def client(shop: ServerProcess, answered: AnsweredOperations) -> Client:
     """suds, from the checked-in WSDL (whose address is a placeholder), pointed at the running shop."""
-    return Client(WSDL.as_uri(), location=shop.url, cache=None, timeout=60, plugins=[answered])
+    return suds_client(shop, plugins=[answered])
 
 
 def field(answer: Any, name: str) -> Any:
@@ -123,7 +148,7 @@ def reference(client: Client, shop: ServerProcess, key: str) -> Any:
 def test_suds_reads_every_operation_of_the_wsdl(client: Client, shop: ServerProcess) -> None:
     methods = client.wsdl.services[0].ports[0].methods
     assert set(methods) == wsdl_operations() and len(methods) == 14
-    assert client.service.createVM.method.location == "http://localhost:8080/"  # the WSDL's placeholder
+    assert client.service.createVM.method.location == "https://localhost:8080/"  # the WSDL's placeholder
     assert client.options.location == shop.url  # what suds sends to
     epr = client.factory.create("ns0:EndpointReference")
     assert epr.__class__.__name__ == "EndpointReference" and (epr.Address, epr.VMKey) == (None, None)
@@ -201,7 +226,7 @@ def test_every_operation_through_suds(client: Client, answered: AnsweredOperatio
 
     # createVM with the DAG only: the shop picks the key; collectVM on a running VM.
     second = client.service.createVM(script_dag("echo two", attributes={"client": "suds"})).vm
-    assert second.vm_id.startswith("vm-") and field(second, "owner") in (None, "")
+    assert second.vm_id.startswith("vm-") and field(second, "owner") == "admin"  # the caller, by default
     assert field(second, "termination") is None
     assert [v.vm_id for v in client.service.queryVMs("client=suds", None)] == [second.vm_id]
     collected = client.service.collectVM(second.epr)

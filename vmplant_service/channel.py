@@ -12,7 +12,8 @@ How each action runs (all inside the guest, never on the host):
 - ``script``: its body goes to the guest as the standard input of one
   ``guest-exec`` of ``/bin/sh -c WRAPPER`` (:data:`WRAPPER`), which stores
   it in a fresh ``mktemp`` file and runs ``timeout -s KILL T INTERPRETER
-  FILE`` (as few processes as it can: each costs ~10 ms under TCG) with stdin from /dev/null and stdout+stderr merged and cut to
+  FILE`` (with as few processes as it can: each costs ~10 ms under TCG)
+  with stdin from /dev/null and stdout+stderr merged and cut to
   :data:`MAX_OUTPUT` bytes in the guest (the rest is read and dropped, so a
   flood neither blocks the script nor reaches the host); the wrapper exits
   with the script's status (137 when the timeout killed it);

@@ -23,7 +23,10 @@ from lxml import etree
 from vmshop_common.addresses import read_addresses
 from vmshop_common.dagxml import validate_against
 from vmshop_common.errors import ConfigurationError, Problem
+from vmshop_common.security import ServerSecurity, read_security, url, write_security
 from vmshop_common.xmlload import parse_xml, parse_xml_file
+
+from .segment import default_switch_dir
 
 CONFIG_NS = "urn:vmshop:vmplant-config:1"
 CONFIG_ROOT = f"{{{CONFIG_NS}}}vmplant"
@@ -74,6 +77,7 @@ class PlantConfig:
     max_action_seconds: int = DEFAULT_MAX_ACTION_SECONDS
     max_dag_seconds: int = DEFAULT_MAX_DAG_SECONDS
     max_disk: int = DEFAULT_MAX_DISK_GIB
+    security: ServerSecurity = ServerSecurity()
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -82,15 +86,17 @@ class PlantConfig:
         return self.state_dir / RECORDS_FILE
 
     def shops(self) -> list[tuple[str, int]]:
-        """The shops this plant trusts and notifies (none without a shops file); ConfigurationError if bad."""
+        """The shops this plant notifies (none without a shops file); ConfigurationError if bad. (Which shops
+        it obeys is its authorisation file's to say.)"""
         return read_addresses(self.shops_file) if self.shops_file is not None else []
 
 
-def default_public_url(host: str, port: int) -> str:
-    """``http://host:port/`` (brackets for IPv6), or '' for a wildcard host or port 0."""
+def default_public_url(host: str, port: int, scheme: str = "https") -> str:
+    """``https://host:port/`` (``http`` for an insecure plant; brackets for IPv6), or '' for a wildcard host or
+    port 0."""
     if host in _WILDCARDS or port == 0:
         return ""
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    return url(scheme, host, port)
 
 
 def load_config(path: str | Path) -> PlantConfig:
@@ -133,8 +139,9 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
     host, port = listen.get("host", "127.0.0.1"), int(listen.get("port"))
     if ":" in host and not _is_ipv6(host):
         raise fail(f"'{host}' is not a host name or an IP address", listen)
+    security = read_security(root, CONFIG_NS, base, what)
     public = element("public")
-    public_url = public.get("url") if public is not None else default_public_url(host, port)
+    public_url = public.get("url") if public is not None else default_public_url(host, port, security.scheme)
     if public is not None:
         parts = urlsplit(public_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -153,7 +160,7 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
     if mode == "vde":
         if ip_file is None:
             raise fail("network mode 'vde' needs an ipfile (the address pool)", network)
-        switch_dir = switch_dir or state_dir / "switches"
+        switch_dir = switch_dir or default_switch_dir(state_dir)
     capacity = element("capacity")
     watch = element("watch")
     limits = element("limits")
@@ -174,7 +181,7 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
         watch_interval=float(watch.get("interval")) if watch is not None else DEFAULT_WATCH_INTERVAL,
         max_action_seconds=limit("action-timeout", DEFAULT_MAX_ACTION_SECONDS),
         max_dag_seconds=limit("dag-seconds", DEFAULT_MAX_DAG_SECONDS),
-        max_disk=limit("disk", DEFAULT_MAX_DISK_GIB), source=source)
+        max_disk=limit("disk", DEFAULT_MAX_DISK_GIB), security=security, source=source)
 
 
 def _absolute(base: Path, value: str) -> Path:
@@ -200,6 +207,7 @@ def config_to_xml(config: PlantConfig) -> str:
 
     root = etree.Element(f"{{{ns}}}vmplant", {"name": config.name}, nsmap={None: ns})
     add("listen", host=config.listen_host, port=config.listen_port)
+    write_security(config.security, root, ns)
     if config.public_url:
         add("public", url=config.public_url)
     add("warehouse", dir=config.warehouse_dir)

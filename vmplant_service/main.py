@@ -3,7 +3,10 @@
 Start-up order: load the configuration, open the records, read the
 warehouse (bad entries are logged and skipped), start the host-only segment,
 reconcile records with the guests that still run (re-adopt or reclaim),
-then listen. On SIGTERM/SIGINT the server stops listening; guests keep
+then listen: over TLS with its certificate (also presented to the shops it
+notifies), taking calls only from the identities its authorisation file
+gives the shop or admin role (SIGHUP re-reads that file); or, configured
+insecure, plain HTTP on loopback. On SIGTERM/SIGINT the server stops listening; guests keep
 running and are re-adopted by the next start. The segment is stopped only
 when no VM is left on it.
 """
@@ -11,6 +14,7 @@ when no VM is left on it.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +28,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from vmshop_common.errors import ConfigurationError
+from vmshop_common.errors import ConfigurationError, VMShopError
+from vmshop_common.security import PORT_PLACEHOLDER, is_loopback, start_security, url
 from vmshop_common.servermain import server_main
 from vmshop_common.soap.server import bound_port, build_site, listen
 
@@ -34,7 +39,7 @@ from .ippool import IPPool
 from .notify import ShopNotifier
 from .plant import Plant
 from .records import PlantRecords
-from .segment import OwnerSegments
+from .segment import OwnerSegments, default_switch_dir
 from .service import APP_NAME, PlantRuntime, VMPlantService
 from .warehouse import Warehouse
 from .wire import TNS
@@ -61,7 +66,7 @@ def build_plant(config: PlantConfig) -> Plant:
         if config.ip_file is None:
             raise ConfigurationError("network mode vde needs an ip file (<network ipfile=...>)")
         pool = IPPool(Path(config.ip_file))
-        segments = OwnerSegments(Path(config.switch_dir) if config.switch_dir else state / "switches")
+        segments = OwnerSegments(Path(config.switch_dir) if config.switch_dir else default_switch_dir(state))
     return Plant(config, backend, records, warehouse, pool, segments)
 
 
@@ -69,27 +74,43 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
     """Run the plant until the reactor stops."""
     from twisted.internet import reactor
 
+    host = host or config.listen_host
+    if config.security.insecure and not is_loopback(host):
+        raise ConfigurationError(f"insecure (plain HTTP) is refused on {host}: only on a loopback address")
+    security = start_security(config.security, "plant")
     plant = build_plant(config)
     report = plant.recover()
     if report["adopted"] or report["failed"]:
         log.info("recovered: adopted %s, failed %s", report["adopted"], report["failed"])
     pool = ThreadPool(minthreads=2, maxthreads=MAX_THREADS, name="vmplant")
     pool.start()
-    host = host or config.listen_host
     port = config.listen_port if port is None else port
-    public = config.public_url or f"http://{host}:{{port}}/"
+    scheme = config.security.scheme
+    public = config.public_url or url(scheme, host, PORT_PLACEHOLDER)
     site = build_site([VMPlantService], TNS, public, name=APP_NAME)
     runtime = PlantRuntime(plant, reactor, pool)
     site.app.vmplant = runtime
-    listening = listen(site, host, port)
-    url = site.public_url.replace("{port}", str(bound_port(listening)))
+    site.identities = security.identities
+    listening = listen(site, host, port, tls=security.credentials, insecure=security.insecure)
+    public_url = site.public_url.replace("{port}", str(bound_port(listening)))
     if config.shops_file is not None:
-        runtime.notifier = ShopNotifier(url, lambda: shop_urls(config), reactor)
+        runtime.notifier = ShopNotifier(public_url, lambda: shop_urls(config), reactor, tls=security.client_policy)
         log.info("notifying of changes: %s", ", ".join(runtime.notifier.shops) or "no shop yet")
     watch = task.LoopingCall(_watch_round, runtime)
     watch.clock = reactor
     watch.start(config.watch_interval, now=False)
-    print(f"vmplant {config.name} listening on http://{host}:{bound_port(listening)}/ (public {url})", flush=True)
+    print(f"vmplant {config.name} listening on {url(scheme, host, bound_port(listening))} (public {public_url})",
+          flush=True)
+
+    def reload_authorization(*_: object) -> None:
+        def work() -> None:
+            try:
+                security.identities.reload()
+            except VMShopError as exc:
+                log.error("authorisation file not reloaded (the old one stays in force): %s", exc)
+        reactor.callFromThread(work)  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGHUP, reload_authorization)
 
     def shutdown() -> None:
         if watch.running:
@@ -105,8 +126,9 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
 
 
 def shop_urls(config: PlantConfig) -> list[str]:
-    """The endpoint URLs of the shops in the plant's shop list (ConfigurationError if it is bad)."""
-    return [f"http://[{h}]:{p}/" if ":" in h else f"http://{h}:{p}/" for h, p in config.shops()]
+    """The endpoint URLs of the shops in the plant's shop list (ConfigurationError if it is bad): https, or
+    http for an insecure plant."""
+    return [url(config.security.scheme, h, p) for h, p in config.shops()]
 
 
 def _watch_round(runtime: PlantRuntime) -> Deferred[Any]:

@@ -4,7 +4,9 @@ The plant's ``vmshop_addresses.txt`` names the shops it works for (read
 again at every change, so an edit takes effect without a restart). When a
 VM of this plant is made, configured, collected, or found dead by the
 watch, :meth:`ShopNotifier.changed` sends each of those shops
-``plantChanged(plant=<this plant's public URL>)``. The notice carries no
+``plantChanged(plant=<this plant's public URL>)``, over TLS with the plant's
+own certificate (a shop hears a notice only from the identity its
+authorisation file lists for that plant's address). The notice carries no
 state: a shop that hears it asks this plant for its VMs (``listVMs``), so a
 forged notice can make a shop look, never make it believe anything. Shops
 also poll, so a lost notice only delays what a shop sees.
@@ -50,8 +52,9 @@ class ShopNotifier:
     """Notices to the shops at ``shop_urls`` on behalf of the plant at ``plant_url`` (see the module)."""
 
     def __init__(self, plant_url: str, shop_urls: Callable[[], list[str]], reactor: Any,
-                 timeout: float = NOTICE_TIMEOUT) -> None:
+                 timeout: float = NOTICE_TIMEOUT, tls: Any = None) -> None:
         self.plant_url = plant_url
+        self.tls = tls  # the plant's ClientPolicy: shops see the plant's own certificate
         self.shop_urls = shop_urls
         self.reactor = reactor
         self.timeout = timeout
@@ -74,7 +77,8 @@ class ShopNotifier:
             self._shops.pop(url).client.close()
         for url in wanted:
             if url not in self._shops:
-                self._shops[url] = _Shop(AsyncSoapClient(self._wsdl, url, self.timeout, reactor=self.reactor))
+                self._shops[url] = _Shop(AsyncSoapClient(self._wsdl, url, self.timeout, reactor=self.reactor,
+                                                         tls=self.tls))
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """Per shop: (notices sent, notices answered)."""

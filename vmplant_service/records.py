@@ -108,6 +108,8 @@ class VMRecord:
 
 
 VM_COLUMNS = tuple(f.name for f in fields(VMRecord))
+#: The most action runs a VM's records keep (the latest ones).
+MAX_RUNS_PER_VM = 1000
 
 
 @dataclass(frozen=True)
@@ -274,14 +276,26 @@ class PlantRecords:
     # Action runs -------------------------------------------------------------
     def add_action_run(self, vm_id: str, node_id: str, digest: str, kind: str, started: float, seconds: float,
                        status: int | None, output: str, ok: bool) -> int:
-        """Record one run of an action (its output cut to 64 KiB); returns the run's id."""
+        """Record one run of an action (its output cut to 64 KiB); returns the run's id.
+
+        A VM keeps its latest :data:`MAX_RUNS_PER_VM` runs: configuring a VM
+        over and over cannot grow the records without bound.
+        """
         cursor = self._write(
             "INSERT INTO action_runs (vm_id, node_id, digest, kind, started, seconds, status, output, ok) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (vm_id, node_id, digest, kind, float(started), float(seconds), status, truncate_output(output or ""),
              1 if ok else 0))
         assert cursor.lastrowid is not None
-        return int(cursor.lastrowid)
+        run_id = int(cursor.lastrowid)
+        if run_id % 64 == 0:  # now and then is enough to keep the bound within 64 rows
+            self._write("DELETE FROM action_runs WHERE vm_id = ? AND id <= ?",
+                        (vm_id, self._nth_latest_run(vm_id, MAX_RUNS_PER_VM)))
+        return run_id
+
+    def _nth_latest_run(self, vm_id: str, n: int) -> int:
+        rows = self._read("SELECT id FROM action_runs WHERE vm_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?", (vm_id, n))
+        return int(rows[0]["id"]) if rows else -1
 
     def action_runs(self, vm_id: str) -> list[ActionRun]:
         """The action runs of ``vm_id``, in the order they were recorded."""

@@ -25,6 +25,26 @@ from vmshop_common.errors import BackendError
 
 from .processes import owned_pid, pid_alive
 
+#: Longest directory a switch may live in: vde_switch and its clients bind unix sockets below it
+#: (``<dir>/<segment>/switch.ctl/<port>.<pid>-<n>``), and a socket path has at most 107 bytes.
+MAX_SWITCH_DIR = 60
+
+
+def default_switch_dir(state_dir: Path) -> Path:
+    """Where a plant whose state is ``state_dir`` keeps its owners' switches by default.
+
+    A short runtime directory of its own (``/run/vmshop/switches/<digest of
+    the state directory>``, or under ``$XDG_RUNTIME_DIR`` or
+    ``/tmp/vmshop-<uid>`` for a plant that is not root), never inside a state
+    directory whose path may be too long for the switches' sockets.
+    """
+    digest = hashlib.sha256(str(Path(state_dir).absolute()).encode()).hexdigest()[:12]
+    if os.geteuid() == 0:
+        base = Path("/run/vmshop")
+    else:
+        base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vmshop-{os.geteuid()}") / "vmshop"
+    return base / "switches" / digest
+
 
 def mac_for(vm_id: str, index: int) -> str:
     """A stable, locally administered MAC for NIC ``index`` of ``vm_id`` (QEMU's 52:54:00 prefix)."""
@@ -56,14 +76,24 @@ class VdeSegment:
         binary = shutil.which("vde_switch")
         if binary is None:
             raise BackendError("vde_switch is not installed (Debian package vde2)")
+        if len(str(self.control).encode()) > 107 - 30:
+            raise BackendError(f"the switch directory {self.directory} is too long for its unix sockets "
+                               f"(the plant's <network switch-dir> should be a short path)")
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
         self.stop()
-        subprocess.run(
-            [binary, "-s", str(self.control), "-d", "-p", str(self.pidfile), "-M", str(self.directory / "mgmt"),
-             "--mgmtmode", "0600"],
-            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout,
-        )
+        try:
+            subprocess.run(
+                [binary, "-s", str(self.control), "-d", "-p", str(self.pidfile), "-M", str(self.directory / "mgmt"),
+                 "--mgmtmode", "0600"],
+                check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                timeout=timeout,
+            )
+        except subprocess.CalledProcessError as exc:
+            words = (exc.stderr or b"").decode(errors="replace").strip() or f"exit status {exc.returncode}"
+            raise BackendError(f"the VDE switch {self.directory.name} did not start: {words}") from None
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendError(f"the VDE switch {self.directory.name} did not start: {exc}") from None
         deadline = time.monotonic() + timeout
         while not self.running():
             if time.monotonic() > deadline:
@@ -119,7 +149,7 @@ class OwnerSegments:
         return VdeSegment(self.directory / segment_name(owner))
 
     def start(self, owner: str) -> VdeSegment:
-        """``owner``'s switch, started (or adopted) if it did not run."""
+        """``owner``'s switch, started (or adopted) if it did not run; BackendError if it cannot start."""
         with self._lock:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             segment = self.switch(owner)

@@ -3,7 +3,8 @@
 Every operation runs the plant's (blocking) work on the plant's own thread
 pool and returns a Deferred, so the reactor never waits for QEMU, the
 guest or SQLite. Failures become SOAP faults with the project's stable
-codes (:mod:`vmshop_common.soap.faults`).
+codes (:mod:`vmshop_common.soap.faults`). Only identities with the ``shop``
+or ``admin`` role are served (:func:`_runtime`, see :mod:`vmshop_common.authz`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from vmshop_common.soap.faults import failure_to_fault
+from vmshop_common import authz
+from vmshop_common.errors import AuthenticationFailedError, VMShopError
+from vmshop_common.soap.faults import failure_to_fault, to_fault
 
 from .notify import ShopNotifier
 from .plant import Plant
@@ -54,6 +57,18 @@ class PlantRuntime:
 
 
 def _runtime(ctx: Any) -> PlantRuntime:
+    """The plant's runtime, for a caller that may use it: a plant obeys only shops and admins.
+
+    The caller is the identity the SOAP resource found for the request (``ctx.udc``, from the client's
+    certificate through the plant's authorisation file); anyone else gets the fault ``Client.NotAuthorized``.
+    """
+    caller = ctx.udc
+    try:
+        if caller is None:
+            raise AuthenticationFailedError("no identity: this plant serves only identified callers")
+        authz.require(caller, authz.PLANT_CALLERS, "call this plant")
+    except VMShopError as exc:
+        raise to_fault(exc) from None
     return ctx.app.vmplant  # type: ignore[no-any-return]
 
 

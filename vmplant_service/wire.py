@@ -43,6 +43,8 @@ class Estimate(ComplexModel):
     reason = Unicode
     items = _many(CostItem)
     remaining = _many(Unicode)
+    memory = Integer  # MiB the VM would get (what the shop counts against quotas)
+    vcpus = Integer
 
 
 class Attribute(ComplexModel):
@@ -116,7 +118,7 @@ def estimate_out(plant: str, result: Bid | Decline) -> Estimate:
     items = [spyne_record(CostItem, label=i.label, seconds=i.seconds, source=i.source, node=i.node)
              for i in result.items]
     return spyne_record(Estimate, plant=plant, accepted=True, cost=result.cost, image=result.image, items=items,
-                        remaining=list(result.remaining))
+                        remaining=list(result.remaining), memory=result.memory, vcpus=result.vcpus)
 
 
 def vm_out(record: VMRecord, steps: list[str] | None = None) -> VMInfo:

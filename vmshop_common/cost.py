@@ -53,6 +53,8 @@ class Bid:
     items: tuple[CostItem, ...]
     remaining: tuple[str, ...]
     matched: int
+    memory: int | None = None  # MiB the VM gets (the image's, or the DAG's override)
+    vcpus: int | None = None
 
     @property
     def action_seconds(self) -> float:
@@ -115,5 +117,7 @@ class CostModel:
         terms.extend(items)
         if load_seconds:
             terms.append(CostItem("load", load_seconds, "load"))
+        hardware = getattr(flat.start, "hardware", None)
         return Bid(image=match.image, cost=round(sum(t.seconds for t in terms), 6), items=tuple(terms),
-                   remaining=match.remaining, matched=len(match.matched))
+                   remaining=match.remaining, matched=len(match.matched),
+                   memory=hardware.memory if hardware else None, vcpus=hardware.vcpus if hardware else None)

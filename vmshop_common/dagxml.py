@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
 from decimal import Decimal
 from pathlib import Path
 
@@ -45,11 +46,31 @@ def xsd_dir() -> Path:
     return Path(override) if override else Path(__file__).resolve().parent.parent / "xsd"
 
 
-@functools.cache
+_per_thread = threading.local()
+
+
 def load_schema(name: str) -> etree.XMLSchema:
-    """The compiled XSD ``name`` from :func:`xsd_dir` (compiled once per process)."""
-    root = parse_xml((xsd_dir() / name).read_bytes(), what=f"schema {name}", max_depth=64)
-    return etree.XMLSchema(root)
+    """The compiled XSD ``name`` from :func:`xsd_dir`, compiled once per THREAD.
+
+    An lxml ``XMLSchema`` keeps the errors of its last ``validate()`` in its
+    own ``error_log``: a schema object shared by threads mixes up their
+    errors (a DAG got another request's fault, or an IndexError). So every
+    thread validates with a schema of its own.
+    """
+    cache: dict[str, etree.XMLSchema] | None = getattr(_per_thread, "schemas", None)
+    if cache is None:
+        cache = _per_thread.schemas = {}
+    schema = cache.get(name)
+    if schema is None:
+        document = parse_xml(_schema_bytes(name), what=f"schema {name}", max_depth=64)
+        schema = cache[name] = etree.XMLSchema(document)
+    return schema
+
+
+@functools.cache
+def _schema_bytes(name: str) -> bytes:
+    """The XSD file (read once per process; parsed and compiled per thread)."""
+    return (xsd_dir() / name).read_bytes()
 
 
 def validate_against(schema_name: str, root: etree._Element, what: str) -> None:

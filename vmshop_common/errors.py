@@ -138,6 +138,36 @@ class AddressNotLeasedError(VMShopError):
 
     CODE = "Client.AddressNotLeased"
 
+
+# Who is calling ---------------------------------------------
+
+
+class CredentialsError(VMShopError):
+    """A client's or server's own TLS credentials are unusable (unreadable, expired, a key that does not
+    match), or the peer refused them in the handshake (unknown CA, expired), or an https URL has no CA."""
+
+    CODE = "Client.BadCredentials"
+
+
+class AuthenticationFailedError(VMShopError):
+    """The caller proved no identity this server knows: no client certificate, a certificate whose subject
+    is not in the authorisation file, or a WS-Security token that does not check."""
+
+    CODE = "Client.AuthenticationFailed"
+
+
+class NotAuthorizedError(VMShopError):
+    """The caller's identity has no right to this operation (a role it lacks, an owner that is not its own,
+    a plant notice for an address that is not its own)."""
+
+    CODE = "Client.NotAuthorized"
+
+
+class QuotaExceededError(VMShopError):
+    """The VM would take the owner past a quota; the message names the limit and the current use."""
+
+    CODE = "Client.QuotaExceeded"
+
 # Plants and guests -----------------------------------------
 
 
@@ -186,7 +216,8 @@ class ConfigurationError(VMShopError):
 ALL_ERRORS: tuple[type[VMShopError], ...] = (
     XMLSyntaxError, DoctypeRefusedError, DocumentTooLargeError, WrongRootError, SchemaInvalidError,
     DagInvalidError, NoSuchImageError, NoSuchVMError, NoSuchPlantError, QueryInvalidError, NotSupportedError,
-    DeclinedError, CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError,
+    DeclinedError, AddressNotLeasedError, CredentialsError, AuthenticationFailedError, NotAuthorizedError,
+    QuotaExceededError, CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError,
     NoPlantError, PlantGoneError, ConfigurationError,
 )
 ERROR_BY_CODE: dict[str, type[VMShopError]] = {cls.CODE: cls for cls in ALL_ERRORS}

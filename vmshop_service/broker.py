@@ -33,6 +33,8 @@ class BidResult:
     load: int = 0
     items: tuple[Any, ...] = field(default=(), compare=False)
     remaining: tuple[str, ...] = ()
+    memory: int | None = None  # the VM's hardware on this plant (for quotas)
+    vcpus: int | None = None
 
 
 def call_for_bids(directory: PlantDirectory, dag_xml: str, timeout: float,
@@ -53,7 +55,8 @@ def _ask(directory: PlantDirectory, handle: PlantHandle, dag_xml: str, timeout: 
             return BidResult(handle.url, "declined", reason=estimate.reason, seconds=took, load=handle.load)
         return BidResult(handle.url, "bid", cost=float(estimate.cost), image=estimate.image, seconds=took,
                          load=handle.load, items=tuple(estimate.items or ()),
-                         remaining=tuple(estimate.remaining or ()))
+                         remaining=tuple(estimate.remaining or ()),
+                         memory=getattr(estimate, "memory", None), vcpus=getattr(estimate, "vcpus", None))
 
     def failed(failure: Any) -> BidResult:
         status, reason = describe_failure(failure)

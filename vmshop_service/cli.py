@@ -2,9 +2,9 @@
 
 Usage::
 
-    vmshop [--shop URL] [--json] [--timeout SECONDS] COMMAND ...
+    vmshop [--shop URL] [--cert PEM --key PEM | --user NAME] [--ca PEM] [--json] [--timeout SECONDS] COMMAND ...
 
-    create --dag FILE [--owner O] [--lease DURATION | --until ISO8601] [--key K]
+    create --dag FILE [--owner O] [--lease DURATION | --until ISO8601] [--vm-key K]
                                   make a VM (live progress on stderr)
     estimate --dag FILE           every plant's bid, nothing is made
     configure VM --dag FILE       run the DAG's actions inside the VM
@@ -17,7 +17,17 @@ Usage::
     plants [--reload]             the shop's plants and their health
     validate FILE...              check DAG files against the language (offline)
 
-``--shop`` defaults to ``$VMSHOP_URL``, else ``http://127.0.0.1:8080/``.
+``--shop`` defaults to ``$VMSHOP_URL``, else ``https://127.0.0.1:8080/``.
+``--cert``/``--key`` (the user's certificate and key, default
+``$VMSHOP_CERT``/``$VMSHOP_KEY``) say who is calling; ``--ca`` (default
+``$VMSHOP_CA``) is the CA that signs the shop's certificate, needed for
+an https shop (the command never talks to an unverified shop). Bad
+credentials (an unknown CA, an expired certificate, a key that does not
+match, a subject the shop does not know) are one line with the code
+``Client.BadCredentials`` or ``Client.AuthenticationFailed``. Without a
+certificate, ``--user NAME`` (default ``$VMSHOP_USER``) signs each request
+with a WS-Security UsernameToken, for shops that take them; the password
+comes from ``$VMSHOP_PASSWORD``, or is asked on a terminal (never a flag).
 A DURATION is seconds, or a number with ``s``, ``m``, ``h`` or ``d``
 (``90``, ``30m``, ``2h``). ``VM`` is a VM's key. The global options may also
 follow the command (``vmshop query --json``).
@@ -48,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import math
 import os
@@ -226,8 +237,13 @@ def parse_limit(text: str) -> int:
 
 def _client(args: argparse.Namespace) -> VMShopClient:
     url = args.shop or os.environ.get("VMSHOP_URL") or DEFAULT_URL
+    user = args.user or os.environ.get("VMSHOP_USER") or None
+    password = os.environ.get("VMSHOP_PASSWORD")
+    if user and password is None and sys.stdin.isatty():
+        password = getpass.getpass(f"password of {user}: ")
     try:
-        return VMShopClient(url, timeout=args.timeout)
+        return VMShopClient(url, timeout=args.timeout, cert=args.cert, key=args.key, ca=args.ca, username=user,
+                            password=password)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -287,7 +303,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         termination = args.until
         if termination <= time.time():
             raise UsageError(f"--until {display.fmt_time(termination)} is in the past")
-    key = args.key or "vm-" + secrets.token_hex(5)
+    key = args.vm_key or "vm-" + secrets.token_hex(5)
     client = _client(args)
     box: dict[str, Any] = {}
 
@@ -418,9 +434,18 @@ def cmd_plants(args: argparse.Namespace) -> int:
 
 
 def _shop_options(parser: argparse.ArgumentParser, default: Any) -> None:
-    """--shop/--json/--timeout, before the command (defaults) and after it (SUPPRESS: no override)."""
-    parser.add_argument("--shop", metavar="URL", default=default if default is argparse.SUPPRESS else None,
-                        help="the shop's URL (default: $VMSHOP_URL, else http://127.0.0.1:8080/)")
+    """--shop/--cert/--key/--ca/--user/--json/--timeout, before the command (defaults) and after it (SUPPRESS:
+    no override)."""
+    unset = default if default is argparse.SUPPRESS else None
+    parser.add_argument("--shop", metavar="URL", default=unset,
+                        help="the shop's URL (default: $VMSHOP_URL, else https://127.0.0.1:8080/)")
+    parser.add_argument("--cert", metavar="PEM", default=unset, help="your certificate (default: $VMSHOP_CERT)")
+    parser.add_argument("--key", metavar="PEM", default=unset, help="your private key (default: $VMSHOP_KEY)")
+    parser.add_argument("--ca", metavar="PEM", default=unset,
+                        help="the CA that signs the shop's certificate (default: $VMSHOP_CA)")
+    parser.add_argument("--user", metavar="NAME", default=unset,
+                        help="without a certificate: sign requests as NAME with a WS-Security UsernameToken "
+                             "(password from $VMSHOP_PASSWORD, or asked; default user: $VMSHOP_USER)")
     _json_option(parser, default)
     parser.add_argument("--timeout", metavar="SECONDS", type=parse_timeout,
                         default=default if default is argparse.SUPPRESS else 600.0,
@@ -445,12 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = commands.add_parser("create", parents=[common], help="make a VM from a DAG on the plant that bids least")
     create.add_argument("--dag", required=True, metavar="FILE", help="the VM's DAG (XML)")
-    create.add_argument("--owner", default="", help="who the VM is for (queryable as owner=...)")
+    create.add_argument("--owner", default="", help="who the VM is for (admins only; default: you)")
     lease = create.add_mutually_exclusive_group()
     lease.add_argument("--lease", type=parse_duration, metavar="DURATION",
                        help="collect the VM this long from now (90, 30m, 2h, 1d)")
     lease.add_argument("--until", type=parse_time, metavar="ISO8601", help="collect the VM at this time")
-    create.add_argument("--key", metavar="K", help="the VM's key (default: vm- and 10 random hex digits)")
+    create.add_argument("--vm-key", metavar="K", help="the VM's key (default: vm- and 10 random hex digits)")
     create.set_defaults(handler=cmd_create)
 
     estimate = commands.add_parser("estimate", parents=[common], help="every plant's bid for a DAG")

@@ -5,7 +5,7 @@
 ``wsdl="remote"``) pointed at one shop URL. It has one method per operation
 and answers with typed, frozen dataclasses instead of zeep objects::
 
-    shop = VMShopClient("http://127.0.0.1:8080/")
+    shop = VMShopClient("https://127.0.0.1:8080/", cert="alice.pem", key="alice.key", ca="ca.pem")
     made = shop.create(dag_from_file("scripts/sample_blank.xml"), owner="alice")
     print(made.vm.key, made.vm.state, made.plant, made.cost)
     for vm in shop.query("memory>=128 state=running"):
@@ -32,6 +32,21 @@ Contracts:
   its own HTTP session (the parsed WSDL is shared).
 - ``timeout`` (seconds) bounds each HTTP operation (connect, and the wait
   for the reply); ``createVM`` may take minutes, hence the long default.
+- TLS: the client presents its certificate (``cert``/``key``, else
+  ``$VMSHOP_CERT``/``$VMSHOP_KEY``) and verifies the shop's against the CA
+  bundle (``ca``, else ``$VMSHOP_CA``). An https URL without a CA is an
+  error, never an unverified connection. Unusable credentials (unreadable,
+  expired, a key that does not match) raise
+  :class:`~vmshop_common.errors.CredentialsError` (``Client.BadCredentials``)
+  before anything is sent; a handshake the shop refuses (unknown CA,
+  expired) raises it too, with one line naming the problem. A certificate
+  whose subject the shop does not map is the shop's fault
+  ``Client.AuthenticationFailed``.
+- Without a certificate, a shop that takes them may be given a user name
+  and password (``username``/``password``, else ``$VMSHOP_USER`` and
+  ``$VMSHOP_PASSWORD``): every request then carries a WS-Security
+  UsernameToken with a PasswordDigest, a fresh nonce and its creation time
+  (zeep's ``wsse``); the password itself is never sent.
 """
 
 from __future__ import annotations
@@ -50,12 +65,25 @@ import requests
 import zeep
 import zeep.exceptions
 from zeep.wsdl import Document
+from zeep.wsse.username import UsernameToken
 
-from vmshop_common.errors import DocumentTooLargeError, Problem, VMShopError, XMLSyntaxError
+from vmshop_common.errors import CredentialsError, DocumentTooLargeError, Problem, VMShopError, XMLSyntaxError
 from vmshop_common.soap.faults import from_fault
+from vmshop_common.tls import (
+    ENV_CA,
+    ENV_CERT,
+    ENV_KEY,
+    Credentials,
+    describe_tls_failure,
+    load_ca,
+    load_credentials,
+    requests_tls,
+    require_ca,
+)
 from vmshop_common.xmlload import MAX_BYTES
 
-DEFAULT_URL = "http://127.0.0.1:8080/"
+DEFAULT_URL = "https://127.0.0.1:8080/"
+ENV_USER, ENV_PASSWORD = "VMSHOP_USER", "VMSHOP_PASSWORD"
 TNS = "urn:vmshop:vmshop:1"
 BINDING = f"{{{TNS}}}VMShop"
 DEFAULT_TIMEOUT = 600.0
@@ -316,24 +344,48 @@ def _short_reason(exc: BaseException) -> str:
 class VMShopClient:
     """A blocking client of one VMShop (see the module docstring for the contracts).
 
-    :param url: the shop's SOAP endpoint (``http://host:port/``).
+    :param url: the shop's SOAP endpoint (``https://host:port/``).
+    :param cert: the client's certificate (PEM; default ``$VMSHOP_CERT``).
+    :param key: its private key (PEM; default ``$VMSHOP_KEY``).
+    :param ca: the CA bundle that signs the shop's certificate (PEM; default
+        ``$VMSHOP_CA``); required for an https URL.
     :param wsdl: the WSDL to build the client from: ``None`` for the
         checked-in ``wsdl/vmshop.wsdl`` (no network access needed), a path,
         or ``"remote"`` for the shop's own ``url?wsdl`` (fetched now; a shop
         that does not answer raises :class:`ShopUnreachableError`).
     :param timeout: seconds allowed for each HTTP operation (> 0).
     :raises ValueError: ``url`` is not an http(s) URL or ``timeout`` is not positive.
+    :raises CredentialsError: an https URL without a CA, or unusable credentials.
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, wsdl: str | Path | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, cert: str | Path | None = None, key: str | Path | None = None,
+                 ca: str | Path | None = None, username: str | None = None, password: str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"the shop URL must be http://host:port/, not {url!r}")
+            raise ValueError(f"the shop URL must be https://host:port/, not {url!r}")
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"the timeout must be a positive number of seconds, not {timeout!r}")
         self.url = url
         self.timeout = float(timeout)
+        cert = cert or os.environ.get(ENV_CERT) or None
+        key = key or os.environ.get(ENV_KEY) or None
+        ca = ca or os.environ.get(ENV_CA) or None
+        require_ca(url, ca, "shop")
+        if bool(cert) != bool(key):
+            raise CredentialsError("a client certificate needs its key, and a key its certificate: give both "
+                                   f"--cert and --key (or {ENV_CERT} and {ENV_KEY})")
+        self._ca = Path(ca) if ca else None
+        username = username or os.environ.get(ENV_USER) or None
+        password = password if password is not None else os.environ.get(ENV_PASSWORD)
+        if username and password is None:
+            raise CredentialsError(f"a user name needs its password (in {ENV_PASSWORD})")
+        self._user: tuple[str, str] | None = (username, password or "") if username else None
+        self._creds: Credentials | None = None
+        if cert and key and ca:
+            self._creds = load_credentials(cert, key, ca)
+        elif ca:
+            load_ca(ca)
         self._local = threading.local()
         self._clients: list[zeep.Client] = []
         self._lock = threading.Lock()
@@ -349,7 +401,14 @@ class VMShopClient:
         return Document(location, self._transport(), settings=self._settings)  # type: ignore[arg-type]
 
     def _transport(self) -> zeep.Transport:
-        return zeep.Transport(timeout=self.timeout, operation_timeout=self.timeout)
+        transport = zeep.Transport(timeout=self.timeout, operation_timeout=self.timeout)
+        requests_tls(transport.session, self._creds, self._ca)
+        return transport
+
+    @property
+    def subject(self) -> str | None:
+        """The subject DN of the client certificate this client presents, if any."""
+        return self._creds.subject if self._creds is not None else None
 
     def copy(self, *, timeout: float | None = None) -> VMShopClient:
         """A client of the same shop sharing the parsed WSDL (e.g. with a shorter ``timeout`` for polling)."""
@@ -363,6 +422,9 @@ class VMShopClient:
         twin._lock = threading.Lock()
         twin._settings = self._settings
         twin._document = self._document
+        twin._creds = self._creds
+        twin._ca = self._ca
+        twin._user = self._user
         return twin
 
     def close(self) -> None:
@@ -383,7 +445,8 @@ class VMShopClient:
     def _proxy(self) -> Any:
         proxy = getattr(self._local, "proxy", None)
         if proxy is None:
-            client = zeep.Client(self._document, transport=self._transport(), settings=self._settings)
+            wsse = UsernameToken(*self._user, use_digest=True) if self._user is not None else None
+            client = zeep.Client(self._document, transport=self._transport(), settings=self._settings, wsse=wsse)
             proxy = client.create_service(BINDING, self.url)
             self._local.proxy = proxy
             with self._lock:
@@ -400,7 +463,14 @@ class VMShopClient:
             raise ShopUnreachableError(f"the shop at {self.url} gave no answer within {self.timeout:g} s "
                                        f"({what})") from None
         except requests.exceptions.ConnectionError as exc:
-            raise ShopUnreachableError(f"cannot reach the shop at {self.url}: {_short_reason(exc)}") from None
+            https = self.url.lower().startswith("https:")
+            tls = describe_tls_failure(exc, "shop", self._creds, client=True) if https else None
+            if tls is not None:
+                raise CredentialsError(f"TLS with the shop at {self.url} failed: {tls}") from None
+            hint = ""
+            if self.url.lower().startswith("http:") and re.search(r"RemoteDisconnected|aborted", str(exc)):
+                hint = " (the shop closed the connection: does it speak https?)"
+            raise ShopUnreachableError(f"cannot reach the shop at {self.url}: {_short_reason(exc)}{hint}") from None
         except requests.exceptions.RequestException as exc:
             raise ShopUnreachableError(f"cannot reach the shop at {self.url}: {type(exc).__name__}: "
                                        f"{exc}") from None

@@ -7,7 +7,7 @@ directory. :func:`write_config` writes what :func:`load_config` reads back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
@@ -15,7 +15,10 @@ from lxml import etree
 from vmshop_common.addresses import read_addresses
 from vmshop_common.dagxml import validate_against
 from vmshop_common.errors import ConfigurationError
+from vmshop_common.security import ServerSecurity, read_security, url, write_security
 from vmshop_common.xmlload import parse_xml_file
+
+from .quota import Limits, QuotaConfig
 
 CONFIG_NS = "urn:vmshop:vmshop-config:1"
 CONFIG_ROOT = f"{{{CONFIG_NS}}}vmshop"
@@ -38,11 +41,43 @@ class ShopConfig:
     call_timeout: float = 60.0
     poll_interval: float = 5.0
     lease_interval: float = 1.0
+    security: ServerSecurity = ServerSecurity()
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    wsse_users: Path | None = None  # users file for WS-Security UsernameTokens (None: certificates only)
+    wsse_window: float = 300.0
 
     def plants(self) -> list[str]:
-        """The plants' endpoint URLs from the plant list file (ConfigurationError if it is bad)."""
-        return [f"http://{host}:{port}/" if ":" not in host else f"http://[{host}]:{port}/"
-                for host, port in read_addresses(self.plants_file)]
+        """The plants' endpoint URLs from the plant list file (ConfigurationError if it is bad): https, or
+        http when the shop itself is insecure."""
+        return plant_urls(self.plants_file, self.security.scheme)
+
+
+def plant_urls(plants_file: Path, scheme: str) -> list[str]:
+    """The endpoint URLs of the plants a plant list file names."""
+    return [url(scheme, host, port) for host, port in read_addresses(plants_file)]
+
+
+def _limit(value: str | None) -> int | None:
+    return None if value is None or value == "unlimited" else int(value)
+
+
+def _quotas(element: etree._Element | None) -> QuotaConfig:
+    if element is None:
+        return QuotaConfig()
+    names = ("vms", "memory", "vcpus")
+    default = Limits(**{name: _limit(element.get(name)) for name in names})
+    identities = {}
+    for quota in element.iterchildren(f"{{{CONFIG_NS}}}quota"):
+        own = {name: _limit(quota.get(name)) if quota.get(name) is not None else getattr(default, name)
+               for name in names}
+        identities[quota.get("identity")] = Limits(**own)
+    return QuotaConfig(default=default, identities=identities)
+
+
+def _write_limits(element: etree._Element, limits: Limits) -> None:
+    for name in ("vms", "memory", "vcpus"):
+        value = getattr(limits, name)
+        element.set(name, "unlimited" if value is None else str(value))
 
 
 def load_config(path: str | Path) -> ShopConfig:
@@ -63,7 +98,7 @@ def load_config(path: str | Path) -> ShopConfig:
         value = Path(str(get(local, attribute)))
         return value if value.is_absolute() else source.parent / value
 
-    return ShopConfig(
+    config = ShopConfig(
         name=root.get("name", "vmshop"), listen_host=str(get("listen", "host", "127.0.0.1")),
         listen_port=int(str(get("listen", "port", "8080"))), public_url=str(get("public", "url", "")),
         database=path_of("database", "path"), plants_file=path_of("plants", "file"),
@@ -72,7 +107,15 @@ def load_config(path: str | Path) -> ShopConfig:
         call_timeout=float(str(get("timeouts", "call", "60"))),
         poll_interval=float(str(get("intervals", "poll", "5"))),
         lease_interval=float(str(get("intervals", "lease", "1"))),
+        security=read_security(root, CONFIG_NS, source.parent, what),
+        quotas=_quotas(root.find(f"{{{CONFIG_NS}}}quotas")),
+        wsse_users=path_of("wsse", "users") if get("wsse", "users") else None,
+        wsse_window=float(str(get("wsse", "window", "300"))),
     )
+    if config.wsse_users is not None and config.security.insecure:
+        raise ConfigurationError(f"{what}: WS-Security UsernameTokens are accepted only over TLS, and this "
+                                 "shop listens insecure")
+    return config
 
 
 def write_config(config: ShopConfig, path: str | Path) -> Path:
@@ -83,12 +126,21 @@ def write_config(config: ShopConfig, path: str | Path) -> Path:
         etree.SubElement(element, f"{{{CONFIG_NS}}}{local}", {k: str(v) for k, v in attributes.items()})
 
     add("listen", host=config.listen_host, port=config.listen_port)
+    write_security(config.security, element, CONFIG_NS)
     if config.public_url:
         add("public", url=config.public_url)
     add("database", path=config.database)
     add("plants", file=config.plants_file)
     add("timeouts", bid=config.bid_timeout, create=config.create_timeout, call=config.call_timeout)
     add("intervals", poll=config.poll_interval, lease=config.lease_interval)
+    if config.wsse_users is not None:
+        add("wsse", users=config.wsse_users, window=config.wsse_window)
+    if config.quotas.default != Limits() or config.quotas.identities:
+        quotas = etree.SubElement(element, f"{{{CONFIG_NS}}}quotas")
+        _write_limits(quotas, config.quotas.default)
+        for identity, limits in sorted(config.quotas.identities.items()):
+            quota = etree.SubElement(quotas, f"{{{CONFIG_NS}}}quota", identity=identity)
+            _write_limits(quota, limits)
     etree.indent(element, space="  ")
     target = Path(path)
     temporary = target.with_name(target.name + ".tmp")

@@ -3,8 +3,13 @@
 Start-up: open the registry, read the plant list, check the plants (a plant
 that does not answer is marked down, not fatal), reconcile creates a
 previous run left unfinished, start the lease and state timers, listen.
-SIGHUP re-reads the plant list. SIGTERM/SIGINT stop the server; the
-registry is durable, so a restarted shop knows every VM it had.
+It serves over TLS with its own certificate (which it also presents to its
+plants) and knows its callers from its authorisation file; or, configured
+insecure, plain HTTP on loopback. With ``<wsse users=...>`` it also takes TLS
+callers without a certificate who prove a user of that file with a
+WS-Security UsernameToken. SIGHUP re-reads the authorisation file, the
+users file and the plant list. SIGTERM/SIGINT stop the server; the registry is durable, so
+a restarted shop knows every VM it had.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from typing import Any
 from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
-from vmshop_common.errors import VMShopError
+from vmshop_common.errors import ConfigurationError, VMShopError
+from vmshop_common.security import PORT_PLACEHOLDER, is_loopback, start_security, url
 from vmshop_common.servermain import server_main
 from vmshop_common.soap.server import bound_port, build_site, listen
+from vmshop_common.wsse import UsernameTokens
 
 from .config import ShopConfig, load_config
 from .plants import PlantDirectory
@@ -37,25 +44,43 @@ def serve(config: ShopConfig, host: str | None = None, port: int | None = None) 
 
     rx: Any = reactor
     rx.suggestThreadPoolSize(16)
+    host = host or config.listen_host
+    if config.security.insecure and not is_loopback(host):
+        raise ConfigurationError(f"insecure (plain HTTP) is refused on {host}: only on a loopback address")
+    security = start_security(config.security, "shop")
+    tokens = UsernameTokens(config.wsse_users, config.wsse_window) if config.wsse_users is not None else None
     registry = Registry(config.database)
     registry.analyze()  # planner statistics for the registry as it is now (before the reactor runs)
-    plants = PlantDirectory(config.plants_file, config.call_timeout, rx, clock=__import__("time").time)
+    plants = PlantDirectory(config.plants_file, config.call_timeout, rx, clock=__import__("time").time,
+                            tls=security.client_policy)
     plants.load()
     shop = Shop(config, registry, plants, rx)
-    host = host or config.listen_host
     port = config.listen_port if port is None else port
-    public = config.public_url or f"http://{host}:{{port}}/"
+    scheme = config.security.scheme
+    public = config.public_url or url(scheme, host, PORT_PLACEHOLDER)
     site = build_site([VMShopService], TNS, public, name=APP_NAME)
     site.app.vmshop = shop
-    listening = listen(site, host, port)
+    site.identities = security.identities
+    site.tokens = tokens  # a second way in: TLS without a certificate, a UsernameToken in the header
+    listening = listen(site, host, port, tls=security.credentials, insecure=security.insecure,
+                       require_client_certificate=tokens is None)
     shop.public_url = site.public_url.replace("{port}", str(bound_port(listening)))
-    print(f"vmshop {config.name} listening on http://{host}:{bound_port(listening)}/ (public {shop.public_url})",
-          flush=True)
+    print(f"vmshop {config.name} listening on {url(scheme, host, bound_port(listening))} "
+          f"(public {shop.public_url})", flush=True)
 
     def reload_plants(*_: Any) -> None:
         def work() -> None:
             try:
-                shop.reload_plants()
+                security.identities.reload()
+            except VMShopError as exc:
+                log.error("authorisation file not reloaded (the old one stays in force): %s", exc)
+            if tokens is not None:
+                try:
+                    tokens.reload()
+                except VMShopError as exc:
+                    log.error("users file not reloaded (the old one stays in force): %s", exc)
+            try:
+                shop.reload_plant_list()
             except VMShopError as exc:
                 log.error("plant list not reloaded: %s", exc)
         rx.callFromThread(work)

@@ -21,6 +21,7 @@ from twisted.internet import defer
 from vmshop_common.contracts import wsdl_path
 from vmshop_common.errors import PlantGoneError, VMShopError
 from vmshop_common.soap.client import AsyncSoapClient, SoapCallTimeout, fault_code
+from vmshop_common.tls import describe_tls_failure
 
 log = logging.getLogger(__name__)
 PLANT_BINDING = "{urn:vmshop:vmplant:1}VMPlant"
@@ -50,6 +51,9 @@ def describe_failure(failure: Any) -> tuple[str, str]:
         return "fault", f"[{error.code}] {error.message}"
     if isinstance(error, zeep.exceptions.Fault):
         return "fault", f"[{fault_code(error)}] {error.message}"
+    tls = describe_tls_failure(error, "plant")
+    if tls is not None:
+        return "down", f"TLS: {tls}"
     return "down", f"{type(error).__name__}: {error}"
 
 
@@ -57,8 +61,11 @@ class PlantDirectory:
     """The plants of the plant list file, with a non-blocking SOAP client each."""
 
     def __init__(self, plants_file: Path | None, call_timeout: float, reactor: Any,
-                 clock: Callable[[], float], urls: list[str] | None = None) -> None:
+                 clock: Callable[[], float], urls: list[str] | None = None, *, tls: Any = None) -> None:
+        """``tls``: the shop's :class:`~vmshop_common.tls.ClientPolicy` (plants are https, verified against the
+        shop's CA bundle, and see the shop's own certificate); ``None``: an insecure shop (plants are http)."""
         self.plants_file = plants_file
+        self.tls = tls
         self.call_timeout = call_timeout
         self.reactor = reactor
         self.clock = clock
@@ -70,9 +77,9 @@ class PlantDirectory:
         if self._static is not None:
             urls = list(self._static)
         else:
-            from .config import ShopConfig
+            from .config import plant_urls
             assert self.plants_file is not None
-            urls = ShopConfig(database=Path("-"), plants_file=self.plants_file).plants()
+            urls = plant_urls(self.plants_file, "https" if self.tls is not None else "http")
         for url in list(self._plants):
             if url not in urls:
                 handle = self._plants.pop(url)
@@ -80,7 +87,7 @@ class PlantDirectory:
         for url in urls:
             if url not in self._plants:
                 client = AsyncSoapClient(wsdl_path("vmplant.wsdl"), url, self.call_timeout, binding=PLANT_BINDING,
-                                         reactor=self.reactor)
+                                         reactor=self.reactor, tls=self.tls)
                 self._plants[url] = PlantHandle(url=url, client=client)
         log.info("plants: %s", ", ".join(urls) or "none")
         return urls

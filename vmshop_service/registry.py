@@ -343,6 +343,16 @@ class Registry:
             rows = conn.execute(f"{_SELECT}{where} ORDER BY created, vm_id").fetchall()
             return self._rows_to_entries(conn, rows)
 
+    def usage(self, owner: str, exclude: str = "") -> tuple[int, int, int]:
+        """(VMs, MiB of memory, vCPUs) that ``owner`` holds: VMs neither collected nor failed, placing and
+        creating ones included, the VM ``exclude`` not counted; unknown memory or vCPUs count 0."""
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT COUNT(*), COALESCE(SUM(memory), 0), COALESCE(SUM(vcpus), 0) FROM vms WHERE owner = ? "
+                "AND collected IS NULL AND state NOT IN ('collected', 'failed') AND vm_id != ?",
+                (owner, exclude)).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
     def count(self) -> int:
         """How many VMs are registered (collected ones included)."""
         with self._lock:

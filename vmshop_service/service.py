@@ -5,7 +5,9 @@ collect), describe and the plants' health, and the WSRF-style resource
 operations on a VM (its resource-properties document, GetResourceProperty,
 QueryResourceProperties with XPath 1.0, SetTerminationTime, Destroy). Every
 per-VM operation takes the VM's endpoint reference. Every method returns a
-Deferred; failures become SOAP faults with the project's stable codes.
+Deferred; failures become SOAP faults with the project's stable codes. Who
+may call what is :mod:`vmshop_common.authz`'s to say; the shop applies it
+with the caller's identity.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 from spyne import Boolean, Double, Integer, ServiceBase, Unicode, rpc
 from twisted.internet import defer
 
+from vmshop_common.errors import AuthenticationFailedError
 from vmshop_common.soap.faults import failure_to_fault
 
 from .wire import ActionRun, CreateResult, EndpointReference, Estimate, PlantStatus, VMInfo
@@ -35,8 +38,16 @@ def _shop(ctx: Any) -> Any:
 
 
 def _call(ctx: Any, method: str, *args: Any) -> defer.Deferred[Any]:
-    """Run ``shop.method(*args)`` (which may return a Deferred) with failures turned into faults."""
-    return defer.maybeDeferred(getattr(_shop(ctx), method), *args).addErrback(failure_to_fault)
+    """Run ``shop.method(caller, *args)`` (which may return a Deferred) with failures turned into faults.
+
+    ``caller`` is the identity the SOAP resource found for the request (``ctx.udc``: the subject of the
+    client's certificate, mapped by the authorisation file); a request without one is refused.
+    """
+    caller = ctx.udc
+    if caller is None:
+        return defer.fail(AuthenticationFailedError("no identity: this shop serves only identified callers")) \
+            .addErrback(failure_to_fault)
+    return defer.maybeDeferred(getattr(_shop(ctx), method), caller, *args).addErrback(failure_to_fault)
 
 
 class VMShopService(ServiceBase):

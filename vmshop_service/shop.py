@@ -11,11 +11,17 @@ Guarantees:
   starts, so callers can watch it; if no plant can make the VM the entry
   is removed again and the fault lists every plant's reason;
 - a VM's lease (termination time) is enforced by a timer that reads the
-  registry, so it survives a shop restart.
+  registry, so it survives a shop restart;
+- every operation takes the caller's :class:`~vmshop_common.authz.Identity`
+  (from its certificate, never from the request) and applies the rules of
+  :mod:`vmshop_common.authz`: a VM is seen and touched only by its owner or
+  an admin, anyone else is told there is no such VM;
+- a create is admitted against the owner's quotas (:mod:`.quota`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -28,17 +34,21 @@ from urllib.parse import urlsplit
 import zeep.exceptions
 from twisted.internet import defer, task, threads
 
+from vmshop_common import authz
+from vmshop_common.authz import Identity
 from vmshop_common.dagxml import load_dag
 from vmshop_common.errors import (
     DeclinedError,
     NoPlantError,
     NoSuchPlantError,
     NoSuchVMError,
+    NotAuthorizedError,
     NotSupportedError,
     PlantGoneError,
     Problem,
     VMShopError,
 )
+from vmshop_common.rules import check_static_addresses
 from vmshop_common.soap.fastxml import spyne_record
 from vmshop_common.soap.faults import from_fault
 
@@ -46,6 +56,8 @@ from . import resource
 from .broker import BidResult, call_for_bids, rank, rejection
 from .config import ShopConfig
 from .plants import PlantDirectory, describe_failure
+from .query import Term, parse_query
+from .quota import Quotas, Usage
 from .registry import Registry, VMEntry
 from .wire import (
     ActionRun,
@@ -64,6 +76,13 @@ KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CREATING_STATES = ("placing", "creating")
 #: The latest termination time (9999-12-31T23:59:59Z): later ones can't be written as an xs:dateTime.
 MAX_TERMINATION = 253402300799.0
+
+
+def load_new_vm_dag(dag_xml: str) -> Any:
+    """The DAG of a VM to be made, checked as the plants will: valid, and no static address (a new VM has no lease)."""
+    dag = load_dag(dag_xml)
+    check_static_addresses(dag, None)
+    return dag
 
 
 def check_termination(termination: float | None) -> None:
@@ -89,6 +108,10 @@ class Shop:
         self._loops: list[task.LoopingCall] = []
         self._looking: set[str] = set()  # plants being looked at after a notice
         self._look_again: set[str] = set()  # ... and noticed again meanwhile
+        self.quotas = Quotas(config.quotas, self._usage)
+
+    def _usage(self, owner: str, exclude: str) -> defer.Deferred[Usage]:
+        return self._in_thread(self.registry.usage, owner, exclude).addCallback(lambda row: Usage(*row))
 
     # Life cycle ---------------------------------------------------------------
     def start(self) -> defer.Deferred[Any]:
@@ -130,17 +153,25 @@ class Shop:
             raise NoSuchVMError(f"'{key}' is not a VM key")
         return key
 
-    def _entry(self, reference: Any) -> defer.Deferred[VMEntry]:
+    def _entry(self, caller: Identity, reference: Any) -> defer.Deferred[VMEntry]:
+        """The registry entry of a VM ``caller`` may manage; anyone else's is NoSuchVMError, as a missing one."""
+        authz.require(caller, authz.VM_ROLES, "act on VMs")
         key = self._key(reference)
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.registry.get, key)
+
+        def owned(entry: VMEntry) -> VMEntry:
+            if not authz.may_manage(caller, entry.owner):
+                raise NoSuchVMError(f"no VM has id '{key}'")  # the registry's own words for a missing key
+            return entry
+
+        return self._in_thread(self.registry.get, key).addCallback(owned)
 
     def _in_thread(self, work: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args, **kwargs)
 
     # Estimate -----------------------------------------------------------------
     @defer.inlineCallbacks
-    def estimate(self, dag_xml: str) -> Any:
-        yield self._in_thread(load_dag, dag_xml)
+    def estimate(self, caller: Identity, dag_xml: str) -> Any:
+        yield self._in_thread(load_new_vm_dag, dag_xml)
         bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
         ranked = rank(bids)
         best = ranked[0] if ranked else None
@@ -150,8 +181,10 @@ class Shop:
 
     # Create -------------------------------------------------------------------
     @defer.inlineCallbacks
-    def create(self, dag_xml: str, owner: str, termination: float | None, key: str | None) -> Any:
-        dag = yield self._in_thread(load_dag, dag_xml)
+    def create(self, caller: Identity, dag_xml: str, owner: str, termination: float | None,
+               key: str | None) -> Any:
+        owner = authz.owner_of_new_vm(caller, owner)
+        dag = yield self._in_thread(load_new_vm_dag, dag_xml)
         check_termination(termination)
         key = key or "vm-" + uuid.uuid4().hex[:12]
         if not KEY.match(key):
@@ -164,8 +197,9 @@ class Shop:
                         vcpus=hardware.vcpus if hardware else getattr(start, "vcpus", None),
                         disk=hardware.disk if hardware else None, arch=hardware.arch if hardware else None,
                         image=getattr(start, "name", None))
+        demand = Usage(1, entry.memory or 0, entry.vcpus or 0)
         try:
-            yield self._in_thread(self.registry.add, entry)
+            yield self.quotas.admit(owner, key, demand, lambda: self._in_thread(self.registry.add, entry))
         except ValueError:
             raise DeclinedError(f"a VM with the key '{key}' exists already") from None
         self._creating.add(key)
@@ -184,8 +218,14 @@ class Shop:
         attempts: list[str] = []
         for bid in rank(bids):
             handle = self.plants.get(bid.plant)
-            yield self._in_thread(self.registry.update, key, state="creating", plant=bid.plant, plant_vm_id=key,
-                                  cost=bid.cost, image=bid.image)
+            changes = {"state": "creating", "plant": bid.plant, "plant_vm_id": key, "cost": bid.cost,
+                       "image": bid.image}
+            if bid.memory is not None:
+                changes.update(memory=bid.memory, vcpus=bid.vcpus)
+            # The plant's bid says what hardware the VM gets: that is what the owner's quota must hold.
+            demand = Usage(1, bid.memory or 0, bid.vcpus or 0)
+            yield self.quotas.admit(owner, key, demand, functools.partial(self._in_thread, self.registry.update, key,
+                                                                          **changes))
             try:
                 made = yield handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml,
                                                              owner=owner, vm_id=key)
@@ -215,8 +255,8 @@ class Shop:
 
     # Per-VM operations ----------------------------------------------------------
     @defer.inlineCallbacks
-    def describe(self, reference: Any) -> Any:
-        entry = yield self._entry(reference)
+    def describe(self, caller: Identity, reference: Any) -> Any:
+        entry = yield self._entry(caller, reference)
         if entry.state in CREATING_STATES and entry.plant:
             # Finer progress from the plant (booting, configuring) while the create runs.
             try:
@@ -228,9 +268,9 @@ class Shop:
         return self.vm_out(entry)
 
     @defer.inlineCallbacks
-    def configure(self, reference: Any, dag_xml: str) -> Any:
+    def configure(self, caller: Identity, reference: Any, dag_xml: str) -> Any:
         yield self._in_thread(load_dag, dag_xml)
-        entry = yield self._entry(reference)
+        entry = yield self._entry(caller, reference)
         if entry.state != "running":
             raise NotSupportedError(f"VM {entry.vm_id} is {entry.state}; only a running VM can be configured")
         handle = self._plant_of(entry)
@@ -248,8 +288,8 @@ class Shop:
         return [_run_out(run) for run in runs]
 
     @defer.inlineCallbacks
-    def collect(self, reference: Any) -> Any:
-        entry = yield self._entry(reference)
+    def collect(self, caller: Identity, reference: Any) -> Any:
+        entry = yield self._entry(caller, reference)
         result = yield self._collect_entry(entry)
         return result
 
@@ -288,9 +328,9 @@ class Shop:
         return self.plants.get(entry.plant)
 
     @defer.inlineCallbacks
-    def set_termination(self, reference: Any, termination: float | None) -> Any:
+    def set_termination(self, caller: Identity, reference: Any, termination: float | None) -> Any:
         check_termination(termination)
-        entry = yield self._entry(reference)
+        entry = yield self._entry(caller, reference)
         if entry.collected is not None:
             raise NotSupportedError(f"VM {entry.vm_id} was collected already")
         yield self._in_thread(self.registry.update, entry.vm_id, termination=termination)
@@ -302,34 +342,49 @@ class Shop:
 
     # Queries ------------------------------------------------------------------
     @defer.inlineCallbacks
-    def query(self, text: str, limit: int | None) -> Any:
-        entries = yield self._in_thread(self.registry.query, text, limit)
+    def query(self, caller: Identity, text: str, limit: int | None) -> Any:
+        owner = authz.visible_owner(caller)
+
+        def run() -> list[VMEntry]:
+            query = parse_query(text)
+            if owner is not None:
+                query = query + (Term("owner", "=", owner),)  # a user's queries see only its own VMs
+            return self.registry.query(query, limit)
+
+        entries = yield self._in_thread(run)
         return [self.vm_out(entry) for entry in entries]
 
     @defer.inlineCallbacks
-    def resource_document(self, reference: Any) -> Any:
+    def resource_document(self, caller: Identity, reference: Any) -> Any:
         from lxml import etree
-        entry = yield self._entry(reference)
+        entry = yield self._entry(caller, reference)
         return etree.tostring(resource.properties_document(entry, self.clock()), encoding="unicode")
 
     @defer.inlineCallbacks
-    def resource_property(self, reference: Any, name: str) -> Any:
-        entry = yield self._entry(reference)
+    def resource_property(self, caller: Identity, reference: Any, name: str) -> Any:
+        entry = yield self._entry(caller, reference)
         return resource.get_resource_property(entry, name or "", self.clock())
 
     @defer.inlineCallbacks
-    def resource_query(self, reference: Any, xpath: str) -> Any:
-        entry = yield self._entry(reference)
+    def resource_query(self, caller: Identity, reference: Any, xpath: str) -> Any:
+        entry = yield self._entry(caller, reference)
         return resource.query_resource_properties(entry, xpath or "", self.clock())
 
     # Plants -------------------------------------------------------------------
     def plants_status(self) -> list[PlantStatus]:
         return [_plant_out(handle) for handle in self.plants.all()]
 
-    def plants_list(self) -> defer.Deferred[Any]:
+    def plants_list(self, caller: Identity | None = None) -> defer.Deferred[Any]:
+        """The plants and their health (any identity may ask)."""
         return self.plants.check_all(min(5.0, self.config.call_timeout)).addCallback(lambda _: self.plants_status())
 
-    def reload_plants(self) -> defer.Deferred[Any]:
+    def reload_plants(self, caller: Identity) -> defer.Deferred[Any]:
+        """Re-read the plant list (admins only) and check every plant."""
+        authz.require(caller, (authz.ADMIN,), "reload the plant list")
+        return self.reload_plant_list()
+
+    def reload_plant_list(self) -> defer.Deferred[Any]:
+        """Re-read the plant list and check every plant (SIGHUP; ConfigurationError for a bad file)."""
         self.plants.load()
         return self.plants_list()
 
@@ -355,21 +410,29 @@ class Shop:
             if handle.up:
                 yield self._refresh_plant(handle)
 
-    def plant_changed(self, url: str) -> bool:
+    def plant_changed(self, caller: Identity, url: str) -> bool:
         """A plant says some of its VMs changed: look at that plant soon (the answer does not wait for it).
 
-        Only plants on this shop's list are heard, and what the registry takes
-        is what the plant itself reports when asked, never the notice. Notices
-        that arrive while that plant is being looked at make one more look.
-        Returns True; NoSuchPlantError for a plant not on the list.
+        Heard only from that plant's own identity (one whose authorisation-file line lists its address) or
+        an admin (else NotAuthorizedError), and only for plants on this shop's list (else NoSuchPlantError).
+        What the registry takes is what the plant itself reports when asked, never the notice. Notices
+        that arrive while that plant is being looked at make one more look. Returns True.
         """
+        if not authz.may_notify(caller, url):
+            raise NotAuthorizedError(f"{caller.name} may not send notices for the plant at {url[:200]!r}: only "
+                                     "the plant whose address its authorisation-file line lists")
         wanted = _normal_url(url)
         handle = next((h for h in self.plants.all() if _normal_url(h.url) == wanted), None)
         if handle is None:
             raise NoSuchPlantError(f"{url!r} is not one of this shop's plants")
+        self._look(handle)
+        return True
+
+    def _look(self, handle: Any) -> None:
+        """Look at one plant's VMs soon; coalesces looks asked for while one runs."""
         if handle.url in self._looking:
             self._look_again.add(handle.url)
-            return True
+            return
         self._looking.add(handle.url)
 
         def look() -> defer.Deferred[Any]:
@@ -379,10 +442,9 @@ class Shop:
             self._looking.discard(handle.url)
             if handle.url in self._look_again:
                 self._look_again.discard(handle.url)
-                self.plant_changed(handle.url)
+                self._look(handle)
 
         self._safely(look).addBoth(done)
-        return True
 
     @defer.inlineCallbacks
     def _refresh_plant(self, handle: Any) -> Any:

@@ -78,6 +78,9 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zeep.wsdl.utils import etree_to_string
 from zope.interface import implementer
 
+from vmshop_common.errors import CredentialsError
+from vmshop_common.tls import requests_tls
+
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 """Default largest reply body accepted (bytes)."""
 
@@ -243,6 +246,11 @@ class AsyncSoapClient:
     :param max_response_bytes: largest reply accepted.
     :param settings: zeep settings; default forbids DTDs, entities and
         external references in replies.
+    :param tls: for an https address: a :class:`~vmshop_common.tls.ClientPolicy`
+        (the CA bundle that verifies the server, and the client certificate
+        presented). An https address without one raises
+        :class:`~vmshop_common.errors.CredentialsError`: calls are never
+        made to an unverified server.
 
     :meth:`call` must be called in the reactor thread; it never blocks.
     """
@@ -258,6 +266,7 @@ class AsyncSoapClient:
         pool: HTTPConnectionPool | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         settings: zeep.Settings | None = None,
+        tls: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -267,6 +276,8 @@ class AsyncSoapClient:
         self.timeout = float(timeout)
         self.max_response_bytes = max_response_bytes
         transport = zeep.Transport(timeout=timeout, operation_timeout=timeout)
+        if tls is not None and getattr(tls, "ca_file", None) is not None:
+            requests_tls(transport.session, tls.credentials, tls.ca_file)  # a WSDL fetched over https
         self.zeep = zeep.Client(os.fspath(wsdl), settings=settings or _safe_settings(), transport=transport)
         transport.session.close()  # only used to load the WSDL; calls go through the Agent
         if binding is None:
@@ -283,13 +294,16 @@ class AsyncSoapClient:
         self._binding = proxy._binding
         self._options: dict[str, Any] = proxy._binding_options
         self.address: str = self._options["address"]
+        if tls is None and self.address.lower().startswith("https:"):
+            raise CredentialsError(f"{self.address} is https, and this client has no TLS credentials to verify it")
         self._own_pool = pool is None
         if pool is None:
             pool = NoDelayConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = 8
             pool.retryAutomatically = False
         self.pool = pool
-        self._agent = Agent(reactor, connectTimeout=max(1, int(timeout + 0.999)), pool=pool)
+        agent_options: dict[str, Any] = {"contextFactory": tls} if tls is not None else {}
+        self._agent = Agent(reactor, connectTimeout=max(1, int(timeout + 0.999)), pool=pool, **agent_options)
 
     @property
     def operations(self) -> list[str]:

@@ -41,6 +41,11 @@ What is fixed, and how (point of the stack notes -> fix):
 * Anything unexpected while handling a request becomes a SOAP fault
   ``Server`` with HTTP 500, never Twisted's HTML error page.
 
+One addition that is not a fix: :meth:`CompatTwistedWebResource.caller`
+says who sent a request (``server.py`` answers with the identity of the
+TLS peer's certificate); the answer is the method context's ``udc``, the
+one place service methods learn who is calling.
+
 The fixes are subclasses; spyne's own classes are left alone, except that
 its bundled six importer class gains the three methods above. Only the spyne
 version these were written against is accepted (:data:`SPYNE_VERSION`): the
@@ -432,6 +437,10 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
     def inspect_body(self, body: bytes) -> None:
         """Hook: raise a spyne ``Fault`` to refuse ``body`` before spyne parses it."""
 
+    def caller(self, request: Request, body: bytes) -> Any:
+        """Hook: who sent ``request`` (kept as the method context's ``udc``); raise a spyne ``Fault`` to refuse it."""
+        return None
+
     # -- RPC ----------------------------------------------------------------------
 
     def _new_context(self, request: Request) -> CompatMethodContext:
@@ -498,11 +507,13 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
         content.seek(0)
         body = content.read()
         try:
+            caller = self.caller(request, body)
             self.inspect_body(body)
         except Fault as fault:
             return self.fault_response(request, fault)
 
         initial_ctx = self._new_context(request)
+        initial_ctx.udc = caller  # copied into every context spyne makes from this one
         initial_ctx.in_string = [body]
         if isinstance(self.http_transport.app.in_protocol, HttpRpc):
             initial_ctx.transport.file_info = _spyne_twisted_http._get_file_info(initial_ctx)

@@ -5,8 +5,10 @@ Usage (in the reactor thread)::
     from vmshop_common.soap.server import build_site, listen, bound_port
 
     site = build_site([ShopService], tns="urn:vmshop:shop:1",
-                      public_url="http://shop.example.org:8080/")
-    port = listen(site, "127.0.0.1", 8080)   # 127.0.0.1 unless told otherwise
+                      public_url="https://shop.example.org:8080/")
+    site.identities = AuthorizationFile("grid-mapfile", "shop")   # who the callers are
+    creds = load_credentials("shop.pem", "shop.key", "ca.pem")
+    port = listen(site, "127.0.0.1", 8080, tls=creds)   # 127.0.0.1 unless told otherwise
     print(bound_port(port))
 
 :func:`build_site` may run in any thread; :func:`listen` must run in the
@@ -14,6 +16,15 @@ reactor thread.
 
 Contract:
 
+* A server speaks TLS (:func:`listen` with credentials): it verifies each
+  client's certificate against its CA bundle, and a client without one
+  fails the handshake. Plain HTTP only when asked for (``insecure``), and
+  only on a loopback address.
+* Who is calling: the subject of the client's certificate, mapped by the
+  site's ``identities`` (an :class:`~vmshop_common.authz.AuthorizationFile`)
+  to an :class:`~vmshop_common.authz.Identity` before the body is parsed,
+  and handed to the service method as ``ctx.udc``. A subject the file does
+  not map gets the fault ``Client.AuthenticationFailed``, whatever it asked.
 * The WSDL is built once, at start-up, for the configured public URL, and
   every ``GET ...?wsdl`` (any path, also ``.wsdl``) answers exactly that
   document, whatever Host header the caller sends. :func:`wsdl_document`
@@ -63,6 +74,8 @@ from spyne.protocol.soap import Soap11
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.server import Request
 
+from vmshop_common.errors import ConfigurationError, VMShopError
+from vmshop_common.security import is_loopback
 from vmshop_common.soap.compat import (
     DEFAULT_MAX_BODY_BYTES,
     REQUEST_TOO_LONG,
@@ -70,6 +83,8 @@ from vmshop_common.soap.compat import (
     LimitedSite,
 )
 from vmshop_common.soap.fastxml import FastSoap11
+from vmshop_common.soap.faults import to_fault
+from vmshop_common.tls import Credentials, peer_subject, server_options
 
 logger = logging.getLogger("vmshop_common.soap")
 
@@ -300,6 +315,35 @@ class SoapResource(CompatTwistedWebResource):
             return self.fault_response(request, fault, "415 Unsupported Media Type")
         return super().handle_rpc(request)
 
+    identities: Any = None
+    """What maps a caller to an identity (``identify(subject) -> Identity``, see :mod:`vmshop_common.authz`);
+    ``None``: requests carry no identity (``ctx.udc`` is ``None``)."""
+
+    tokens: Any = None
+    """For TLS callers without a certificate: ``identify(body) -> Identity | None`` from a WS-Security
+    UsernameToken (:mod:`vmshop_common.wsse`); ``None``: certificates only."""
+
+    def caller(self, request: Request, body: bytes) -> Any:
+        """The identity of the caller: its TLS client certificate's subject, through :attr:`identities`;
+        without a certificate, a UsernameToken through :attr:`tokens` (when the site takes them).
+
+        An unknown subject (or none, where one is needed) or a token that does not check is refused here,
+        before spyne parses the body, with the fault ``Client.AuthenticationFailed``.
+        """
+        identities = self.identities
+        if identities is None:
+            return None
+        secure = request.isSecure()
+        subject = peer_subject(request.channel.transport) if secure else None
+        try:
+            if subject is None and secure and self.tokens is not None:
+                found = self.tokens.identify(body)
+                if found is not None:
+                    return found
+            return identities.identify(subject)
+        except VMShopError as exc:
+            raise to_fault(exc) from None
+
     def inspect_body(self, body: bytes) -> None:
         """Refuse a DOCTYPE before spyne parses the body."""
         refuse_doctype(body)
@@ -321,6 +365,24 @@ class SoapSite(LimitedSite):
         self.wsdl: bytes | None = None
         if "{port}" not in public_url:
             self.set_public_url(public_url)
+
+    @property
+    def identities(self) -> Any:
+        """Who the callers are (see :attr:`SoapResource.identities`)."""
+        return self.soap_resource.identities
+
+    @identities.setter
+    def identities(self, value: Any) -> None:
+        self.soap_resource.identities = value
+
+    @property
+    def tokens(self) -> Any:
+        """UsernameTokens for TLS callers without a certificate (see :attr:`SoapResource.tokens`)."""
+        return self.soap_resource.tokens
+
+    @tokens.setter
+    def tokens(self, value: Any) -> None:
+        self.soap_resource.tokens = value
 
     def set_public_url(self, url: str) -> None:
         """Build the WSDL for ``url`` (once) and serve it from now on."""
@@ -364,8 +426,16 @@ def build_site(
     return SoapSite(app, public_url, max_body_bytes=max_body_bytes, timeout=timeout)
 
 
-def listen(site: SoapSite | Any, host: str = DEFAULT_HOST, port: int = 0, *, reactor: Any = None) -> IListeningPort:
-    """Listen on ``host:port`` (TCP) for ``site``; returns the listening port.
+def listen(site: SoapSite | Any, host: str = DEFAULT_HOST, port: int = 0, *, tls: Credentials | None = None,
+           insecure: bool = False, require_client_certificate: bool = True,
+           reactor: Any = None) -> IListeningPort:
+    """Listen on ``host:port`` for ``site`` over TLS (``tls``), or plain HTTP (``insecure``); returns the port.
+
+    With ``tls`` the server presents its certificate and verifies every
+    client's against ``tls``' CA bundle; with ``require_client_certificate``
+    (default) a client without one fails the handshake. Plain HTTP must be
+    asked for (``insecure=True``) and is refused (ConfigurationError) on
+    any address but a loopback one.
 
     Call it in the reactor thread (before ``reactor.run()`` or from a reactor
     callback). Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free
@@ -379,7 +449,16 @@ def listen(site: SoapSite | Any, host: str = DEFAULT_HOST, port: int = 0, *, rea
         reactor = default_reactor
     if host in ("", "0.0.0.0", "::"):
         logger.warning("listening on all interfaces (%r): the SOAP server is reachable from the network", host)
-    listening = reactor.listenTCP(port, site, interface=host)
+    if tls is None:
+        if not insecure:
+            raise ConfigurationError("a server listens with TLS credentials, or insecure (plain HTTP, loopback only)")
+        if not is_loopback(host):
+            raise ConfigurationError(f"plain HTTP (insecure) is refused on {host}: only on a loopback address "
+                                     "(127.0.0.1, ::1, localhost); give the server TLS credentials (<tls>)")
+        listening = reactor.listenTCP(port, site, interface=host)
+    else:
+        options = server_options(tls, require_client_certificate=require_client_certificate)
+        listening = reactor.listenSSL(port, site, options, interface=host)
     if isinstance(site, SoapSite) and site.wsdl is None and "{port}" in site.public_url:
         site.set_public_url(site.public_url.format(port=bound_port(listening)))
     return listening
@@ -406,6 +485,7 @@ __all__ = [
     "build_site",
     "configure_spyne_logging",
     "find_doctype",
+    "is_loopback",
     "listen",
     "refuse_doctype",
     "wsdl_document",
