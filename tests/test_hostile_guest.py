@@ -114,9 +114,9 @@ class Watch:
         self.stopping = threading.Event()
         self.rss_before = lab.rss()
         self.rss_most = self.rss_before
-        # A client of its own (zeep clients are not shared across threads), with a short timeout.
-        client = zeep.Client(str(lab.plant.wsdl), transport=zeep.Transport(timeout=10, operation_timeout=10))
-        self.service = client.create_service(lab.plant.binding, lab.plant.url)
+        # A client of its own (zeep clients are not shared across threads), with a short timeout (and, where the
+        # plant speaks TLS, the tests' admin certificate).
+        self.service = lab.plant.service_as("admin", timeout=10)
         self.thread = threading.Thread(target=self._ask, daemon=True)
 
     def _ask(self) -> None:
