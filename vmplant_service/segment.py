@@ -25,6 +25,7 @@ from vmshop_common.errors import BackendError
 
 from .processes import owned_pid, pid_alive
 
+
 def default_switch_dir(state_dir: Path) -> Path:
     """Where a plant whose state is ``state_dir`` keeps its owners' switches by default.
 
