@@ -278,7 +278,10 @@ class TestContract:
         pool.backend.stop(spec.vm_id, timeout=30)
         took = time.monotonic() - started
         assert took < 30, "the guest ignored the ACPI power-down and had to be killed"
-        assert pool.backend.state(spec.vm_id) == VMState.STOPPED
+        state = pool.backend.state(spec.vm_id)
+        assert state == VMState.STOPPED, (f"{state} after an orderly stop; "
+                                          f"{getattr(pool.backend, 'condition', lambda _: '')(spec.vm_id)}; console: "
+                                          f"{getattr(pool.backend, 'ex_console', lambda _: '')(spec.vm_id)[-2000:]}")
         assert leftovers(spec) == []
         assert spec.vm_id not in pool.backend.running()
         pool.backend.stop(spec.vm_id, timeout=1)  # again: fine

@@ -19,6 +19,7 @@ guests' own scripts, as a hostile owner's would. After each attack
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -33,6 +34,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import pytest
+import zeep
 import zeep.exceptions
 from servers import PlantProcess, fault_code, processes_mentioning, start_plant, wait_for
 
@@ -112,9 +114,9 @@ class Watch:
         self.stopping = threading.Event()
         self.rss_before = lab.rss()
         self.rss_most = self.rss_before
-        # A client of its own (zeep clients are not shared across threads), with a short timeout.
-        client = lab.plant.client(timeout=10, keep=False)
-        self.service = client.create_service(lab.plant.binding, lab.plant.url)
+        # A client of its own (zeep clients are not shared across threads), with a short timeout (and, where the
+        # plant speaks TLS, the tests' admin certificate).
+        self.service = lab.plant.service_as("admin", timeout=10)
         self.thread = threading.Thread(target=self._ask, daemon=True)
 
     def _ask(self) -> None:
@@ -160,27 +162,32 @@ def unharmed(lab: Lab, watch: Watch | None = None) -> None:
         assert grown < MAX_RSS_GROWTH, f"the plant's RSS grew by {grown / 2**20:.0f} MiB"
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Iterator[Lab]:
-    base = tmp_path_factory.mktemp("hostile-guest")
-    data = base / "data" / "appdata"
+@contextlib.contextmanager
+def hostile_lab(base: Path, warehouse_dir: Path, guests: tuple[tuple[str, str], ...], datastore: Path,
+                backend: str = "qemu", backend_options: dict[str, str] | None = None) -> Iterator[Lab]:
+    """A plant on ``backend`` with a data store in ``datastore`` and one real guest per (name, owner) of ``guests``.
+
+    Shared by this module and its siblings for other backends (``test_hostile_guest_libvirt.py``).
+    """
+    data = datastore / "appdata"
     data.mkdir(parents=True)
     (data / "input.txt").write_text("application data\n")
-    os.chmod(base / "data", 0o755)
+    os.chmod(datastore, 0o755)
     os.chmod(data, 0o755)
+    os.chmod(data / "input.txt", 0o644)
     secret = "vmshop-secret-" + secrets.token_hex(16)
     secret_dir = Path("/root") / f".vmshop-hostile-{secrets.token_hex(4)}"
     secret_dir.mkdir(mode=0o700)
     (secret_dir / "secret").write_text(secret + "\n")
-    plant = start_plant(base / "plant", warehouse_dir, capacity_vms=3, capacity_memory=1024, datastore=base / "data",
-                        watch_interval=1)
+    plant = start_plant(base / "plant", warehouse_dir, capacity_vms=3, capacity_memory=1024, datastore=datastore,
+                        watch_interval=1, backend=backend, backend_options=backend_options)
     canaries = [secret_dir / "secret", data / "input.txt", plant.config, warehouse_dir / "index.txt",
                 *sorted((warehouse_dir / "tiny").glob("*")), Path("/etc/passwd")]
     host = Host(secret, secret_dir, [path for path in canaries if path.is_file()])
     host.before = host.snapshot()
     made: dict[str, Any] = {}
     try:
-        for name, owner in (("m1", "mallory"), ("a1", "alice"), ("a2", "alice")):
+        for name, owner in guests:
             made[name] = plant.service.createVM(
                 dag=dag(script("true"), network=True), owner=owner, vm_id=f"hg-{name}").vm
         yield Lab(plant, host, made)
@@ -193,6 +200,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Iterat
         plant.cleanup()
         shutil.rmtree(secret_dir, ignore_errors=True)
         assert processes_mentioning(str(plant.state_dir)) == []
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Iterator[Lab]:
+    base = tmp_path_factory.mktemp("hostile-guest")
+    with hostile_lab(base, warehouse_dir, (("m1", "mallory"), ("a1", "alice"), ("a2", "alice")),
+                     base / "data") as made:
+        yield made
 
 
 # Links, devices and FIFOs wherever the guest can write --------------------------------------
@@ -301,28 +316,31 @@ def test_spoofing_a_neighbours_address_is_refused_and_harmless(lab: Lab) -> None
 
 
 # A guest that replaces its agent ------------------------------------------------------------------
-def test_an_agent_that_floods_its_channel_fails_that_vms_actions_only(lab: Lab) -> None:
-    """The guest replaces qemu-ga with a program that answers random bytes (0xFF and newlines among them)."""
-    vm_id = lab.vms["m1"].vm_id
+#: A script that replaces the guest's qemu-ga by a program answering random bytes (0xFF and newlines among them).
+FLOOD_AGENT = ("printf '#!/bin/sh\\nexec cat /dev/urandom >\"$4\"\\n' > /usr/sbin/fake-ga && chmod 755 "
+               "/usr/sbin/fake-ga && mv /usr/sbin/fake-ga /usr/sbin/qemu-ga && killall qemu-ga; sleep 5")
+
+
+def agent_flood_attack(lab: Lab, attacker: str, neighbour: str) -> None:
+    """The attacker's guest replaces its agent with a flood: its own actions fail, in bounded time, and only its."""
+    vm_id = lab.vms[attacker].vm_id
     with Watch(lab) as watch:
         started = time.monotonic()
-        for body in ("printf '#!/bin/sh\\nexec cat /dev/urandom >\"$4\"\\n' > /usr/sbin/fake-ga && chmod 755 "
-                     "/usr/sbin/fake-ga && mv /usr/sbin/fake-ga /usr/sbin/qemu-ga && killall qemu-ga; sleep 5",
-                     "echo never"):
+        for body in (FLOOD_AGENT, "echo never"):
             with pytest.raises(zeep.exceptions.Fault) as info:
                 configure(lab.plant, vm_id, body, timeout=10)
             assert fault_code(info) == "Server.ActionFailed" and "agent" in info.value.message, info.value.message
         took = time.monotonic() - started
-        neighbour = configure(lab.plant, lab.vms["a1"].vm_id, "echo fine")
+        neighbour_runs = configure(lab.plant, lab.vms[neighbour].vm_id, "echo fine")
     assert took < 2 * (10 + 15) + 10
-    assert neighbour[0].output == "fine\n"
+    assert neighbour_runs[0].output == "fine\n"
     assert lab.plant.service.describeVM(vm_id=vm_id).state == "running"
     unharmed(lab, watch)
 
 
-def test_a_mute_agent_holds_nothing_past_the_deadline(lab: Lab) -> None:
+def mute_agent_attack(lab: Lab, victim: str) -> None:
     """The guest stops its agent in the middle of an action: the plant waits out the deadline, no longer."""
-    vm_id = lab.vms["a2"].vm_id
+    vm_id = lab.vms[victim].vm_id
     with Watch(lab) as watch:
         started = time.monotonic()
         with pytest.raises(zeep.exceptions.Fault) as info:
@@ -331,6 +349,14 @@ def test_a_mute_agent_holds_nothing_past_the_deadline(lab: Lab) -> None:
     assert fault_code(info) == "Server.ActionFailed", info.value.message
     assert took < 3 + 15 + 10, f"the plant waited {took:.0f} s on a mute agent"
     unharmed(lab, watch)
+
+
+def test_an_agent_that_floods_its_channel_fails_that_vms_actions_only(lab: Lab) -> None:
+    agent_flood_attack(lab, "m1", "a1")
+
+
+def test_a_mute_agent_holds_nothing_past_the_deadline(lab: Lab) -> None:
+    mute_agent_attack(lab, "a2")
 
 
 def test_collecting_the_attackers_leaves_nothing(lab: Lab) -> None:

@@ -9,21 +9,67 @@ button, then destroys after the timeout; ``destroy`` destroys and
 undefines. libvirt's domain states become :class:`VMState` through
 :data:`LIBVIRT_STATES`, here and nowhere else.
 
-What the guest gets (qemu/kvm flavor): direct kernel boot, the plant's
-overlay as a virtio qcow2 disk, the configuration share as a 9p
-``<filesystem>`` (tag ``vmshop``; ``vmdata`` read-only), the serial
-console in ``run_dir/console.log``, and the NICs as QEMU arguments passed
-through ``<qemu:commandline>`` — a 'user' NIC with ``restrict=on`` and a
-forward from 127.0.0.1, a 'segment' NIC on the plant's VDE switch —
-because libvirt 9.0 has no element for either (see :mod:`.domainxml`).
-QEMU runs as root with no relabelling (``dac_label``): the channel share
-must stay writable for the guest and the cached image must never be
-chowned. Files of a VM in ``run_dir``: ``console.log`` only. libvirt keeps
-the definition (``/etc/libvirt/qemu/vmshop-<id>.xml``) while the VM is
-stopped, and its own QEMU log (``/var/log/libvirt/qemu/vmshop-<id>.log``
-on this host): ``destroy`` removes both. With a remote ``uri`` the paths in
-the spec (overlay, kernel, shares, console) are the remote host's: the
-plant's state directory must be there under the same path (shared storage).
+What the guest gets (qemu/kvm flavor, see :mod:`.domainxml` for why each
+piece is so): direct kernel boot, the plant's overlay as a virtio qcow2
+disk, the guest agent's virtio-serial channel ``org.qemu.guest_agent.0``,
+the serial console, application data as a read-only 9p share (tag
+``vmdata``), and its NICs: a 'user' NIC with ``restrict=on`` and a forward
+from 127.0.0.1, a 'segment' NIC on the owner's VDE switch. There is no
+writable share: the guest is configured only through its agent, which
+libvirt itself connects to; :meth:`LibvirtBackend.agent` reaches it
+through libvirt's API (:class:`~vmplant_service.agent.libvirt_transport.
+LibvirtAgentTransport`, on a libvirt connection of each VM's own).
+
+QEMU runs unprivileged (rule 9): the domain's ``<seclabel type='static'
+model='dac' relabel='yes'>`` is the ``dac_label`` user, ``vmshop-qemu`` by
+default (``scripts/setup_host.sh`` makes it), under libvirt's seccomp
+sandbox (``-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+resourcecontrol=deny``: qemu.conf's default). That user cannot enter the
+plant's 0700 directories, and nothing shared is handed to it:
+
+- the overlay (read-write) and the layers below it (the cached image,
+  read-only) are opened by the backend and passed as descriptors
+  (``virDomainFDAssociate``); libvirt chowns neither;
+- the kernel and initramfs are read by QEMU itself, as that user (so they
+  must be readable by it: :meth:`_check` says which directory is not);
+  libvirt does not chown them;
+- a 'segment' NIC: the backend plugs into the switch itself
+  (:mod:`.vdeplug`) and hot-plugs the NIC into the domain, started
+  paused, with the port's two descriptors (QMP ``getfd``, ``netdev_add``
+  type ``dgram``, ``device_add``), then resumes it;
+- the data share is opened by QEMU as that user: the data store must be
+  readable by it.
+
+What the DAC user does not give: every domain runs as the same user, and
+libvirt sets that user before it execs QEMU, so (unlike the qemu backend's
+QEMU, which drops to it itself and is then not dumpable) one libvirt QEMU
+may ptrace another: a guest that escapes into its QEMU can reach the other
+libvirt guests of the host. A distinct numeric label per VM would close
+that (libvirt runs QEMU as a uid with no passwd entry, with group ``kvm``:
+checked); it is not done here.
+
+What libvirt changes on the host for a domain (and restores when it stops):
+it makes ``run_dir/console.sock`` (the console's listening socket, chowned
+to QEMU's user; the backend makes it 0600) and its own per-domain files
+under ``/var/lib/libvirt/qemu`` (the agent's socket, the monitor's, a
+master key, labelled for QEMU's user). It chowns nothing of the plant's:
+not the overlay, the cached image, the kernel, the data store or
+``run_dir`` (checked by the tests).
+
+The console: libvirt hands QEMU the listening socket; the backend's
+:class:`~vmplant_service.backends.console.ConsoleKeeper` reads it into
+``run_dir/console.log``, rotated to ``console.log.1`` at ``console_limit``
+bytes, so a guest's console never holds more than twice that of the host's
+disk (QEMU drops console output while no one reads, e.g. while the plant is
+down). Files of a VM in ``run_dir``: ``console.sock``, ``console.log``
+(and ``.1``). libvirt keeps the definition (``/etc/libvirt/qemu/vmshop-
+<id>.xml``) while the VM is stopped, and its own QEMU log
+(``/var/log/libvirt/qemu/vmshop-<id>.log`` on this host, written by
+virtlogd, which rotates it): ``destroy`` removes both. With a remote
+``uri`` descriptors cannot be passed: the disk is a plain path, a
+'segment' NIC is QEMU's own VDE client, and the paths in the spec are the
+remote host's (the plant's state directory must be there under the same
+path, readable by that daemon's QEMU user).
 
 Xen and ESX: no such host exists where this was written. Their domain XML
 is checked against libvirt's schema in the tests, ``start`` for ``xen`` is
@@ -49,9 +95,11 @@ Options (strings, from the plant's configuration):
   120 s, as Debian's socket-activated units do): they exit by themselves
   once no client is connected and no domain runs. Needs what
   ``scripts/setup_libvirt.sh`` sets up;
-- ``dac_label``: the ``user:group`` QEMU runs as, default ``+0:+0`` for
-  ``qemu:///system``; ``daemon`` leaves it to libvirtd (its ``qemu.conf``
-  user, which relabels files);
+- ``dac_label``: whom QEMU runs as: a user name (its uid and primary
+  group), ``user:group`` or ``+uid:+gid``; default ``vmshop-qemu`` for
+  this host's daemon, ``daemon`` (the daemon's own qemu.conf user) for a
+  remote one. ``+0:+0`` runs guests as root;
+- ``console_limit``: bytes of console log kept before rotation (default 262144);
 - ``disk_cache`` (default ``unsafe``), ``max_vcpus``, ``memory_fraction``
   (0.75), ``keepalive`` (seconds, 5: a daemon that stops answering is
   given up after about four times that), ``start_timeout`` (30: how long
@@ -64,11 +112,15 @@ Options (strings, from the plant's configuration):
 from __future__ import annotations
 
 import fcntl
+import functools
+import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -84,26 +136,41 @@ from lxml import etree
 from vmshop_common.errors import BackendError, ConfigurationError, VMShopError
 from vmshop_common.xmlload import parse_xml
 
+from ..agent.libvirt_transport import LibvirtAgentTransport
+from ..agent.transport import AgentTransport
+from . import vdeplug
 from .base import Backend, Capabilities, GuestSpec, VMState
+from .console import ConsoleKeeper, console_tail
 from .domainxml import (
+    AGENT_PORT,
+    DISK_FD_GROUP,
     ESX_NIC_MODELS,
     FLAVORS,
     VMSHOP_NS,
     XEN_MODES,
+    DiskLayer,
     DomainOptions,
+    base_fd_group,
     console_path,
+    console_socket,
     domain_name,
     domain_xml,
+    hotplugged_segments,
+    is_q35,
+    nic_device,
+    segment_port_alias,
 )
 from .hostside import choice, positive_number, tail
 from .qemu import DISK_CACHES, MAC, PROBE_CMDLINE, PROBE_MARKER, VM_ID
 
 try:  # The bindings are optional: without them the backend says it is unavailable.
     import libvirt
+    import libvirt_qemu
 
     LibvirtError: type[Exception] = libvirt.libvirtError
 except ImportError:  # pragma: no cover - exercised only where libvirt-python is missing
     libvirt = None
+    libvirt_qemu = None
 
     class LibvirtError(Exception):  # type: ignore[no-redef]
         """Stands in for libvirt.libvirtError where the bindings are missing (nothing raises it)."""
@@ -148,6 +215,14 @@ DAEMON_LOG = Path("/var/log/libvirt/libvirtd.log")
 #: Where this host's privileged libvirtd logs each domain's QEMU (removed with the domain).
 DOMAIN_LOG_DIR = Path("/var/log/libvirt/qemu")
 POLL = 0.05
+#: The user QEMU runs as by default under this host's daemon (made by scripts/setup_host.sh).
+DEFAULT_DAC_USER = "vmshop-qemu"
+#: Most images in a disk's backing chain (the overlay's own included).
+MAX_CHAIN = 16
+#: Image formats a backing layer may have (what libvirt and the plant's images use).
+LAYER_FORMATS = ("qcow2", "raw")
+#: Bytes of console log kept before rotation (as the qemu backend's).
+DEFAULT_CONSOLE_LIMIT = 262144
 
 _T = TypeVar("_T")
 
@@ -201,6 +276,122 @@ def _socket_answers(path: Path) -> bool:
     return True
 
 
+def backing_chain(disk: Path) -> tuple[DiskLayer, ...]:
+    """The images below the qcow2 overlay ``disk``, its backing file first (``qemu-img info --backing-chain``).
+
+    BackendError if qemu-img cannot read the chain, or it is longer than
+    :data:`MAX_CHAIN` or holds a format other than :data:`LAYER_FORMATS`.
+    """
+    from ..clone import qemu_img
+
+    try:
+        out = subprocess.run([qemu_img(), "info", "--backing-chain", "--output=json", "-f", "qcow2", str(disk)],
+                             capture_output=True, timeout=60, check=True).stdout
+        images = json.loads(out)
+    except subprocess.CalledProcessError as exc:
+        raise BackendError(f"qemu-img cannot read the disk {disk}: "
+                           f"{exc.stderr.decode(errors='replace').strip()[:300]}") from None
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        raise BackendError(f"qemu-img cannot read the disk {disk}: {exc}") from None
+    if isinstance(images, dict):
+        images = [images]
+    if not isinstance(images, list) or not 1 <= len(images) <= MAX_CHAIN:
+        raise BackendError(f"the disk {disk} has no backing chain of at most {MAX_CHAIN} images")
+    layers = []
+    for image in images[1:]:
+        path, image_format = image.get("filename"), image.get("format")
+        if not isinstance(path, str) or not os.path.isabs(path) or image_format not in LAYER_FORMATS:
+            raise BackendError(f"the disk {disk} has a backing image the backend cannot pass: {str(image)[:200]}")
+        layers.append(DiskLayer(path, image_format))
+    return tuple(layers)
+
+
+def label_ids(label: str) -> tuple[int, int]:
+    """The uid and gid of a DAC label (``+uid:+gid`` or ``user:group``); BackendError if they do not exist."""
+    import grp
+
+    user, _, group = label.partition(":")
+    try:
+        uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
+        gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
+    except (KeyError, ValueError):
+        raise BackendError(f"the DAC label {label!r} names no user and group of this host") from None
+    return uid, gid
+
+
+def unreachable(path: Path, uid: int, gid: int, directory: bool = False) -> str:
+    """Why user ``uid`` (group ``gid`` and that user's other groups) cannot read ``path``; '' if it can.
+
+    Every directory on the way must let it search, and ``path`` itself read
+    (and search, for a ``directory``): what QEMU needs to open a file by
+    path once it runs as that user.
+    """
+    if uid == 0:
+        return ""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        groups = set(os.getgrouplist(name, gid))
+    except KeyError:
+        groups = {gid}
+
+    def allows(info: os.stat_result, bits: int) -> bool:
+        if info.st_uid == uid:
+            return info.st_mode & (bits << 6) == bits << 6
+        if info.st_gid in groups:
+            return info.st_mode & (bits << 3) == bits << 3
+        return info.st_mode & bits == bits
+
+    path = Path(path).absolute()
+    for parent in reversed(path.parents):
+        try:
+            info = os.stat(parent)
+        except OSError as exc:
+            return f"{parent}: {exc.strerror}"
+        if not allows(info, 0o1):
+            return f"{parent} ({stat.filemode(info.st_mode)}, uid {info.st_uid}) cannot be searched"
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not allows(info, 0o5 if directory else 0o4):
+        return f"{path} ({stat.filemode(info.st_mode)}, uid {info.st_uid}) cannot be read"
+    return ""
+
+
+def agent_channel_connected(domain: Any) -> bool | None:
+    """Whether the guest has opened its end of the agent's channel (libvirt's live XML); None if not known."""
+    root = parse_xml(domain.XMLDesc(0), what="live domain XML", max_depth=64)
+    for target in root.iterfind("devices/channel/target"):
+        if target.get("name") == AGENT_PORT:
+            state = target.get("state")
+            return None if state is None else state == "connected"
+    return None
+
+
+def _associate(domain: Any, group: str, fd: int, conn: Any) -> None:
+    domain.FDAssociate(group, [fd], 0)
+
+
+def _agent_command(domain: Any, text: str, seconds: int) -> str:
+    return libvirt_qemu.qemuAgentCommand(domain, text, seconds, 0)  # type: ignore[no-any-return]
+
+
+def _monitor(domain: Any, command: dict[str, object], files: tuple[int, ...] = ()) -> Any:
+    """One QMP command to the domain's QEMU through libvirt (with descriptors); its ``return`` value."""
+    text = json.dumps(command)
+    try:
+        if files:
+            answer, _ = libvirt_qemu.qemuMonitorCommandWithFiles(domain, text, list(files), 0)
+        else:
+            answer = libvirt_qemu.qemuMonitorCommand(domain, text, 0)
+        reply = json.loads(answer)
+    except (LibvirtError, ValueError) as exc:
+        raise BackendError(f"QEMU's monitor: {command['execute']}: {_words(exc)}") from None
+    if "error" in reply:
+        raise BackendError(f"QEMU refused {command['execute']}: {str(reply['error'].get('desc', reply))[:300]}")
+    return reply.get("return")
+
+
 class _EventLoop:
     """libvirt's default event loop in one daemon thread, which keepalive needs.
 
@@ -228,10 +419,12 @@ class _EventLoop:
             libvirt.virEventRunDefaultImpl()
 
 
+
 @dataclass
 class _VM:
     spec: GuestSpec
     lock: threading.Lock = field(default_factory=threading.Lock)
+    transport: LibvirtAgentTransport | None = None
 
 
 class LibvirtBackend(Backend):
@@ -254,12 +447,14 @@ class LibvirtBackend(Backend):
                                      f"not {self.uri}")
         self.daemon_timeout = int(positive_number(options, "daemon_timeout", 120.0, "libvirt"))
         self.disk_cache = choice(options, "disk_cache", DISK_CACHES, "unsafe", "libvirt")
-        label = options.get("dac_label", "+0:+0" if is_local_system(self.uri) else "daemon")
-        if label != "daemon" and not re.fullmatch(r"\+?[A-Za-z0-9_.-]+:\+?[A-Za-z0-9_.-]+", label):
-            raise ConfigurationError(f"libvirt backend: dac_label must be user:group or 'daemon', not {label!r}")
+        self.dac_label = options.get("dac_label", DEFAULT_DAC_USER if is_local_system(self.uri) else "daemon")
+        if self.dac_label != "daemon" and not re.fullmatch(
+                r"[a-z_][a-z0-9_-]{0,31}|\+?[A-Za-z0-9_.-]+:\+?[A-Za-z0-9_.-]+", self.dac_label):
+            raise ConfigurationError(f"libvirt backend: dac_label must be a user, user:group, +uid:+gid or "
+                                     f"'daemon', not {self.dac_label!r}")
         self.xml_options = DomainOptions(
             flavor=self.flavor, domain_type="kvm" if self.flavor == "kvm" else "qemu", disk_cache=self.disk_cache,
-            dac_label=None if label == "daemon" else label,
+            pass_fds=is_local(self.uri) and self.flavor in ("qemu", "kvm"),
             xen_mode=choice(options, "xen_mode", XEN_MODES, "pv", "libvirt"),
             bridge=options.get("bridge", "VM Network" if self.flavor == "esx" else "xenbr0"),
             datastore=options.get("datastore", "datastore1"),
@@ -269,6 +464,8 @@ class LibvirtBackend(Backend):
         self.probe_timeout = positive_number(options, "probe_timeout", 5.0, "libvirt")
         self.memory_fraction = positive_number(options, "memory_fraction", 0.75, "libvirt")
         self.max_vcpus = int(positive_number(options, "max_vcpus", 1.0, "libvirt")) if "max_vcpus" in options else 0
+        self.consoles = ConsoleKeeper(int(positive_number(options, "console_limit", DEFAULT_CONSOLE_LIMIT,
+                                                          "libvirt")))
         self._conn: Any = None
         self._host: tuple[int, int, dict[str, set[str]]] | None = None
         self._conn_lock = threading.Lock()
@@ -293,25 +490,32 @@ class LibvirtBackend(Backend):
                 except LibvirtError:
                     pass
                 self._drop_connection()
-            _EventLoop.ensure()
+            self._conn = self._open()
+            return self._conn
+
+    def _open(self) -> Any:
+        """A new connection to ``uri`` (starting the daemons first with ``daemon=spawn`` if none answers)."""
+        if libvirt is None:
+            raise BackendError("the Python bindings for libvirt (libvirt-python) are not installed: "
+                               "run scripts/setup_libvirt.sh")
+        _EventLoop.ensure()
+        try:
+            conn = libvirt.open(self.uri)
+        except LibvirtError as exc:
+            if self.daemon != "spawn":
+                raise BackendError(f"cannot open libvirt connection {self.uri}: {_words(exc)}") from None
+            self._spawn_daemons()
             try:
                 conn = libvirt.open(self.uri)
-            except LibvirtError as exc:
-                if self.daemon != "spawn":
-                    raise BackendError(f"cannot open libvirt connection {self.uri}: {_words(exc)}") from None
-                self._spawn_daemons()
-                try:
-                    conn = libvirt.open(self.uri)
-                except LibvirtError as again:
-                    raise BackendError(f"cannot open libvirt connection {self.uri} even after starting "
-                                       f"libvirtd: {_words(again)} {tail(DAEMON_LOG, 600)}") from None
-            if self.keepalive > 0:
-                try:
-                    conn.setKeepAlive(self.keepalive, 3)
-                except LibvirtError as exc:  # e.g. a driver without keepalive (esx, test)
-                    log.debug("libvirt keepalive not available on %s: %s", self.uri, _words(exc))
-            self._conn = conn
-            return conn
+            except LibvirtError as again:
+                raise BackendError(f"cannot open libvirt connection {self.uri} even after starting "
+                                   f"libvirtd: {_words(again)} {tail(DAEMON_LOG, 600)}") from None
+        if self.keepalive > 0:
+            try:
+                conn.setKeepAlive(self.keepalive, 3)
+            except LibvirtError as exc:  # e.g. a driver without keepalive (esx, test)
+                log.debug("libvirt keepalive not available on %s: %s", self.uri, _words(exc))
+        return conn
 
     def _drop_connection(self) -> None:
         conn, self._conn, self._host = self._conn, None, None
@@ -402,6 +606,12 @@ class LibvirtBackend(Backend):
             raise BackendError(f"libvirt ({self.uri}): cannot look up {domain_name(vm_id)}: {_words(exc)}") from None
 
     def close(self) -> None:
+        self.consoles.close()
+        with self._lock:
+            vms = list(self._vms.values())
+        for vm in vms:
+            if vm.transport is not None:
+                vm.transport.close()
         with self._conn_lock:
             self._drop_connection()
 
@@ -443,7 +653,7 @@ class LibvirtBackend(Backend):
 
     def capabilities(self) -> Capabilities:
         networks = NIC_KINDS_QEMU if self.flavor in ("qemu", "kvm") else ("segment",)
-        channel = "" if self.flavor == "esx" else "9p"
+        channel = {"qemu": "virtio-serial", "kvm": "virtio-serial", "xen": "xen-channel"}.get(self.flavor, "")
         note = NOT_EXERCISED.get(self.flavor, "")
         try:
             memory, cpus, arches = self._host_facts()
@@ -477,6 +687,7 @@ class LibvirtBackend(Backend):
         return "auto"
 
     # The domain type ------------------------------------------------------------------------------
+    # The domain type ------------------------------------------------------------------------------
     def domain_type_for(self, spec: GuestSpec) -> str:
         """'qemu' or 'kvm' for ``spec`` (``auto``: libvirt must offer KVM and a probe boot must succeed)."""
         if self.domain_type != "auto":
@@ -505,26 +716,21 @@ class LibvirtBackend(Backend):
         """
         if spec.kernel is None or spec.initrd is None:
             return False
-        with tempfile.TemporaryDirectory(prefix="vmshop-probe-") as tmp:
-            console = Path(tmp) / "console.log"
+        with tempfile.TemporaryDirectory(prefix="vmshop-probe-", dir="/tmp") as tmp:
             probe = GuestSpec(vm_id=f"probe-{os.getpid()}-{threading.get_ident()}", disk=Path(tmp) / "none",
-                              memory=128, vcpus=1, run_dir=Path(tmp), channel_dir=Path(tmp), kernel=spec.kernel,
+                              memory=128, vcpus=1, run_dir=Path(tmp), kernel=spec.kernel,
                               initrd=spec.initrd, cmdline=PROBE_CMDLINE, machine=spec.machine, arch=spec.arch)
             xml = _without_disk_and_share(domain_xml(probe, DomainOptions(
-                domain_type="kvm", dac_label=self.xml_options.dac_label)))
+                domain_type="kvm", dac_label=self._label(), pass_fds=False)))
             conn = self._connection()
             try:
-                domain = conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY)
+                domain = conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_PAUSED)
             except LibvirtError as exc:
                 log.info("KVM probe could not start: %s", _words(exc))
                 return False
             try:
-                deadline = time.monotonic() + self.probe_timeout
-                while time.monotonic() < deadline:
-                    if PROBE_MARKER in tail(console, 4096):
-                        return True
-                    time.sleep(POLL)
-                return PROBE_MARKER in tail(console, 4096)
+                return _read_until(console_socket(probe), PROBE_MARKER, time.monotonic() + self.probe_timeout,
+                                   domain.resume)
             finally:
                 try:
                     domain.destroy()
@@ -533,6 +739,27 @@ class LibvirtBackend(Backend):
                 self._remove_domain_log(domain_name(probe.vm_id))
 
     # The contract ---------------------------------------------------------------------------------
+    def _label(self) -> str | None:
+        """The DAC label QEMU runs with (``+uid:+gid``), None for the daemon's own; BackendError if no such user."""
+        if self.dac_label == "daemon":
+            return None
+        if ":" in self.dac_label:
+            label_ids(self.dac_label)
+            return self.dac_label
+        try:
+            user = pwd.getpwnam(self.dac_label)
+        except KeyError:
+            raise BackendError(f"the user {self.dac_label!r} that QEMU should run as does not exist "
+                               "(scripts/setup_host.sh makes vmshop-qemu; dac_label=+0:+0 runs guests as root)"
+                               ) from None
+        return f"+{user.pw_uid}:+{user.pw_gid}"
+
+    def _options_for(self, spec: GuestSpec) -> DomainOptions:
+        options = replace(self.xml_options, dac_label=self._label())
+        if self.flavor == "qemu":
+            options = replace(options, domain_type=self.domain_type_for(spec))
+        return options
+
     def start(self, spec: GuestSpec) -> None:
         self._check(spec)
         with self._lock:
@@ -549,33 +776,89 @@ class LibvirtBackend(Backend):
     def _start(self, spec: GuestSpec) -> None:
         self._clear_the_name(spec)
         with self._lock:
+            self._forget(spec.vm_id)
             self._vms[spec.vm_id] = _VM(spec)
             self._ended.discard(spec.vm_id)
         domain = None
         try:
             if self.flavor == "esx":
                 raise BackendError(NOT_EXERCISED["esx"])
-            options = self.xml_options
-            if self.flavor == "qemu":
-                options = replace(options, domain_type=self.domain_type_for(spec))
-            xml = domain_xml(spec, options)
-            Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
-            console_path(spec).unlink(missing_ok=True)
+            options = self._options_for(spec)
+            chain = backing_chain(Path(spec.disk)) if options.pass_fds else None
+            xml = domain_xml(spec, options, chain)
+            Path(spec.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(spec.run_dir, 0o700)
+            self._remove_console_files(spec)
             self._ensure_virtlogd()
             domain = self._call(f"define {domain_name(spec.vm_id)}", lambda c: c.defineXML(xml))
-            self._call(f"start {domain_name(spec.vm_id)}", lambda c: domain.create())
+            self._create(domain, spec, options, chain)
             if not domain_still_active(domain):
                 raise BackendError(f"domain {domain_name(spec.vm_id)} stopped right after it started: "
-                                   f"{tail(console_path(spec), 600)}")
+                                   f"{console_tail(console_path(spec), 600)}")
         except BaseException:
             try:
                 if domain is not None:
                     self._remove_domain(domain)
             finally:
+                self.consoles.forget(spec.vm_id)
                 self._remove_files(spec)
                 with self._lock:
                     self._vms.pop(spec.vm_id, None)
             raise
+
+    def _create(self, domain: Any, spec: GuestSpec, options: DomainOptions, chain: tuple[DiskLayer, ...] | None
+                ) -> None:
+        """Start the defined domain paused, give it its descriptors and console keeper, then let it run."""
+        name = domain_name(spec.vm_id)
+        flags = 0
+        opened: list[int] = []
+        try:
+            if chain is not None:
+                # The disk chain as descriptors the plant opened (see the module docstring): libvirt chowns nothing.
+                files = [(DISK_FD_GROUP, str(spec.disk), os.O_RDWR)]
+                files += [(base_fd_group(depth), layer.path, os.O_RDONLY) for depth, layer in enumerate(chain)]
+                for group, path, mode in files:
+                    opened.append(os.open(path, mode | os.O_CLOEXEC))
+                    fd = opened[-1]
+                    self._call(f"pass the disk of {name}", functools.partial(_associate, domain, group, fd))
+            if libvirt is not None and self.flavor in ("qemu", "kvm"):
+                flags = libvirt.VIR_DOMAIN_START_PAUSED
+            self._call(f"start {name}", lambda c: domain.createWithFlags(flags))
+        except OSError as exc:
+            raise BackendError(f"VM {spec.vm_id}: cannot open its disk: {exc.strerror}: {exc.filename}") from None
+        finally:
+            for fd in opened:
+                os.close(fd)
+        if not flags:
+            return
+        self._plug_segments(domain, spec, options)
+        if is_local(self.uri):
+            socket_path = console_socket(spec)
+            try:
+                os.chmod(socket_path, 0o600)  # libvirt makes it 0775 (its owner, QEMU's user, needs nothing more)
+            except OSError as exc:
+                raise BackendError(f"VM {spec.vm_id}: libvirt made no console socket: {exc.strerror}") from None
+            self.consoles.keep(spec.vm_id, socket_path, console_path(spec))
+        self._call(f"resume {name}", lambda c: domain.resume())
+
+    def _plug_segments(self, domain: Any, spec: GuestSpec, options: DomainOptions) -> None:
+        """Plug each 'segment' NIC into its switch here and hand QEMU the port (see the module docstring)."""
+        for index in hotplugged_segments(spec, options):
+            nic = spec.nics[index]
+            ctl, data = vdeplug.plug(Path(str(nic.switch)), f"vmshop {spec.vm_id}")
+            try:
+                _monitor(domain, {"execute": "getfd", "arguments": {"fdname": f"vmshop-vde{index}"}},
+                         (data.fileno(),))
+                # QEMU keeps the stream socket under this name for its whole life: the port lives as long as QEMU.
+                _monitor(domain, {"execute": "getfd", "arguments": {"fdname": f"vmshop-vdectl{index}"}},
+                         (ctl.fileno(),))
+            finally:
+                ctl.close()
+                data.close()
+            _monitor(domain, {"execute": "netdev_add", "arguments": {
+                "type": "dgram", "id": f"vmshop-net{index}", "local": {"type": "fd", "str": f"vmshop-vde{index}"}}})
+            bus = segment_port_alias(index) if is_q35(spec.machine) else None
+            _monitor(domain, {"execute": "device_add", "arguments": nic_device(nic, index, bus)})
 
     def _clear_the_name(self, spec: GuestSpec) -> None:
         """Refuse a running domain of that name; undefine a stopped one this plant left (a stopped VM's)."""
@@ -605,10 +888,18 @@ class LibvirtBackend(Backend):
             need_file(spec.disk, "disk")
             need_file(spec.kernel, "kernel")
             need_file(spec.initrd, "initrd")
-            if not Path(spec.channel_dir).is_dir():
-                raise BackendError(f"VM {spec.vm_id}: the channel directory {spec.channel_dir} does not exist")
             if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
                 raise BackendError(f"VM {spec.vm_id}: the data directory {spec.data_dir} does not exist")
+            label = self._label() if self.flavor in ("qemu", "kvm") else None
+            if label is not None:
+                # QEMU opens these itself, as its unprivileged user: say which directory stops it, not QEMU's words.
+                uid, gid = label_ids(label)
+                for path, what, directory in ((spec.kernel, "kernel", False), (spec.initrd, "initrd", False),
+                                              (spec.data_dir, "data directory", True)):
+                    why = unreachable(Path(path), uid, gid, directory) if path is not None else ""
+                    if why:
+                        raise BackendError(f"VM {spec.vm_id}: QEMU runs as {label} and cannot read the {what} "
+                                           f"{path}: {why}")
         if spec.initrd is not None and spec.kernel is None:
             raise BackendError(f"VM {spec.vm_id}: an initrd needs a kernel")
         kinds = NIC_KINDS_QEMU if self.flavor in ("qemu", "kvm") else ("segment",)
@@ -663,9 +954,14 @@ class LibvirtBackend(Backend):
             if not _no_domain(exc):
                 raise BackendError(f"libvirt ({self.uri}): cannot undefine {domain.name()}: {_words(exc)}") from None
 
+    def _remove_console_files(self, spec: GuestSpec) -> None:
+        log_path = console_path(spec)
+        for path in (console_socket(spec), log_path, log_path.with_name(log_path.name + ".1")):
+            path.unlink(missing_ok=True)
+
     def _remove_files(self, spec: GuestSpec) -> None:
-        """Remove the console log, ``run_dir`` if that empties it, and (local daemon) libvirt's log of the domain."""
-        console_path(spec).unlink(missing_ok=True)
+        """Remove the console's files, ``run_dir`` if that empties it, and (local daemon) libvirt's domain log."""
+        self._remove_console_files(spec)
         try:
             Path(spec.run_dir).rmdir()
         except OSError:
@@ -674,10 +970,18 @@ class LibvirtBackend(Backend):
 
     def _remove_domain_log(self, name: str) -> None:
         if is_local_system(self.uri):
-            try:
-                (DOMAIN_LOG_DIR / f"{name}.log").unlink(missing_ok=True)
-            except OSError as exc:
-                log.info("cannot remove libvirt's log of domain %s: %s", name, exc)
+            for path in DOMAIN_LOG_DIR.glob(f"{glob_escape(name)}.log*"):  # virtlogd's rotated ones too
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.info("cannot remove libvirt's log %s: %s", path, exc)
+
+    def _forget(self, vm_id: str) -> None:
+        """Drop what the backend holds for ``vm_id`` (its agent's connection, its console keeper); under _lock."""
+        vm = self._vms.get(vm_id)
+        if vm is not None and vm.transport is not None:
+            vm.transport.close()
+        self.consoles.forget(vm_id)
 
     def state(self, vm_id: str) -> VMState:
         vm = self._vms.get(vm_id)
@@ -744,6 +1048,8 @@ class LibvirtBackend(Backend):
                 else:
                     log.warning("domain %s is not the one VM %s made (its metadata differs): left alone",
                                 domain_name(vm_id), vm_id)
+            with self._lock:
+                self._forget(vm_id)
             self._remove_files(vm.spec)
         with self._lock:
             self._vms.pop(vm_id, None)
@@ -756,16 +1062,20 @@ class LibvirtBackend(Backend):
         can still remove a domain that is defined but stopped or mute.
         """
         with self._lock:
+            self._forget(spec.vm_id)
             self._vms[spec.vm_id] = _VM(spec)
             self._ended.discard(spec.vm_id)
         try:
             domain = self._lookup(spec.vm_id)
             if domain is None or not self._ours(domain, spec):
                 return False
-            return translate_state(int(domain.state()[0])) == VMState.RUNNING
+            running = translate_state(int(domain.state()[0])) == VMState.RUNNING
         except (BackendError, LibvirtError) as exc:
             log.warning("VM %s: cannot adopt it through libvirt: %s", spec.vm_id, exc)
             return False
+        if running and is_local(self.uri) and self.flavor in ("qemu", "kvm"):
+            self.consoles.keep(spec.vm_id, console_socket(spec), console_path(spec))
+        return running
 
     def running(self) -> list[str]:
         with self._lock:
@@ -779,18 +1089,46 @@ class LibvirtBackend(Backend):
                 continue
         return sorted(alive)
 
+    def agent(self, vm_id: str) -> AgentTransport:
+        """The guest's agent through libvirt's API, on a libvirt connection of this VM's own (rule 8)."""
+        with self._lock:
+            vm = self._vms.get(vm_id)
+            if vm is None:
+                raise BackendError(f"VM {vm_id} is not controlled by this backend")
+            if vm.transport is None:
+                vm.transport = LibvirtAgentTransport(vm_id, functools.partial(self._agent_domain, vm.spec),
+                                                     _agent_command, agent_channel_connected)
+            return vm.transport
+
+    def _agent_domain(self, spec: GuestSpec) -> Any:
+        """The VM's domain on a new connection (the agent transport's own); BackendError if it is not this VM's."""
+        conn = self._open()
+        try:
+            domain = conn.lookupByName(domain_name(spec.vm_id))
+            if not self._ours(domain, spec):
+                raise BackendError(f"domain {domain_name(spec.vm_id)} is not the one VM {spec.vm_id} made")
+        except BaseException:
+            conn.close()
+            raise
+        return domain
+
     # Vendor extras ----------------------------------------------------------------------------
     def ex_console(self, vm_id: str) -> str:
         """The tail of the guest's serial console ('' for an unknown VM)."""
         vm = self._vms.get(vm_id)
-        return tail(console_path(vm.spec), 8000) if vm is not None else ""
+        return console_tail(console_path(vm.spec), 8000) if vm is not None else ""
 
     def ex_domain_xml(self, spec: GuestSpec) -> str:
         """The domain XML ``start`` would define for ``spec`` (no connection needed for a fixed domain type)."""
         options = self.xml_options
         if self.flavor == "qemu" and self.domain_type != "auto":
             options = replace(options, domain_type=self.domain_type)
-        return domain_xml(spec, options)
+        chain = backing_chain(Path(spec.disk)) if options.pass_fds and Path(spec.disk).is_file() else ()
+        return domain_xml(spec, options, chain)
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def domain_still_active(domain: Any) -> bool:
@@ -799,6 +1137,28 @@ def domain_still_active(domain: Any) -> bool:
         return bool(domain.isActive())
     except LibvirtError:
         return False
+
+
+def _read_until(path: Path, marker: str, deadline: float, then: Callable[[], object]) -> bool:
+    """Connect to the console socket ``path``, call ``then()``, read until ``marker`` shows or ``deadline``."""
+    seen = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            sock.connect(str(path))
+            then()
+            while marker.encode() not in seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                sock.settimeout(left)
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return False
+                seen = (seen + chunk)[-8192:]
+        except (OSError, LibvirtError):
+            return False
+    return True
 
 
 def _without_disk_and_share(xml: str) -> str:
@@ -810,5 +1170,3 @@ def _without_disk_and_share(xml: str) -> str:
             if element.tag in ("disk", "filesystem"):
                 devices.remove(element)
     return etree.tostring(root, encoding="unicode")
-
-

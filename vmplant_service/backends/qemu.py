@@ -518,6 +518,11 @@ class QemuBackend(Backend):
                 raise BackendError(f"VM {spec.vm_id}: {nic.host_port} is not a TCP port")
             if nic.kind == "segment" and (not nic.switch or not Path(nic.switch).exists()):
                 raise BackendError(f"VM {spec.vm_id}: the segment's switch {nic.switch} is not running")
+            if nic.kind == "segment" and len(str(nic.switch).encode()) + len("/.PPPPP-NNNNN") > MAX_SOCKET_PATH:
+                # QEMU's vde client binds a socket of its own in the switch's directory.
+                raise BackendError(f"VM {spec.vm_id}: the segment's switch {nic.switch} is too deep for QEMU's vde "
+                                   "client (a unix socket path has at most 107 bytes): give the plant a shorter "
+                                   "<network switch-dir>")
         if len(str(RunPaths.of(spec.run_dir).console_socket).encode()) > MAX_SOCKET_PATH:
             raise BackendError(f"VM {spec.vm_id}: the run directory {spec.run_dir} is too long for a unix socket")
 
