@@ -51,6 +51,7 @@ from vmplant_service.ippool import write_pool
 from vmplant_service.segment import default_switch_dir
 from vmshop_common.addresses import read_addresses
 from vmshop_common.errors import VMShopError
+from vmshop_common.lifecycle import DEFAULT_GRACE
 from vmshop_common.security import add_security_flags, security_from_flags
 
 DEFAULT_POOL = "192.168.77.0/24"
@@ -88,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the shops it notifies of changes, host:port per line (default ./addresses/vmshop_addresses.txt)")
     add("--watch-interval", type=float, default=DEFAULT_WATCH_INTERVAL,
         help=f"seconds between looks at the running guests (default {DEFAULT_WATCH_INTERVAL:g})")
+    add("--shutdown-grace", type=float, default=DEFAULT_GRACE,
+        help=f"seconds a stopping plant lets requests in progress finish (default {DEFAULT_GRACE:g})")
     add_security_flags(parser, "plant")
     add("--output", "-o", default=CONFIG_FILE, help=f"the file to write (default ./{CONFIG_FILE})")
     add("--yes", "-y", action="store_true", help="take the defaults for everything not given; ask nothing")
@@ -216,7 +219,7 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
                        backend_options=_options(args.backend_option), network_mode=network, ip_file=ip_file,
                        switch_dir=switch_dir, capacity_vms=capacity_vms, capacity_memory=capacity_memory,
                        datastore=datastore, shops_file=shops_file, watch_interval=args.watch_interval,
-                       security=security)
+                       shutdown_grace=args.shutdown_grace, security=security)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,

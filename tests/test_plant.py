@@ -775,16 +775,15 @@ def test_info_without_pool(make: Any) -> None:
 @pytest.fixture(scope="module")
 def soap_plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Plant]]:
     """The real VMPlant service over a plant on the fake backend, served in the reactor thread."""
-    from twisted.python.threadpool import ThreadPool
-
     from vmplant_service.service import APP_NAME, PlantRuntime, VMPlantService
     from vmplant_service.wire import TNS
     from vmshop_common.soap.server import build_site
+    from vmshop_common.threads import ThreadPoolService
 
     plant, parts = pf.make_plant(tmp_path_factory.mktemp("soap-plant"))
     rt = soap_harness.reactor_thread()
-    pool = ThreadPool(minthreads=1, maxthreads=8, name="test-vmplant")
-    pool.start()
+    pool = ThreadPoolService(8, name="test-vmplant", reactor=rt.reactor)
+    rt.call(pool.startService)
     served = None
     try:
         site = build_site([VMPlantService], TNS, "https://127.0.0.1:{port}/", name=APP_NAME)
@@ -796,7 +795,7 @@ def soap_plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
     finally:
         if served is not None:
             served.stop()
-        pool.stop()
+        rt.call(pool.stopService)
         pf.shutdown_plant(parts)
 
 

@@ -339,6 +339,7 @@ class LimitedSite(Site):
     ) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, requestFactory=BodyLimitRequest, **kwargs)
+        self.channels: set[Any] = set()
         self.max_body_bytes = max_body_bytes
         if discard_limit_bytes == -1:
             discard_limit_bytes = None if max_body_bytes is None else 4 * max_body_bytes + (1 << 20)
@@ -356,7 +357,8 @@ class LimitedSite(Site):
             super().log(request)
 
     def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted's name
-        """The HTTP channel, with Nagle's algorithm off on its connection.
+        """The HTTP channel, with Nagle's algorithm off on its connection, kept in :attr:`channels` while
+        it is connected.
 
         A SOAP answer is written in pieces (headers, then body); with Nagle on,
         a keep-alive client that waits for the answer meets the peer's delayed
@@ -365,14 +367,28 @@ class LimitedSite(Site):
         protocol = super().buildProtocol(addr)
         if protocol is not None:
             make_connection = protocol.makeConnection
+            connection_lost = protocol.connectionLost
 
             def make(transport: Any) -> None:
                 if hasattr(transport, "setTcpNoDelay"):
                     transport.setTcpNoDelay(True)
+                self.channels.add(protocol)
                 make_connection(transport)
 
+            def lost(reason: Any) -> None:
+                self.channels.discard(protocol)
+                connection_lost(reason)
+
             protocol.makeConnection = make
+            protocol.connectionLost = lost
         return protocol
+
+    def close_connections(self, *, idle_only: bool = False) -> int:
+        """Close the connections (with ``idle_only``, those with no request in progress); how many."""
+        closing = [channel for channel in self.channels if not (idle_only and channel.requests)]
+        for channel in closing:
+            channel.transport.loseConnection()
+        return len(closing)
 
 
 # --- the resource -----------------------------------------------------------------
@@ -442,6 +458,7 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
         self.max_body_bytes = max_body_bytes
         self.wsdl = wsdl
         self.pending: dict[Request, Deferred[Any]] = {}
+        self._cancelled: set[Request] = set()
         self.accepting = True
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -494,19 +511,32 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
         return waiter
 
     def cancel_pending(self) -> int:
-        """Cancel the Deferred of every pending request (each is answered as its method's chain decides, a
-        cancelled one ``Server.ShuttingDown``); returns how many were cancelled."""
-        pending = list(self.pending.values())
-        for d in pending:
+        """Cancel the Deferred of every pending request; returns how many were cancelled. A cancelled request
+        whose method's chain then fails, whatever its failure became, is answered ``Server.ShuttingDown``
+        (one that still succeeds is answered as usual)."""
+        pending = list(self.pending.items())
+        for request, d in pending:
+            self._cancelled.add(request)
             d.cancel()
         return len(pending)
 
     def _forget(self, request: Request) -> None:
         self.pending.pop(request, None)
+        self._cancelled.discard(request)
         if not self.pending and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    @staticmethod
+    def _cancelled_fault(failure: Failure) -> Fault:
+        """The answer of a request cancelled at stop: ``Server.ShuttingDown``, naming what its chain made of it."""
+        value: Any = failure.value
+        code = getattr(value, "faultcode", None)
+        text = "the server is stopping: this request was cancelled when its grace ran out"
+        if code and code != ShuttingDownError.CODE:
+            text += f" (it ended as {code}: {str(getattr(value, 'faultstring', ''))[:200]})"
+        return Fault(ShuttingDownError.CODE, text)
 
     def _refuse_while_stopping(self, request: Request) -> bytes:
         request.setHeader(b"Connection", b"close")
@@ -694,6 +724,8 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
                 logger.info("client left before %s failed: %s", p_ctx.method_request_string, failure.getErrorMessage())
                 p_ctx.close()
                 return None
+            if request in self._cancelled:
+                failure = Failure(self._cancelled_fault(failure))
             _spyne_twisted_http._eb_deferred(failure, request, p_ctx, others, resource=self)
             return None
 
