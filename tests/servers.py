@@ -94,8 +94,10 @@ class ServerProcess:
     service: Any = None
     mapfile: Path | None = None
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the server (on the port it had before, if it ran already) and wait until it listens."""
+    def start(self, timeout: float = 60.0,
+              on_listening: Callable[[subprocess.Popen[bytes]], None] | None = None) -> None:
+        """Start the server (on the port it had before, if it ran already) and wait until it listens;
+        ``on_listening(process)`` is called the moment it says so (the log is then watched every millisecond)."""
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
@@ -107,10 +109,12 @@ class ServerProcess:
             found = re.search(r"listening on (https?://127\.0\.0\.1:(\d+)/)", text)
             if found:
                 self.url, self.port = found.group(1), int(found.group(2))
+                if on_listening is not None:
+                    on_listening(self.process)
                 return
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the plant did not start:\n{text}")
-            time.sleep(0.05)
+                raise RuntimeError(f"the server did not start:\n{text}")
+            time.sleep(0.001 if on_listening is not None else 0.05)
 
     def client(self, timeout: float = 300, identity: str | None = "admin", keep: bool = True) -> zeep.Client:
         """A zeep client built from the checked-in WSDL, pointed at this server, presenting ``identity``'s
@@ -166,7 +170,7 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
                 backend_options: dict[str, str] | None = None,
                 metrics: dict[str, float] | None = None, shops: list[str] | None = None,
                 watch_interval: float | None = None, identity: str = "plant",
-                insecure: bool = False) -> ServerProcess:
+                insecure: bool = False, shutdown_grace: float | None = None) -> ServerProcess:
     """Configure (with scripts/configure_vmplant.py) and start a plant in ``directory``.
 
     ``shops`` (``host:port`` each) go into its shop list, which is empty by
@@ -191,6 +195,8 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
         args += ["--datastore", str(datastore)]
     if watch_interval is not None:
         args += ["--watch-interval", str(watch_interval)]
+    if shutdown_grace is not None:
+        args += ["--shutdown-grace", str(shutdown_grace)]
     for key, value in (backend_options or {}).items():
         args += ["--backend-option", f"{key}={value}"]
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory))

@@ -374,7 +374,7 @@ def test_an_answer_whose_connection_is_lost_as_it_is_written_logs_no_error(
     events: list[dict[str, Any]] = []
     server = soap_harness.serve_in_thread(build_echo_site("http://127.0.0.1:{port}/" if not tls else
                                                           "https://127.0.0.1:{port}/"), rt=rt, tls=tls)
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(events.append)  # type: ignore[arg-type]
     HELD.clear()
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -407,7 +407,7 @@ def test_an_answer_whose_connection_is_lost_as_it_is_written_logs_no_error(
         assert not failures, [formatEvent(e) for e in failures]
         assert b"still" in post(server.url, envelope("<t:echo><t:s>still</t:s></t:echo>")).content
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(events.append)  # type: ignore[arg-type]
         server.stop()
 
 

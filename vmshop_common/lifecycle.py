@@ -11,7 +11,8 @@ Stopping (SIGTERM or SIGINT; the rules both servers document in the README):
 1. The listener stops accepting at once: no new connection, and a new request on a kept-alive one is
    answered ``Server.ShuttingDown`` (HTTP 503). Requests in progress may finish until the grace
    (``<shutdown grace=...>``, default 30 s) is over; then the ones left are cancelled (answered
-   ``Server.ShuttingDown``) and every connection is closed, at most :data:`AFTER_GRACE` seconds later.
+   ``Server.ShuttingDown``, within :data:`AFTER_GRACE` seconds) and every connection is closed (its last
+   answers sent, within :data:`AFTER_GRACE` seconds more).
 2. Timers stop; a round in progress may finish until the grace is over, then it is cancelled.
 3. The thread pool takes no new work and waits for the work in progress until the grace is over; work
    still running then is abandoned on its daemon threads (a plant's create in the middle of a boot: the
@@ -24,7 +25,9 @@ and the pool would stop under requests still using it). A second SIGTERM/SIGINT 
 A watchdog ends the process (status 1, logged) if the stop takes longer than the grace plus
 :data:`WATCHDOG_MARGIN` seconds: the stop never hangs. SIGHUP runs the server's reload (in the reactor
 thread; whatever it reads, it reads on a thread). The handlers are in place before the tree starts, so a
-signal sent as soon as a server prints that it listens is handled, never the default action.
+signal sent as soon as a server prints that it listens is handled, never the default action; a SIGHUP
+that comes earlier still, while the server starts (:func:`record_hangups`, from the command line's
+start), makes a reload once the reactor runs.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ DEFAULT_GRACE = 30.0
 AFTER_GRACE = 5.0
 """Seconds, after the grace, for cancelled requests to be answered and for each closer."""
 
-WATCHDOG_MARGIN = 20.0
+WATCHDOG_MARGIN = 30.0
 """Seconds past the grace after which a stop that has not ended ends the process."""
 
 
@@ -244,6 +247,23 @@ class Closing(Service):
             lambda _: None, failed)
 
 
+class HangupRecorder:
+    """A SIGHUP handler for a server's start-up (:func:`record_hangups`): it notes the signal, and
+    :func:`run_server` reloads once the reactor runs. Without it SIGHUP's default action would end a server
+    still starting."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.seen = True
+
+
+def record_hangups() -> None:
+    """From now on until :func:`run_server` takes over, a SIGHUP is noted, not fatal."""
+    signal.signal(signal.SIGHUP, HangupRecorder())
+
+
 def _watchdog(seconds: float) -> None:
     """End the process if it has not ended ``seconds`` from now (a stop that hangs)."""
     def fire() -> None:
@@ -303,7 +323,9 @@ def run_server(root: ServerService, *, reload: Callable[[], Any] | None = None,
 
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)
-    signal.signal(signal.SIGHUP, on_hup)
+    early = signal.signal(signal.SIGHUP, on_hup)
+    if isinstance(early, HangupRecorder) and early.seen:
+        reactor.callWhenRunning(reloaded)  # a SIGHUP while the server started: the files may have changed since
     root.privilegedStartService()
     root.startService()
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
@@ -315,5 +337,5 @@ def run_server(root: ServerService, *, reload: Callable[[], Any] | None = None,
     return 0
 
 
-__all__ = ["AFTER_GRACE", "DEFAULT_GRACE", "WATCHDOG_MARGIN", "Closing", "RoundTimer", "ServerService", "Shutdown",
-           "first_of", "run_server"]
+__all__ = ["AFTER_GRACE", "DEFAULT_GRACE", "WATCHDOG_MARGIN", "Closing", "HangupRecorder", "RoundTimer",
+           "ServerService", "Shutdown", "first_of", "record_hangups", "run_server"]

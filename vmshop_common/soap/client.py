@@ -334,7 +334,7 @@ class AsyncSoapClient:
         Fails with ``zeep.exceptions.Fault`` (original code kept),
         :class:`SoapCallTimeout` after ``self.timeout`` seconds, or the
         errors listed in the module docstring. Cancelling the Deferred aborts
-        the HTTP request.
+        the HTTP request; it then fails with ``CancelledError``.
         """
         return self.call_with_timeout(self.timeout, op_name, **kwargs)
 
@@ -365,8 +365,17 @@ class AsyncSoapClient:
                 raise SoapCallTimeout(op_name, self.address, timeout)
             return result
 
+        def _cancelled(failure: Failure) -> Failure:
+            # Twisted's Agent reports a request cancelled while it waited as ResponseNeverReceived or
+            # ResponseFailed holding a CancelledError: the caller that cancelled sees its CancelledError.
+            reasons = getattr(failure.value, "reasons", None) or []
+            if any(reason.check(defer.CancelledError) for reason in reasons):
+                return Failure(defer.CancelledError(f"{op_name} at {self.address} was cancelled"))
+            return failure
+
         d.addCallback(_got_response)
         d.addCallback(lambda reply: self._binding.process_reply(self.zeep, operation, reply))
+        d.addErrback(_cancelled)
         d.addTimeout(timeout, self.reactor, onTimeoutCancel=_timed_out)
         return d
 

@@ -340,6 +340,7 @@ class LimitedSite(Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, requestFactory=BodyLimitRequest, **kwargs)
         self.channels: set[Any] = set()
+        self._closed_waiters: list[Deferred[None]] = []
         self.max_body_bytes = max_body_bytes
         if discard_limit_bytes == -1:
             discard_limit_bytes = None if max_body_bytes is None else 4 * max_body_bytes + (1 << 20)
@@ -378,16 +379,36 @@ class LimitedSite(Site):
             def lost(reason: Any) -> None:
                 self.channels.discard(protocol)
                 connection_lost(reason)
+                if not self.channels and self._closed_waiters:
+                    waiters, self._closed_waiters = self._closed_waiters, []
+                    for waiter in waiters:
+                        waiter.callback(None)
 
             protocol.makeConnection = make
             protocol.connectionLost = lost
         return protocol
 
+    def when_no_connections(self) -> Deferred[None]:
+        """A Deferred that fires once no connection is open (what was written to them is then sent)."""
+        if not self.channels:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._closed_waiters.append(waiter)
+        return waiter
+
     def close_connections(self, *, idle_only: bool = False) -> int:
         """Close the connections (with ``idle_only``, those with no request in progress); how many."""
-        closing = [channel for channel in self.channels if not (idle_only and channel.requests)]
+        # Twisted's site protocol wraps the HTTP/1.1 channel (to switch to HTTP/2): requests and transport are its.
+        channels = [getattr(protocol, "_channel", protocol) for protocol in self.channels]
+        closing = [channel for channel in channels if not (idle_only and getattr(channel, "requests", None))]
         for channel in closing:
-            channel.transport.loseConnection()
+            transport = channel.transport
+            if transport is None:
+                continue
+            transport.loseConnection()  # TLS: sends close_notify after what is written...
+            lower = getattr(transport, "transport", None)
+            if lower is not None:
+                lower.loseConnection()  # ...and closes without waiting for the peer's (an idle client never reads)
         return len(closing)
 
 

@@ -11,9 +11,11 @@ server's credentials, or plain HTTP on loopback when insecure; a failure to bind
    plant's work on its pool) may finish until the grace is over;
 3. then the ones left are cancelled: each is answered ``Server.ShuttingDown`` once its method's chain has
    run its clean-up (the shop deletes the entry of a create it gave up), waited for at most
-   ``after_grace`` seconds, and every connection still open is closed.
+   ``after_grace`` seconds, and every connection still open is closed, its last answers sent (waited
+   for at most ``after_grace`` seconds more).
 
-The returned Deferred fires when that is done; it never waits longer than the grace plus ``after_grace``.
+The returned Deferred fires when that is done; it never waits longer than the grace plus twice
+``after_grace``.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class SoapListener(Service):
             defer.succeed(None)
         self.site.close_connections(idle_only=True)
         if resource.pending:
-            log.info("stopping: %d request(s) in progress may finish within %g s", len(resource.pending),
+            log.info("stopping: %d request(s) in progress may finish within %.1f s", len(resource.pending),
                      self.shutdown.remaining())
         d = first_of(resource.when_idle(), self.shutdown.over())
 
@@ -86,23 +88,28 @@ class SoapListener(Service):
                 return defer.succeed(None)
             log.warning("stopping: the grace is over, cancelling %d request(s) in progress",
                         resource.cancel_pending())
-            timer = task.deferLater(self.reactor, self.after_grace, lambda: None)
-            done = first_of(resource.when_idle(), timer)
+            return self._within_after_grace(resource.when_idle())
 
-            def stop_timer(_: Any) -> None:
-                if not timer.called:
-                    timer.cancel()
-
-            return done.addBoth(stop_timer)
-
-        def close(_: Any) -> Deferred[Any]:
+        def close(_: Any) -> Deferred[None]:
             if resource.pending:
                 log.warning("stopping: %d cancelled request(s) did not end within %g s; closing their connections",
                             len(resource.pending), self.after_grace)
             self.site.close_connections()
-            return stopped
+            # The answers written last go out before the reactor stops (a peer that reads nothing is dropped).
+            return self._within_after_grace(self.site.when_no_connections())
 
-        return d.addCallback(cancel_the_rest).addCallback(close).addCallback(lambda _: None)
+        return d.addCallback(cancel_the_rest).addCallback(close).addCallback(lambda _: stopped).addCallback(
+            lambda _: None)
+
+    def _within_after_grace(self, d: Deferred[Any]) -> Deferred[None]:
+        """``d``, or ``after_grace`` seconds, whichever comes first."""
+        timer = task.deferLater(self.reactor, self.after_grace, lambda: None)
+
+        def stop_timer(_: Any) -> None:
+            if not timer.called:
+                timer.cancel()
+
+        return first_of(d, timer).addBoth(stop_timer)
 
 
 __all__ = ["SoapListener"]
