@@ -52,6 +52,14 @@ What is fixed, and how (point of the stack notes -> fix):
   the parsed document before spyne reads it as an envelope (``server.py``
   holds it to SOAP 1.1's structure there).
 
+Additions for stopping: the resource knows its pending requests, refuses
+new ones and cancels the rest (:meth:`CompatTwistedWebResource.stop_accepting`,
+:meth:`~CompatTwistedWebResource.cancel_pending`); the site knows its open
+connections and closes them (:meth:`LimitedSite.close_connections`, which
+reads the HTTP/1.1 channel inside Twisted 26.10's site protocol through its
+private ``_channel`` attribute, falling back to the protocol itself;
+``tests/test_lifecycle.py`` covers it).
+
 One addition that is not a fix: :meth:`CompatTwistedWebResource.caller`
 says who sent a request (``server.py`` answers with the identity of the
 TLS peer's certificate); the answer is the method context's ``udc``, the
@@ -402,7 +410,7 @@ class LimitedSite(Site):
         channels = [getattr(protocol, "_channel", protocol) for protocol in self.channels]
         closing = [channel for channel in channels if not (idle_only and getattr(channel, "requests", None))]
         for channel in closing:
-            transport = channel.transport
+            transport = getattr(channel, "transport", None)
             if transport is None:
                 continue
             transport.loseConnection()  # TLS: sends close_notify after what is written...
