@@ -343,3 +343,22 @@ def wait_until(predicate: Any, timeout: float = 30) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+# --- the shop's tree ----------------------------------------------------------------------------------------------
+
+
+def test_the_shops_tree_starts_the_listener_last_and_stops_it_first(tmp_path: Path) -> None:
+    from vmshop_common.security import ServerSecurity
+    from vmshop_service.config import ShopConfig
+    from vmshop_service.main import build_shop
+
+    plants = tmp_path / "vmplant_addresses.txt"
+    plants.write_text("127.0.0.1:9001\n")
+    config = ShopConfig(database=tmp_path / "registry.sqlite3", plants_file=plants, shutdown_grace=7,
+                        security=ServerSecurity(insecure=True))
+    server = build_shop(config, port=0, reactor=task.Clock())
+    assert [child.name for child in server.root] == ["closing the registry", "vmshop-pool", "shop", "lease timer",
+                                                     "state poll", "listener"]
+    assert server.root.shutdown.grace == 7 and server.pool.deadline == 60
+    assert server.shop.pool is server.pool
