@@ -282,8 +282,15 @@ def slow(seconds: float) -> bytes:
     return envelope(f"<t:slow><t:seconds>{seconds}</t:seconds></t:slow>")
 
 
-def post(session: requests.Session, url: str, body: bytes) -> requests.Response:
-    return session.post(url, data=body, headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=30)
+def post(session: requests.Session | None, url: str, body: bytes) -> requests.Response:
+    """POST ``body`` as the admin, on ``session`` (kept open) or on a session of its own (closed after)."""
+    own = session is None
+    session = session or PKI.session("admin")
+    try:
+        return session.post(url, data=body, headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=30)
+    finally:
+        if own:
+            session.close()
 
 
 def test_a_request_that_ends_within_the_grace_is_answered(
@@ -291,7 +298,7 @@ def test_a_request_that_ends_within_the_grace_is_answered(
     served, shutdown = listener
     url = served.public_url
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(post, PKI.session("admin"), url, slow(0.5))
+        answer = pool.submit(post, None, url, slow(0.5))
         wait_until(lambda: served.site.soap_resource.pending)
         started = time.monotonic()
         rt.call(stop_listener, served, shutdown)
@@ -307,14 +314,14 @@ def test_a_request_past_the_grace_is_cancelled_and_nothing_new_is_taken(
     url = served.public_url
     kept_alive = PKI.session("admin")
     assert post(kept_alive, url, envelope("<t:echo><t:s>hello</t:s></t:echo>")).status_code == 200
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(post, PKI.session("admin"), url, slow(60))
+    with kept_alive, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(post, None, url, slow(60))
         wait_until(lambda: served.site.soap_resource.pending)
         started = time.monotonic()
         stopping = pool.submit(rt.call, stop_listener, served, shutdown, timeout=30)
         wait_until(lambda: not served.site.soap_resource.accepting)
         with pytest.raises(requests.exceptions.ConnectionError):  # no new connection
-            post(PKI.session("admin"), url, envelope("<t:echo><t:s>late</t:s></t:echo>"))
+            post(None, url, envelope("<t:echo><t:s>late</t:s></t:echo>"))
         answer = long.result(30)
         stopping.result(30)
     assert 0.9 < time.monotonic() - started < 10

@@ -107,9 +107,30 @@ def test_a_plant_stopped_in_the_middle_of_a_create_exits_within_its_grace_and_re
     clean(plant.output())
 
 
-def test_a_plant_stopped_while_idle_exits_at_once(plant: ServerProcess) -> None:
-    assert stopped_in(plant) < GRACE
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_plant_stopped_while_idle_exits_at_once(plant: ServerProcess, sig: int) -> None:
+    assert stopped_in(plant, sig) < GRACE
     assert "vmplant stopped" in plant.output()
+
+
+def test_a_second_sigterm_ends_the_grace_at_once(tmp_path: Path, warehouse_dir: Path) -> None:
+    plant = start_plant(tmp_path / "plant", warehouse_dir, backend="fake", network="none", shutdown_grace=600)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hanging = pool.submit(plant.service_as("admin", timeout=120).createVM, dag=HANGING, owner="alice",
+                                  vm_id="hanging")
+            wait_for(lambda: plant_state(plant, "hanging") == "configuring", 60, "the create to run its action")
+            process = plant.process
+            assert process is not None
+            process.send_signal(signal.SIGTERM)
+            wait_for(lambda: "stopping (requests in progress have 600 s)" in plant.output(), 30, "the stop to begin")
+            took = stopped_in(plant, limit=AFTER_GRACE * 2 + SLACK)  # not the 600 s
+            with pytest.raises(zeep.exceptions.Fault) as info:
+                hanging.result(30)
+        assert fault_code(info) == "Server.ShuttingDown" and took < AFTER_GRACE * 2 + SLACK
+        assert "again: the grace ends now" in plant.output()
+    finally:
+        plant.cleanup()
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from vmshop_common.errors import ConfigurationError
-from vmshop_common.lifecycle import Closing, RoundTimer, ServerService, Shutdown, run_server
+from vmshop_common.lifecycle import AFTER_GRACE, Closing, RoundTimer, ServerService, Shutdown, run_server, within
 from vmshop_common.security import PORT_PLACEHOLDER, StartedSecurity, is_loopback, start_security, url
 from vmshop_common.servermain import server_main
 from vmshop_common.soap.listener import SoapListener
@@ -101,7 +101,9 @@ class NotifierService(Service):
     def stopService(self) -> Deferred[Any]:  # noqa: N802 - Twisted's name
         Service.stopService(self)
         notifier, self.runtime.notifier = self.runtime.notifier, None  # nothing is told any more
-        return notifier.close() if notifier is not None else defer.succeed(None)
+        if notifier is None:
+            return defer.succeed(None)
+        return within(self.runtime.reactor, AFTER_GRACE, notifier.close())  # a shop that never closes: not waited for
 
 
 @dataclass

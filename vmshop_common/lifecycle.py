@@ -125,6 +125,17 @@ def first_of(*deferreds: Deferred[Any]) -> Deferred[None]:
     return result
 
 
+def within(reactor: Any, seconds: float, d: Deferred[Any]) -> Deferred[None]:
+    """A Deferred that fires (with ``None``) when ``d`` does or ``seconds`` have passed, whichever is first."""
+    timer: Deferred[None] = task.deferLater(reactor, seconds, lambda: None)
+
+    def stop_timer(_: Any) -> None:
+        if not timer.called:
+            timer.cancel()
+
+    return first_of(d, timer).addBoth(stop_timer)
+
+
 class ServerService(MultiService):
     """A server's root service: children start in the order they were added and stop one after the other,
     each stop awaited, in reverse order; ``shutdown``'s grace begins when the stop does."""
@@ -338,4 +349,4 @@ def run_server(root: ServerService, *, reload: Callable[[], Any] | None = None,
 
 
 __all__ = ["AFTER_GRACE", "DEFAULT_GRACE", "WATCHDOG_MARGIN", "Closing", "HangupRecorder", "RoundTimer",
-           "ServerService", "Shutdown", "first_of", "record_hangups", "run_server"]
+           "ServerService", "Shutdown", "first_of", "record_hangups", "run_server", "within"]

@@ -37,7 +37,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 
 from vmshop_common.errors import ConfigurationError
-from vmshop_common.lifecycle import Closing, RoundTimer, ServerService, Shutdown, run_server
+from vmshop_common.lifecycle import AFTER_GRACE, Closing, RoundTimer, ServerService, Shutdown, run_server, within
 from vmshop_common.security import PORT_PLACEHOLDER, StartedSecurity, is_loopback, start_security, url
 from vmshop_common.servermain import server_main
 from vmshop_common.soap.listener import SoapListener
@@ -90,7 +90,7 @@ class ShopService(Service):
         Service.stopService(self)
         if self.starting is not None and not self.starting.called:
             self.starting.cancel()
-        return self.shop.stop()
+        return within(self.reactor, AFTER_GRACE, self.shop.stop())  # a plant that never closes is not waited for
 
 
 @dataclass

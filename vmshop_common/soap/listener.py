@@ -24,10 +24,10 @@ import logging
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from vmshop_common.lifecycle import AFTER_GRACE, Shutdown, first_of
+from vmshop_common.lifecycle import AFTER_GRACE, Shutdown, first_of, within
 from vmshop_common.soap.server import SoapSite, bound_port, listen
 from vmshop_common.tls import Credentials
 
@@ -103,13 +103,7 @@ class SoapListener(Service):
 
     def _within_after_grace(self, d: Deferred[Any]) -> Deferred[None]:
         """``d``, or ``after_grace`` seconds, whichever comes first."""
-        timer = task.deferLater(self.reactor, self.after_grace, lambda: None)
-
-        def stop_timer(_: Any) -> None:
-            if not timer.called:
-                timer.cancel()
-
-        return first_of(d, timer).addBoth(stop_timer)
+        return within(self.reactor, self.after_grace, d)
 
 
 __all__ = ["SoapListener"]
