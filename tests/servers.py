@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,6 +93,7 @@ class ServerProcess:
     url: str = ""
     service: Any = None
     mapfile: Path | None = None
+    clients: list[zeep.Client] = field(default_factory=list)  # every client made, closed by cleanup()
 
     def start(self, timeout: float = 60.0,
               on_listening: Callable[[subprocess.Popen[bytes]], None] | None = None) -> None:
@@ -122,10 +123,17 @@ class ServerProcess:
         transport = test_pki().zeep_transport(identity, timeout) if self.url.startswith("https:") else \
             zeep.Transport(timeout=timeout, operation_timeout=timeout)
         client = zeep.Client(str(self.wsdl), transport=transport)
+        self.clients.append(client)
         service = client.create_service(self.binding, self.url)
         if keep:
             self.service = service
         return client
+
+    def close_clients(self) -> None:
+        """Close the connections of every client made so far (a socket left to the garbage collector warns)."""
+        for client in self.clients:
+            client.transport.session.close()
+        self.clients.clear()
 
     def service_as(self, identity: str | None, timeout: float = 300) -> Any:
         """The service proxy of a zeep client presenting ``identity``'s certificate (``None``: none)."""
@@ -147,6 +155,7 @@ class ServerProcess:
     def cleanup(self) -> None:
         """Stop the server and kill anything of its own that still runs (a plant's guests, its switch)."""
         self.stop()
+        self.close_clients()
         marker = str(self.state_dir)
         deadline = time.monotonic() + 10
         while True:

@@ -22,7 +22,7 @@ from twisted.application.service import IService, Service
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
-from vmshop_common.errors import DeadlineExceededError, ShuttingDownError
+from vmshop_common.errors import BusyError, DeadlineExceededError, ShuttingDownError
 from vmshop_common.lifecycle import Closing, RoundTimer, ServerService, Shutdown, first_of
 from vmshop_common.soap.listener import SoapListener
 from vmshop_common.threads import ThreadPoolService, in_thread
@@ -238,6 +238,26 @@ def test_a_stopping_pool_takes_no_work_waits_for_the_grace_then_abandons_never_j
         assert not running["work"].called  # the work goes on, on its daemon thread
     finally:
         release.set()
+
+
+def test_work_beyond_the_queue_is_refused_at_once(rt: soap_harness.ReactorThread) -> None:
+    shutdown = Shutdown(0.5, rt.reactor)
+    pool = ThreadPoolService(1, name="test-pool", queue=2, grace=shutdown, reactor=rt.reactor)
+    rt.call(pool.startService)
+    release = threading.Event()
+    try:
+        rt.call(lambda: {"works": [pool.run(release.wait, 60) for _ in range(3)]})  # one runs, two wait
+        with pytest.raises(BusyError, match="2 requests wait"):
+            rt.call(pool.run, lambda: None)
+        release.set()
+        deadline = time.monotonic() + 10
+        while pool.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert rt.call(pool.run, lambda: "room again") == "room again"
+    finally:
+        release.set()
+        rt.call(pool.stopService)
 
 
 def test_an_idle_pool_stops_at_once(rt: soap_harness.ReactorThread) -> None:

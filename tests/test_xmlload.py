@@ -329,6 +329,7 @@ STABLE_CODES = {
     "NoOperationError": "Client.NoOperation",
     "ExtraOperationError": "Client.ExtraOperation",
     "ShuttingDownError": "Server.ShuttingDown",
+    "BusyError": "Server.Busy",
     "DeadlineExceededError": "Server.DeadlineExceeded",
     "CapacityExhaustedError": "Server.CapacityExhausted",
     "PoolExhaustedError": "Server.PoolExhausted",

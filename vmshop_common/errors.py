@@ -233,6 +233,12 @@ class ShuttingDownError(VMShopError):
     CODE = "Server.ShuttingDown"
 
 
+class BusyError(VMShopError):
+    """More requests wait for the server's threads than it lets wait: this one is refused at once (try later)."""
+
+    CODE = "Server.Busy"
+
+
 class DeadlineExceededError(VMShopError):
     """Work for a request did not end within its stated deadline; the request is answered (the work may still
     end later, its result unused)."""
@@ -289,7 +295,7 @@ ALL_ERRORS: tuple[type[VMShopError], ...] = (
     DagInvalidError, NoSuchImageError, NoSuchVMError, NoSuchPlantError, QueryInvalidError, NotSupportedError,
     DeclinedError, AddressNotLeasedError, CredentialsError, AuthenticationFailedError, NotAuthorizedError,
     QuotaExceededError, VersionMismatchError, NotAnEnvelopeError, NoBodyError, ExtraBodyError, HeaderMisplacedError,
-    StrayContentError, NoOperationError, ExtraOperationError, ShuttingDownError, DeadlineExceededError,
+    StrayContentError, NoOperationError, ExtraOperationError, ShuttingDownError, BusyError, DeadlineExceededError,
     CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError, NoPlantError, PlantGoneError,
     ConfigurationError,
 )

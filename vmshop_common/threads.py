@@ -11,6 +11,8 @@ the reactor thread. The rules here make sure no request and no stop ever waits o
   unused, its lateness logged); while it does, the pool has one thread more, so that an overrun never
   takes a thread from the requests after it (at most ``size`` more at once).
 * Cancelling that Deferred answers it at once (``CancelledError``), the same way.
+* With a ``queue`` bound, work that would wait for a thread behind ``queue`` others is refused at once
+  (:class:`~vmshop_common.errors.BusyError`): a burst is never queued without end.
 * Stopping the service (``stopService``) refuses new work (``ShuttingDownError``) and returns a
   Deferred that fires when every work in progress has ended or when the shutdown's grace is over,
   whichever comes first. It never joins a busy thread: the pool's threads are daemon threads, so work
@@ -34,7 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .errors import DeadlineExceededError, ShuttingDownError
+from .errors import BusyError, DeadlineExceededError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,11 +78,12 @@ class ThreadPoolService(Service):
     """A pool of ``size`` daemon threads for blocking work, as a Twisted service (see the module's rules).
 
     ``deadline``: seconds a work may take unless :meth:`run` says otherwise (``None``: no deadline).
+    ``queue``: how many works may wait for a thread (``None``: any number).
     ``grace``: what says when a stop stops waiting for work in progress (``None``: the stop waits for it).
     """
 
-    def __init__(self, size: int, *, name: str, deadline: float | None = None, grace: Grace | None = None,
-                 reactor: Any = None) -> None:
+    def __init__(self, size: int, *, name: str, deadline: float | None = None, queue: int | None = None,
+                 grace: Grace | None = None, reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -89,6 +92,7 @@ class ThreadPoolService(Service):
         self.size = size
         self.name = name
         self.deadline = deadline
+        self.queue = queue
         self.grace = grace
         self.pool = _DaemonThreadPool(minthreads=0, maxthreads=size, name=name)
         self.abandoned: list[str] = []
@@ -114,6 +118,10 @@ class ThreadPoolService(Service):
         """
         if self._stopping:
             return defer.fail(ShuttingDownError(f"the server is stopping: {self.name} takes no new work"))
+        waiting = len(self._works) - (self.size + self._extra)  # works beyond the threads wait for one
+        if self.queue is not None and waiting >= self.queue:
+            return defer.fail(BusyError(f"the server is busy: {waiting} requests wait for its {self.size} threads "
+                                        "already; try again later"))
         limit = self.deadline if deadline is POOL_DEADLINE else deadline
         entry = _Work(what or getattr(work, "__qualname__", None) or repr(work), self.reactor.seconds(), Deferred())
         self._works.add(entry)
