@@ -340,8 +340,8 @@ SOAP12_LIST_PLANTS = ('<?xml version="1.0" encoding="UTF-8"?><e:Envelope xmlns:e
 
 def test_a_soap_1_2_envelope_gets_soap_1_1s_version_mismatch(shop: ServerProcess) -> None:
     """What gSOAP's default build of this WSDL sends (see c/build.sh) should get SOAP 1.1's own answer (4.4.1)."""
-    answer = test_pki().session("admin").post(
-        shop.url, data=SOAP12_LIST_PLANTS.encode(), timeout=60,
-        headers={"Content-Type": 'application/soap+xml; charset=utf-8; action="listPlants"'})
+    with test_pki().session("admin") as session:
+        answer = session.post(shop.url, data=SOAP12_LIST_PLANTS.encode(), timeout=60,
+                              headers={"Content-Type": 'application/soap+xml; charset=utf-8; action="listPlants"'})
     assert answer.status_code == 500
     assert "<faultcode>soap11env:VersionMismatch</faultcode>" in answer.text

@@ -391,7 +391,8 @@ def send_raw(server: ServerProcess, item: Item) -> tuple[str, str]:
     if isinstance(data, str):
         data = data.replace("{tns}", TNS[item.target]).encode()
     headers = {} if item.content_type is None else {"Content-Type": item.content_type}
-    response = test_pki().session("admin").post(server.url, data=data, headers=headers, timeout=120)
+    with test_pki().session("admin") as session:  # closed: a socket left to the garbage collector warns later
+        response = session.post(server.url, data=data, headers=headers, timeout=120)
     assert response.status_code == item.status, (response.status_code, response.content[:300])
     return fault_of(response)
 

@@ -886,8 +886,9 @@ def test_soap_fault_doctype(soap: Any, soap_plant: tuple[Any, Plant]) -> None:
     envelope = ('<?xml version="1.0"?>\n<!DOCTYPE e [<!ENTITY x "y">]>\n'
                 '<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" '
                 'xmlns:p="urn:vmshop:vmplant:1"><soap:Body><p:plantInfo/></soap:Body></soap:Envelope>')
-    response = test_pki().session("shop").post(served.url, data=envelope.encode(), timeout=30,
-                             headers={"Content-Type": "text/xml; charset=utf-8"})
+    with test_pki().session("shop") as session:
+        response = session.post(served.url, data=envelope.encode(), timeout=30,
+                                headers={"Content-Type": "text/xml; charset=utf-8"})
     assert response.status_code == 500
     from lxml import etree
 
