@@ -5,8 +5,8 @@ A server stopped with SIGTERM stops accepting at once, lets requests in progress
 than the grace plus :data:`~vmshop_common.lifecycle.AFTER_GRACE` and some slack for a loaded machine
 (:data:`SLACK`). A plant holding a create in the middle of its actions exits on time too (the thread
 doing it is abandoned); its guests keep running and the next start re-adopts them. SIGHUP sent the
-moment a server says it listens is handled (it re-reads its files), never fatal. Every wait polls with a
-deadline; nothing sleeps.
+moment a server says it listens is handled (it re-reads its files), never fatal. One test (``guest``) does
+the plant's case with real QEMU guests. Every wait polls with a deadline; nothing sleeps.
 """
 
 from __future__ import annotations
@@ -268,3 +268,35 @@ def test_sighup_the_moment_a_server_listens_is_handled(tmp_path: Path, warehouse
     finally:
         for started in reversed(servers):
             started.cleanup()
+
+
+@pytest.mark.guest
+def test_a_real_plant_stopped_in_the_middle_of_a_create_exits_on_time_and_readopts_its_running_guest(
+        guest_tmp: Path, warehouse_dir: Path, tiny_image: Any) -> None:
+    """The same with real QEMU guests: the create's thread waits on a guest action of 600 s when SIGTERM comes."""
+    plant = start_plant(Path(guest_tmp) / "plant", warehouse_dir, name="real", network="none", shutdown_grace=GRACE)
+    try:
+        kept = plant.service.createVM(dag=image_dag("echo up"), owner="alice", vm_id="kept").vm
+        assert kept.state == "running"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hanging = pool.submit(plant.service_as("admin", timeout=600).createVM, dag=image_dag("sleep 600"),
+                                  owner="alice", vm_id="hanging")
+            wait_for(lambda: plant_state(plant, "hanging") == "configuring", 300, "the create to run its action")
+            took = stopped_in(plant)
+            with pytest.raises(zeep.exceptions.Fault) as info:
+                hanging.result(30)
+        assert fault_code(info) == "Server.ShuttingDown" and took < GRACE + AFTER_GRACE + SLACK
+        clean(plant.output())
+
+        plant.start()
+        plant.client()
+        assert plant_state(plant, "kept") == "running"
+        runs = plant.service.configureVM(vm_id="kept", dag=image_dag("echo still here"))
+        assert [run.output.strip() for run in runs] == ["still here"]  # the same guest, re-adopted
+        assert plant_state(plant, "hanging") not in ("booting", "configuring")
+        for vm_id in ("kept", "hanging"):
+            if plant_state(plant, vm_id) == "running":
+                assert plant.service.collectVM(vm_id=vm_id).state == "collected"
+        clean(plant.output())
+    finally:
+        plant.cleanup()
