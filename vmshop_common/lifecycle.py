@@ -17,10 +17,10 @@ Stopping (SIGTERM or SIGINT; the rules both servers document in the README):
 3. The thread pool takes no new work and waits for the work in progress until the grace is over; work
    still running then is abandoned on its daemon threads (a plant's create in the middle of a boot: the
    guest keeps running and the next start deals with it, as after a crash).
-4. The closers close files and databases on threads of their own, each within :data:`AFTER_GRACE`
-   seconds, and skip what abandoned work may still be using.
+4. The closers close files and databases on threads of their own, each within a deadline of its own
+   (:data:`AFTER_GRACE` seconds unless told otherwise), and skip what abandoned work may still be using.
 
-Each child's stop is awaited before the next begins (``MultiService`` would start them all at once,
+Each child's stop is awaited before the next begins (``MultiService`` would stop them all at once,
 and the pool would stop under requests still using it). A second SIGTERM/SIGINT ends the grace at once.
 A watchdog ends the process (status 1, logged) if the stop takes longer than the grace plus
 :data:`WATCHDOG_MARGIN` seconds: the stop never hangs. SIGHUP runs the server's reload (in the reactor
