@@ -78,8 +78,12 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zeep.wsdl.utils import etree_to_string
 from zope.interface import implementer
 
+from vmshop_common import patches
 from vmshop_common.errors import CredentialsError
 from vmshop_common.tls import requests_tls
+
+# zeep's and Twisted's private names used here are listed in vmshop_common.patches; refuse other versions.
+patches.check_versions(("zeep", "Twisted"))
 
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 """Default largest reply body accepted (bytes)."""

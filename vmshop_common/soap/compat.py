@@ -5,11 +5,17 @@ Import this module *before* anything imports ``spyne.server.twisted``
 stack notes: Spyne's ``TwistedWebResource`` plus a small compatibility layer,
 so that service methods may return Deferreds.
 
+Every patch of third-party code, these included, is listed (with the
+version it was written for, its guard and its tests) in
+:mod:`vmshop_common.patches`; that module also makes the run-time changes
+(``twisted.python.constants``, spyne's six importer, spyne's GC interval),
+which this module applies before it imports spyne.
+
 What is fixed, and how (point of the stack notes -> fix):
 
 * ``No module named 'twisted.python.constants'`` (Twisted >= 24.11 removed it):
   the ``constantly`` package, which holds the same classes, is registered
-  under that name. This is the only change to a module that is not ours.
+  under that name (by :mod:`vmshop_common.patches`).
 * Every SOAP POST answered 405 ``Client.RequestNotAllowed`` (``b'POST'`` was
   compared with ``"POST"``) and the Content-Type header arrived as bytes (it
   then crashed ``cgi.parse_header``): :class:`CompatTransportContext` hands
@@ -31,7 +37,9 @@ What is fixed, and how (point of the stack notes -> fix):
   plain ``twisted.web.server.Site`` (which still stores the whole body).
 * Spyne's bundled six 1.14 importer lacks ``find_spec``: every later import
   of a missing module raised an ``ImportWarning`` (an error under
-  ``-W error``). Its class gets six 1.16's three PEP 451 methods.
+  ``-W error``). Its class gets six 1.16's three PEP 451 methods (by
+  :mod:`vmshop_common.patches`, which also stops spyne's forced
+  ``gc.collect()`` on the request path).
 * Spyne's ``getChildWithDefault`` built Twisted's deprecated
   ``_UnsafeNoResource`` for every request path (a ``DeprecationWarning`` at
   each request): the resource is a leaf, so that is never called.
@@ -65,10 +73,10 @@ says who sent a request (``server.py`` answers with the identity of the
 TLS peer's certificate); the answer is the method context's ``udc``, the
 one place service methods learn who is calling.
 
-The fixes are subclasses; spyne's own classes are left alone, except that
-its bundled six importer class gains the three methods above. Only the spyne
-version these were written against is accepted (:data:`SPYNE_VERSION`): the
-resource reuses spyne 2.14.0's module-level response helpers.
+The other fixes are subclasses; spyne's own classes are left alone. Only the
+versions these were written against are accepted (:data:`SPYNE_VERSION`;
+:data:`vmshop_common.patches.WRITTEN_FOR`): the resource reuses spyne
+2.14.0's module-level response helpers.
 """
 
 from __future__ import annotations
@@ -80,34 +88,17 @@ import threading
 import warnings
 from typing import Any
 
+from vmshop_common import patches
 from vmshop_common.errors import ShuttingDownError
 
-# --- twisted.python.constants -------------------------------------------------
+# The run-time changes to spyne, its six and Twisted (listed, with every other patch, in vmshop_common.patches),
+# after the version guard; spyne is then imported with its import-time warnings silenced.
+patches.apply()
 
-
-def _install_twisted_constants() -> None:
-    """Register ``constantly`` as ``twisted.python.constants`` if Twisted lacks it."""
-    try:
-        import twisted.python.constants  # noqa: F401
-    except ImportError:
-        import constantly
-        import twisted.python
-
-        sys.modules["twisted.python.constants"] = constantly
-        twisted.python.constants = constantly  # type: ignore[attr-defined]
-
-
-_install_twisted_constants()
-
-# Spyne's bundled six raises ImportWarning, spyne imports the deprecated cgi
-# module and twisted.web.resource's NoResource is deprecated: all at import
-# time. Import them once here, with exactly those warnings silenced, so that a
-# test run with ``filterwarnings = error`` does not depend on its ignore list.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=ImportWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
-    import spyne
     from spyne.auxproc import process_contexts
     from spyne.const.http import HTTP_200
     from spyne.error import InternalError, RequestTooLongError
@@ -127,69 +118,11 @@ with warnings.catch_warnings():
     from twisted.web.resource import Resource
     from twisted.web.server import NOT_DONE_YET, Request, Site
 
-
-
-def _fix_six_importer() -> None:
-    """Give spyne's bundled six 1.14 meta path importer the PEP 451 methods of six 1.16.
-
-    Without ``find_spec`` every later import of a module that does not exist
-    (e.g. urllib3 probing for ``brotlicffi``) falls back to ``find_module``
-    and emits an ``ImportWarning`` - an error under ``-W error``. The methods
-    are exactly six 1.16's; they are added only if missing.
-    """
-    from importlib.util import spec_from_loader
-
-    from spyne.util import six as spyne_six
-
-    cls = spyne_six._SixMetaPathImporter
-    if "find_spec" in cls.__dict__:
-        return
-
-    def find_spec(self: Any, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname in self.known_modules:
-            return spec_from_loader(fullname, self)
-        return None
-
-    def create_module(self: Any, spec: Any) -> Any:
-        return self.load_module(spec.name)
-
-    def exec_module(self: Any, module: Any) -> None:
-        pass
-
-    cls.find_spec = find_spec
-    cls.create_module = create_module
-    cls.exec_module = exec_module
-
-
-_fix_six_importer()
-
-SPYNE_VERSION = "2.14.0"
-"""The only spyne release this module was written and tested against."""
-
-if spyne.__version__ != SPYNE_VERSION:  # pragma: no cover - guarded by the pins in setup.py
-    raise ImportError(
-        f"vmshop_common.soap.compat supports spyne {SPYNE_VERSION} only, found {spyne.__version__}: "
-        "it reuses that release's internals (see the stack notes)"
-    )
+SPYNE_VERSION = patches.WRITTEN_FOR["spyne"]
+"""The only spyne release this module was written and tested against (the guard is in :mod:`vmshop_common.patches`)."""
 
 logger = logging.getLogger("vmshop_common.soap")
 
-
-def _no_forced_gc() -> None:
-    """Stop spyne from running a full ``gc.collect()`` from its request path.
-
-    ``MethodContext.close`` collects the whole heap at most once a second
-    "to return file descriptors in a timely manner" (for file uploads, which
-    these services do not take); in a shop holding a large registry cache
-    that was a measurable share of every request. Python's own collector is
-    untouched.
-    """
-    from spyne import const as spyne_const
-
-    spyne_const.MIN_GC_INTERVAL = float("inf")
-
-
-_no_forced_gc()
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 """Default largest accepted request body (bytes)."""

@@ -15,6 +15,10 @@ values that are not instances of their class, a streaming parent, faults)
 goes to Spyne's ``to_parent`` unchanged. The output is byte-for-byte what
 Spyne writes (``tests/test_fastxml.py`` compares both on every type of the
 shop's and the plant's WSDL).
+
+It reads Spyne's serialiser internals (listed, guarded by Spyne's version
+and fingerprinted, in :mod:`vmshop_common.patches`; :mod:`.compat`, imported
+first, applies the guard).
 """
 
 from __future__ import annotations
