@@ -28,6 +28,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pki import TestPki, test_pki  # noqa: E402
+from socket_guard import MARKER as NETWORK_MARKER  # noqa: E402
+from socket_guard import SocketGuard  # noqa: E402
 
 from vmplant_service.backends.base import GuestSpec, Nic  # noqa: E402
 from vmshop_common.xmlload import parse_xml_file  # noqa: E402
@@ -49,6 +51,24 @@ class TinyImage:
     cmdline: str
     machine: str
     memory: int
+
+
+@pytest.fixture(autouse=True)
+def socket_guard(request: pytest.FixtureRequest) -> Iterator[SocketGuard | None]:
+    """No network unless marked: a test whose process opens a non-loopback socket fails (see socket_guard.py).
+
+    Tests marked ``@pytest.mark.network`` are not guarded (the fixture is then ``None``)."""
+    if request.node.get_closest_marker(NETWORK_MARKER) is not None:
+        yield None
+        return
+    guard = SocketGuard()
+    guard.install()
+    try:
+        yield guard
+    finally:
+        guard.uninstall()
+    if guard.violations:
+        pytest.fail("a unit test used the network: " + "; ".join(guard.violations[:5]), pytrace=False)
 
 
 @pytest.fixture(scope="session")
