@@ -1,7 +1,9 @@
 """A fake VMShop core for client and CLI tests, served over real SOAP.
 
 :class:`FakeShop` implements the methods :mod:`vmshop_service.service` calls
-on ``ctx.app.vmshop`` with in-memory state: a real
+on ``ctx.app.vmshop`` (the protocol ``vmshop_service.service.ShopOperations``,
+which the real :class:`~vmshop_service.shop.Shop` satisfies too; mypy and
+``tests/test_shop_protocol.py`` hold both to it) with in-memory state: a real
 :class:`~vmshop_service.registry.Registry` (``:memory:``, so queries have the
 real syntax and semantics), the real resource-properties document and its
 queries, DAGs loaded and checked by the real loader. Nothing is booted.

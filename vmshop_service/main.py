@@ -48,7 +48,7 @@ from vmshop_common.wsse import UsernameTokens
 from .config import ShopConfig, load_config
 from .plants import PlantDirectory
 from .registry import Registry
-from .service import APP_NAME, VMShopService
+from .service import APP_NAME, ShopOperations, VMShopService
 from .shop import Shop
 from .wire import TNS
 
@@ -143,7 +143,8 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
     shop = Shop(config, registry, plants, reactor, pool=pool)
     public = config.public_url or url(config.security.scheme, host, PORT_PLACEHOLDER)
     site = build_site([VMShopService], TNS, public, name=APP_NAME)
-    site.app.vmshop = shop
+    operations: ShopOperations = shop  # mypy holds Shop to the service's contract
+    site.app.vmshop = operations
     site.identities = security.identities
     site.tokens = tokens  # a second way in: TLS without a certificate, a UsernameToken in the header
     listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,

@@ -12,7 +12,7 @@ with the caller's identity.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
@@ -20,6 +20,7 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 from spyne import Boolean, Double, Integer, ServiceBase, Unicode, rpc
 from twisted.internet import defer
 
+from vmshop_common.authz import Identity
 from vmshop_common.errors import AuthenticationFailedError
 from vmshop_common.soap.faults import failure_to_fault
 
@@ -33,8 +34,59 @@ Epr = EndpointReference.customize(min_occurs=1, nillable=False)
 Strings = Unicode.customize(max_occurs="unbounded")
 
 
-def _shop(ctx: Any) -> Any:
-    return ctx.app.vmshop
+T = TypeVar("T")
+#: A method's answer now, or a Deferred that fires with it.
+Answer: TypeAlias = "T | defer.Deferred[Any]"
+
+
+@runtime_checkable
+class ShopOperations(Protocol):
+    """What :class:`VMShopService` calls on ``ctx.app.vmshop``: the real :class:`~vmshop_service.shop.Shop` and
+    the tests' ``FakeShop`` (``tests/fake_shop.py``) both satisfy it (``tests/test_shop_protocol.py`` checks
+    both, with mypy and at run time).
+
+    Each method is called with the caller's identity (already authenticated; authorising is the method's
+    job) and the request's values, positionally, in the order below; it answers the value or a Deferred
+    that fires with it (or fails with a :class:`~vmshop_common.errors.VMShopError`, which becomes the fault).
+    ``vm`` is the VM's endpoint reference as sent (``Address``, ``VMKey``).
+    """
+
+    def create(self, caller: Identity, dag_xml: str, owner: str, termination: float | None, key: str | None,
+               /) -> Answer[CreateResult]: ...
+
+    def estimate(self, caller: Identity, dag_xml: str, /) -> Answer[Estimate]: ...
+
+    def configure(self, caller: Identity, vm: Any, dag_xml: str, /) -> Answer[list[ActionRun]]: ...
+
+    def query(self, caller: Identity, text: str, limit: int | None, /) -> Answer[list[VMInfo]]: ...
+
+    def describe(self, caller: Identity, vm: Any, /) -> Answer[VMInfo]: ...
+
+    def collect(self, caller: Identity, vm: Any, /) -> Answer[VMInfo]: ...
+
+    def set_termination(self, caller: Identity, vm: Any, termination: float | None, /) -> Answer[VMInfo]: ...
+
+    def resource_document(self, caller: Identity, vm: Any, /) -> Answer[str]: ...
+
+    def resource_property(self, caller: Identity, vm: Any, name: str, /) -> Answer[list[str]]: ...
+
+    def resource_query(self, caller: Identity, vm: Any, xpath: str, /) -> Answer[list[str]]: ...
+
+    def plants_list(self, caller: Identity, /) -> Answer[list[PlantStatus]]: ...
+
+    def reload_plants(self, caller: Identity, /) -> Answer[list[PlantStatus]]: ...
+
+    def plant_changed(self, caller: Identity, url: str, /) -> Answer[bool]: ...
+
+
+#: The operation names of :class:`ShopOperations` (what ``_call`` may be asked to run).
+SHOP_OPERATIONS = ("create", "estimate", "configure", "query", "describe", "collect", "set_termination",
+                   "resource_document", "resource_property", "resource_query", "plants_list", "reload_plants",
+                   "plant_changed")
+
+
+def _shop(ctx: Any) -> ShopOperations:
+    return ctx.app.vmshop  # type: ignore[no-any-return]
 
 
 def _call(ctx: Any, method: str, *args: Any) -> defer.Deferred[Any]:
