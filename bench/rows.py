@@ -699,6 +699,48 @@ def row_memory(ctx: Context) -> list[Row]:
     return rows
 
 
+def row_registry(ctx: Context) -> list[Row]:
+    """The registry's share of a create on a registry of 100,000 VMs (10,000 in quick mode): what the shop's create
+    does to it, with ANALYZE after the add (what ``Registry.add`` did before) and without (now), alternating."""
+    from vmshop_service.registry import Registry, VMEntry
+
+    count = ctx.n(100_000, 10_000)
+    creates = ctx.n(100, 20)
+    database = ctx.directory("registry") / "registry.sqlite3"
+    log(f"registry: {count} VMs, then {creates} creates' registry work each way")
+    fill = registry_with(database, count)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with Registry(database) as registry:
+
+        def create(key: str, analyze_each: bool) -> None:
+            # Shop.create: the quota check and the 'placing' entry, the quota check and the move to 'creating'
+            # on the chosen plant, the plant's answer, the entry read back for the reply.
+            registry.usage("alice", key)
+            registry.add(VMEntry(vm_id=key, owner="alice", state="placing", memory=128, vcpus=1, image="tiny",
+                                 attributes={"project": "bench"}))
+            if analyze_each:
+                registry.analyze()  # what Registry.add did on every create before
+            registry.usage("alice", key)
+            registry.update(key, state="creating", plant="127.0.0.1:9100", plant_vm_id=key, cost=2.5, image="tiny")
+            registry.update(key, state="running", address="10.9.0.2", memory=128, vcpus=1, disk=1, arch="x86_64",
+                            steps=["base", "run"])
+            registry.get(key)
+
+        create("warm-up", False)
+        for i in range(creates):
+            for analyze_each in ((True, False) if i % 2 == 0 else (False, True)):
+                key = f"bench-{i}-{'a' if analyze_each else 'n'}"
+                times[analyze_each].append(timed(lambda k=key, a=analyze_each: create(k, a))[0])
+    before, after = median(times[True]), median(times[False])
+    return [Row(
+        "10", f"The registry's work in one create (quota checks, add, two updates, read back) on a registry of "
+        f"{count:,} VMs: ANALYZE on every add (before) vs only after bulk loads (now); medians, alternating",
+        f"before: {ms(before)}; now: {ms(after)}", f"{x(after / before)} of before",
+        "now < before (no target of its own)", "PASS" if after < before else "MISS",
+        [f"before: {spread(times[True], ms)}; now: {spread(times[False], ms)}; bulk_add of {count:,} VMs "
+         f"(ANALYZE included): {sec(fill)}; file database, WAL, synchronous=FULL (every change fsynced)"])]
+
+
 ROWS = {
     "clone": ("1", row_clone),
     "create": ("2", row_create),
@@ -709,4 +751,5 @@ ROWS = {
     "backends": ("7", row_backends),
     "tls": ("8", row_tls),
     "memory": ("9", row_memory),
+    "registry": ("10", row_registry),
 }

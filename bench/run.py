@@ -11,6 +11,8 @@ Rows (names for ``--only``; numbers work too):
 7. ``backends``    the qemu, libvirt and uml backends side by side
 8. ``tls``         create through the shop with mutual TLS vs without; estimate throughput with TLS vs without,
                    against the same echo
+9. ``memory``      shop and plant RSS under 10 minutes of large and hostile requests
+10. ``registry``   the registry's work in one create on a registry of 100,000 VMs: ANALYZE on every add vs not
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.

@@ -562,3 +562,33 @@ def test_query_equals_reference_filter(entries: list[VMEntry], query: Query) -> 
                     if _reference_match(e, query)]
         assert _ids(registry.query(query)) == expected
         assert _ids(registry.query(format_query(query))) == expected
+
+
+def test_changes_are_stamped_with_the_injected_clock(tmp_path: Path) -> None:
+    now = [1_000.0]
+    with Registry(tmp_path / "r.sqlite3", clock=lambda: now[0]) as registry:
+        registry.add(VMEntry(vm_id="a", owner="u", state="placing", created=1.0, updated=1.0))
+        now[0] = 2_000.0
+        registry.update("a", state="running")
+        assert registry.get("a").updated == 2_000.0
+        now[0] = 3_000.0
+        registry.set_attributes("a", {"project": "x"})
+        assert registry.get("a").updated == 3_000.0
+        assert registry.update_if_unchanged("a", 2_999.0, state="failed") is False  # changed after that view
+        assert registry.update_if_unchanged("a", 3_000.0, state="failed") is True
+
+
+def _statistics_rows(registry: Registry) -> int:
+    conn = registry._connection()
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone() is None:
+        return 0
+    return int(conn.execute("SELECT COUNT(*) FROM sqlite_stat1").fetchone()[0])
+
+
+def test_a_create_does_not_analyze_but_a_bulk_load_does(tmp_path: Path) -> None:
+    with Registry(tmp_path / "r.sqlite3") as registry:
+        for i in range(50):
+            registry.add(VMEntry(vm_id=f"one-{i}", owner="u", state="running"))
+        assert _statistics_rows(registry) == 0  # the create path leaves the planner's statistics alone
+        registry.bulk_add(VMEntry(vm_id=f"many-{i}", owner=f"u{i % 7}", state="running") for i in range(200))
+        assert _statistics_rows(registry) > 0

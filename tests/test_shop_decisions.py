@@ -120,7 +120,7 @@ class World:
         self.clock = task.Clock()
         self.clock.advance(START)
         self.plants = {name: ScriptedPlant(f"https://{name}.test:9000/", self.clock) for name in names}
-        self.registry = Registry(":memory:")
+        self.registry = Registry(":memory:", clock=self.clock.seconds)
         config = ShopConfig(database=Path(":memory:"), plants_file=Path("/nonexistent"),
                             public_url="https://shop.test/", bid_timeout=BID_TIMEOUT, create_timeout=CREATE_TIMEOUT)
         self.directory = Directory(list(self.plants.values()))
@@ -206,6 +206,7 @@ def test_a_failing_winner_loses_the_vm_to_the_next_bidder(world: Any) -> None:
     assert "collectVM" not in w.plants["first"].operations()  # it answered: it made nothing to cancel
     entry = w.registry.get("vm-1")
     assert (entry.plant, entry.state, entry.owner) == (w.url("second"), "running", "alice")
+    assert entry.created == entry.updated == START  # the registry stamps with the shop's clock
 
 
 def test_a_winner_that_times_out_is_cancelled_and_the_next_bidder_creates(world: Any) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,13 +135,14 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
     security = start_security(config.security, "shop")
     tokens = UsernameTokens(config.wsse_users, config.wsse_window) if config.wsse_users is not None else None
     shutdown = Shutdown(config.shutdown_grace, reactor)
-    registry = Registry(config.database)
+    clock = time.time  # one wall clock for the registry's stamps, the shop's leases and the plants' health
+    registry = Registry(config.database, clock)
     registry.analyze()  # planner statistics for the registry as it is now (before the reactor runs)
     pool = ThreadPoolService(THREADS, name="vmshop-pool", deadline=WORK_DEADLINE, grace=shutdown, reactor=reactor)
-    plants = PlantDirectory(config.plants_file, config.call_timeout, reactor, clock=__import__("time").time,
+    plants = PlantDirectory(config.plants_file, config.call_timeout, reactor, clock=clock,
                             tls=security.client_policy)
     plants.load()
-    shop = Shop(config, registry, plants, reactor, pool=pool)
+    shop = Shop(config, registry, plants, reactor, clock, pool=pool)
     public = config.public_url or url(config.security.scheme, host, PORT_PLACEHOLDER)
     site = build_site([VMShopService], TNS, public, name=APP_NAME)
     operations: ShopOperations = shop  # mypy holds Shop to the service's contract

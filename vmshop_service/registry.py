@@ -14,6 +14,12 @@ Contracts:
   shop may answer its client as soon as the call returns.
 - Thread safety: one connection, shared by all threads, serialized by a lock;
   any method may be called from any thread (the reactor and a thread pool).
+- Time: ``updated`` stamps come from the clock given at construction (the
+  shop's; ``time.time`` by default), never from the system clock directly.
+- Planner statistics: :meth:`bulk_add` runs ``ANALYZE`` after its load; a
+  single :meth:`add` (the create path) does not; the shop runs
+  :meth:`analyze` once at start-up, and :meth:`close` ``PRAGMA optimize``
+  (which refreshes the statistics the session's queries needed).
 - Collected VMs stay in the registry (``collected`` set) until ``delete``.
 - User attribute names must match :data:`~vmshop_service.query.ATTRIBUTE_NAME`
   (the DAG's alphabet, so every stored name can be queried); a name equal to
@@ -29,7 +35,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -133,10 +139,13 @@ def _attribute_rows(vm_id: str, attributes: dict[str, str]) -> list[tuple[str, s
 
 
 class Registry:
-    """The VM registry in the SQLite database at ``path`` (``":memory:"`` for a private in-memory one)."""
+    """The VM registry in the SQLite database at ``path`` (``":memory:"`` for a private in-memory one).
 
-    def __init__(self, path: str | Path) -> None:
+    ``clock``: wall-clock epoch seconds for the ``updated`` stamps (the shop's injected clock)."""
+
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.path = str(path)
+        self.clock = clock
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
@@ -223,14 +232,21 @@ class Registry:
     # Writing ------------------------------------------------------------------------------------------
 
     def add(self, entry: VMEntry) -> None:
-        """Register a new VM with its attributes; durable on return. ``ValueError`` if the id is taken."""
-        self.bulk_add([entry])
+        """Register a new VM with its attributes; durable on return. ``ValueError`` if the id is taken.
+
+        The create path: no ``ANALYZE`` here (it cost more than the insert itself on a large registry)."""
+        self._insert([entry])
 
     def bulk_add(self, entries: Iterable[VMEntry]) -> None:
-        """Register many VMs in one transaction (all or none); durable on return.
+        """Register many VMs in one transaction (all or none), then refresh the planner's statistics
+        (:meth:`analyze`); durable on return.
 
         ``ValueError`` (and nothing registered) if an id is taken or repeated.
         """
+        self._insert(entries)
+        self.analyze()
+
+    def _insert(self, entries: Iterable[VMEntry]) -> None:
         rows: list[tuple[Any, ...]] = []
         attribute_rows: list[tuple[str, str, str, float | None]] = []
         for entry in entries:
@@ -244,7 +260,6 @@ class Registry:
                 self._remember_names(conn, (row[1] for row in attribute_rows))
         except sqlite3.IntegrityError as exc:
             raise ValueError(f"cannot register the VM(s): {exc}") from None
-        self.analyze()
 
     def analyze(self) -> None:
         """Give the query planner statistics (SQLite's ``ANALYZE``); worth it after a bulk load.
@@ -266,7 +281,7 @@ class Registry:
         unknown = set(fields) - _UPDATABLE
         if unknown:
             raise TypeError(f"VMEntry has no updatable field(s) {', '.join(sorted(unknown))}")
-        fields.setdefault("updated", time.time())
+        fields.setdefault("updated", self.clock())
         if "steps" in fields:
             fields["steps"] = json.dumps(list(fields["steps"]))
         columns = sorted(fields)
@@ -308,7 +323,7 @@ class Registry:
             if conn.execute("SELECT 1 FROM vms WHERE vm_id = ?", (vm_id,)).fetchone() is None:
                 raise NoSuchVMError(f"no VM has id '{vm_id}'")
             self._set_attributes(conn, vm_id, attributes, replace=replace)
-            conn.execute("UPDATE vms SET updated = ? WHERE vm_id = ?", (time.time(), vm_id))
+            conn.execute("UPDATE vms SET updated = ? WHERE vm_id = ?", (self.clock(), vm_id))
 
     def _set_attributes(self, conn: sqlite3.Connection, vm_id: str, attributes: dict[str, str],
                         *, replace: bool) -> None:

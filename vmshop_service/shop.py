@@ -500,7 +500,7 @@ class Shop:
           want on this plant (no entry, an entry on another plant, or an
           ended one) is collected there, once it is older than the grace.
         """
-        seen = time.time()  # the registry stamps its changes with time.time()
+        seen = self.registry.clock()  # the clock the registry stamps its changes with
         try:
             vms = yield handle.client.call("listVMs", include_collected=True)
         except Exception as exc:  # noqa: BLE001
