@@ -72,17 +72,17 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 from vmshop_common.errors import QueryInvalidError
+from vmshop_common.vmfields import QUERYABLE
 
 MAX_TERMS = 32
 MAX_LENGTH = 4096
 
 OPERATORS: frozenset[str] = frozenset({"=", "!=", "<", "<=", ">", ">=", "^="})
 
-NUMERIC_ATTRIBUTES: frozenset[str] = frozenset(
-    {"memory", "vcpus", "disk", "host_port", "created", "updated", "termination", "cost"}
-)
+# The built-in attributes are the VM fields declared queryable (vmshop_common.vmfields), by kind.
+NUMERIC_ATTRIBUTES: frozenset[str] = frozenset(f.name for f in QUERYABLE if f.kind in ("int", "float"))
 TIME_ATTRIBUTES: frozenset[str] = frozenset({"created", "updated", "termination"})
-STRING_ATTRIBUTES: frozenset[str] = frozenset({"vm_id", "owner", "state", "plant", "image", "arch", "address"})
+STRING_ATTRIBUTES: frozenset[str] = frozenset(f.name for f in QUERYABLE if f.kind == "str")
 #: Queryable built-in attributes: each is a column of the ``vms`` table with its own index.
 BUILTIN_ATTRIBUTES: frozenset[str] = NUMERIC_ATTRIBUTES | STRING_ATTRIBUTES
 
