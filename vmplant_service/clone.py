@@ -1,12 +1,15 @@
-"""Copy-on-write clones of cached images.
+"""Copy-on-write clones of cached images, and the plant's other disk work with ``qemu-img``.
 
 A clone is a qcow2 overlay whose backing file is the cached image: making
 one takes milliseconds whatever the image's size, and the guest's writes go
-to the overlay only, so the cached image is never written.
+to the overlay only, so the cached image is never written. The backends that
+need more (UML reads raw files, not qcow2) inspect and convert disks with
+:func:`image_info`, :func:`has_own_data` and :func:`convert_to_raw`.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -50,3 +53,50 @@ def virtual_size_gib(image: Path, image_format: str) -> int:
                          check=True, capture_output=True, timeout=60).stdout
     size = int(json.loads(out)["virtual-size"])
     return -(-size // (1024 ** 3))
+
+
+def image_info(image: Path, image_format: object = None) -> dict[str, object]:
+    """``qemu-img info`` of ``image`` (read as ``image_format``; ``None``: probed, only for images the plant
+    trusts); BackendError when it cannot be read."""
+    command = [qemu_img(), "info", "--output=json"]
+    if image_format:
+        command += ["-f", str(image_format)]
+    command.append(str(image))
+    out = _run(command, f"cannot read the disk {image}")
+    try:
+        info = json.loads(out)
+    except ValueError:
+        raise BackendError(f"qemu-img info {image} did not answer JSON") from None
+    if not isinstance(info, dict):
+        raise BackendError(f"qemu-img info {image} did not answer an object")
+    return info
+
+
+def has_own_data(disk: Path) -> bool:
+    """Whether the overlay holds clusters of its own (anything written to it after it was made)."""
+    out = _run([qemu_img(), "map", "--output=json", "-f", "qcow2", str(disk)], f"cannot map the disk {disk}")
+    try:
+        extents = json.loads(out)
+    except ValueError:
+        return True
+    return any(isinstance(e, dict) and e.get("depth") == 0 and e.get("present") for e in extents)
+
+
+def convert_to_raw(source: Path, target: Path, source_format: object, purpose: str = "") -> None:
+    """Write ``source`` (of ``source_format``; ``None``: probed, only for images the plant trusts) to ``target`` as
+    a raw (sparse) image; BackendError naming ``purpose`` when qemu-img fails."""
+    command = [qemu_img(), "convert", "-q", "-O", "raw"]
+    if source_format:
+        command += ["-f", str(source_format)]
+    _run([*command, str(source), str(target)], f"cannot convert the disk {source}" + (f" {purpose}" if purpose else ""))
+
+
+def _run(command: list[str], what: str) -> bytes:
+    """The output of a qemu-img ``command`` (600 s at most); BackendError starting with ``what`` if it fails."""
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendError(f"{what}: {exc}") from None
+    if done.returncode != 0:
+        raise BackendError(f"{what}: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout

@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import struct
-import subprocess
 import threading
 from pathlib import Path
 
 from vmshop_common.errors import BackendError
 
-from ...clone import qemu_img
+from ...clone import convert_to_raw, has_own_data, image_info
 from ..base import GuestSpec
 from .command import DiskPlan
 from .paths import RunPaths
@@ -111,7 +109,7 @@ def prepare_disk(spec: GuestSpec, paths: RunPaths, state_dir: Path, group: int |
             size = write_cow_header(paths.cow, base, mode)
             plan = DiskPlan(ubd=f"{paths.cow},{base}", file=paths.cow, base=base, limit=size)
     if plan is None:
-        convert(disk, paths.raw, "qcow2")
+        convert_to_raw(disk, paths.raw, "qcow2", "for UML")
         plan = DiskPlan(ubd=str(paths.raw), file=paths.raw, base=None, limit=_int(info.get("virtual-size")))
     if group is not None:
         os.chown(plan.file, 0, group)
@@ -141,7 +139,7 @@ def cached_base(state_dir: Path, image: Path, info: dict[str, object]) -> Path:
         if not target.is_file():
             tmp = cache / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
             try:
-                convert(real, tmp, str(info.get("format") or "") or None)
+                convert_to_raw(real, tmp, str(info.get("format") or "") or None, "for UML")
                 tmp.chmod(0o444)
                 os.replace(tmp, target)
             finally:
@@ -151,48 +149,6 @@ def cached_base(state_dir: Path, image: Path, info: dict[str, object]) -> Path:
                 if old != target and not named_by_a_process(str(old)):
                     old.unlink(missing_ok=True)
     return target
-
-
-def image_info(image: Path, image_format: object = None) -> dict[str, object]:
-    command = [qemu_img(), "info", "--output=json"]
-    if image_format:
-        command += ["-f", str(image_format)]
-    command.append(str(image))
-    out = _run(command, f"cannot read the disk {image}")
-    try:
-        info = json.loads(out)
-    except ValueError:
-        raise BackendError(f"qemu-img info {image} did not answer JSON") from None
-    if not isinstance(info, dict):
-        raise BackendError(f"qemu-img info {image} did not answer an object")
-    return info
-
-
-def has_own_data(disk: Path) -> bool:
-    """Whether the overlay holds clusters of its own (anything written to it after it was made)."""
-    out = _run([qemu_img(), "map", "--output=json", "-f", "qcow2", str(disk)], f"cannot map the disk {disk}")
-    try:
-        extents = json.loads(out)
-    except ValueError:
-        return True
-    return any(isinstance(e, dict) and e.get("depth") == 0 and e.get("present") for e in extents)
-
-
-def convert(source: Path, target: Path, source_format: object) -> None:
-    command = [qemu_img(), "convert", "-q", "-O", "raw"]
-    if source_format:
-        command += ["-f", str(source_format)]
-    _run([*command, str(source), str(target)], f"cannot convert the disk {source} for UML")
-
-
-def _run(command: list[str], what: str) -> bytes:
-    try:
-        done = subprocess.run(command, capture_output=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BackendError(f"{what}: {exc}") from None
-    if done.returncode != 0:
-        raise BackendError(f"{what}: {done.stderr.decode(errors='replace').strip()}")
-    return done.stdout
 
 
 def _int(value: object) -> int:
