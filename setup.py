@@ -75,6 +75,8 @@ setup(
         ],
     },
     cmdclass={"build_py": BuildWithContracts},
+    # The configuration writers, installed into the environment's bin/ (an installed site has no checkout).
+    scripts=["scripts/configure_vmshop.py", "scripts/configure_vmplant.py"],
     entry_points={
         "console_scripts": [
             "vmshop=vmshop_service.cli:main",

@@ -26,7 +26,8 @@ from vmshop_service.config import CONFIG_FILE, ShopConfig, load_config, write_co
 from vmshop_service.quota import Limits, QuotaConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-PLANTS_FILE = ROOT / "addresses" / "vmplant_addresses.txt"
+# In a checkout, its addresses/ folder; installed (bin/configure_vmshop.py), addresses/ under the current directory.
+PLANTS_FILE = (ROOT if (ROOT / "addresses").is_dir() else Path()) / "addresses" / "vmplant_addresses.txt"
 
 
 def ask(label: str, default: str, interactive: bool) -> str:
