@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import requests
@@ -160,3 +162,71 @@ def test_label_values_stay_bounded() -> None:
     codes = {sample.labels["code"] for family in text_string_to_metric_families(text) for sample in family.samples
              if "code" in sample.labels}
     assert len(codes) == MAX_FAULT_CODES + 1 and OTHER_CODE in codes
+
+
+# --- units: who reads, refreshes, configuration ------------------------------------------------------------------
+
+
+def _get(resource: Any, method: bytes = b"GET") -> tuple[int, bytes]:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b"metrics"])
+    request.method = method
+    request.isSecure = lambda: False  # type: ignore[method-assign]  # plain HTTP, as an insecure listener's
+    body = resource.render(request)
+    return request.responseCode or 200, body
+
+
+def test_an_insecure_loopback_servers_callers_read_the_metrics_and_a_server_without_identities_refuses() -> None:
+    from vmshop_common.authz import Insecure
+    from vmshop_common.metrics import MetricsResource
+
+    metrics = ServerMetrics("t", ["createVM"])
+    metrics.answered("{urn:x}createVM", None, 0.25)
+    site = SimpleNamespace(identities=Insecure())
+    status, body = _get(MetricsResource(metrics, site))
+    assert status == 200 and b't_requests_total{operation="createVM"} 1.0' in body
+    site.identities = None
+    status, body = _get(MetricsResource(metrics, site))
+    assert status == 403 and b"no admin" in body
+    assert _get(MetricsResource(metrics, SimpleNamespace(identities=Insecure())), b"DELETE")[0] == 405
+
+
+def test_a_refresh_sets_a_state_that_emptied_to_zero() -> None:
+    from prometheus_client import Gauge
+    from twisted.internet import defer
+
+    from vmshop_common.metrics import MetricsRefresh
+
+    metrics = ServerMetrics("t", [])
+    gauge = Gauge("t_vms", "VMs", ["state"], registry=metrics.registry)
+    counts = [{"running": 2.0, "failed": 1.0}, {"running": 3.0}]
+    refresh = MetricsRefresh(lambda: {gauge: counts.pop(0)}, lambda read: defer.succeed(read()))
+    refresh.run()
+    refresh.run()
+    text = metrics.exposition().decode()
+    assert 't_vms{state="running"} 3.0' in text and 't_vms{state="failed"} 0.0' in text
+    assert refresh.rounds == 2
+
+
+def test_the_metrics_settings_round_trip_through_both_configuration_files(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from vmplant_service.config import PlantConfig, config_to_xml
+    from vmplant_service.config import load_config as load_plant
+    from vmshop_common.security import ServerSecurity
+    from vmshop_service.config import ShopConfig, write_config
+    from vmshop_service.config import load_config as load_shop
+
+    shop = ShopConfig(database=tmp_path / "r.sqlite3", plants_file=tmp_path / "p.txt",
+                      security=ServerSecurity(insecure=True))
+    assert load_shop(write_config(shop, tmp_path / "shop.xml")).metrics is True
+    for changed in (replace(shop, metrics=False), replace(shop, metrics_refresh=2.5)):
+        again = load_shop(write_config(changed, tmp_path / "shop.xml"))
+        assert (again.metrics, again.metrics_refresh) == (changed.metrics, changed.metrics_refresh)
+    plant = PlantConfig(name="p", listen_host="127.0.0.1", listen_port=0, public_url="", warehouse_dir=tmp_path,
+                        state_dir=tmp_path / "state", security=ServerSecurity(insecure=True))
+    for changed in (plant, replace(plant, metrics=False, metrics_refresh=0.5)):
+        (tmp_path / "plant.xml").write_text(config_to_xml(changed))
+        again = load_plant(tmp_path / "plant.xml")
+        assert (again.metrics, again.metrics_refresh) == (changed.metrics, changed.metrics_refresh)
