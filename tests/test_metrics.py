@@ -7,6 +7,7 @@ plants up and down, guest-agent errors, registry size. Plus the bounds on label 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -167,6 +168,23 @@ def test_label_values_stay_bounded() -> None:
 # --- units: who reads, refreshes, configuration ------------------------------------------------------------------
 
 
+class ThreadReactor:
+    """Just what MetricsResource's rendering thread needs of a reactor: its answer comes back under a lock."""
+
+    def __init__(self) -> None:
+        from twisted.internet import task
+
+        self.clock = task.Clock()
+        self.lock = threading.Lock()
+
+    def callLater(self, *args: Any) -> Any:  # noqa: N802 - Twisted's name
+        return self.clock.callLater(*args)
+
+    def callFromThread(self, work: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
+        with self.lock:
+            work(*args)
+
+
 def _get(resource: Any, method: bytes = b"GET") -> tuple[int, bytes]:
     from twisted.web.test.requesthelper import DummyRequest
 
@@ -174,7 +192,10 @@ def _get(resource: Any, method: bytes = b"GET") -> tuple[int, bytes]:
     request.method = method
     request.isSecure = lambda: False  # type: ignore[method-assign]  # plain HTTP, as an insecure listener's
     body = resource.render(request)
-    return request.responseCode or 200, body
+    if isinstance(body, bytes):
+        return request.responseCode or 200, body
+    wait_for(lambda: request.finished, 30, "the metrics rendered")
+    return request.responseCode or 200, b"".join(request.written)
 
 
 def test_an_insecure_loopback_servers_callers_read_the_metrics_and_a_server_without_identities_refuses() -> None:
@@ -184,12 +205,12 @@ def test_an_insecure_loopback_servers_callers_read_the_metrics_and_a_server_with
     metrics = ServerMetrics("t", ["createVM"])
     metrics.answered("{urn:x}createVM", None, 0.25)
     site = SimpleNamespace(identities=Insecure())
-    status, body = _get(MetricsResource(metrics, site))
+    status, body = _get(MetricsResource(metrics, site, ThreadReactor()))
     assert status == 200 and b't_requests_total{operation="createVM"} 1.0' in body
     site.identities = None
-    status, body = _get(MetricsResource(metrics, site))
+    status, body = _get(MetricsResource(metrics, site, ThreadReactor()))
     assert status == 403 and b"no admin" in body
-    assert _get(MetricsResource(metrics, SimpleNamespace(identities=Insecure())), b"DELETE")[0] == 405
+    assert _get(MetricsResource(metrics, SimpleNamespace(identities=Insecure()), ThreadReactor()), b"DELETE")[0] == 405
 
 
 def test_a_refresh_sets_a_state_that_emptied_to_zero() -> None:
@@ -230,3 +251,30 @@ def test_the_metrics_settings_round_trip_through_both_configuration_files(tmp_pa
         (tmp_path / "plant.xml").write_text(config_to_xml(changed))
         again = load_plant(tmp_path / "plant.xml")
         assert (again.metrics, again.metrics_refresh) == (changed.metrics, changed.metrics_refresh)
+
+
+def test_scrapes_that_come_while_the_metrics_render_share_that_rendering() -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from vmshop_common.authz import Insecure
+    from vmshop_common.metrics import MetricsResource
+
+    metrics = ServerMetrics("t", [])
+    release, calls = threading.Event(), []
+
+    def slow() -> bytes:
+        calls.append(1)
+        release.wait(30)
+        return b"rendered once\n"
+
+    metrics.exposition = slow  # type: ignore[method-assign]
+    resource = MetricsResource(metrics, SimpleNamespace(identities=Insecure()), ThreadReactor())
+    requests_ = []
+    for _ in range(3):
+        request = DummyRequest([b"metrics"])
+        request.isSecure = lambda: False  # type: ignore[method-assign]
+        resource.render(request)
+        requests_.append(request)
+    release.set()
+    wait_for(lambda: all(r.finished for r in requests_), 30, "every scrape answered")
+    assert calls == [1] and all(b"".join(r.written) == b"rendered once\n" for r in requests_)

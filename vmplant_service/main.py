@@ -157,7 +157,7 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
     runtime = PlantRuntime(plant, reactor, pool)
     site.app.vmplant = runtime
     site.identities = security.identities
-    metrics = attach_metrics(site, plant) if config.metrics else None
+    metrics = attach_metrics(site, plant, reactor) if config.metrics else None
     listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
                             tls=security.credentials, insecure=security.insecure, reactor=reactor)
 
@@ -182,11 +182,11 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
     return PlantServer(root, plant, runtime, listener, pool, security, metrics)
 
 
-def attach_metrics(site: SoapSite, plant: Plant) -> PlantMetrics:
+def attach_metrics(site: SoapSite, plant: Plant, reactor: Any) -> PlantMetrics:
     """The plant's metrics, told of every SOAP answer and agent error, served at ``/metrics`` by ``site``."""
     metrics = PlantMetrics(operation_names(site.app), plant.records)
     site.soap_resource.observer = metrics
-    site.metrics_resource = MetricsResource(metrics, site)
+    site.metrics_resource = MetricsResource(metrics, site, reactor)
     plant.on_agent_error = metrics.agent_error
     return metrics
 

@@ -150,7 +150,7 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
     site.app.vmshop = shop
     site.identities = security.identities
     site.tokens = tokens  # a second way in: TLS without a certificate, a UsernameToken in the header
-    metrics = attach_metrics(site, shop) if config.metrics else None
+    metrics = attach_metrics(site, shop, reactor) if config.metrics else None
     listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
                             tls=security.credentials, insecure=security.insecure,
                             require_client_certificate=tokens is None, reactor=reactor)
@@ -168,11 +168,11 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
     return ShopServer(root, shop, listener, pool, security, tokens, metrics)
 
 
-def attach_metrics(site: SoapSite, shop: Shop) -> ShopMetrics:
+def attach_metrics(site: SoapSite, shop: Shop, reactor: Any) -> ShopMetrics:
     """The shop's metrics, told of every SOAP answer and bid round, served at ``/metrics`` by ``site``."""
     metrics = ShopMetrics(operation_names(site.app), shop.plants, shop.registry)
     site.soap_resource.observer = metrics
-    site.metrics_resource = MetricsResource(metrics, site)
+    site.metrics_resource = MetricsResource(metrics, site, reactor)
     shop.observe_bid_round = metrics.observe_bid_round
     return metrics
 
