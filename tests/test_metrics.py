@@ -228,6 +228,8 @@ def test_a_refresh_sets_a_state_that_emptied_to_zero() -> None:
     text = metrics.exposition().decode()
     assert 't_vms{state="running"} 3.0' in text and 't_vms{state="failed"} 0.0' in text
     assert refresh.rounds == 2
+    failing = MetricsRefresh(lambda: {}, lambda read: defer.fail(RuntimeError("busy")))
+    assert failing.run().called and failing.rounds == 0  # a missed round is no failure of the timer
 
 
 def test_the_metrics_settings_round_trip_through_both_configuration_files(tmp_path: Path) -> None:

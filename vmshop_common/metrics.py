@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -154,7 +155,14 @@ class MetricsRefresh:
         self.rounds = 0
 
     def run(self) -> Any:
-        return self.in_thread(self.read).addCallback(self.apply)
+        """One refresh. A busy pool or a slow database skips it (logged in one line; the last values stay)."""
+        return self.in_thread(self.read).addCallbacks(self.apply, self._missed)
+
+    @staticmethod
+    def _missed(failure: Failure) -> None:
+        if failure.check(defer.CancelledError):
+            failure.raiseException()  # the server is stopping: the timer says so itself
+        log.warning("the metrics' counts were not refreshed (the last ones stay): %s", failure.getErrorMessage())
 
     def apply(self, values: dict[Gauge, dict[Any, float]]) -> None:
         for gauge, by_label in values.items():
