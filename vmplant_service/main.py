@@ -9,9 +9,8 @@ thread pool every request's work runs on (each kind of work within its
 stated deadline, :mod:`vmplant_service.service`), the notifier of its shops,
 the watch of the running guests, the metrics' refresh (with ``<metrics>``:
 the records' counts read on the pool; see :mod:`vmplant_service.metrics`),
-and the listener (last: nothing is served
-before the rest runs): over TLS with its certificate (also presented to the
-shops it notifies), taking calls only from the identities its authorisation
+and the listener (last: nothing is served before the rest runs): over TLS
+with its certificate (also presented to the shops it notifies), taking calls only from the identities its authorisation
 file gives the shop or admin role; or, configured insecure, plain HTTP on
 loopback.
 

@@ -7,12 +7,13 @@ within :data:`WORK_DEADLINE`), the shop (once the reactor runs it checks the
 plants, reconciles creates a previous run left unfinished and enforces the
 leases; a plant that does not answer is marked down, not fatal), the lease
 and state timers, the metrics' refresh (with ``<metrics>``: the registry's
-counts read on the pool; see :mod:`vmshop_service.metrics`), and the listener (last: nothing is served before the rest
-runs). It serves over TLS with its own certificate (which it also presents
-to its plants) and knows its callers from its authorisation file; or,
-configured insecure, plain HTTP on loopback. With ``<wsse users=...>`` it
-also takes TLS callers without a certificate who prove a user of that file
-with a WS-Security UsernameToken.
+counts read on the pool; see :mod:`vmshop_service.metrics`), and the
+listener (last: nothing is served before the rest runs). It serves over
+TLS with its own certificate (which it also presents to its plants) and
+knows its callers from its authorisation file; or, configured insecure,
+plain HTTP on loopback. With ``<wsse users=...>`` it also takes TLS callers
+without a certificate who prove a user of that file with a WS-Security
+UsernameToken.
 
 Signals (handled from before the server listens): SIGHUP re-reads the
 authorisation file, the users file and the plant list, each on a thread;
