@@ -55,6 +55,7 @@ from vmplant_service.segment import default_switch_dir
 from vmshop_common.addresses import read_addresses
 from vmshop_common.errors import VMShopError
 from vmshop_common.lifecycle import DEFAULT_GRACE
+from vmshop_common.metrics import DEFAULT_REFRESH
 from vmshop_common.security import add_security_flags, security_from_flags
 
 DEFAULT_POOL = "192.168.77.0/24"
@@ -99,6 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"creates at once; more are declined at bid time (default {DEFAULT_CREATES})")
     add("--shutdown-grace", type=float, default=DEFAULT_GRACE,
         help=f"seconds a stopping plant lets requests in progress finish (default {DEFAULT_GRACE:g})")
+    add("--no-metrics", dest="metrics", action="store_false",
+        help="serve no Prometheus metrics (default: at /metrics, for the admin role)")
+    add("--metrics-refresh", type=float, default=DEFAULT_REFRESH,
+        help=f"seconds between two reads of the VM records' counts for the metrics (default {DEFAULT_REFRESH:g})")
     add_security_flags(parser, "plant")
     add("--output", "-o", default=CONFIG_FILE, help=f"the file to write (default ./{CONFIG_FILE})")
     add("--yes", "-y", action="store_true", help="take the defaults for everything not given; ask nothing")
@@ -228,7 +233,8 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
                        switch_dir=switch_dir, capacity_vms=capacity_vms, capacity_memory=capacity_memory,
                        datastore=datastore, shops_file=shops_file, watch_interval=args.watch_interval,
                        threads=args.threads, queue=args.queue, max_creates=args.max_creates,
-                       shutdown_grace=args.shutdown_grace, security=security)
+                       shutdown_grace=args.shutdown_grace, security=security, metrics=args.metrics,
+                       metrics_refresh=args.metrics_refresh)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,

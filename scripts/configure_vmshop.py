@@ -19,13 +19,15 @@ from pathlib import Path
 
 from vmshop_common.errors import VMShopError
 from vmshop_common.lifecycle import DEFAULT_GRACE
+from vmshop_common.metrics import DEFAULT_REFRESH
 from vmshop_common.security import add_security_flags, security_from_flags
 from vmshop_common.wsse import read_users
 from vmshop_service.config import CONFIG_FILE, ShopConfig, load_config, write_config
 from vmshop_service.quota import Limits, QuotaConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-PLANTS_FILE = ROOT / "addresses" / "vmplant_addresses.txt"
+# In a checkout, its addresses/ folder; installed (bin/configure_vmshop.py), addresses/ under the current directory.
+PLANTS_FILE = (ROOT if (ROOT / "addresses").is_dir() else Path()) / "addresses" / "vmplant_addresses.txt"
 
 
 def ask(label: str, default: str, interactive: bool) -> str:
@@ -75,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, help="seconds between state refreshes (default 5)")
     parser.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE,
                         help="seconds a stopping shop lets requests in progress finish (default %(default)g)")
+    parser.add_argument("--no-metrics", dest="metrics", action="store_false",
+                        help="serve no Prometheus metrics (default: at /metrics, for the admin role)")
+    parser.add_argument("--metrics-refresh", type=float, default=DEFAULT_REFRESH,
+                        help="seconds between two reads of the registry's counts for the metrics "
+                             "(default %(default)g)")
     add_security_flags(parser, "shop")
     parser.add_argument("--default-quota", metavar="LIMITS",
                         help="every identity's quota: vms=N,memory=MIB,vcpus=N (default: none)")
@@ -110,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                             poll_interval=float(value(args.poll_interval, "state refresh interval (s)", "5")),
                             security=security, quotas=parse_quotas(args.default_quota, args.quota),
                             wsse_users=Path(args.wsse_users).absolute() if args.wsse_users else None,
-                            wsse_window=args.wsse_window, shutdown_grace=args.shutdown_grace)
+                            wsse_window=args.wsse_window, shutdown_grace=args.shutdown_grace,
+                            metrics=args.metrics, metrics_refresh=args.metrics_refresh)
         if config.wsse_users is not None:
             read_users(config.wsse_users)
         config.database.parent.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,7 @@ class ServerProcess:
     service: Any = None
     mapfile: Path | None = None
     clients: list[zeep.Client] = field(default_factory=list)  # every client made, closed by cleanup()
+    program: list[str] | None = None  # what starts it (default: this Python's -m module), before --config ...
 
     def start(self, timeout: float = 60.0,
               on_listening: Callable[[subprocess.Popen[bytes]], None] | None = None) -> None:
@@ -102,7 +103,8 @@ class ServerProcess:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module, "--config", str(self.config), "--port", str(self.port)],
+                [*(self.program or [sys.executable, "-m", self.module]), "--config", str(self.config),
+                 "--port", str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=str(self.directory))
         deadline = time.monotonic() + timeout
         while True:

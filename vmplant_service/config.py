@@ -24,6 +24,7 @@ from vmshop_common.addresses import read_addresses
 from vmshop_common.dagxml import validate_against
 from vmshop_common.errors import ConfigurationError, Problem
 from vmshop_common.lifecycle import DEFAULT_GRACE
+from vmshop_common.metrics import DEFAULT_REFRESH
 from vmshop_common.security import ServerSecurity, read_security, url, write_security
 from vmshop_common.xmlload import parse_xml, parse_xml_file
 
@@ -87,6 +88,8 @@ class PlantConfig:
     queue: int = DEFAULT_QUEUE
     max_creates: int = DEFAULT_CREATES
     security: ServerSecurity = ServerSecurity()
+    metrics: bool = True  # Prometheus metrics at /metrics (admin role; vmshop_common/metrics.py)
+    metrics_refresh: float = DEFAULT_REFRESH
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -175,6 +178,7 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
     shutdown = element("shutdown")
     limits = element("limits")
     work = element("work")
+    metrics = element("metrics")
 
     def limit(name: str, default: int, of: etree._Element | None = limits) -> int:
         return int(of.get(name)) if of is not None and of.get(name) is not None else default
@@ -195,6 +199,8 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
         max_dag_seconds=limit("dag-seconds", DEFAULT_MAX_DAG_SECONDS),
         max_disk=limit("disk", DEFAULT_MAX_DISK_GIB), threads=limit("threads", DEFAULT_THREADS, work),
         queue=limit("queue", DEFAULT_QUEUE, work), max_creates=limit("creates", DEFAULT_CREATES, work),
+        metrics=metrics is None or metrics.get("enabled", "true") in ("true", "1"),
+        metrics_refresh=float(metrics.get("refresh", DEFAULT_REFRESH)) if metrics is not None else DEFAULT_REFRESH,
         security=security, source=source)
 
 
@@ -239,6 +245,8 @@ def config_to_xml(config: PlantConfig) -> str:
         add("watch", interval=f"{config.watch_interval:g}")
     if config.shutdown_grace != DEFAULT_GRACE:
         add("shutdown", grace=f"{config.shutdown_grace:g}")
+    if not config.metrics or config.metrics_refresh != DEFAULT_REFRESH:
+        add("metrics", enabled=str(config.metrics).lower(), refresh=f"{config.metrics_refresh:g}")
     limits = {"action_timeout": config.max_action_seconds, "dag_seconds": config.max_dag_seconds,
               "disk": config.max_disk}
     defaults = {"action_timeout": DEFAULT_MAX_ACTION_SECONDS, "dag_seconds": DEFAULT_MAX_DAG_SECONDS,

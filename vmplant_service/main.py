@@ -7,9 +7,10 @@ then start the service tree (:func:`build_plant_server`), in this order: the
 closer of what the plant holds (records, backend, unused switches), the
 thread pool every request's work runs on (each kind of work within its
 stated deadline, :mod:`vmplant_service.service`), the notifier of its shops,
-the watch of the running guests, and the listener (last: nothing is served
-before the rest runs): over TLS with its certificate (also presented to the
-shops it notifies), taking calls only from the identities its authorisation
+the watch of the running guests, the metrics' refresh (with ``<metrics>``:
+the records' counts read on the pool; see :mod:`vmplant_service.metrics`),
+and the listener (last: nothing is served before the rest runs): over TLS
+with its certificate (also presented to the shops it notifies), taking calls only from the identities its authorisation
 file gives the shop or admin role; or, configured insecure, plain HTTP on
 loopback.
 
@@ -42,15 +43,17 @@ from twisted.internet.defer import Deferred
 
 from vmshop_common.errors import ConfigurationError
 from vmshop_common.lifecycle import AFTER_GRACE, Closing, RoundTimer, ServerService, Shutdown, run_server, within
+from vmshop_common.metrics import MetricsResource, operation_names
 from vmshop_common.security import PORT_PLACEHOLDER, StartedSecurity, is_loopback, start_security, url
 from vmshop_common.servermain import server_main
 from vmshop_common.soap.listener import SoapListener
-from vmshop_common.soap.server import build_site
+from vmshop_common.soap.server import SoapSite, build_site
 from vmshop_common.threads import ThreadPoolService, in_thread
 
 from .backends import load_backend
 from .config import PlantConfig, load_config
 from .ippool import IPPool
+from .metrics import PlantMetrics
 from .notify import ShopNotifier
 from .plant import Plant
 from .records import PlantRecords
@@ -116,6 +119,7 @@ class PlantServer:
     listener: SoapListener
     pool: ThreadPoolService
     security: StartedSecurity
+    metrics: PlantMetrics | None = None
 
     def reload(self) -> Deferred[None]:
         """SIGHUP: re-read the authorisation file on a thread (a bad one keeps the old in force, logged)."""
@@ -152,6 +156,7 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
     runtime = PlantRuntime(plant, reactor, pool)
     site.app.vmplant = runtime
     site.identities = security.identities
+    metrics = attach_metrics(site, plant, reactor) if config.metrics else None
     listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
                             tls=security.credentials, insecure=security.insecure, reactor=reactor)
 
@@ -167,9 +172,22 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
                   NotifierService(runtime),
                   RoundTimer(config.watch_interval, lambda: _watch_round(runtime), name="guest watch",
                              shutdown=shutdown, clock=reactor),
+                  *([RoundTimer(config.metrics_refresh,
+                                metrics.refresher(lambda read: pool.run(read, what="the metrics' counts")).run,
+                                name="metrics refresh", shutdown=shutdown, now=True, clock=reactor)]
+                    if metrics is not None else []),
                   listener):
         child.setServiceParent(root)
-    return PlantServer(root, plant, runtime, listener, pool, security)
+    return PlantServer(root, plant, runtime, listener, pool, security, metrics)
+
+
+def attach_metrics(site: SoapSite, plant: Plant, reactor: Any) -> PlantMetrics:
+    """The plant's metrics, told of every SOAP answer and agent error, served at ``/metrics`` by ``site``."""
+    metrics = PlantMetrics(operation_names(site.app), plant.records)
+    site.soap_resource.observer = metrics
+    site.metrics_resource = MetricsResource(metrics, site, reactor)
+    plant.on_agent_error = metrics.agent_error
+    return metrics
 
 
 def serve(config: PlantConfig, host: str | None = None, port: int | None = None) -> int:

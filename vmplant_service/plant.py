@@ -110,6 +110,9 @@ class Plant:
         self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
         self._reserved_owners: dict[str, str] = {}  # vm_id -> owner, VMs being created
         self._cancelled: set[str] = set()  # VMs being created that a collect cancelled
+        #: Told of each guest-agent error ('failed', 'timeout', 'no_answer'), from worker threads (the metrics'
+        #: hook; vmplant_service/metrics.py).
+        self.on_agent_error: Callable[[str], None] | None = None
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
@@ -326,7 +329,12 @@ class Plant:
         self._go_on(vm_id)
         channel = self._channel(vm_id)
         going = lambda: not self._guest_gone(vm_id) and vm_id not in self._cancelled  # noqa: E731
-        channel.wait_agent(BOOT_TIMEOUT, alive=going)
+        try:
+            channel.wait_agent(BOOT_TIMEOUT, alive=going)
+        except BackendError:
+            if going():  # the guest runs and its agent never answered (not a guest that stopped or a collect)
+                self._agent_error("no_answer")
+            raise
         self._remember("boot_seconds", time.monotonic() - started)
         self._go_on(vm_id)
         self.records.update_vm(vm_id, state="configuring")
@@ -355,6 +363,13 @@ class Plant:
         value = seconds if previous is None else 0.7 * previous + 0.3 * seconds
         self.records.set_metric(metric, value)
 
+    def _agent_error(self, reason: str) -> None:
+        if self.on_agent_error is not None:
+            try:
+                self.on_agent_error(reason)
+            except Exception:  # a metrics bug never fails a VM's work
+                log.exception("the agent-error hook failed")
+
     def _context(self, record: VMRecord) -> ActionContext:
         return ActionContext(address=record.address, prefix=self.pool.prefix if self.pool is not None else 24,
                              segment_mac=record.mac,
@@ -380,6 +395,8 @@ class Plant:
                                         started=started, seconds=result.elapsed, status=result.status,
                                         output=result.output, ok=result.ok)
             results.append(result)
+            if result.error is not None:
+                self._agent_error("timeout" if result.timed_out else "failed")
             if not result.ok:
                 why = (result.error if result.error is not None
                        else f"timed out after {action.timeout} s" if result.timed_out

@@ -8,7 +8,6 @@ accepts the others accept too. Errors name the line and the node.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import threading
 from decimal import Decimal
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from .contracts import contract_dir
 from .dag import (
     DEFAULT_TIMEOUT,
     Action,
@@ -41,9 +41,8 @@ DAG_XSD = "vmdag-1.0.xsd"
 
 
 def xsd_dir() -> Path:
-    """Where the published schemas live (``VMSHOP_XSD_DIR`` overrides)."""
-    override = os.environ.get("VMSHOP_XSD_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "xsd"
+    """Where the published schemas live (``VMSHOP_XSD_DIR`` overrides; see :mod:`vmshop_common.contracts`)."""
+    return contract_dir("xsd")
 
 
 _per_thread = threading.local()

@@ -67,6 +67,7 @@ import zeep.exceptions
 from zeep.wsdl import Document
 from zeep.wsse.username import UsernameToken
 
+from vmshop_common import contracts
 from vmshop_common.errors import CredentialsError, DocumentTooLargeError, Problem, VMShopError, XMLSyntaxError
 from vmshop_common.soap.faults import from_fault
 from vmshop_common.tls import (
@@ -108,10 +109,8 @@ class RequestInvalidError(VMShopError):
 
 
 def wsdl_path() -> Path:
-    """The checked-in ``wsdl/vmshop.wsdl`` (``VMSHOP_WSDL_DIR`` overrides the directory)."""
-    override = os.environ.get("VMSHOP_WSDL_DIR")
-    directory = Path(override) if override else Path(__file__).resolve().parent.parent / "wsdl"
-    return directory / "vmshop.wsdl"
+    """The published ``vmshop.wsdl`` (``VMSHOP_WSDL_DIR`` overrides its directory: :mod:`vmshop_common.contracts`)."""
+    return contracts.wsdl_path("vmshop.wsdl")
 
 
 def check_xml_text(text: str, what: str = "DAG") -> None:

@@ -16,6 +16,7 @@ from vmshop_common.addresses import read_addresses
 from vmshop_common.dagxml import validate_against
 from vmshop_common.errors import ConfigurationError
 from vmshop_common.lifecycle import DEFAULT_GRACE
+from vmshop_common.metrics import DEFAULT_REFRESH
 from vmshop_common.security import ServerSecurity, read_security, url, write_security
 from vmshop_common.xmlload import parse_xml_file
 
@@ -47,6 +48,8 @@ class ShopConfig:
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     wsse_users: Path | None = None  # users file for WS-Security UsernameTokens (None: certificates only)
     wsse_window: float = 300.0
+    metrics: bool = True  # Prometheus metrics at /metrics (admin role; vmshop_common/metrics.py)
+    metrics_refresh: float = DEFAULT_REFRESH
 
     def plants(self) -> list[str]:
         """The plants' endpoint URLs from the plant list file (ConfigurationError if it is bad): https, or
@@ -114,6 +117,8 @@ def load_config(path: str | Path) -> ShopConfig:
         quotas=_quotas(root.find(f"{{{CONFIG_NS}}}quotas")),
         wsse_users=path_of("wsse", "users") if get("wsse", "users") else None,
         wsse_window=float(str(get("wsse", "window", "300"))),
+        metrics=str(get("metrics", "enabled", "true")) in ("true", "1"),
+        metrics_refresh=float(str(get("metrics", "refresh", str(DEFAULT_REFRESH)))),
     )
     if config.wsse_users is not None and config.security.insecure:
         raise ConfigurationError(f"{what}: WS-Security UsernameTokens are accepted only over TLS, and this "
@@ -138,6 +143,8 @@ def write_config(config: ShopConfig, path: str | Path) -> Path:
     add("intervals", poll=config.poll_interval, lease=config.lease_interval)
     if config.shutdown_grace != DEFAULT_GRACE:
         add("shutdown", grace=f"{config.shutdown_grace:g}")
+    if not config.metrics or config.metrics_refresh != DEFAULT_REFRESH:
+        add("metrics", enabled=str(config.metrics).lower(), refresh=f"{config.metrics_refresh:g}")
     if config.wsse_users is not None:
         add("wsse", users=config.wsse_users, window=config.wsse_window)
     if config.quotas.default != Limits() or config.quotas.identities:

@@ -6,12 +6,14 @@ the registry's closer, the thread pool (registry and DAG work, each piece
 within :data:`WORK_DEADLINE`), the shop (once the reactor runs it checks the
 plants, reconciles creates a previous run left unfinished and enforces the
 leases; a plant that does not answer is marked down, not fatal), the lease
-and state timers, and the listener (last: nothing is served before the rest
-runs). It serves over TLS with its own certificate (which it also presents
-to its plants) and knows its callers from its authorisation file; or,
-configured insecure, plain HTTP on loopback. With ``<wsse users=...>`` it
-also takes TLS callers without a certificate who prove a user of that file
-with a WS-Security UsernameToken.
+and state timers, the metrics' refresh (with ``<metrics>``: the registry's
+counts read on the pool; see :mod:`vmshop_service.metrics`), and the
+listener (last: nothing is served before the rest runs). It serves over
+TLS with its own certificate (which it also presents to its plants) and
+knows its callers from its authorisation file; or, configured insecure,
+plain HTTP on loopback. With ``<wsse users=...>`` it also takes TLS callers
+without a certificate who prove a user of that file with a WS-Security
+UsernameToken.
 
 Signals (handled from before the server listens): SIGHUP re-reads the
 authorisation file, the users file and the plant list, each on a thread;
@@ -39,14 +41,16 @@ from twisted.internet import defer
 
 from vmshop_common.errors import ConfigurationError
 from vmshop_common.lifecycle import AFTER_GRACE, Closing, RoundTimer, ServerService, Shutdown, run_server, within
+from vmshop_common.metrics import MetricsResource, operation_names
 from vmshop_common.security import PORT_PLACEHOLDER, StartedSecurity, is_loopback, start_security, url
 from vmshop_common.servermain import server_main
 from vmshop_common.soap.listener import SoapListener
-from vmshop_common.soap.server import build_site
+from vmshop_common.soap.server import SoapSite, build_site
 from vmshop_common.threads import ThreadPoolService, in_thread
 from vmshop_common.wsse import UsernameTokens
 
 from .config import ShopConfig, load_config
+from .metrics import ShopMetrics
 from .plants import PlantDirectory
 from .registry import Registry
 from .service import APP_NAME, ShopOperations, VMShopService
@@ -104,6 +108,7 @@ class ShopServer:
     pool: ThreadPoolService
     security: StartedSecurity
     tokens: UsernameTokens | None
+    metrics: ShopMetrics | None = None
 
     def reload(self) -> defer.Deferred[None]:
         """SIGHUP: re-read the authorisation file, the users file and the plant list (each on a thread; a bad
@@ -149,6 +154,7 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
     site.app.vmshop = operations
     site.identities = security.identities
     site.tokens = tokens  # a second way in: TLS without a certificate, a UsernameToken in the header
+    metrics = attach_metrics(site, shop, reactor) if config.metrics else None
     listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
                             tls=security.credentials, insecure=security.insecure,
                             require_client_certificate=tokens is None, reactor=reactor)
@@ -159,9 +165,20 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
                   RoundTimer(config.lease_interval, shop.enforce_leases, name="lease timer", shutdown=shutdown,
                              clock=reactor),
                   RoundTimer(config.poll_interval, shop.refresh, name="state poll", shutdown=shutdown, clock=reactor),
+                  *([RoundTimer(config.metrics_refresh, metrics.refresher(pool.run).run, name="metrics refresh",
+                                shutdown=shutdown, now=True, clock=reactor)] if metrics is not None else []),
                   listener):
         child.setServiceParent(root)
-    return ShopServer(root, shop, listener, pool, security, tokens)
+    return ShopServer(root, shop, listener, pool, security, tokens, metrics)
+
+
+def attach_metrics(site: SoapSite, shop: Shop, reactor: Any) -> ShopMetrics:
+    """The shop's metrics, told of every SOAP answer and bid round, served at ``/metrics`` by ``site``."""
+    metrics = ShopMetrics(operation_names(site.app), shop.plants, shop.registry)
+    site.soap_resource.observer = metrics
+    site.metrics_resource = MetricsResource(metrics, site, reactor)
+    shop.observe_bid_round = metrics.observe_bid_round
+    return metrics
 
 
 def serve(config: ShopConfig, host: str | None = None, port: int | None = None) -> int:

@@ -373,6 +373,12 @@ class Registry:
         with self._lock:
             return int(self._connection().execute("SELECT COUNT(*) FROM vms").fetchone()[0])
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many VMs are in each state (collected ones included, under ``collected``): for the metrics."""
+        with self._lock:
+            rows = self._connection().execute("SELECT state, COUNT(*) FROM vms GROUP BY state").fetchall()
+        return {str(state): int(count) for state, count in rows}
+
     def query_sql(self, q: Query | str, limit: int | None = None) -> tuple[str, list[object]]:
         """The SQL statement and parameters :meth:`query` runs (for ``EXPLAIN QUERY PLAN`` and tests)."""
         query = parse_query(q) if isinstance(q, str) else tuple(q)

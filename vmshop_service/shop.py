@@ -116,6 +116,8 @@ class Shop:
         self._looking: set[str] = set()  # plants being looked at after a notice
         self._look_again: set[str] = set()  # ... and noticed again meanwhile
         self.quotas = Quotas(config.quotas, self._usage)
+        #: Told the seconds of each call for bids (the metrics' hook; vmshop_service/metrics.py).
+        self.observe_bid_round: Callable[[float], None] | None = None
 
     def _usage(self, owner: str, exclude: str) -> defer.Deferred[Usage]:
         return self._in_thread(self.registry.usage, owner, exclude).addCallback(lambda row: Usage(*row))
@@ -170,11 +172,22 @@ class Shop:
             return self.pool.run(functools.partial(work, *args, **kwargs), what=getattr(work, "__name__", None))
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args, **kwargs)
 
+    def _call_for_bids(self, dag_xml: str) -> defer.Deferred[list[BidResult]]:
+        """Every plant's bid (:func:`call_for_bids`); its round's duration told to :attr:`observe_bid_round`."""
+        started = time.monotonic()
+
+        def observed(bids: list[BidResult]) -> list[BidResult]:
+            if self.observe_bid_round is not None:
+                self.observe_bid_round(time.monotonic() - started)
+            return bids
+
+        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout).addCallback(observed)
+
     # Estimate -----------------------------------------------------------------
     @defer.inlineCallbacks
     def estimate(self, caller: Identity, dag_xml: str) -> Any:
         yield self._in_thread(load_new_vm_dag, dag_xml)
-        bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
+        bids = yield self._call_for_bids(dag_xml)
         ranked = rank(bids)
         best = ranked[0] if ranked else None
         return spyne_record(Estimate, plant=best.plant if best else None, cost=best.cost if best else None,
@@ -225,7 +238,7 @@ class Shop:
 
     @defer.inlineCallbacks
     def _place(self, key: str, dag_xml: str, owner: str) -> Any:
-        bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
+        bids = yield self._call_for_bids(dag_xml)
         attempts: list[str] = []
         for bid in rank(bids):
             self._still_wanted(key)

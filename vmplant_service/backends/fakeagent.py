@@ -10,7 +10,9 @@ arguments, or a file it was asked to write and is now chmod'ed) holds a
 marker: ``FAKE_FAIL`` (status 1), ``FAKE_STATUS=<n>`` (status n), or
 ``FAKE_HANG`` (it runs until the timeout the plant's wrapper was given, then
 ends with 137, as ``timeout -s KILL`` would); ``FAKE_SLEEP=<seconds>`` makes
-it run that long (at most its timeout) and then succeed.
+it run that long (at most its timeout) and then succeed; ``FAKE_AGENT_ERROR``
+makes the agent answer that process's status out of shape (an exit code that
+is not an integer), as a broken or hostile guest's agent might.
 
 One thread serves one client at a time, as QEMU's chardev does. Commands
 before ``ready_at`` (the end of the fake boot) are held, as a real guest's
@@ -44,6 +46,7 @@ class _Process:
     ends: float
     status: int
     output: bytes
+    garbled: bool = False
 
 
 class FakeAgent:
@@ -159,7 +162,7 @@ class FakeAgent:
             if time.monotonic() < process.ends:
                 return {"exited": False}
             del self._processes[arguments["pid"]]
-            return {"exited": True, "exitcode": process.status,
+            return {"exited": True, "exitcode": "garbage" if process.garbled else process.status,
                     "out-data": base64.b64encode(process.output).decode()}
         if command == "guest-file-open":
             handle = self._new_id()
@@ -207,7 +210,7 @@ class FakeAgent:
         if (slept := SLEEP_MARKER.search(marked)) is not None and status == 0:
             ends = now + min(float(slept.group(1)), _timeout_of(args))
         pid = self._new_id()
-        self._processes[pid] = _Process(now, ends, status, output.encode())
+        self._processes[pid] = _Process(now, ends, status, output.encode(), garbled="FAKE_AGENT_ERROR" in marked)
         return pid
 
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,6 +81,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.server import Request
 
 from vmshop_common.errors import ConfigurationError, VMShopError
+from vmshop_common.metrics import METRICS_PATH
 from vmshop_common.security import is_loopback
 from vmshop_common.soap.compat import (
     DEFAULT_MAX_BODY_BYTES,
@@ -301,7 +303,35 @@ def _canonical(document: bytes) -> bytes:
 
 
 class SoapResource(CompatTwistedWebResource):
-    """The project's SOAP resource: fixed WSDL only, DOCTYPEs refused."""
+    """The project's SOAP resource: fixed WSDL only, DOCTYPEs refused; every answer told to :attr:`observer`."""
+
+    observer: Any = None
+    """Told of every SOAP answer sent: ``observer.answered(method_request_string, fault_code or None, seconds)``
+    (a :class:`vmshop_common.metrics.ServerMetrics`); ``None``: nobody is told."""
+
+    def render(self, request: Request) -> bytes | int:
+        request.vmshop_arrived = time.monotonic()  # type: ignore[attr-defined]
+        return super().render(request)
+
+    def _tell(self, request: Request, p_ctx: Any, fault_code: str | None) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        arrived = getattr(request, "vmshop_arrived", None)
+        try:
+            observer.answered(getattr(p_ctx, "method_request_string", None), fault_code,
+                              None if arrived is None else time.monotonic() - arrived)
+        except Exception:  # an observer's bug never costs a caller its answer
+            logger.exception("the answer's observer failed")
+
+    def _answer(self, result: Any, request: Request, p_ctx: Any, others: list[Any], *, normalize: bool) -> bytes:
+        body = super()._answer(result, request, p_ctx, others, normalize=normalize)
+        self._tell(request, p_ctx, None)
+        return body
+
+    def handle_rpc_error(self, p_ctx: Any, others: list[Any], error: Any, request: Request) -> bytes:
+        self._tell(request, p_ctx, str(getattr(error, "faultcode", "Server") or "Server"))
+        return super().handle_rpc_error(p_ctx, others, error, request)
 
     def render_wsdl(self, request: Request) -> bytes:
         """The fixed WSDL; never one built from the caller's Host header."""
@@ -378,6 +408,15 @@ class SoapSite(LimitedSite):
         self.wsdl: bytes | None = None
         if "{port}" not in public_url:
             self.set_public_url(public_url)
+
+    metrics_resource: Any = None
+    """What answers ``/metrics`` (a :class:`vmshop_common.metrics.MetricsResource`); ``None``: that path is SOAP
+    like any other."""
+
+    def getResourceFor(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
+        if self.metrics_resource is not None and request.path == METRICS_PATH:
+            return self.metrics_resource
+        return super().getResourceFor(request)
 
     @property
     def identities(self) -> Any:
