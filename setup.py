@@ -21,6 +21,8 @@ setup(
         "pyOpenSSL==26.4.0",
         "service-identity==26.1.0",
         "cryptography==50.0.2",
+        # cloud-init NoCloud seeds (ISO 9660 images) written in the plant's process (vmplant_service/seed.py).
+        "pycdlib==1.22.0",
     ],
     extras_require={
         "test": [

@@ -29,7 +29,8 @@ plant's 0700 directories, and nothing shared is handed to it:
 
 - the overlay (read-write) and the layers below it (the cached image,
   read-only) are opened by the backend and passed as descriptors
-  (``virDomainFDAssociate``); libvirt chowns neither;
+  (``virDomainFDAssociate``); libvirt chowns neither; nor the cloud-init
+  seed (a ``<readonly/>`` second disk, opened read-only, 0600 root's);
 - the kernel and initramfs are read by QEMU itself, as that user (so they
   must be readable by it: :meth:`_check` says which directory is not);
   libvirt does not chown them;
@@ -146,6 +147,7 @@ from .domainxml import (
     DISK_FD_GROUP,
     ESX_NIC_MODELS,
     FLAVORS,
+    SEED_FD_GROUP,
     VMSHOP_NS,
     XEN_MODES,
     DiskLayer,
@@ -817,6 +819,8 @@ class LibvirtBackend(Backend):
                 # The disk chain as descriptors the plant opened (see the module docstring): libvirt chowns nothing.
                 files = [(DISK_FD_GROUP, str(spec.disk), os.O_RDWR)]
                 files += [(base_fd_group(depth), layer.path, os.O_RDONLY) for depth, layer in enumerate(chain)]
+                if spec.seed is not None:
+                    files.append((SEED_FD_GROUP, str(spec.seed), os.O_RDONLY))
                 for group, path, mode in files:
                     opened.append(os.open(path, mode | os.O_CLOEXEC))
                     fd = opened[-1]
@@ -888,6 +892,7 @@ class LibvirtBackend(Backend):
             need_file(spec.disk, "disk")
             need_file(spec.kernel, "kernel")
             need_file(spec.initrd, "initrd")
+            need_file(spec.seed, "seed")
             if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
                 raise BackendError(f"VM {spec.vm_id}: the data directory {spec.data_dir} does not exist")
             label = self._label() if self.flavor in ("qemu", "kvm") else None
