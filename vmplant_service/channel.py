@@ -151,7 +151,9 @@ if [ -d /run/systemd/system ] && command -v networkctl >/dev/null 2>&1 && \\
   { printf '[Match]\\nMACAddress=%s\\n\\n[Network]\\nAddress=%s\\n' "$mac" "$address"
     [ -z "$gateway" ] || printf 'Gateway=%s\\n' "$gateway"; } >"$f.new" && mv -f "$f.new" "$f" || exit 4
   ip addr flush dev "$dev"
-  networkctl reload && networkctl reconfigure "$dev" || exit 4
+  # networkctl needs D-Bus, which a minimal image may lack; a restart of networkd reads the file too.
+  { networkctl reload && networkctl reconfigure "$dev"; } >/dev/null 2>&1 || \\
+    systemctl restart systemd-networkd.service || exit 4
   how="systemd-networkd, $f"
 elif [ -f /etc/network/interfaces ] && command -v ifup >/dev/null 2>&1; then
   f=/etc/network/interfaces.d/vmshop-segment
