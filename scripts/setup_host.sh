@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils vde2 busybox-static e2fsprogs cpio xz-utils iproute2
-              user-mode-linux libvdeplug-slirp)
+              user-mode-linux libvdeplug-slirp debootstrap fdisk)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -53,4 +53,10 @@ bash scripts/setup_clients.sh
 WAREHOUSE=${VMSHOP_WAREHOUSE:-$ROOT/var/warehouse}
 # The build is idempotent: it does nothing (in about 2 s) unless its inputs changed.
 bash scripts/build_guest_image.sh "$WAREHOUSE"
+# The Debian 12 cloud image ("debian12": debootstrap from the Debian mirror this host's apt uses, ~2 minutes the
+# first time, then cached): the tests and the demo's Debian sample boot it. VMSHOP_DEBIAN_IMAGE=0 skips it.
+if [[ ${VMSHOP_DEBIAN_IMAGE:-1} != 0 ]]; then
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO bash scripts/build_debian_image.sh "$WAREHOUSE"
+fi
 echo "setup: ready (python: .venv, warehouse: $WAREHOUSE)"
