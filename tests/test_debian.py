@@ -98,10 +98,16 @@ def _site(base: Path, warehouse: Path, datastore: Path, backend: str, options: d
     plant = start_plant(base / backend, warehouse, name=backend, backend=backend, backend_options=options,
                         datastore=datastore, capacity_vms=2, capacity_memory=1536)
     try:
-        shop = start_shop(base / "shop", [host_port(plant)] + [host_port(p) for p in extra_plants])
+        # The backend's first look (libvirt: starting its daemons) happens before the shop asks for bids; and a
+        # bid may be slow on a busy 2-core machine, which is not what these tests are about.
+        plant.service.plantInfo()
+        shop = start_shop(base / "shop", [host_port(plant)] + [host_port(p) for p in extra_plants],
+                          bid_timeout=30.0)
     except BaseException:
         plant.cleanup()
         raise
+    # A Debian create boots a real distribution under TCG (~1.5 min here, several on a host busy with other work).
+    shop.client(timeout=900)
     return Site(plant, shop, datastore)
 
 

@@ -827,6 +827,9 @@ class LibvirtBackend(Backend):
                     self._call(f"pass the disk of {name}", functools.partial(_associate, domain, group, fd))
             if libvirt is not None and self.flavor in ("qemu", "kvm"):
                 flags = libvirt.VIR_DOMAIN_START_PAUSED
+            # Again, just before the start: on a busy host the define and the descriptors above can outlast a
+            # spawned virtlogd's idle timeout ("Failed to connect socket to '/run/libvirt/virtlogd-sock'").
+            self._ensure_virtlogd()
             self._call(f"start {name}", lambda c: domain.createWithFlags(flags))
         except OSError as exc:
             raise BackendError(f"VM {spec.vm_id}: cannot open its disk: {exc.strerror}: {exc.filename}") from None
