@@ -11,6 +11,7 @@ Rows (names for ``--only``; numbers work too):
 7. ``backends``    the qemu, libvirt and uml backends side by side
 8. ``tls``         create through the shop with mutual TLS vs without; estimate throughput with TLS vs without,
                    against the same echo
+10. ``images``     tiny and debian12 side by side: boot to agent ready, create, size on disk; debian12 through GRUB
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.
