@@ -228,7 +228,8 @@ def hostile_lab(base: Path, warehouse_dir: Path, guests: tuple[tuple[str, ...], 
     try:
         def create(guest: tuple[str, ...]) -> Any:
             name, owner, image = guest[0], guest[1], guest[2] if len(guest) > 2 else "tiny"
-            return plant.service_as("admin").createVM(
+            # A Debian guest's first boot under TCG takes minutes on a host busy with other work.
+            return plant.service_as("admin", timeout=900).createVM(
                 dag=dag(script("true"), network=True, image=image), owner=owner, vm_id=f"hg-{name}").vm
 
         # At once: a Debian guest's first boot is long, and the guests' boots overlap.
