@@ -662,6 +662,43 @@ def row_tls(ctx: Context) -> list[Row]:
     ]
 
 
+def row_memory(ctx: Context) -> list[Row]:
+    """A shop and a plant under the stream of large and hostile requests of tests/test_bounded_memory.py, for 10
+    minutes (1 in quick mode): each server's RSS over time."""
+    import test_bounded_memory as stream
+
+    seconds = float(ctx.n(600, 60))
+    directory = ctx.directory("memory")
+    log(f"memory: a fake plant and a shop, each under a stream of large and hostile requests for {seconds:.0f} s")
+    plant = common.launch_plant(ctx, directory / "plant", backend="fake", network="none")
+    shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(plant)])
+    streams = {"shop": stream.Stream(shop, stream.requests_for(stream.SHOP_NS), "alice"),
+               "plant": stream.Stream(plant, stream.requests_for(stream.PLANT_NS), "shop")}
+    samples: dict[str, list[int]] = {"shop": [], "plant": []}
+    started = time.monotonic()
+    with streams["shop"], streams["plant"]:
+        while time.monotonic() < started + seconds:
+            for name, server in (("shop", shop), ("plant", plant)):
+                samples[name].append(stream.rss(server))
+            time.sleep(1.0)
+    rows = []
+    for index, name in enumerate(("shop", "plant")):
+        series = [value / 2**20 for value in samples[name]]
+        answered = sum(streams[name].answers.values())
+        half = len(series) // 2
+        growth = max(series[half:]) - max(series[:half])
+        rows.append(Row(
+            f"9{'ab'[index]}", f"{name.capitalize()} RSS under {seconds / 60:.0f} min of large and hostile requests "
+            "(8 clients, kept-alive mutual TLS; 7 kinds of request round-robin)",
+            f"start {series[0]:.0f} MiB; max {max(series):.0f} MiB; last {series[-1]:.0f} MiB",
+            f"second half's max {growth:+.0f} MiB over the first half's", "bounded (flat after warm-up; < 400 MiB)",
+            "PASS" if max(series) < 400 and growth < 64 else f"MISS (max {max(series):.0f} MiB, {growth:+.0f} MiB)",
+            [f"{name}: {answered} requests answered ({streams[name].answers}), failures "
+             f"{len(streams[name].failures)}; RSS each minute (MiB): "
+             f"{[round(v) for v in series[::60]]}"]))
+    return rows
+
+
 # --- 10. images: tiny and a real distribution side by side ----------------------------------------------------
 
 #: The images compared, in the warehouse; debian12 is built by scripts/build_debian_image.sh.
@@ -770,5 +807,6 @@ ROWS = {
     "concurrent": ("6", row_concurrent),
     "backends": ("7", row_backends),
     "tls": ("8", row_tls),
+    "memory": ("9", row_memory),
     "images": ("10", row_images),
 }

@@ -54,6 +54,7 @@ from vmplant_service.ippool import write_pool
 from vmplant_service.segment import default_switch_dir
 from vmshop_common.addresses import read_addresses
 from vmshop_common.errors import VMShopError
+from vmshop_common.lifecycle import DEFAULT_GRACE
 from vmshop_common.security import add_security_flags, security_from_flags
 
 DEFAULT_POOL = "192.168.77.0/24"
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"requests that may wait for a thread; more are refused (default {DEFAULT_QUEUE})")
     add("--max-creates", type=int, default=DEFAULT_CREATES,
         help=f"creates at once; more are declined at bid time (default {DEFAULT_CREATES})")
+    add("--shutdown-grace", type=float, default=DEFAULT_GRACE,
+        help=f"seconds a stopping plant lets requests in progress finish (default {DEFAULT_GRACE:g})")
     add_security_flags(parser, "plant")
     add("--output", "-o", default=CONFIG_FILE, help=f"the file to write (default ./{CONFIG_FILE})")
     add("--yes", "-y", action="store_true", help="take the defaults for everything not given; ask nothing")
@@ -225,7 +228,7 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
                        switch_dir=switch_dir, capacity_vms=capacity_vms, capacity_memory=capacity_memory,
                        datastore=datastore, shops_file=shops_file, watch_interval=args.watch_interval,
                        threads=args.threads, queue=args.queue, max_creates=args.max_creates,
-                       security=security)
+                       shutdown_grace=args.shutdown_grace, security=security)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from vmshop_common.errors import VMShopError
+from vmshop_common.lifecycle import DEFAULT_GRACE
 from vmshop_common.security import add_security_flags, security_from_flags
 from vmshop_common.wsse import read_users
 from vmshop_service.config import CONFIG_FILE, ShopConfig, load_config, write_config
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plants-file", help=f"the plant list (default {PLANTS_FILE})")
     parser.add_argument("--bid-timeout", type=float, help="seconds a plant has to bid (default 10)")
     parser.add_argument("--poll-interval", type=float, help="seconds between state refreshes (default 5)")
+    parser.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE,
+                        help="seconds a stopping shop lets requests in progress finish (default %(default)g)")
     add_security_flags(parser, "shop")
     parser.add_argument("--default-quota", metavar="LIMITS",
                         help="every identity's quota: vms=N,memory=MIB,vcpus=N (default: none)")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                             poll_interval=float(value(args.poll_interval, "state refresh interval (s)", "5")),
                             security=security, quotas=parse_quotas(args.default_quota, args.quota),
                             wsse_users=Path(args.wsse_users).absolute() if args.wsse_users else None,
-                            wsse_window=args.wsse_window)
+                            wsse_window=args.wsse_window, shutdown_grace=args.shutdown_grace)
         if config.wsse_users is not None:
             read_users(config.wsse_users)
         config.database.parent.mkdir(parents=True, exist_ok=True)

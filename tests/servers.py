@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,9 +93,12 @@ class ServerProcess:
     url: str = ""
     service: Any = None
     mapfile: Path | None = None
+    clients: list[zeep.Client] = field(default_factory=list)  # every client made, closed by cleanup()
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the server (on the port it had before, if it ran already) and wait until it listens."""
+    def start(self, timeout: float = 60.0,
+              on_listening: Callable[[subprocess.Popen[bytes]], None] | None = None) -> None:
+        """Start the server (on the port it had before, if it ran already) and wait until it listens;
+        ``on_listening(process)`` is called the moment it says so (the log is then watched every millisecond)."""
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
@@ -107,10 +110,12 @@ class ServerProcess:
             found = re.search(r"listening on (https?://127\.0\.0\.1:(\d+)/)", text)
             if found:
                 self.url, self.port = found.group(1), int(found.group(2))
+                if on_listening is not None:
+                    on_listening(self.process)
                 return
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the plant did not start:\n{text}")
-            time.sleep(0.05)
+                raise RuntimeError(f"the server did not start:\n{text}")
+            time.sleep(0.001 if on_listening is not None else 0.05)
 
     def client(self, timeout: float = 300, identity: str | None = "admin", keep: bool = True) -> zeep.Client:
         """A zeep client built from the checked-in WSDL, pointed at this server, presenting ``identity``'s
@@ -118,10 +123,17 @@ class ServerProcess:
         transport = test_pki().zeep_transport(identity, timeout) if self.url.startswith("https:") else \
             zeep.Transport(timeout=timeout, operation_timeout=timeout)
         client = zeep.Client(str(self.wsdl), transport=transport)
+        self.clients.append(client)
         service = client.create_service(self.binding, self.url)
         if keep:
             self.service = service
         return client
+
+    def close_clients(self) -> None:
+        """Close the connections of every client made so far (a socket left to the garbage collector warns)."""
+        for client in self.clients:
+            client.transport.session.close()
+        self.clients.clear()
 
     def service_as(self, identity: str | None, timeout: float = 300) -> Any:
         """The service proxy of a zeep client presenting ``identity``'s certificate (``None``: none)."""
@@ -143,6 +155,7 @@ class ServerProcess:
     def cleanup(self) -> None:
         """Stop the server and kill anything of its own that still runs (a plant's guests, its switch)."""
         self.stop()
+        self.close_clients()
         markers = [str(self.state_dir)]
         if self.module == "vmplant_service.main":  # its owners' switches live outside its state directory
             from vmplant_service.config import load_config
@@ -176,7 +189,8 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
                 backend_options: dict[str, str] | None = None,
                 metrics: dict[str, float] | None = None, shops: list[str] | None = None,
                 watch_interval: float | None = None, identity: str = "plant",
-                insecure: bool = False, flags: list[str] | None = None) -> ServerProcess:
+                insecure: bool = False, shutdown_grace: float | None = None,
+                flags: list[str] | None = None) -> ServerProcess:
     """Configure (with scripts/configure_vmplant.py) and start a plant in ``directory``.
 
     ``shops`` (``host:port`` each) go into its shop list, which is empty by
@@ -201,6 +215,8 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
         args += ["--datastore", str(datastore)]
     if watch_interval is not None:
         args += ["--watch-interval", str(watch_interval)]
+    if shutdown_grace is not None:
+        args += ["--shutdown-grace", str(shutdown_grace)]
     for key, value in (backend_options or {}).items():
         args += ["--backend-option", f"{key}={value}"]
     args += list(flags or [])

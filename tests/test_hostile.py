@@ -15,11 +15,15 @@ traceback.
 Fault codes at the SOAP envelope level come from spyne 2.14.0 (pinned) and
 are part of the contract (``tests/test_soap_stack.py`` holds them too):
 ``Client.XMLSyntaxError`` (the envelope is not well-formed XML, or nested
-deeper than libxml2's 256 levels), ``Client.SoapError`` (not a SOAP
-envelope), ``Client.SchemaValidationError`` (the envelope breaks the
-service's schema), ``Client.ValidationError`` (a value spyne can't take),
-``Client.RequestNotAllowed`` (not a POST with an XML content type), and
-the project's ``Client.RequestTooLong`` and ``Client.DoctypeRefused``.
+deeper than libxml2's 256 levels), ``Client.SchemaValidationError`` (the
+envelope breaks the service's schema), ``Client.ValidationError`` (a value
+spyne can't take), ``Client.RequestNotAllowed`` (not a POST with an XML
+content type), and the project's ``Client.RequestTooLong``,
+``Client.DoctypeRefused`` and the envelope's own (``VersionMismatch`` for a
+SOAP 1.2 envelope, ``Client.NotAnEnvelope``, ``Client.ExtraBody``,
+``Client.ExtraOperation``, ``Client.HeaderMisplaced``, ``Client.NoBody``,
+``Client.NoOperation``, ``Client.StrayContent``: see
+``vmshop_common/soap/envelope.py``).
 Everything inside a DAG, a key, a query or a value has the project's codes
 (``vmshop_common/errors.py``).
 """
@@ -48,6 +52,7 @@ pytestmark = pytest.mark.integration
 
 DAGS = Path(__file__).parent / "dags"
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+SOAP12_ENV = "http://www.w3.org/2003/05/soap-envelope"
 TNS = {"plant": "urn:vmshop:vmplant:1", "shop": "urn:vmshop:vmshop:1"}
 MAX_BODY = 2 * 1024 * 1024  # vmshop_common.soap.compat.DEFAULT_MAX_BODY_BYTES
 XML = "text/xml; charset=utf-8"
@@ -150,6 +155,10 @@ def absurd(**changes: str) -> Callable[[Any, Resident], Any]:
 
 SCRIPT = '<script id="run">true</script>'
 RUN_EDGE = '<edge from="s" to="run"/>'
+# An operation that would make a VM if it ran: hidden where spyne used to ignore it (a second Body, a second
+# operation), it must make nothing (the last test checks that nothing changed).
+CREATE_ON_PLANT = f"<t:createVM><t:dag>{escaped(image_dag())}</t:dag><t:vm_id>smuggled</t:vm_id></t:createVM>"
+CREATE_ON_SHOP = f"<t:createVM><t:dag>{escaped(image_dag())}</t:dag><t:vm_key>smuggled</t:vm_key></t:createVM>"
 
 CORPUS: list[Item] = [
     # Not XML, malformed XML -------------------------------------------------------------------------
@@ -165,7 +174,29 @@ CORPUS: list[Item] = [
          raw=envelope("<t:queryVMs><t:query>&#1;</t:query></t:queryVMs>")),
     Item("undeclared entity", "shop", "Client.XMLSyntaxError",
          raw=envelope("<t:queryVMs><t:query>&passwd;</t:query></t:queryVMs>")),
-    Item("not a SOAP envelope", "shop", "Client.SoapError", raw=b"<createVM><dag/></createVM>"),
+    Item("not a SOAP envelope", "shop", "Client.NotAnEnvelope", raw=b"<createVM><dag/></createVM>"),
+    # Envelopes that are not one SOAP 1.1 Body holding one operation (vmshop_common/soap/envelope.py) ------
+    Item("SOAP 1.2 envelope", "shop", "VersionMismatch", raw=envelope("<t:listPlants/>").replace(SOAP_ENV, SOAP12_ENV)),
+    Item("SOAP 1.2 envelope", "plant", "VersionMismatch", raw=envelope("<t:plantInfo/>").replace(SOAP_ENV, SOAP12_ENV)),
+    Item("envelope in no namespace", "plant", "VersionMismatch",
+         raw='<Envelope xmlns:t="{tns}"><Body><t:plantInfo/></Body></Envelope>'),
+    Item("two Bodies, the second creating a VM", "plant", "Client.ExtraBody",
+         raw=envelope("<t:plantInfo/></e:Body><e:Body>" + CREATE_ON_PLANT)),
+    Item("two operations in one Body, the second creating a VM", "shop", "Client.ExtraOperation",
+         raw=envelope("<t:listPlants/>" + CREATE_ON_SHOP)),
+    Item("two operations in one Body, the second creating a VM", "plant", "Client.ExtraOperation",
+         raw=envelope("<t:plantInfo/>" + CREATE_ON_PLANT)),
+    Item("a Header after the Body", "shop", "Client.HeaderMisplaced",
+         raw=envelope("<t:listPlants/>").replace("</e:Envelope>", "<e:Header/></e:Envelope>")),
+    Item("two Headers", "plant", "Client.HeaderMisplaced",
+         raw=envelope("<t:plantInfo/>").replace("<e:Body>", "<e:Header/><e:Header/><e:Body>")),
+    Item("no Body", "plant", "Client.NoBody", raw=envelope("").replace("<e:Body></e:Body>", "<e:Header/>")),
+    Item("an empty Body", "shop", "Client.NoOperation", raw=envelope("")),
+    Item("a Fault sent as a request", "shop", "Client.NoOperation",
+         raw=envelope("<e:Fault><faultcode>e:Server.Mine</faultcode><faultstring>x</faultstring></e:Fault>")),
+    Item("an element after the Body", "plant", "Client.StrayContent",
+         raw=envelope("<t:plantInfo/>").replace("</e:Body>", "</e:Body>" + CREATE_ON_PLANT)),
+    Item("text beside the operation", "shop", "Client.StrayContent", raw=envelope("junk<t:listPlants/>")),
     # DOCTYPEs, external entities, entity expansion in the envelope -----------------------------------
     Item("envelope DOCTYPE, external entity", "shop", "Client.DoctypeRefused",
          raw=envelope("<t:queryVMs><t:query>&x;</t:query></t:queryVMs>", prolog=XXE)),
@@ -360,7 +391,8 @@ def send_raw(server: ServerProcess, item: Item) -> tuple[str, str]:
     if isinstance(data, str):
         data = data.replace("{tns}", TNS[item.target]).encode()
     headers = {} if item.content_type is None else {"Content-Type": item.content_type}
-    response = test_pki().session("admin").post(server.url, data=data, headers=headers, timeout=120)
+    with test_pki().session("admin") as session:  # closed: a socket left to the garbage collector warns later
+        response = session.post(server.url, data=data, headers=headers, timeout=120)
     assert response.status_code == item.status, (response.status_code, response.content[:300])
     return fault_of(response)
 

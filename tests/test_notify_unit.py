@@ -33,6 +33,11 @@ class FakeClient:
         return defer.succeed(None)
 
 
+def notifier_of(shops: Any, **kwargs: Any) -> notify.ShopNotifier:
+    """A notifier for the plant http://plant:1/ that reads its shop list at once (no thread, no reactor)."""
+    return notify.ShopNotifier("http://plant:1/", shops, reactor=None, run_blocking=defer.maybeDeferred, **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def fake_clients(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeClient.made = []
@@ -40,7 +45,7 @@ def fake_clients(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_changes_while_a_notice_is_in_flight_make_exactly_one_more() -> None:
-    notifier = notify.ShopNotifier("http://plant:1/", lambda: ["http://shop:2/"], reactor=None)
+    notifier = notifier_of(lambda: ["http://shop:2/"])
     (client,) = FakeClient.made
     notifier.changed()
     notifier.changed()
@@ -53,7 +58,7 @@ def test_changes_while_a_notice_is_in_flight_make_exactly_one_more() -> None:
 
 
 def test_a_shop_that_fails_is_tried_again_at_the_next_change() -> None:
-    notifier = notify.ShopNotifier("http://plant:1/", lambda: ["http://shop:2/"], reactor=None)
+    notifier = notifier_of(lambda: ["http://shop:2/"])
     (client,) = FakeClient.made
     notifier.changed()
     client.calls[0].errback(ConnectionRefusedError())
@@ -70,7 +75,7 @@ def test_the_shop_list_is_followed_and_a_bad_one_keeps_the_last() -> None:
             raise OSError("unreadable")
         return list(shops)
 
-    notifier = notify.ShopNotifier("http://plant:1/", listed, reactor=None)
+    notifier = notifier_of(listed)
     a, b = FakeClient.made
     shops[:] = ["http://b:2/", "http://c:3/"]
     notifier.changed()
@@ -84,6 +89,6 @@ def test_the_shop_list_is_followed_and_a_bad_one_keeps_the_last() -> None:
 
 def test_notices_go_out_with_the_plants_own_credentials() -> None:
     policy = object()
-    notifier = notify.ShopNotifier("http://plant:1/", lambda: ["https://shop:2/"], reactor=None, tls=policy)
+    notifier = notifier_of(lambda: ["https://shop:2/"], tls=policy)
     notifier.changed()
     assert [client.tls for client in FakeClient.made] == [policy]

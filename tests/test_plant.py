@@ -864,16 +864,15 @@ def test_info_without_pool(make: Any) -> None:
 @pytest.fixture(scope="module")
 def soap_plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Plant]]:
     """The real VMPlant service over a plant on the fake backend, served in the reactor thread."""
-    from twisted.python.threadpool import ThreadPool
-
     from vmplant_service.service import APP_NAME, PlantRuntime, VMPlantService
     from vmplant_service.wire import TNS
     from vmshop_common.soap.server import build_site
+    from vmshop_common.threads import ThreadPoolService
 
     plant, parts = pf.make_plant(tmp_path_factory.mktemp("soap-plant"))
     rt = soap_harness.reactor_thread()
-    pool = ThreadPool(minthreads=1, maxthreads=8, name="test-vmplant")
-    pool.start()
+    pool = ThreadPoolService(8, name="test-vmplant", reactor=rt.reactor)
+    rt.call(pool.startService)
     served = None
     try:
         site = build_site([VMPlantService], TNS, "https://127.0.0.1:{port}/", name=APP_NAME)
@@ -885,7 +884,7 @@ def soap_plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
     finally:
         if served is not None:
             served.stop()
-        pool.stop()
+        rt.call(pool.stopService)
         pf.shutdown_plant(parts)
 
 
@@ -976,8 +975,9 @@ def test_soap_fault_doctype(soap: Any, soap_plant: tuple[Any, Plant]) -> None:
     envelope = ('<?xml version="1.0"?>\n<!DOCTYPE e [<!ENTITY x "y">]>\n'
                 '<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" '
                 'xmlns:p="urn:vmshop:vmplant:1"><soap:Body><p:plantInfo/></soap:Body></soap:Envelope>')
-    response = test_pki().session("shop").post(served.url, data=envelope.encode(), timeout=30,
-                             headers={"Content-Type": "text/xml; charset=utf-8"})
+    with test_pki().session("shop") as session:
+        response = session.post(served.url, data=envelope.encode(), timeout=30,
+                                headers={"Content-Type": "text/xml; charset=utf-8"})
     assert response.status_code == 500
     from lxml import etree
 

@@ -39,6 +39,7 @@ FULL = """<?xml version="1.0" encoding="UTF-8"?>
   <datastore dir="data"/>
   <shops file="vmshop_addresses.txt"/>
   <watch interval="2.5"/>
+  <shutdown grace="12.5"/>
 </vmplant>
 """
 
@@ -68,7 +69,7 @@ def test_load_full(tmp_path: Path) -> None:
         warehouse_dir=Path("/srv/warehouse"), state_dir=conf / "state", backend="qemu",
         backend_options={"accel": "auto", "cpu": "host"}, network_mode="vde", ip_file=conf / "ip.txt",
         switch_dir=tmp_path / "switch", capacity_vms=4, capacity_memory=2048, datastore=conf / "data",
-        shops_file=conf / "vmshop_addresses.txt", watch_interval=2.5,
+        shops_file=conf / "vmshop_addresses.txt", watch_interval=2.5, shutdown_grace=12.5,
         security=ServerSecurity(tls=TlsFiles(conf / "pki" / "plant1.pem", conf / "pki" / "plant1.key",
                                              Path("/etc/vmshop/ca.pem")),
                                 authorization=conf / "vmplant-mapfile"))
@@ -82,6 +83,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert (config.backend, config.backend_options, config.network_mode) == ("qemu", {}, "none")
     assert (config.ip_file, config.switch_dir, config.datastore, config.shops_file) == (None, None, None, None)
     assert (config.capacity_vms, config.capacity_memory, config.watch_interval) == (8, 4096, 5.0)
+    assert config.shutdown_grace == 30.0
     assert config.shops() == []
     assert config.security == ServerSecurity(insecure=True)
 
@@ -155,6 +157,8 @@ def test_round_trip(tmp_path: Path) -> None:
     (MINIMAL.replace('<listen port="8090" insecure="true"/>', '<listen host="1:2:3" port="1"/>'),
      ConfigurationError, 2),
     (MINIMAL.replace("</vmplant>", '<warehouse dir="/again"/></vmplant>'), SchemaInvalidError, 5),
+    (MINIMAL.replace("</vmplant>", '<shutdown grace="-1"/></vmplant>'), SchemaInvalidError, 5),
+    (MINIMAL.replace("</vmplant>", '<shutdown grace="3601"/></vmplant>'), SchemaInvalidError, 5),
     ('<vmshop xmlns="urn:vmshop:vmplant-config:1"/>', WrongRootError, 1),
     ('<?xml version="1.0"?>\n<!DOCTYPE x SYSTEM "file:///etc/passwd">\n' + MINIMAL, DoctypeRefusedError, 2),
 ])
@@ -200,7 +204,7 @@ def test_flags_only(script: ModuleType, tmp_path: Path, pki: TestPki) -> None:
                       "--warehouse", "wh", "--state-dir", "st", "--backend", "qemu", "--backend-option", "accel=tcg",
                       "--network", "vde", "--capacity-vms", "3", "--capacity-memory", "1024", "--datastore", "data",
                       "--shops-file", "shops.txt", "--output", "conf/plant.xml", *pki.tls_flags("plant"),
-                      "--authorization", "conf/mapfile")
+                      "--authorization", "conf/mapfile", "--shutdown-grace", "9")
     assert status == 0, out
     config = load_config(tmp_path / "conf" / "plant.xml")
     assert (config.name, config.listen_host, config.listen_port) == ("plantA", "127.0.0.2", 8100)
@@ -212,6 +216,7 @@ def test_flags_only(script: ModuleType, tmp_path: Path, pki: TestPki) -> None:
     assert config.backend_options == {"accel": "tcg"}
     assert config.ip_file == tmp_path / "st" / "ip.txt" and config.switch_dir == default_switch_dir(tmp_path / "st")
     assert (config.capacity_vms, config.capacity_memory, config.datastore) == (3, 1024, tmp_path / "data")
+    assert config.shutdown_grace == 9 and '<shutdown grace="9"/>' in (tmp_path / "conf" / "plant.xml").read_text()
     pool = IPPool(config.ip_file)
     entries = pool.entries()
     assert (entries[0].address, entries[-1].address, len(entries), entries[0].bridge) == \

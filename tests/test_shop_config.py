@@ -29,12 +29,13 @@ def configure(tmp_path: Path, *flags: str) -> Path:
 def test_configure_script_writes_what_load_config_reads(tmp_path: Path, pki: TestPki) -> None:
     path = configure(tmp_path, "--name", "shop7", "--port", "9099", "--public-url", "https://shop.example:9099/",
                      "--database", "reg.sqlite3", "--plants-file", "plants.txt", "--bid-timeout", "3.5",
-                     "--poll-interval", "2", *pki.tls_flags("shop"), "--authorization", "map",
+                     "--poll-interval", "2", "--shutdown-grace", "4.5", *pki.tls_flags("shop"),
+                     "--authorization", "map",
                      "--default-quota", "vms=4,memory=1024", "--quota", "alice:vms=1", "--quota", "admin:vms=unlimited")
     config = load_config(path)
     assert (config.name, config.listen_port, config.public_url) == ("shop7", 9099, "https://shop.example:9099/")
     assert config.database == tmp_path / "reg.sqlite3" and config.plants_file == tmp_path / "plants.txt"
-    assert (config.bid_timeout, config.poll_interval) == (3.5, 2.0)
+    assert (config.bid_timeout, config.poll_interval, config.shutdown_grace) == (3.5, 2.0, 4.5)
     assert config.security == ServerSecurity(tls=TlsFiles(pki.cert("shop"), pki.key("shop"), pki.ca),
                                              authorization=tmp_path / "map")
     assert config.quotas == QuotaConfig(Limits(vms=4, memory=1024), {"alice": Limits(vms=1, memory=1024),
@@ -47,6 +48,7 @@ def test_configure_script_writes_what_load_config_reads(tmp_path: Path, pki: Tes
 def test_write_then_load_round_trips(tmp_path: Path) -> None:
     config = ShopConfig(database=tmp_path / "r.sqlite3", plants_file=tmp_path / "p.txt", name="s", listen_port=0,
                         bid_timeout=1.5, create_timeout=60, call_timeout=7, poll_interval=0.5, lease_interval=0.25,
+                        shutdown_grace=0,
                         security=ServerSecurity(tls=TlsFiles(tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "a"),
                                                 authorization=tmp_path / "m"),
                         quotas=QuotaConfig(Limits(vcpus=8), {"x": Limits(vms=2, memory=None, vcpus=1)}))
@@ -68,6 +70,8 @@ def test_write_then_load_round_trips(tmp_path: Path) -> None:
      b'<plants file="p"/></vmshop>', "refused on 10.0.0.1"),
     (b'<vmshop xmlns="urn:vmshop:vmshop-config:1"><listen insecure="true"/><database path="d"/><plants file="p"/>'
      b'<quotas vms="-1"/></vmshop>', "vms"),
+    (b'<vmshop xmlns="urn:vmshop:vmshop-config:1"><listen insecure="true"/><database path="d"/><plants file="p"/>'
+     b'<shutdown grace="forever"/></vmshop>', "grace"),
 ])
 def test_a_bad_configuration_is_a_project_error(tmp_path: Path, content: bytes | None, message: str) -> None:
     path = tmp_path / "configuration_vmshop.xml"

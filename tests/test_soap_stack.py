@@ -63,6 +63,8 @@ SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 
 # Set by the ``relay_client`` fixture: the client the ``relay`` method uses.
 RELAY_CLIENT: AsyncSoapClient | None = None
+# Calls of ``held`` waiting for the test to answer them: (their Deferred, the Twisted request).
+HELD: list[tuple[defer.Deferred[str], Any]] = []
 
 
 def _reactor() -> Any:
@@ -82,6 +84,13 @@ class EchoService(ServiceBase):  # type: ignore[misc]
     def slow(ctx, seconds):  # noqa: N805
         """Answers after ``seconds`` without holding a thread (returns a Deferred)."""
         return task.deferLater(_reactor(), seconds, lambda: "slept")
+
+    @rpc(_returns=Unicode)  # type: ignore[misc]
+    def held(ctx):  # noqa: N805
+        """Answers when the test fires the Deferred it finds in ``HELD``."""
+        d: defer.Deferred[str] = defer.Deferred()
+        HELD.append((d, ctx.transport.req))
+        return d
 
     @rpc(Unicode, _returns=Unicode)  # type: ignore[misc]
     def fail(ctx, code):  # noqa: N805
@@ -349,6 +358,57 @@ def test_fault_code_reaches_zeep(client: Any) -> None:
             method()
         assert fault_code(info.value) == "Server"
         assert "bug" not in (info.value.message or "")  # no internals leak to the client
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["TLS", "plain HTTP"])
+def test_an_answer_whose_connection_is_lost_as_it_is_written_logs_no_error(
+        rt: soap_harness.ReactorThread, tls: bool) -> None:
+    """A shop stopped during a burst of collects logged ``RuntimeError: Producer was not unregistered``.
+
+    Spyne answered a method's Deferred by registering a pull producer on the request, run at a later
+    reactor turn; a connection lost before then stopped the producer, whose errback finished the request
+    (before Twisted had marked it disconnected) with the producer still registered. Answers are written
+    whole, at once: the same loss now logs nothing."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    server = soap_harness.serve_in_thread(build_echo_site("http://127.0.0.1:{port}/" if not tls else
+                                                          "https://127.0.0.1:{port}/"), rt=rt, tls=tls)
+    globalLogPublisher.addObserver(events.append)  # type: ignore[arg-type]
+    HELD.clear()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(post, server.url, envelope("<t:held/>"))
+            deadline = time.monotonic() + 30
+            while not HELD:
+                assert time.monotonic() < deadline and not answer.done(), "the call never reached the server"
+                time.sleep(0.01)
+
+            def answer_and_lose_the_connection() -> None:
+                # The answer is ready, and in the same reactor turn the connection goes: what a reactor
+                # stopping does to every open connection, or a client's close read in the same turn.
+                from twisted.internet.error import ConnectionDone
+                from twisted.python.failure import Failure
+
+                d, request = HELD[0]
+                transport = request.channel.transport
+                tcp = transport.transport if tls else transport
+                d.callback("late")
+                tcp.connectionLost(Failure(ConnectionDone()))
+
+            rt.call(answer_and_lose_the_connection)
+            with pytest.raises(requests.exceptions.ConnectionError):
+                answer.result(30)
+        rt.call(task.deferLater, _reactor(), 0.2, lambda: None)  # the reactor has handled the loss
+        from twisted.logger import LogLevel, formatEvent
+
+        failures = [e for e in events if "log_failure" in e or e.get("log_level") in (LogLevel.error,
+                                                                                        LogLevel.critical)]
+        assert not failures, [formatEvent(e) for e in failures]
+        assert b"still" in post(server.url, envelope("<t:echo><t:s>still</t:s></t:echo>")).content
+    finally:
+        globalLogPublisher.removeObserver(events.append)  # type: ignore[arg-type]
+        server.stop()
 
 
 def test_server_binds_localhost(server: soap_harness.ServedSite) -> None:

@@ -320,6 +320,17 @@ STABLE_CODES = {
     "AuthenticationFailedError": "Client.AuthenticationFailed",
     "NotAuthorizedError": "Client.NotAuthorized",
     "QuotaExceededError": "Client.QuotaExceeded",
+    "VersionMismatchError": "VersionMismatch",
+    "NotAnEnvelopeError": "Client.NotAnEnvelope",
+    "NoBodyError": "Client.NoBody",
+    "ExtraBodyError": "Client.ExtraBody",
+    "HeaderMisplacedError": "Client.HeaderMisplaced",
+    "StrayContentError": "Client.StrayContent",
+    "NoOperationError": "Client.NoOperation",
+    "ExtraOperationError": "Client.ExtraOperation",
+    "ShuttingDownError": "Server.ShuttingDown",
+    "BusyError": "Server.Busy",
+    "DeadlineExceededError": "Server.DeadlineExceeded",
     "CapacityExhaustedError": "Server.CapacityExhausted",
     "PoolExhaustedError": "Server.PoolExhausted",
     "ActionFailedError": "Server.ActionFailed",
@@ -343,8 +354,8 @@ def test_the_code_table_is_complete_and_unique() -> None:
     assert {cls.__name__ for cls in ALL_ERRORS} == set(STABLE_CODES)
     assert len({cls.CODE for cls in ALL_ERRORS}) == len(ALL_ERRORS)
     assert VMShopError.CODE == "Server.InternalError"
-    for cls in ALL_ERRORS:
-        assert cls.CODE.split(".")[0] in ("Client", "Server")
+    for cls in ALL_ERRORS:  # SOAP 1.1's own VersionMismatch is the one code outside Client.* and Server.*
+        assert cls.CODE.split(".")[0] in ("Client", "Server") or cls.CODE == "VersionMismatch"
 
 
 @pytest.mark.parametrize("code", sorted(STABLE_CODES.values()))

@@ -23,6 +23,7 @@ from lxml import etree
 from vmshop_common.addresses import read_addresses
 from vmshop_common.dagxml import validate_against
 from vmshop_common.errors import ConfigurationError, Problem
+from vmshop_common.lifecycle import DEFAULT_GRACE
 from vmshop_common.security import ServerSecurity, read_security, url, write_security
 from vmshop_common.xmlload import parse_xml, parse_xml_file
 
@@ -44,7 +45,7 @@ DEFAULT_MAX_ACTION_SECONDS = 3600
 DEFAULT_MAX_DAG_SECONDS = 4 * 3600
 DEFAULT_MAX_DISK_GIB = 64
 #: Work a plant takes on at once (``<work>``): threads for requests, requests waiting for one, creates at once.
-DEFAULT_THREADS = 32
+DEFAULT_THREADS = 64
 DEFAULT_QUEUE = 64
 DEFAULT_CREATES = 8
 RECORDS_FILE = "records.sqlite3"
@@ -78,6 +79,7 @@ class PlantConfig:
     datastore: Path | None = None
     shops_file: Path | None = None
     watch_interval: float = DEFAULT_WATCH_INTERVAL
+    shutdown_grace: float = DEFAULT_GRACE
     max_action_seconds: int = DEFAULT_MAX_ACTION_SECONDS
     max_dag_seconds: int = DEFAULT_MAX_DAG_SECONDS
     max_disk: int = DEFAULT_MAX_DISK_GIB
@@ -170,6 +172,7 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
         switch_dir = switch_dir or default_switch_dir(state_dir)
     capacity = element("capacity")
     watch = element("watch")
+    shutdown = element("shutdown")
     limits = element("limits")
     work = element("work")
 
@@ -187,6 +190,7 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
         capacity_memory=int(capacity.get("memory")) if capacity is not None else DEFAULT_CAPACITY_MEMORY,
         datastore=path_of("datastore", "dir"), shops_file=path_of("shops", "file"),
         watch_interval=float(watch.get("interval")) if watch is not None else DEFAULT_WATCH_INTERVAL,
+        shutdown_grace=float(shutdown.get("grace")) if shutdown is not None else DEFAULT_GRACE,
         max_action_seconds=limit("action-timeout", DEFAULT_MAX_ACTION_SECONDS),
         max_dag_seconds=limit("dag-seconds", DEFAULT_MAX_DAG_SECONDS),
         max_disk=limit("disk", DEFAULT_MAX_DISK_GIB), threads=limit("threads", DEFAULT_THREADS, work),
@@ -233,6 +237,8 @@ def config_to_xml(config: PlantConfig) -> str:
         add("shops", file=config.shops_file)
     if config.watch_interval != DEFAULT_WATCH_INTERVAL:
         add("watch", interval=f"{config.watch_interval:g}")
+    if config.shutdown_grace != DEFAULT_GRACE:
+        add("shutdown", grace=f"{config.shutdown_grace:g}")
     limits = {"action_timeout": config.max_action_seconds, "dag_seconds": config.max_dag_seconds,
               "disk": config.max_disk}
     defaults = {"action_timeout": DEFAULT_MAX_ACTION_SECONDS, "dag_seconds": DEFAULT_MAX_DAG_SECONDS,

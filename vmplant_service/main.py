@@ -3,35 +3,50 @@
 Start-up order: load the configuration, open the records, read the
 warehouse (bad entries are logged and skipped), start the host-only segment,
 reconcile records with the guests that still run (re-adopt or reclaim),
-then listen: over TLS with its certificate (also presented to the shops it
-notifies), taking calls only from the identities its authorisation file
-gives the shop or admin role (SIGHUP re-reads that file); or, configured
-insecure, plain HTTP on loopback. On SIGTERM/SIGINT the server stops listening; guests keep
-running and are re-adopted by the next start. The segment is stopped only
-when no VM is left on it.
+then start the service tree (:func:`build_plant_server`), in this order: the
+closer of what the plant holds (records, backend, unused switches), the
+thread pool every request's work runs on (each kind of work within its
+stated deadline, :mod:`vmplant_service.service`), the notifier of its shops,
+the watch of the running guests, and the listener (last: nothing is served
+before the rest runs): over TLS with its certificate (also presented to the
+shops it notifies), taking calls only from the identities its authorisation
+file gives the shop or admin role; or, configured insecure, plain HTTP on
+loopback.
+
+Signals (handled from before the server listens): SIGHUP re-reads the
+authorisation file on a thread. SIGTERM/SIGINT stop the tree in reverse
+order within ``<shutdown grace>`` (see :mod:`vmshop_common.lifecycle`): the
+plant stops accepting at once, requests in progress may finish until the
+grace is over, then they are answered ``Server.ShuttingDown`` and the work
+still running (a create in the middle of a boot) is abandoned on its daemon
+thread: the process exits on time. Guests keep running and are dealt with
+by the next start's reconciliation, as after a crash. The segment is
+stopped only when no VM is left on it.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
-from twisted.internet import task
+from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
-from vmshop_common.errors import ConfigurationError, VMShopError
-from vmshop_common.security import PORT_PLACEHOLDER, is_loopback, start_security, url
+from vmshop_common.errors import ConfigurationError
+from vmshop_common.lifecycle import AFTER_GRACE, Closing, RoundTimer, ServerService, Shutdown, run_server, within
+from vmshop_common.security import PORT_PLACEHOLDER, StartedSecurity, is_loopback, start_security, url
 from vmshop_common.servermain import server_main
-from vmshop_common.soap.server import bound_port, build_site, listen
+from vmshop_common.soap.listener import SoapListener
+from vmshop_common.soap.server import build_site
+from vmshop_common.threads import ThreadPoolService, in_thread
 
 from .backends import load_backend
 from .config import PlantConfig, load_config
@@ -47,6 +62,12 @@ from .wire import TNS
 log = logging.getLogger("vmplant")
 #: Threads for plant work: every create holds one for its whole duration.
 MAX_THREADS = 64
+#: Seconds re-reading the authorisation file may take (SIGHUP).
+RELOAD_DEADLINE = 30.0
+#: Seconds closing what the plant holds (records, backend, switches) may take at stop.
+CLOSE_DEADLINE = 10.0
+#: Seconds one look at the running guests may take.
+WATCH_DEADLINE = 300.0
 
 
 def build_plant(config: PlantConfig) -> Plant:
@@ -70,10 +91,48 @@ def build_plant(config: PlantConfig) -> Plant:
     return Plant(config, backend, records, warehouse, pool, segments)
 
 
-def serve(config: PlantConfig, host: str | None = None, port: int | None = None) -> int:
-    """Run the plant until the reactor stops."""
-    from twisted.internet import reactor
+class NotifierService(Service):
+    """The plant's notifier of its shops in the tree: its connections closed at stop."""
 
+    def __init__(self, runtime: PlantRuntime) -> None:
+        self.setName("notifier")
+        self.runtime = runtime
+
+    def stopService(self) -> Deferred[Any]:  # noqa: N802 - Twisted's name
+        Service.stopService(self)
+        notifier, self.runtime.notifier = self.runtime.notifier, None  # nothing is told any more
+        if notifier is None:
+            return defer.succeed(None)
+        return within(self.runtime.reactor, AFTER_GRACE, notifier.close())  # a shop that never closes: not waited for
+
+
+@dataclass
+class PlantServer:
+    """A plant's service tree and the parts :func:`serve` and tests reach."""
+
+    root: ServerService
+    plant: Plant
+    runtime: PlantRuntime
+    listener: SoapListener
+    pool: ThreadPoolService
+    security: StartedSecurity
+
+    def reload(self) -> Deferred[None]:
+        """SIGHUP: re-read the authorisation file on a thread (a bad one keeps the old in force, logged)."""
+        def failed(failure: Any) -> None:
+            log.error("authorisation file not reloaded (the old one stays in force): %s", failure.getErrorMessage())
+
+        return in_thread(self.runtime.reactor, self.security.identities.reload, timeout=RELOAD_DEADLINE,
+                         what="re-reading the authorisation file").addCallbacks(lambda _: None, failed)
+
+
+def build_plant_server(config: PlantConfig, host: str | None = None, port: int | None = None,
+                       reactor: Any = None) -> PlantServer:
+    """The plant (recovered: guests re-adopted or reclaimed) and its service tree, not started."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
     host = host or config.listen_host
     if config.security.insecure and not is_loopback(host):
         raise ConfigurationError(f"insecure (plain HTTP) is refused on {host}: only on a loopback address")
@@ -83,47 +142,54 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
     if any(report.values()):
         log.info("recovered: adopted %s, failed %s, collected %s", report["adopted"], report["failed"],
                  report["collected"])
-    pool = ThreadPool(minthreads=2, maxthreads=MAX_THREADS, name="vmplant")
-    pool.start()
-    port = config.listen_port if port is None else port
+    shutdown = Shutdown(config.shutdown_grace, reactor)
+    # <work threads= queue=>: requests beyond the threads wait, up to queue of them; more get Server.Busy.
+    pool = ThreadPoolService(config.threads, name="vmplant-pool", queue=config.queue, grace=shutdown,
+                             reactor=reactor)
     scheme = config.security.scheme
     public = config.public_url or url(scheme, host, PORT_PLACEHOLDER)
     site = build_site([VMPlantService], TNS, public, name=APP_NAME)
     runtime = PlantRuntime(plant, reactor, pool)
     site.app.vmplant = runtime
     site.identities = security.identities
-    listening = listen(site, host, port, tls=security.credentials, insecure=security.insecure)
-    public_url = site.public_url.replace("{port}", str(bound_port(listening)))
-    if config.shops_file is not None:
-        runtime.notifier = ShopNotifier(public_url, lambda: shop_urls(config), reactor, tls=security.client_policy)
-        log.info("notifying of changes: %s", ", ".join(runtime.notifier.shops) or "no shop yet")
-    watch = task.LoopingCall(_watch_round, runtime)
-    watch.clock = reactor
-    watch.start(config.watch_interval, now=False)
-    print(f"vmplant {config.name} listening on {url(scheme, host, bound_port(listening))} (public {public_url})",
-          flush=True)
+    listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
+                            tls=security.credentials, insecure=security.insecure, reactor=reactor)
 
-    def reload_authorization(*_: object) -> None:
-        def work() -> None:
-            try:
-                security.identities.reload()
-            except VMShopError as exc:
-                log.error("authorisation file not reloaded (the old one stays in force): %s", exc)
-        reactor.callFromThread(work)  # type: ignore[attr-defined]
-
-    signal.signal(signal.SIGHUP, reload_authorization)
-
-    def shutdown() -> None:
-        if watch.running:
-            watch.stop()
-        pool.stop()
+    def close() -> None:
         plant.release_segments()
         plant.backend.close()
         plant.records.close()
 
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)  # type: ignore[attr-defined,arg-type]
-    reactor.run()  # type: ignore[attr-defined,misc]
-    return 0
+    root = ServerService("vmplant", shutdown)
+    for child in (Closing("closing the records, backend and switches", close, skip=lambda: bool(pool.abandoned),
+                          timeout=CLOSE_DEADLINE, reactor=reactor),
+                  pool,
+                  NotifierService(runtime),
+                  RoundTimer(config.watch_interval, lambda: _watch_round(runtime), name="guest watch",
+                             shutdown=shutdown, clock=reactor),
+                  listener):
+        child.setServiceParent(root)
+    return PlantServer(root, plant, runtime, listener, pool, security)
+
+
+def serve(config: PlantConfig, host: str | None = None, port: int | None = None) -> int:
+    """Run the plant until SIGTERM or SIGINT."""
+    from twisted.internet import reactor
+
+    server = build_plant_server(config, host, port, reactor)
+    listener = server.listener
+
+    def ready() -> None:
+        public_url = listener.public_url
+        if config.shops_file is not None:
+            runtime = server.runtime
+            runtime.notifier = ShopNotifier(public_url, lambda: shop_urls(config), reactor,
+                                            tls=server.security.client_policy)
+            log.info("notifying of changes: %s", ", ".join(runtime.notifier.shops) or "no shop yet")
+        print(f"vmplant {config.name} listening on {url(config.security.scheme, listener.host, listener.port)} "
+              f"(public {public_url})", flush=True)
+
+    return run_server(server.root, reload=server.reload, ready=ready, reactor=reactor)
 
 
 def shop_urls(config: PlantConfig) -> list[str]:
@@ -138,10 +204,8 @@ def _watch_round(runtime: PlantRuntime) -> Deferred[Any]:
         if ended and runtime.notifier is not None:
             runtime.notifier.changed()
 
-    def failed(failure: Any) -> None:  # a LoopingCall stops at a failure: log it and go on
-        log.error("watch round failed: %s", failure.getTraceback())
-
-    return deferToThreadPool(runtime.reactor, runtime.pool, runtime.plant.check_guests).addCallbacks(looked, failed)
+    return runtime.pool.run(runtime.plant.check_guests, deadline=WATCH_DEADLINE, what="the guest watch").addCallback(
+        looked)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,13 @@
 
 Every operation runs the plant's (blocking) work on the plant's own thread
 pool and returns a Deferred, so the reactor never waits for QEMU, the
-guest or SQLite. Failures become SOAP faults with the project's stable
+guest or SQLite. Each kind of work has a stated deadline, after which its
+request is answered ``Server.DeadlineExceeded`` (:mod:`vmshop_common.threads`;
+the plant's own bounds end the work first, the deadline is the backstop):
+a read (estimate, describe, list, plant info) :data:`READ_DEADLINE`; a collect
+:data:`COLLECT_DEADLINE`; a create the boot timeout plus the plant's
+``dag-seconds`` plus :data:`SLACK`; a configure ``dag-seconds`` plus
+:data:`SLACK`. Failures become SOAP faults with the project's stable
 codes (:mod:`vmshop_common.soap.faults`). Only identities with the ``shop``
 or ``admin`` role are served (:func:`_runtime`, see :mod:`vmshop_common.authz`).
 """
@@ -17,38 +23,56 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 # isort: split
 from spyne import Boolean, ServiceBase, Unicode, rpc
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
 from vmshop_common import authz
 from vmshop_common.errors import AuthenticationFailedError, VMShopError
 from vmshop_common.soap.faults import failure_to_fault, to_fault
+from vmshop_common.threads import ThreadPoolService
 
 from .notify import ShopNotifier
-from .plant import Plant
+from .plant import BOOT_TIMEOUT, Plant
 from .wire import ActionRun, CreateResult, Estimate, PlantInfo, VMInfo, estimate_out, info_out, run_out, vm_out
 
 T = TypeVar("T")
 APP_NAME = "VMPlant"
 MAX_DAG_CHARS = 1024 * 1024
+#: Seconds a read (estimate, describe, list, plant info) may hold a thread.
+READ_DEADLINE = 60.0
+#: Seconds a collect may hold a thread (stopping the guest, reclaiming what it held).
+COLLECT_DEADLINE = 300.0
+#: Seconds added to a create's or configure's own bounds for what surrounds them (clone, records, reclaiming).
+SLACK = 300.0
 
 
 class PlantRuntime:
     """What the service methods reach through ``ctx.app.vmplant``: the plant, its thread pool and the
     notifier of its shops (None: it tells no shop)."""
 
-    def __init__(self, plant: Plant, reactor: Any, pool: ThreadPool, notifier: ShopNotifier | None = None) -> None:
+    def __init__(self, plant: Plant, reactor: Any, pool: ThreadPoolService,
+                 notifier: ShopNotifier | None = None) -> None:
         self.plant = plant
         self.reactor = reactor
         self.pool = pool
         self.notifier = notifier
 
-    def run(self, work: Callable[[], T], changes: bool = False) -> Deferred[T]:
-        """``work`` on the plant's thread pool; with ``changes`` the shops hear of it when it ends (even failed)."""
-        d = deferToThreadPool(self.reactor, self.pool, work)
+    def run(self, work: Callable[[], T], changes: bool = False, *, deadline: float = READ_DEADLINE,
+            what: str = "") -> Deferred[T]:
+        """``work`` on the plant's thread pool within ``deadline`` seconds; with ``changes`` the shops hear of it
+        when it ends (even failed)."""
+        d = self.pool.run(work, deadline=deadline, what=what or None)
         if changes:
             d.addBoth(self._told)
         return d.addErrback(failure_to_fault)
+
+    @property
+    def create_deadline(self) -> float:
+        """Seconds a create may hold a thread: the boot timeout, the plant's bound on a DAG's actions, slack."""
+        return BOOT_TIMEOUT + self.plant.config.max_dag_seconds + SLACK
+
+    @property
+    def configure_deadline(self) -> float:
+        """Seconds a configure may hold a thread: the plant's bound on a DAG's actions, slack."""
+        return self.plant.config.max_dag_seconds + SLACK
 
     def _told(self, result: Any) -> Any:
         if self.notifier is not None:
@@ -83,7 +107,7 @@ class VMPlantService(ServiceBase):
     def estimateCost(ctx, dag: str):  # noqa: N802, N805
         """Bid for making the VM the DAG describes: cost and breakdown, or a decline with the reason."""
         rt = _runtime(ctx)
-        return rt.run(lambda: estimate_out(rt.plant.config.name, rt.plant.estimate(dag)))
+        return rt.run(lambda: estimate_out(rt.plant.config.name, rt.plant.estimate(dag)), what="estimateCost")
 
     @rpc(Dag, Unicode(max_len=256), Unicode(max_len=64), _returns=CreateResult)
     def createVM(ctx, dag: str, owner: str | None, vm_id: str | None):  # noqa: N802, N805
@@ -97,7 +121,7 @@ class VMPlantService(ServiceBase):
             return CreateResult(vm=vm_out(made.record, list(made.bid.remaining)),
                                 estimate=estimate_out(rt.plant.config.name, made.bid), runs=runs)
 
-        return rt.run(work, changes=True)
+        return rt.run(work, changes=True, deadline=rt.create_deadline, what=f"createVM {vm_id!r}")
 
     @rpc(VmId, Dag, _returns=ActionRun.customize(max_occurs="unbounded"))
     def configureVM(ctx, vm_id: str, dag: str):  # noqa: N802, N805
@@ -108,31 +132,32 @@ class VMPlantService(ServiceBase):
             results = rt.plant.configure(vm_id, dag)
             return [run_out(result.name.split("-", 1)[1], result) for result in results]
 
-        return rt.run(work, changes=True)
+        return rt.run(work, changes=True, deadline=rt.configure_deadline, what=f"configureVM {vm_id!r}")
 
     @rpc(VmId, _returns=VMInfo)
     def describeVM(ctx, vm_id: str):  # noqa: N802, N805
         """The VM's record, its state current."""
         rt = _runtime(ctx)
-        return rt.run(lambda: _vm_with_steps(rt.plant, vm_id))
+        return rt.run(lambda: _vm_with_steps(rt.plant, vm_id), what=f"describeVM {vm_id!r}")
 
     @rpc(Boolean, _returns=VMInfo.customize(max_occurs="unbounded"))
     def listVMs(ctx, include_collected: bool | None):  # noqa: N802, N805
         """Every VM the plant holds (and, if asked, the collected ones)."""
         rt = _runtime(ctx)
-        return rt.run(lambda: [vm_out(r) for r in rt.plant.list_vms(bool(include_collected))])
+        return rt.run(lambda: [vm_out(r) for r in rt.plant.list_vms(bool(include_collected))], what="listVMs")
 
     @rpc(VmId, _returns=VMInfo)
     def collectVM(ctx, vm_id: str):  # noqa: N802, N805
         """Stop the VM, delete its clone, release its address; collecting twice is not an error."""
         rt = _runtime(ctx)
-        return rt.run(lambda: vm_out(rt.plant.collect(vm_id)), changes=True)
+        return rt.run(lambda: vm_out(rt.plant.collect(vm_id)), changes=True, deadline=COLLECT_DEADLINE,
+                      what=f"collectVM {vm_id!r}")
 
     @rpc(_returns=PlantInfo)
     def plantInfo(ctx):  # noqa: N802, N805
         """Backend, capacity, free memory and addresses, cached images, measured costs."""
         rt = _runtime(ctx)
-        return rt.run(lambda: info_out(rt.plant.info()))
+        return rt.run(lambda: info_out(rt.plant.info()), what="plantInfo")
 
 
 def _vm_with_steps(plant: Plant, vm_id: str) -> VMInfo:

@@ -168,6 +168,83 @@ class QuotaExceededError(VMShopError):
 
     CODE = "Client.QuotaExceeded"
 
+# SOAP envelopes --------------------------------------------
+# A request's envelope must be SOAP 1.1 with exactly one Body holding exactly one operation element
+# (vmshop_common/soap/envelope.py checks it); each way of breaking that has its own code.
+
+
+class VersionMismatchError(VMShopError):
+    """The request's Envelope is not in SOAP 1.1's namespace (a SOAP 1.2 envelope, or none): SOAP 1.1's own
+    ``VersionMismatch`` fault (section 4.4.1), the one code here without ``Client.``."""
+
+    CODE = "VersionMismatch"
+
+
+class NotAnEnvelopeError(VMShopError):
+    """The request's root element is not a SOAP Envelope."""
+
+    CODE = "Client.NotAnEnvelope"
+
+
+class NoBodyError(VMShopError):
+    """The Envelope has no Body."""
+
+    CODE = "Client.NoBody"
+
+
+class ExtraBodyError(VMShopError):
+    """The Envelope has more than one Body."""
+
+    CODE = "Client.ExtraBody"
+
+
+class HeaderMisplacedError(VMShopError):
+    """A Header that is not the Envelope's first element (after the Body, or a second one)."""
+
+    CODE = "Client.HeaderMisplaced"
+
+
+class StrayContentError(VMShopError):
+    """Something SOAP 1.1 does not put where it is: text in the Envelope or beside the operation, an element
+    other than Header and Body in the Envelope."""
+
+    CODE = "Client.StrayContent"
+
+
+class NoOperationError(VMShopError):
+    """The Body holds no operation element (it is empty, or holds a SOAP Fault)."""
+
+    CODE = "Client.NoOperation"
+
+
+class ExtraOperationError(VMShopError):
+    """The Body holds more than one operation element."""
+
+    CODE = "Client.ExtraOperation"
+
+
+# Stopping --------------------------------------------------
+
+
+class ShuttingDownError(VMShopError):
+    """The server is stopping: it takes no new request, and one still running when its grace ran out was
+    cancelled."""
+
+    CODE = "Server.ShuttingDown"
+
+
+class BusyError(VMShopError):
+    """More requests wait for the server's threads than it lets wait: this one is refused at once (try later)."""
+
+    CODE = "Server.Busy"
+
+
+class DeadlineExceededError(VMShopError):
+    """Work for a request did not end within its stated deadline; the request is answered (the work may still
+    end later, its result unused)."""
+
+    CODE = "Server.DeadlineExceeded"
+
 # Plants and guests -----------------------------------------
 
 
@@ -217,8 +294,10 @@ ALL_ERRORS: tuple[type[VMShopError], ...] = (
     XMLSyntaxError, DoctypeRefusedError, DocumentTooLargeError, WrongRootError, SchemaInvalidError,
     DagInvalidError, NoSuchImageError, NoSuchVMError, NoSuchPlantError, QueryInvalidError, NotSupportedError,
     DeclinedError, AddressNotLeasedError, CredentialsError, AuthenticationFailedError, NotAuthorizedError,
-    QuotaExceededError, CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError,
-    NoPlantError, PlantGoneError, ConfigurationError,
+    QuotaExceededError, VersionMismatchError, NotAnEnvelopeError, NoBodyError, ExtraBodyError, HeaderMisplacedError,
+    StrayContentError, NoOperationError, ExtraOperationError, ShuttingDownError, BusyError, DeadlineExceededError,
+    CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError, NoPlantError, PlantGoneError,
+    ConfigurationError,
 )
 ERROR_BY_CODE: dict[str, type[VMShopError]] = {cls.CODE: cls for cls in ALL_ERRORS}
 

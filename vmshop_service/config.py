@@ -15,6 +15,7 @@ from lxml import etree
 from vmshop_common.addresses import read_addresses
 from vmshop_common.dagxml import validate_against
 from vmshop_common.errors import ConfigurationError
+from vmshop_common.lifecycle import DEFAULT_GRACE
 from vmshop_common.security import ServerSecurity, read_security, url, write_security
 from vmshop_common.xmlload import parse_xml_file
 
@@ -41,6 +42,7 @@ class ShopConfig:
     call_timeout: float = 60.0
     poll_interval: float = 5.0
     lease_interval: float = 1.0
+    shutdown_grace: float = DEFAULT_GRACE
     security: ServerSecurity = ServerSecurity()
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     wsse_users: Path | None = None  # users file for WS-Security UsernameTokens (None: certificates only)
@@ -107,6 +109,7 @@ def load_config(path: str | Path) -> ShopConfig:
         call_timeout=float(str(get("timeouts", "call", "60"))),
         poll_interval=float(str(get("intervals", "poll", "5"))),
         lease_interval=float(str(get("intervals", "lease", "1"))),
+        shutdown_grace=float(str(get("shutdown", "grace", str(DEFAULT_GRACE)))),
         security=read_security(root, CONFIG_NS, source.parent, what),
         quotas=_quotas(root.find(f"{{{CONFIG_NS}}}quotas")),
         wsse_users=path_of("wsse", "users") if get("wsse", "users") else None,
@@ -133,6 +136,8 @@ def write_config(config: ShopConfig, path: str | Path) -> Path:
     add("plants", file=config.plants_file)
     add("timeouts", bid=config.bid_timeout, create=config.create_timeout, call=config.call_timeout)
     add("intervals", poll=config.poll_interval, lease=config.lease_interval)
+    if config.shutdown_grace != DEFAULT_GRACE:
+        add("shutdown", grace=f"{config.shutdown_grace:g}")
     if config.wsse_users is not None:
         add("wsse", users=config.wsse_users, window=config.wsse_window)
     if config.quotas.default != Limits() or config.quotas.identities:

@@ -1,32 +1,48 @@
 """``vmshop-server``: run a VMShop server from its ``configuration_vmshop.xml``.
 
-Start-up: open the registry, read the plant list, check the plants (a plant
-that does not answer is marked down, not fatal), reconcile creates a
-previous run left unfinished, start the lease and state timers, listen.
-It serves over TLS with its own certificate (which it also presents to its
-plants) and knows its callers from its authorisation file; or, configured
-insecure, plain HTTP on loopback. With ``<wsse users=...>`` it also takes TLS
-callers without a certificate who prove a user of that file with a
-WS-Security UsernameToken. SIGHUP re-reads the authorisation file, the
-users file and the plant list. SIGTERM/SIGINT stop the server; the registry is durable, so
-a restarted shop knows every VM it had.
+Start-up: open the registry, read the plant list (the plants' WSDL is parsed
+once, here), then start the service tree (:func:`build_shop`), in this order:
+the registry's closer, the thread pool (registry and DAG work, each piece
+within :data:`WORK_DEADLINE`), the shop (once the reactor runs it checks the
+plants, reconciles creates a previous run left unfinished and enforces the
+leases; a plant that does not answer is marked down, not fatal), the lease
+and state timers, and the listener (last: nothing is served before the rest
+runs). It serves over TLS with its own certificate (which it also presents
+to its plants) and knows its callers from its authorisation file; or,
+configured insecure, plain HTTP on loopback. With ``<wsse users=...>`` it
+also takes TLS callers without a certificate who prove a user of that file
+with a WS-Security UsernameToken.
+
+Signals (handled from before the server listens): SIGHUP re-reads the
+authorisation file, the users file and the plant list, each on a thread;
+SIGTERM/SIGINT stop the tree in reverse order within ``<shutdown grace>``
+(see :mod:`vmshop_common.lifecycle`): no new request, requests in progress
+finish or are cancelled (a cancelled create removes its entry, as a failed
+one does), then the process exits. The registry is durable, so a restarted
+shop knows every VM it had.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
-from vmshop_common.errors import ConfigurationError, VMShopError
-from vmshop_common.security import PORT_PLACEHOLDER, is_loopback, start_security, url
+from twisted.application.service import Service
+from twisted.internet import defer
+
+from vmshop_common.errors import ConfigurationError
+from vmshop_common.lifecycle import AFTER_GRACE, Closing, RoundTimer, ServerService, Shutdown, run_server, within
+from vmshop_common.security import PORT_PLACEHOLDER, StartedSecurity, is_loopback, start_security, url
 from vmshop_common.servermain import server_main
-from vmshop_common.soap.server import bound_port, build_site, listen
+from vmshop_common.soap.listener import SoapListener
+from vmshop_common.soap.server import build_site
+from vmshop_common.threads import ThreadPoolService, in_thread
 from vmshop_common.wsse import UsernameTokens
 
 from .config import ShopConfig, load_config
@@ -38,64 +54,126 @@ from .wire import TNS
 
 log = logging.getLogger("vmshop")
 
+THREADS = 16
+"""Threads for the shop's blocking work (registry, DAG validation)."""
 
-def serve(config: ShopConfig, host: str | None = None, port: int | None = None) -> int:
-    from twisted.internet import reactor
+WORK_DEADLINE = 60.0
+"""Seconds one piece of the shop's blocking work may take before its request is answered
+``Server.DeadlineExceeded`` (SQLite waits up to 30 s for a lock)."""
 
-    rx: Any = reactor
-    rx.suggestThreadPoolSize(16)
+RELOAD_DEADLINE = 30.0
+"""Seconds re-reading the authorisation or users file may take (SIGHUP)."""
+
+
+class ShopService(Service):
+    """The shop itself in the tree: its start-up round once the reactor runs, its plant clients closed at stop
+    (a start-up round still running then is cancelled)."""
+
+    def __init__(self, shop: Shop, reactor: Any) -> None:
+        self.setName("shop")
+        self.shop = shop
+        self.reactor = reactor
+        self.starting: defer.Deferred[Any] | None = None
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        Service.startService(self)
+        self.reactor.callWhenRunning(self._start)
+
+    def _start(self) -> None:
+        def failed(failure: Any) -> None:
+            if not failure.check(defer.CancelledError):
+                log.error("start-up: %s", failure.getTraceback())
+
+        self.starting = self.shop.start().addErrback(failed)
+
+    def stopService(self) -> defer.Deferred[Any]:  # noqa: N802 - Twisted's name
+        Service.stopService(self)
+        if self.starting is not None and not self.starting.called:
+            self.starting.cancel()
+        return within(self.reactor, AFTER_GRACE, self.shop.stop())  # a plant that never closes is not waited for
+
+
+@dataclass
+class ShopServer:
+    """A shop's service tree and the parts :func:`serve` and tests reach."""
+
+    root: ServerService
+    shop: Shop
+    listener: SoapListener
+    pool: ThreadPoolService
+    security: StartedSecurity
+    tokens: UsernameTokens | None
+
+    def reload(self) -> defer.Deferred[None]:
+        """SIGHUP: re-read the authorisation file, the users file and the plant list (each on a thread; a bad
+        file keeps the old one in force and is logged)."""
+        reactor = self.shop.reactor
+
+        def logged(what: str) -> Any:
+            return lambda failure: log.error("%s not reloaded (the old one stays in force): %s", what,
+                                             failure.getErrorMessage())
+
+        steps = [in_thread(reactor, self.security.identities.reload, timeout=RELOAD_DEADLINE,
+                           what="re-reading the authorisation file").addErrback(logged("authorisation file"))]
+        if self.tokens is not None:
+            steps.append(in_thread(reactor, self.tokens.reload, timeout=RELOAD_DEADLINE,
+                                   what="re-reading the users file").addErrback(logged("users file")))
+        steps.append(self.shop.reload_plant_list().addErrback(logged("plant list")))
+        return defer.gatherResults(steps).addCallback(lambda _: None)
+
+
+def build_shop(config: ShopConfig, host: str | None = None, port: int | None = None, reactor: Any = None) -> ShopServer:
+    """Every part of the shop and its service tree, not started (see the module for the order)."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
     host = host or config.listen_host
     if config.security.insecure and not is_loopback(host):
         raise ConfigurationError(f"insecure (plain HTTP) is refused on {host}: only on a loopback address")
     security = start_security(config.security, "shop")
     tokens = UsernameTokens(config.wsse_users, config.wsse_window) if config.wsse_users is not None else None
+    shutdown = Shutdown(config.shutdown_grace, reactor)
     registry = Registry(config.database)
     registry.analyze()  # planner statistics for the registry as it is now (before the reactor runs)
-    plants = PlantDirectory(config.plants_file, config.call_timeout, rx, clock=__import__("time").time,
+    pool = ThreadPoolService(THREADS, name="vmshop-pool", deadline=WORK_DEADLINE, grace=shutdown, reactor=reactor)
+    plants = PlantDirectory(config.plants_file, config.call_timeout, reactor, clock=__import__("time").time,
                             tls=security.client_policy)
     plants.load()
-    shop = Shop(config, registry, plants, rx)
-    port = config.listen_port if port is None else port
-    scheme = config.security.scheme
-    public = config.public_url or url(scheme, host, PORT_PLACEHOLDER)
+    shop = Shop(config, registry, plants, reactor, pool=pool)
+    public = config.public_url or url(config.security.scheme, host, PORT_PLACEHOLDER)
     site = build_site([VMShopService], TNS, public, name=APP_NAME)
     site.app.vmshop = shop
     site.identities = security.identities
     site.tokens = tokens  # a second way in: TLS without a certificate, a UsernameToken in the header
-    listening = listen(site, host, port, tls=security.credentials, insecure=security.insecure,
-                       require_client_certificate=tokens is None)
-    shop.public_url = site.public_url.replace("{port}", str(bound_port(listening)))
-    print(f"vmshop {config.name} listening on {url(scheme, host, bound_port(listening))} "
-          f"(public {shop.public_url})", flush=True)
+    listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
+                            tls=security.credentials, insecure=security.insecure,
+                            require_client_certificate=tokens is None, reactor=reactor)
+    root = ServerService("vmshop", shutdown)
+    for child in (Closing("closing the registry", registry.close, skip=lambda: bool(pool.abandoned), reactor=reactor),
+                  pool,
+                  ShopService(shop, reactor),
+                  RoundTimer(config.lease_interval, shop.enforce_leases, name="lease timer", shutdown=shutdown,
+                             clock=reactor),
+                  RoundTimer(config.poll_interval, shop.refresh, name="state poll", shutdown=shutdown, clock=reactor),
+                  listener):
+        child.setServiceParent(root)
+    return ShopServer(root, shop, listener, pool, security, tokens)
 
-    def reload_plants(*_: Any) -> None:
-        def work() -> None:
-            try:
-                security.identities.reload()
-            except VMShopError as exc:
-                log.error("authorisation file not reloaded (the old one stays in force): %s", exc)
-            if tokens is not None:
-                try:
-                    tokens.reload()
-                except VMShopError as exc:
-                    log.error("users file not reloaded (the old one stays in force): %s", exc)
-            try:
-                shop.reload_plant_list()
-            except VMShopError as exc:
-                log.error("plant list not reloaded: %s", exc)
-        rx.callFromThread(work)
 
-    signal.signal(signal.SIGHUP, reload_plants)
-    rx.callWhenRunning(lambda: shop.start().addErrback(lambda f: log.error("start-up: %s", f.getTraceback())))
+def serve(config: ShopConfig, host: str | None = None, port: int | None = None) -> int:
+    """Run the shop until SIGTERM or SIGINT."""
+    from twisted.internet import reactor
 
-    def shutdown() -> Any:
-        d = shop.stop()
-        d.addBoth(lambda _: registry.close())
-        return d
+    server = build_shop(config, host, port, reactor)
+    listener = server.listener
 
-    rx.addSystemEventTrigger("before", "shutdown", shutdown)
-    rx.run()
-    return 0
+    def ready() -> None:
+        server.shop.public_url = listener.public_url
+        print(f"vmshop {config.name} listening on {url(config.security.scheme, listener.host, listener.port)} "
+              f"(public {server.shop.public_url})", flush=True)
+
+    return run_server(server.root, reload=server.reload, ready=ready, reactor=reactor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

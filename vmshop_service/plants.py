@@ -1,10 +1,15 @@
 """The plants a shop knows: their SOAP clients and their health.
 
 The list comes from the plant list file (``addresses/vmplant_addresses.txt``:
-one ``host:port`` per line) and is re-read by :meth:`PlantDirectory.load`
-(on SIGHUP or the ``reloadPlants`` operation). A plant that does not answer
-is marked down, never fatal; it is marked up again when it answers.
-All methods run in the reactor thread; calls to plants never block it.
+one ``host:port`` per line). At start-up :meth:`PlantDirectory.load` reads
+it; on SIGHUP or the ``reloadPlants`` operation the shop reads it again with
+:meth:`~PlantDirectory.read_urls` on a thread and hands the result to
+:meth:`~PlantDirectory.apply`. The plants' WSDL is parsed once, when the
+directory is made, and shared by every plant's client, so a new plant's
+client costs no blocking work. A plant that does not answer is marked down,
+never fatal; it is marked up again when it answers. All methods but
+:meth:`~PlantDirectory.read_urls` run in the reactor thread; calls to plants
+never block it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from twisted.internet import defer
 
 from vmshop_common.contracts import wsdl_path
 from vmshop_common.errors import PlantGoneError, VMShopError
-from vmshop_common.soap.client import AsyncSoapClient, SoapCallTimeout, fault_code
+from vmshop_common.soap.client import AsyncSoapClient, SoapCallTimeout, fault_code, load_wsdl
 from vmshop_common.tls import describe_tls_failure
 
 log = logging.getLogger(__name__)
@@ -71,22 +76,31 @@ class PlantDirectory:
         self.clock = clock
         self._plants: dict[str, PlantHandle] = {}
         self._static = urls
+        self._wsdl = load_wsdl(wsdl_path("vmplant.wsdl"), tls=tls)
 
     def load(self) -> list[str]:
-        """(Re-)read the plant list; returns the plants' URLs. A bad file keeps the old list and raises."""
+        """Read the plant list and follow it (blocking: at start-up); returns the plants' URLs. A bad file keeps
+        the old list and raises."""
+        return self.apply(self.read_urls())
+
+    def read_urls(self) -> list[str]:
+        """The plants' URLs from the plant list file (blocking; any thread). ConfigurationError if it is bad."""
         if self._static is not None:
-            urls = list(self._static)
-        else:
-            from .config import plant_urls
-            assert self.plants_file is not None
-            urls = plant_urls(self.plants_file, "https" if self.tls is not None else "http")
+            return list(self._static)
+        from .config import plant_urls
+        assert self.plants_file is not None
+        return plant_urls(self.plants_file, "https" if self.tls is not None else "http")
+
+    def apply(self, urls: list[str]) -> list[str]:
+        """Follow a plant list read by :meth:`read_urls`: a client for each new plant, none for plants no longer
+        listed (no blocking work). Returns ``urls``."""
         for url in list(self._plants):
             if url not in urls:
                 handle = self._plants.pop(url)
                 handle.client.close()
         for url in urls:
             if url not in self._plants:
-                client = AsyncSoapClient(wsdl_path("vmplant.wsdl"), url, self.call_timeout, binding=PLANT_BINDING,
+                client = AsyncSoapClient(self._wsdl, url, self.call_timeout, binding=PLANT_BINDING,
                                          reactor=self.reactor, tls=self.tls)
                 self._plants[url] = PlantHandle(url=url, client=client)
         log.info("plants: %s", ", ".join(urls) or "none")

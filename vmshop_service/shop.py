@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import zeep.exceptions
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 
 from vmshop_common import authz
 from vmshop_common.authz import Identity
@@ -52,6 +52,7 @@ from vmshop_common.errors import (
 from vmshop_common.rules import check_static_addresses
 from vmshop_common.soap.fastxml import spyne_record
 from vmshop_common.soap.faults import from_fault
+from vmshop_common.threads import ThreadPoolService
 
 from . import resource
 from .broker import BidResult, call_for_bids, rank, rejection
@@ -97,19 +98,21 @@ class Shop:
     """The shop's behaviour; ``reactor`` and ``clock`` (wall-clock seconds) are injected."""
 
     def __init__(self, config: ShopConfig, registry: Registry, plants: PlantDirectory, reactor: Any,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, pool: ThreadPoolService | None = None) -> None:
+        """``pool``: where registry and DAG work runs (each piece within the pool's deadline); ``None``: the
+        reactor's own thread pool, without deadlines."""
         self.config = config
         self.registry = registry
         self.plants = plants
         self.reactor = reactor
         self.clock = clock
+        self.pool = pool
         self.public_url = config.public_url
         self._creating: set[str] = set()  # keys whose create runs in this process
         self._cancelled: set[str] = set()  # ... and that were collected meanwhile
         self._collecting: set[str] = set()
         #: How the plants know this shop: its certificate's subject (VMs they hold record who asked for them).
         self.identity = _own_identity(config)
-        self._loops: list[task.LoopingCall] = []
         self._looking: set[str] = set()  # plants being looked at after a notice
         self._look_again: set[str] = set()  # ... and noticed again meanwhile
         self.quotas = Quotas(config.quotas, self._usage)
@@ -118,14 +121,10 @@ class Shop:
         return self._in_thread(self.registry.usage, owner, exclude).addCallback(lambda row: Usage(*row))
 
     # Life cycle ---------------------------------------------------------------
+    # The shop's service tree (vmshop_service/main.py) calls start() once the reactor runs and stop() when
+    # the shop stops; its timers call enforce_leases() and refresh() every lease and poll interval.
     def start(self) -> defer.Deferred[Any]:
-        """Resolve creates a stop cut short, check the plants, and start the lease and state timers."""
-        for interval, work in ((self.config.lease_interval, self.enforce_leases),
-                               (self.config.poll_interval, self.refresh)):
-            loop = task.LoopingCall(self._safely, work)
-            loop.clock = self.reactor
-            loop.start(interval, now=False)
-            self._loops.append(loop)
+        """The start-up round: check the plants, resolve creates a stop cut short, enforce the leases."""
         return self.refresh().addCallback(lambda _: self.enforce_leases())
 
     @staticmethod
@@ -135,10 +134,7 @@ class Shop:
             lambda failure: log.error("%s failed: %s", getattr(work, "__name__", work), failure.getTraceback()))
 
     def stop(self) -> defer.Deferred[Any]:
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        self._loops.clear()
+        """Close the connections to the plants (the requests and timer rounds have ended by then)."""
         return self.plants.close()
 
     # References ---------------------------------------------------------------
@@ -170,6 +166,8 @@ class Shop:
         return self._in_thread(self.registry.get, key).addCallback(owned)
 
     def _in_thread(self, work: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        if self.pool is not None:
+            return self.pool.run(functools.partial(work, *args, **kwargs), what=getattr(work, "__name__", None))
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args, **kwargs)
 
     # Estimate -----------------------------------------------------------------
@@ -245,6 +243,8 @@ class Shop:
             try:
                 made = yield handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml,
                                                              owner=owner, vm_id=key)
+            except defer.CancelledError:
+                raise  # the shop is stopping (its grace ran out): no next bidder
             except Exception as exc:  # noqa: BLE001 - every failure means: try the next bidder
                 status, reason = describe_failure(exc)
                 attempts.append(f"{bid.plant}: {reason}")
@@ -414,9 +414,10 @@ class Shop:
         return self.reload_plant_list()
 
     def reload_plant_list(self) -> defer.Deferred[Any]:
-        """Re-read the plant list and check every plant (SIGHUP; ConfigurationError for a bad file)."""
-        self.plants.load()
-        return self.plants_list()
+        """Re-read the plant list (on a thread) and check every plant (SIGHUP; ConfigurationError for a bad
+        file, which keeps the list in force)."""
+        return self._in_thread(self.plants.read_urls).addCallback(self.plants.apply).addCallback(
+            lambda _: self.plants_list())
 
     # Timers -------------------------------------------------------------------
     @defer.inlineCallbacks

@@ -228,12 +228,31 @@ def _safe_settings() -> zeep.Settings:
     return zeep.Settings(strict=True, forbid_dtd=True, forbid_entities=True, forbid_external=True)
 
 
+def load_wsdl(wsdl: str | os.PathLike[str], *, settings: zeep.Settings | None = None, tls: Any = None,
+              timeout: float = 30.0) -> zeep.Client:
+    """The WSDL at ``wsdl`` (a path or URL), parsed once, for any number of :class:`AsyncSoapClient`.
+
+    Parsing a WSDL is blocking work (the shop's and the plant's take tens of milliseconds; a URL is
+    fetched): do it at start-up or on a thread, never in the reactor thread of a running server. The
+    result is only read by the clients made from it. ``settings`` default to refusing DTDs, entities and
+    external references in replies; ``tls``: a :class:`~vmshop_common.tls.ClientPolicy` for an https URL.
+    """
+    transport = zeep.Transport(timeout=timeout, operation_timeout=timeout)
+    if tls is not None and getattr(tls, "ca_file", None) is not None:
+        requests_tls(transport.session, tls.credentials, tls.ca_file)  # a WSDL fetched over https
+    try:
+        return zeep.Client(os.fspath(wsdl), settings=settings or _safe_settings(), transport=transport)
+    finally:
+        transport.session.close()  # only used to load the WSDL; calls go through the Agent
+
+
 class AsyncSoapClient:
     """A non-blocking SOAP client for one server, for use in the reactor thread.
 
-    :param wsdl: path or URL of the WSDL, loaded once, synchronously, here
-        (load it at start-up; never from a URL served by the reactor of this
-        very thread before it runs, that would deadlock).
+    :param wsdl: a WSDL parsed by :func:`load_wsdl` (shared: making a client
+        from it takes no blocking work), or the path or URL of one, then
+        loaded here, synchronously (at start-up only; never from a URL served
+        by the reactor of this very thread before it runs, that would deadlock).
     :param address: the server's endpoint URL; ``None`` uses the WSDL's
         ``soap:address``.
     :param timeout: seconds each call may take, connecting included; applies
@@ -245,7 +264,7 @@ class AsyncSoapClient:
         persistent pool (close it with :meth:`close`).
     :param max_response_bytes: largest reply accepted.
     :param settings: zeep settings; default forbids DTDs, entities and
-        external references in replies.
+        external references in replies (only used when ``wsdl`` is loaded here).
     :param tls: for an https address: a :class:`~vmshop_common.tls.ClientPolicy`
         (the CA bundle that verifies the server, and the client certificate
         presented). An https address without one raises
@@ -257,7 +276,7 @@ class AsyncSoapClient:
 
     def __init__(
         self,
-        wsdl: str | os.PathLike[str],
+        wsdl: str | os.PathLike[str] | zeep.Client,
         address: str | None = None,
         timeout: float = 30.0,
         *,
@@ -275,11 +294,10 @@ class AsyncSoapClient:
         self.reactor = reactor
         self.timeout = float(timeout)
         self.max_response_bytes = max_response_bytes
-        transport = zeep.Transport(timeout=timeout, operation_timeout=timeout)
-        if tls is not None and getattr(tls, "ca_file", None) is not None:
-            requests_tls(transport.session, tls.credentials, tls.ca_file)  # a WSDL fetched over https
-        self.zeep = zeep.Client(os.fspath(wsdl), settings=settings or _safe_settings(), transport=transport)
-        transport.session.close()  # only used to load the WSDL; calls go through the Agent
+        if isinstance(wsdl, zeep.Client):
+            self.zeep = wsdl
+        else:
+            self.zeep = load_wsdl(wsdl, settings=settings, tls=tls, timeout=timeout)
         if binding is None:
             names = list(self.zeep.wsdl.bindings)
             if len(names) != 1:
@@ -316,7 +334,7 @@ class AsyncSoapClient:
         Fails with ``zeep.exceptions.Fault`` (original code kept),
         :class:`SoapCallTimeout` after ``self.timeout`` seconds, or the
         errors listed in the module docstring. Cancelling the Deferred aborts
-        the HTTP request.
+        the HTTP request; it then fails with ``CancelledError``.
         """
         return self.call_with_timeout(self.timeout, op_name, **kwargs)
 
@@ -347,8 +365,17 @@ class AsyncSoapClient:
                 raise SoapCallTimeout(op_name, self.address, timeout)
             return result
 
+        def _cancelled(failure: Failure) -> Failure:
+            # Twisted's Agent reports a request cancelled while it waited as ResponseNeverReceived or
+            # ResponseFailed holding a CancelledError: the caller that cancelled sees its CancelledError.
+            reasons = getattr(failure.value, "reasons", None) or []
+            if any(reason.check(defer.CancelledError) for reason in reasons):
+                return Failure(defer.CancelledError(f"{op_name} at {self.address} was cancelled"))
+            return failure
+
         d.addCallback(_got_response)
         d.addCallback(lambda reply: self._binding.process_reply(self.zeep, operation, reply))
+        d.addErrback(_cancelled)
         d.addTimeout(timeout, self.reactor, onTimeoutCancel=_timed_out)
         return d
 
@@ -365,5 +392,6 @@ __all__ = [
     "SoapCallTimeout",
     "fault_code",
     "gather_results",
+    "load_wsdl",
     "unwrap_first_error",
 ]

@@ -40,6 +40,25 @@ What is fixed, and how (point of the stack notes -> fix):
   uses ``callFromThread``, so a site may be built in any thread.
 * Anything unexpected while handling a request becomes a SOAP fault
   ``Server`` with HTTP 500, never Twisted's HTML error page.
+* Twisted logged ``RuntimeError: Producer was not unregistered`` when a
+  connection was lost in the reactor turn in which a method's Deferred
+  answered (a client's close read in the same turn, or every connection
+  when the reactor stops): spyne wrote answers through a pull producer
+  run at a later turn, and the lost connection stopped it, whose errback
+  finished the request with the producer still registered. Answers are
+  serialized whole and written at once, with a Content-Length.
+* Spyne took the first Body of an envelope and the first element in it and
+  ignored the rest: :meth:`CompatTwistedWebResource.inspect_document` sees
+  the parsed document before spyne reads it as an envelope (``server.py``
+  holds it to SOAP 1.1's structure there).
+
+Additions for stopping: the resource knows its pending requests, refuses
+new ones and cancels the rest (:meth:`CompatTwistedWebResource.stop_accepting`,
+:meth:`~CompatTwistedWebResource.cancel_pending`); the site knows its open
+connections and closes them (:meth:`LimitedSite.close_connections`, which
+reads the HTTP/1.1 channel inside Twisted 26.10's site protocol through its
+private ``_channel`` attribute, falling back to the protocol itself;
+``tests/test_lifecycle.py`` covers it).
 
 One addition that is not a fix: :meth:`CompatTwistedWebResource.caller`
 says who sent a request (``server.py`` answers with the identity of the
@@ -60,6 +79,8 @@ import sys
 import threading
 import warnings
 from typing import Any
+
+from vmshop_common.errors import ShuttingDownError
 
 # --- twisted.python.constants -------------------------------------------------
 
@@ -87,7 +108,10 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
     import spyne
+    from spyne.auxproc import process_contexts
+    from spyne.const.http import HTTP_200
     from spyne.error import InternalError, RequestTooLongError
+    from spyne.model import ComplexModelBase
     from spyne.model.fault import Fault
     from spyne.protocol.http import HttpRpc
     from spyne.server.http import HttpBase
@@ -98,10 +122,11 @@ with warnings.catch_warnings():
         TwistedHttpTransport,
         TwistedHttpTransportContext,
     )
-    from twisted.internet.defer import Deferred
+    from twisted.internet.defer import Deferred, succeed
     from twisted.python.failure import Failure
     from twisted.web.resource import Resource
     from twisted.web.server import NOT_DONE_YET, Request, Site
+
 
 
 def _fix_six_importer() -> None:
@@ -322,6 +347,8 @@ class LimitedSite(Site):
     ) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, requestFactory=BodyLimitRequest, **kwargs)
+        self.channels: set[Any] = set()
+        self._closed_waiters: list[Deferred[None]] = []
         self.max_body_bytes = max_body_bytes
         if discard_limit_bytes == -1:
             discard_limit_bytes = None if max_body_bytes is None else 4 * max_body_bytes + (1 << 20)
@@ -339,7 +366,8 @@ class LimitedSite(Site):
             super().log(request)
 
     def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted's name
-        """The HTTP channel, with Nagle's algorithm off on its connection.
+        """The HTTP channel, with Nagle's algorithm off on its connection, kept in :attr:`channels` while
+        it is connected.
 
         A SOAP answer is written in pieces (headers, then body); with Nagle on,
         a keep-alive client that waits for the answer meets the peer's delayed
@@ -348,14 +376,48 @@ class LimitedSite(Site):
         protocol = super().buildProtocol(addr)
         if protocol is not None:
             make_connection = protocol.makeConnection
+            connection_lost = protocol.connectionLost
 
             def make(transport: Any) -> None:
                 if hasattr(transport, "setTcpNoDelay"):
                     transport.setTcpNoDelay(True)
+                self.channels.add(protocol)
                 make_connection(transport)
 
+            def lost(reason: Any) -> None:
+                self.channels.discard(protocol)
+                connection_lost(reason)
+                if not self.channels and self._closed_waiters:
+                    waiters, self._closed_waiters = self._closed_waiters, []
+                    for waiter in waiters:
+                        waiter.callback(None)
+
             protocol.makeConnection = make
+            protocol.connectionLost = lost
         return protocol
+
+    def when_no_connections(self) -> Deferred[None]:
+        """A Deferred that fires once no connection is open (what was written to them is then sent)."""
+        if not self.channels:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._closed_waiters.append(waiter)
+        return waiter
+
+    def close_connections(self, *, idle_only: bool = False) -> int:
+        """Close the connections (with ``idle_only``, those with no request in progress); how many."""
+        # Twisted's site protocol wraps the HTTP/1.1 channel (to switch to HTTP/2): requests and transport are its.
+        channels = [getattr(protocol, "_channel", protocol) for protocol in self.channels]
+        closing = [channel for channel in channels if not (idle_only and getattr(channel, "requests", None))]
+        for channel in closing:
+            transport = getattr(channel, "transport", None)
+            if transport is None:
+                continue
+            transport.loseConnection()  # TLS: sends close_notify after what is written...
+            lower = getattr(transport, "transport", None)
+            if lower is not None:
+                lower.loseConnection()  # ...and closes without waiting for the peer's (an idle client never reads)
+        return len(closing)
 
 
 # --- the resource -----------------------------------------------------------------
@@ -381,7 +443,20 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
     to be a site's root. Service methods may return a ``Deferred``; its result (or Fault) is sent
     when it fires. If the client has gone away by then, nothing is written.
     Subclasses may override :meth:`inspect_body` to refuse a body before
-    spyne parses it (raise a spyne ``Fault``).
+    spyne parses it, and :meth:`inspect_document` to refuse a parsed
+    document before spyne reads it as an envelope (raise a spyne ``Fault``).
+
+    An answer is serialized whole and written at once, with its
+    Content-Length (spyne registered a pull producer on the request instead;
+    when the connection was lost before the producer ran, spyne finished the
+    request with the producer still registered, and Twisted logged
+    ``RuntimeError: Producer was not unregistered``).
+
+    Stopping (:meth:`stop_accepting`, :meth:`when_idle`, :meth:`cancel_pending`):
+    requests whose method returned a Deferred that has not fired yet are
+    :attr:`pending`; once the resource stops accepting, every new request
+    (also on a kept-alive connection) gets the SOAP fault
+    ``Server.ShuttingDown`` with HTTP 503 and its connection is closed.
     """
 
     # A leaf: Twisted never walks to children, so spyne's getChildWithDefault
@@ -411,12 +486,18 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
         self.prepath = None
         self.max_body_bytes = max_body_bytes
         self.wsdl = wsdl
+        self.pending: dict[Request, Deferred[Any]] = {}
+        self._cancelled: set[Request] = set()
+        self.accepting = True
+        self._idle_waiters: list[Deferred[None]] = []
 
     # -- dispatch ---------------------------------------------------------------
 
     def render(self, request: Request) -> bytes | int:
-        """Serve the WSDL on ``GET ...?wsdl``; anything else is an RPC."""
+        """Serve the WSDL on ``GET ...?wsdl``; anything else is an RPC. Once stopping: ``Server.ShuttingDown``."""
         try:
+            if not self.accepting:
+                return self._refuse_while_stopping(request)
             if _is_wsdl_request(request):
                 return self.render_wsdl(request)
             return self.handle_rpc(request)
@@ -437,9 +518,61 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
     def inspect_body(self, body: bytes) -> None:
         """Hook: raise a spyne ``Fault`` to refuse ``body`` before spyne parses it."""
 
+    def inspect_document(self, root: Any) -> None:
+        """Hook: raise a spyne ``Fault`` to refuse the parsed request (its root element) before spyne reads it."""
+
     def caller(self, request: Request, body: bytes) -> Any:
         """Hook: who sent ``request`` (kept as the method context's ``udc``); raise a spyne ``Fault`` to refuse it."""
         return None
+
+    # -- stopping -----------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        """From now on every request is answered ``Server.ShuttingDown`` (HTTP 503) and its connection closed."""
+        self.accepting = False
+
+    def when_idle(self) -> Deferred[None]:
+        """A Deferred that fires once no request is :attr:`pending`."""
+        if not self.pending:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def cancel_pending(self) -> int:
+        """Cancel the Deferred of every pending request; returns how many were cancelled. A cancelled request
+        whose method's chain then fails, whatever its failure became, is answered ``Server.ShuttingDown``
+        (one that still succeeds is answered as usual)."""
+        pending = list(self.pending.items())
+        for request, d in pending:
+            self._cancelled.add(request)
+            d.cancel()
+        return len(pending)
+
+    def _forget(self, request: Request) -> None:
+        self.pending.pop(request, None)
+        self._cancelled.discard(request)
+        if not self.pending and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    @staticmethod
+    def _cancelled_fault(failure: Failure) -> Fault:
+        """The answer of a request cancelled at stop: ``Server.ShuttingDown``, naming what its chain made of it."""
+        value: Any = failure.value
+        code = getattr(value, "faultcode", None)
+        text = "the server is stopping: this request was cancelled when its grace ran out"
+        if code and code != ShuttingDownError.CODE:
+            text += f" (it ended as {code}: {str(getattr(value, 'faultstring', ''))[:200]})"
+        return Fault(ShuttingDownError.CODE, text)
+
+    def _refuse_while_stopping(self, request: Request) -> bytes:
+        request.setHeader(b"Connection", b"close")
+        channel: Any = request.channel
+        channel.persistent = False  # Twisted closes the connection once this answer is written
+        fault = Fault(ShuttingDownError.CODE, "the server is stopping and takes no new request")
+        return self.fault_response(request, fault, "503 Service Unavailable")
 
     # -- RPC ----------------------------------------------------------------------
 
@@ -477,7 +610,8 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
     def handle_rpc_error(self, p_ctx: Any, others: list[Any], error: Any, request: Request) -> bytes:
         """Spyne's error response, logging client faults at INFO (not ERROR, no body)."""
         code = getattr(error, "faultcode", "Server") or "Server"
-        level = logging.INFO if code == "Client" or code.startswith("Client.") else logging.WARNING
+        client = code == "Client" or code.startswith("Client.") or code == "VersionMismatch"
+        level = logging.INFO if client else logging.WARNING
         text = getattr(error, "faultstring", error)
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
@@ -493,8 +627,25 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
         self.http_transport.get_out_string(p_ctx)
         retval = b"".join(p_ctx.out_string)
         p_ctx.close()
-        _spyne_twisted_http.process_contexts(self.http_transport, others, p_ctx, error=error)
+        _spyne_twisted_http.process_contexts(self.http_transport, others, p_ctx)
         return retval
+
+    def _generate_contexts(self, ctx: Any) -> list[Any]:
+        """Spyne's ``ServerBase.generate_contexts`` (parse, read the envelope, find the method) with
+        :meth:`inspect_document` between parsing and reading the envelope."""
+        in_protocol = self.http_transport.app.in_protocol
+        try:
+            in_protocol.create_in_document(ctx, None)
+            document = ctx.in_document
+            self.inspect_document(document[0] if isinstance(document, tuple) else document)
+            in_protocol.decompose_incoming_envelope(ctx, in_protocol.REQUEST)
+            return list(in_protocol.generate_method_contexts(ctx))
+        except Fault as fault:
+            ctx.in_object = None
+            ctx.in_error = fault
+            ctx.out_error = fault
+            ctx.fire_event("method_exception_object")
+            return [ctx]
 
     def handle_rpc(self, request: Request) -> bytes | int:
         """Run one SOAP call: limit, read, inspect, parse, call, answer."""
@@ -520,7 +671,7 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
         else:
             initial_ctx.transport.file_info = []
 
-        contexts = self.http_transport.generate_contexts(initial_ctx)
+        contexts = self._generate_contexts(initial_ctx)
         p_ctx, others = contexts[0], contexts[1:]
         p_ctx.active = True
         p_ctx.out_stream = request
@@ -542,29 +693,68 @@ class CompatTwistedWebResource(TwistedWebResource):  # type: ignore[misc]
             self.http_transport.init_root_push(ret, p_ctx, others)
             return NOT_DONE_YET
         try:
-            return _spyne_twisted_http._cb_deferred(p_ctx.out_object, request, p_ctx, others, self, cb=False)
+            return self._answer(p_ctx.out_object, request, p_ctx, others, normalize=False)
         except Exception:
             logger.exception("could not send the response")
             _spyne_twisted_http._eb_deferred(Failure(), request, p_ctx, others, resource=self)
             return NOT_DONE_YET
 
+    def _answer(self, result: Any, request: Request, p_ctx: Any, others: list[Any], *, normalize: bool) -> bytes:
+        """The response document for a method's ``result`` (status and headers set; the context closed).
+
+        What spyne's ``_cb_deferred`` does for a SOAP answer, returning the bytes instead of registering a
+        producer that writes them later. ``normalize``: ``result`` is what a Deferred fired with (spyne's
+        ``cb=True``), which is put in the shape of the method's out message; else it is ``out_object``.
+        """
+        resp_code = p_ctx.transport.resp_code
+        request.setResponseCode(int((resp_code or HTTP_200)[:3]))
+        _spyne_twisted_http._set_response_headers(request, p_ctx.transport.resp_headers)
+        if normalize:
+            descriptor = p_ctx.descriptor
+            message = descriptor.out_message
+            if descriptor.is_out_bare() or not issubclass(message, ComplexModelBase) or len(message._type_info) <= 1:
+                p_ctx.out_object = [result]
+            else:
+                p_ctx.out_object = result
+        else:
+            p_ctx.out_object = result
+        if self.http_transport.get_out_string(p_ctx) is not None or p_ctx.out_string is None:
+            raise RuntimeError("spyne did not serialize the answer in one piece")  # a push: not used here
+        body = b"".join(p_ctx.out_string)
+        process_contexts(self.http_transport, others, p_ctx)
+        p_ctx.close()
+        return body
+
     def _answer_later(self, d: Deferred, request: Request, p_ctx: Any, others: list[Any]) -> None:
-        """Send the result of a method's Deferred, unless the client has left."""
+        """Send the result of a method's Deferred, unless the client has left; the request is pending until then."""
         gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _f: gone.append(True))
+        self.pending[request] = d
+
+        def _finished(result: Any) -> None:
+            if isinstance(result, Failure):
+                gone.append(True)
+            self._forget(request)
+
+        request.notifyFinish().addBoth(_finished)
 
         def _cb(result: Any) -> Any:
             if gone:
                 logger.info("client left before %s answered", p_ctx.method_request_string)
                 p_ctx.close()
                 return None
-            return _spyne_twisted_http._cb_deferred(result, request, p_ctx, others, resource=self)
+            body = self._answer(result, request, p_ctx, others, normalize=True)
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+            return None
 
         def _eb(failure: Failure) -> None:
             if gone:
                 logger.info("client left before %s failed: %s", p_ctx.method_request_string, failure.getErrorMessage())
                 p_ctx.close()
                 return None
+            if request in self._cancelled:
+                failure = Failure(self._cancelled_fault(failure))
             _spyne_twisted_http._eb_deferred(failure, request, p_ctx, others, resource=self)
             return None
 

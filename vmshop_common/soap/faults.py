@@ -16,19 +16,27 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
 from spyne.model.fault import Fault
+from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
-from vmshop_common.errors import VMShopError, error_for_code
+from vmshop_common.errors import ShuttingDownError, VMShopError, error_for_code
 
 log = logging.getLogger("vmshop_common.soap.faults")
 
 
 def to_fault(error: BaseException) -> Fault:
-    """The spyne Fault for ``error``."""
+    """The spyne Fault for ``error``.
+
+    A cancelled Deferred (``CancelledError``) is ``Server.ShuttingDown``, not logged: in these servers only a
+    stopping server cancels a request's work (``vmshop_common.soap.listener``).
+    """
     if isinstance(error, Fault):
         return error
     if isinstance(error, VMShopError):
         return Fault(faultcode=error.code, faultstring=str(error))
+    if isinstance(error, CancelledError):
+        return Fault(faultcode=ShuttingDownError.CODE, faultstring="the server is stopping: this request was "
+                     "cancelled when its grace ran out")
     log.error("internal error", exc_info=(type(error), error, error.__traceback__))
     return Fault(faultcode="Server.InternalError", faultstring=f"internal error ({type(error).__name__})")
 

@@ -31,6 +31,11 @@ Contract:
   builds the same bytes, so a checked-in WSDL can be compared with it.
   A public URL containing ``{port}`` is completed by :func:`listen` with the
   bound port (for servers on port 0); until then ``?wsdl`` answers a fault.
+* A request is a SOAP 1.1 envelope with exactly one Body holding exactly
+  one operation element; anything else is refused before spyne reads it
+  with a stable code of its own (``VersionMismatch`` for a SOAP 1.2
+  envelope, ``Client.ExtraBody``, ``Client.ExtraOperation``, ...: see
+  :mod:`vmshop_common.soap.envelope`), HTTP 500.
 * Requests are SOAP 1.1 validated against the generated schema
   (``Soap11(validator='lxml')``): an invalid request gets the SOAP fault
   ``Client.SchemaValidationError`` (HTTP 500, as SOAP 1.1 wants for faults).
@@ -82,6 +87,7 @@ from vmshop_common.soap.compat import (
     CompatTwistedWebResource,
     LimitedSite,
 )
+from vmshop_common.soap.envelope import check_envelope
 from vmshop_common.soap.fastxml import FastSoap11
 from vmshop_common.soap.faults import to_fault
 from vmshop_common.tls import Credentials, peer_subject, server_options
@@ -347,6 +353,13 @@ class SoapResource(CompatTwistedWebResource):
     def inspect_body(self, body: bytes) -> None:
         """Refuse a DOCTYPE before spyne parses the body."""
         refuse_doctype(body)
+
+    def inspect_document(self, root: Any) -> None:
+        """Refuse an envelope that is not SOAP 1.1 with one Body holding one operation (:mod:`.envelope`)."""
+        try:
+            check_envelope(root)
+        except VMShopError as exc:
+            raise to_fault(exc) from None
 
 
 class SoapSite(LimitedSite):
