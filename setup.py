@@ -61,6 +61,8 @@ setup(
         "cryptography==50.0.2",
         # Metrics in the Prometheus text format at /metrics (vmshop_common/metrics.py).
         "prometheus-client==0.26.0",
+        # cloud-init NoCloud seeds (ISO 9660 images) written in the plant's process (vmplant_service/seed.py).
+        "pycdlib==1.22.0",
     ],
     extras_require={
         "test": [

@@ -741,6 +741,105 @@ def row_registry(ctx: Context) -> list[Row]:
          f"(ANALYZE included): {sec(fill)}; file database, WAL, synchronous=FULL (every change fsynced)"])]
 
 
+# --- 11. images: tiny and a real distribution side by side ----------------------------------------------------
+
+#: The images compared, in the warehouse; debian12 is built by scripts/build_debian_image.sh.
+IMAGES = ("tiny", "debian12")
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def _image_sizes(config: Path) -> tuple[int, int, int]:
+    """Bytes on disk of the image's directory (allocated blocks), of its disk file, and the disk's virtual size."""
+    directory = config.parent
+    allocated = sum(path.stat().st_blocks * 512 for path in directory.iterdir() if path.is_file())
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(directory / "disk.qcow2")],
+                                     check=True, capture_output=True, text=True, timeout=60).stdout)
+    return allocated, (directory / "disk.qcow2").stat().st_blocks * 512, int(info["virtual-size"])
+
+
+def _grub_variant(config: Path, directory: Path) -> Path:
+    """The image's file without <boot>, its disk by absolute path: the guest boots through its own GRUB."""
+    from lxml import etree
+
+    tree = etree.parse(str(config))
+    root = tree.getroot()
+    ns = "{urn:vmshop:image:1}"
+    disk = root.find(f"{ns}disk")
+    boot = root.find(f"{ns}boot")
+    assert disk is not None and boot is not None
+    disk.set("file", str(config.parent / disk.get("file", "")))
+    root.remove(boot)
+    variant = directory / "image.xml"
+    tree.write(str(variant), xml_declaration=True, encoding="UTF-8")
+    return variant
+
+
+def row_images(ctx: Context) -> list[Row]:
+    """Boot to agent-ready (and to cloud-init's end), create, and size on disk: tiny and debian12 side by side."""
+    from vmplant_service.checkimage import check_image
+
+    def boots(config: Path, label: str, count: int) -> tuple[list[float], list[float]]:
+        agent, ready = [], []
+        for index in range(count):
+            common.settle()
+            report = check_image(config, "qemu", {}, work_dir=ctx.directory(f"check-{label}-{index}"))
+            if not report.ok or report.agent_seconds is None:
+                raise RuntimeError(f"{label}: check-image failed: {report.problems}")
+            agent.append(report.agent_seconds)
+            ready.append(report.cloud_init_seconds or report.agent_seconds)
+        return agent, ready
+
+    rows = []
+    tiny_agent = tiny_create = 0.0
+    for index, name in enumerate(IMAGES):
+        config = common.WAREHOUSE / name / "image.xml"
+        if not config.is_file():
+            raise RuntimeError(f"no image {name} in {common.WAREHOUSE} (scripts/setup_host.sh builds it)")
+        log(f"images: {name}")
+        allocated, disk, virtual = _image_sizes(config)
+        agent, ready = boots(config, name, ctx.n(3, 1) if name == "tiny" else ctx.n(2, 1))
+        directory = ctx.directory(f"images-{name}")
+        plant = common.launch_plant(ctx, directory, name=name, backend="qemu", network="none", capacity_vms=1)
+        dag = CREATE_DAG.replace('name="tiny"', f'name="{name}"')
+        creates = []
+        for _ in range(ctx.n(2, 1)):
+            common.settle()
+            seconds, made = timed(lambda: plant.service.createVM(dag=dag, owner="bench"))  # noqa: B023
+            _check_created(made, f"{name} createVM")
+            creates.append(seconds)
+            plant.service.collectVM(vm_id=made.vm.vm_id)
+        plant.cleanup()
+        if name == "tiny":
+            tiny_agent, tiny_create = median(agent), median(creates)
+        cloud = f"; cloud-init done {sec(median(ready))}" if ready != agent else ""
+        rows.append(Row(
+            f"11{'ab'[index]}", f"Image `{name}` (qemu backend, direct kernel boot): boot to agent ready "
+                                f"(`vmplant check-image`), create on the plant (image + 1 script action, "
+                                f"cloud-init's end included), size on disk; medians",
+            f"agent ready {sec(median(agent))}{cloud}; create {sec(median(creates))}; on disk {_mib(allocated)} "
+            f"(disk {_mib(disk)} of {_mib(virtual)} virtual)",
+            f"agent {x(median(agent) / tiny_agent)}, create {x(median(creates) / tiny_create)} of tiny's",
+            "(side by side; no target)", "info",
+            [f"{name}: agent ready {spread(agent, sec)}; ready for actions {spread(ready, sec)}; "
+             f"create {spread(creates, sec)}; directory {config.parent.name}/ holds "
+             + ", ".join(sorted(p.name for p in config.parent.iterdir() if not p.name.startswith(".")))]))
+    # The other way to boot debian12: through the GRUB in its disk's MBR gap (what a stock cloud image does).
+    log("images: debian12 through its own GRUB")
+    variant = _grub_variant(common.WAREHOUSE / "debian12" / "image.xml", ctx.directory("grub"))
+    agent, ready = boots(variant, "grub", 1)
+    direct = rows[1].figures.split(";")[0]
+    rows.append(Row(
+        "11c", "Image `debian12` booted through its own boot loader (GRUB from the disk, no <boot> in the image "
+               "file) instead of the extracted kernel: boot to agent ready, to cloud-init's end; one run",
+        f"agent ready {sec(agent[0])}; cloud-init done {sec(ready[0])}", f"agent {x(agent[0] / tiny_agent)} of tiny's",
+        "(compared with 11b's direct boot)", "info",
+        [f"direct boot (11b): {direct}; the plant boots debian12 directly (its image file has <boot>)"]))
+    return rows
+
+
 ROWS = {
     "clone": ("1", row_clone),
     "create": ("2", row_create),
@@ -752,4 +851,5 @@ ROWS = {
     "tls": ("8", row_tls),
     "memory": ("9", row_memory),
     "registry": ("10", row_registry),
+    "images": ("11", row_images),
 }

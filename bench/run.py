@@ -13,6 +13,7 @@ Rows (names for ``--only``; numbers work too):
                    against the same echo
 9. ``memory``      shop and plant RSS under 10 minutes of large and hostile requests
 10. ``registry``   the registry's work in one create on a registry of 100,000 VMs: ANALYZE on every add vs not
+11. ``images``     tiny and debian12 side by side: boot to agent ready, create, size on disk; debian12 through GRUB
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.

@@ -467,6 +467,7 @@ cat >"$TMP/image.xml" <<EOF
   <disk file="disk.qcow2" format="qcow2"/>
   <boot kernel="vmlinux" initrd="initrd.img" cmdline="$CMDLINE_XML" machine="$MACHINE"/>
   <hardware memory="$MEMORY_MIB" vcpus="$VCPUS" disk="$DISK_GIB" arch="x86_64"/>
+  <guest agent="qemu-ga" contextualization="none" kernel="any" data-share="9p"/>
   <dag xmlns="urn:vmshop:dag:1">
     <nodes>
       <blank id="hw" memory="$MEMORY_MIB" vcpus="$VCPUS" disk="$DISK_GIB" arch="x86_64"/>

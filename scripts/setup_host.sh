@@ -11,7 +11,7 @@ ROOT=$PWD
 # it where systemd is not PID 1 starts nothing: its maintainer scripts call systemctl only when
 # /run/systemd/system exists, and otherwise add a few system users and enable-symlinks.
 APT_PACKAGES=(qemu-system-x86 qemu-utils vde2 busybox-static e2fsprogs cpio xz-utils iproute2
-              user-mode-linux libvdeplug-slirp systemd)
+              user-mode-linux libvdeplug-slirp systemd debootstrap fdisk)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -56,4 +56,10 @@ bash scripts/setup_clients.sh
 WAREHOUSE=${VMSHOP_WAREHOUSE:-$ROOT/var/warehouse}
 # The build is idempotent: it does nothing (in about 2 s) unless its inputs changed.
 bash scripts/build_guest_image.sh "$WAREHOUSE"
+# The Debian 12 cloud image ("debian12": debootstrap from the Debian mirror this host's apt uses, ~2 minutes the
+# first time, then cached): the tests and the demo's Debian sample boot it. VMSHOP_DEBIAN_IMAGE=0 skips it.
+if [[ ${VMSHOP_DEBIAN_IMAGE:-1} != 0 ]]; then
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO bash scripts/build_debian_image.sh "$WAREHOUSE"
+fi
 echo "setup: ready (python: .venv, warehouse: $WAREHOUSE)"

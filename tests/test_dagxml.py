@@ -1,4 +1,4 @@
-"""The DAG's XML form (vmshop_common.dagxml) and every XSD constraint (xsd/vmdag-1.0.xsd).
+"""The DAG's XML form (vmshop_common.dagxml) and every XSD constraint (xsd/vmdag-1.1.xsd).
 
 ``tests/dags/`` holds example documents: ``good_*.xml`` are valid, every
 other file is broken in exactly one way, described in its first comment;
@@ -411,7 +411,7 @@ def test_schema_errors_list_every_problem_with_line_and_node() -> None:
     with pytest.raises(SchemaInvalidError) as info:
         load_dag(text)
     assert [(p.line, p.node) for p in info.value.problems] == [(3, "hw"), (4, "s"), (5, "f")]
-    assert info.value.message.startswith("DAG does not match the schema vmdag-1.0.xsd: ")
+    assert info.value.message.startswith("DAG does not match the schema vmdag-1.1.xsd: ")
     assert "{urn:vmshop:dag:1}" not in str(info.value)  # namespaces are cleaned from messages
 
 
@@ -553,4 +553,7 @@ def test_xsd_dir_can_be_overridden(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_schema_documents_its_version() -> None:
     root = parse_xml((xsd_dir() / "vmdag-1.0.xsd").read_bytes(), max_depth=64)
     assert root.get("version") == "1.0"
+    assert root.get("targetNamespace") == DAG_NS
+    root = parse_xml((xsd_dir() / "vmdag-1.1.xsd").read_bytes(), max_depth=64)
+    assert root.get("version") == "1.1"
     assert root.get("targetNamespace") == DAG_NS

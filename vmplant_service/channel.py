@@ -31,6 +31,7 @@ An agent that fails, answers out of shape or too much, fails that action
 
 from __future__ import annotations
 
+import json
 import shlex
 import textwrap
 import time
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmshop_common.dag import Action, FileAction, MountAction, NetworkAction, ScriptAction
-from vmshop_common.errors import BackendError, NotSupportedError
+from vmshop_common.errors import ActionFailedError, BackendError, NotSupportedError
 from vmshop_common.steps import normalise_text
 
 from .agent.qga import ExecStatus, GuestAgent
@@ -63,6 +64,39 @@ WRAPPER = (
     '{ timeout -s KILL "$3" "$1" "$f" </dev/null 2>&1; echo $? >"$f.status"; } | { head -c "$2"; cat >/dev/null; }\n'
     's=125; read -r s <"$f.status"; rm -f "$f" "$f.status"; exit "$s"\n'
 )
+
+
+#: Waits (at most $1 seconds) for cloud-init's result, then prints it (at most $2 bytes).
+CLOUD_INIT_WAIT = (
+    'end=$(( $(cut -d. -f1 /proc/uptime) + $1 ))\n'
+    'until [ -e /run/cloud-init/result.json ]; do\n'
+    '  [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ] || { echo "no /run/cloud-init/result.json yet"; exit 124; }\n'
+    '  sleep 0.2\n'
+    'done\n'
+    'head -c "$2" /run/cloud-init/result.json\n'
+)
+
+
+def cloud_init_result(text: str) -> str:
+    """The data source named by cloud-init's ``result.json`` text; ActionFailedError for errors or another source.
+
+    The text is the guest's (hostile): it is only parsed as JSON (at most
+    :data:`MAX_OUTPUT` bytes) and read for two fields of the right types.
+    """
+    try:
+        result = json.loads(text)
+    except ValueError:
+        raise ActionFailedError(f"cloud-init's result is not JSON: {text.strip()[:200]}") from None
+    v1 = result.get("v1") if isinstance(result, dict) else None
+    if not isinstance(v1, dict) or not isinstance(v1.get("errors", []), list):
+        raise ActionFailedError("cloud-init's result is not what cloud-init writes (no v1 with errors)")
+    errors = [str(error)[:300] for error in v1.get("errors", [])][:5]
+    source = str(v1.get("datasource") or "")[:200]
+    if errors:
+        raise ActionFailedError(f"cloud-init reported errors in the guest's first boot: {'; '.join(errors)}")
+    if not source.startswith("DataSourceNoCloud"):
+        raise ActionFailedError(f"cloud-init did not read the VM's seed (its data source: {source or 'none'})")
+    return source
 
 
 @dataclass(frozen=True)
@@ -103,28 +137,59 @@ def render(action: Action, context: ActionContext) -> tuple[str, str]:
     raise NotSupportedError(f"no program for a {action.kind} action")
 
 
+#: The network program's way of making the address last (chosen in the guest, by what the guest has):
+#: systemd-networkd (a .network file matching the NIC's MAC, sorted before cloud-init's own ``10-cloud-init-*``),
+#: ifupdown (a stanza in /etc/network/interfaces.d), or, on a guest with neither (tiny), ``ip`` alone.
+NETWORK_PROGRAM = """\
+dev=
+for n in /sys/class/net/*; do [ "$(cat "$n/address")" = "$mac" ] && dev=${n##*/}; done
+[ -n "$dev" ] || { echo "no NIC with MAC $mac"; exit 3; }
+if [ -d /run/systemd/system ] && command -v networkctl >/dev/null 2>&1 && \\
+   systemctl -q is-enabled systemd-networkd.service 2>/dev/null; then
+  f=/etc/systemd/network/05-vmshop-segment.network
+  mkdir -p /etc/systemd/network
+  { printf '[Match]\\nMACAddress=%s\\n\\n[Network]\\nAddress=%s\\n' "$mac" "$address"
+    [ -z "$gateway" ] || printf 'Gateway=%s\\n' "$gateway"; } >"$f.new" && mv -f "$f.new" "$f" || exit 4
+  ip addr flush dev "$dev"
+  # networkctl needs D-Bus, which a minimal image may lack; a restart of networkd reads the file too.
+  { networkctl reload && networkctl reconfigure "$dev"; } >/dev/null 2>&1 || \\
+    systemctl restart systemd-networkd.service || exit 4
+  how="systemd-networkd, $f"
+elif [ -f /etc/network/interfaces ] && command -v ifup >/dev/null 2>&1; then
+  f=/etc/network/interfaces.d/vmshop-segment
+  mkdir -p /etc/network/interfaces.d
+  grep -Eqs '^[[:space:]]*source(-directory)?[[:space:]]+/etc/network/interfaces\\.d' /etc/network/interfaces || \\
+    echo 'source /etc/network/interfaces.d/*' >>/etc/network/interfaces
+  { printf 'auto %s\\niface %s inet static\\n    address %s\\n' "$dev" "$dev" "$address"
+    [ -z "$gateway" ] || printf '    gateway %s\\n' "$gateway"; } >"$f.new" && mv -f "$f.new" "$f" || exit 4
+  ifdown --force "$dev" >/dev/null 2>&1; ip addr flush dev "$dev"
+  ifup "$dev" || exit 4
+  how="ifupdown, $f"
+else
+  ip link set "$dev" up && ip addr flush dev "$dev" && ip addr add "$address" dev "$dev" || exit 4
+  [ -z "$gateway" ] || ip route replace default via "$gateway" dev "$dev" || exit 4
+  how="ip, until the guest restarts"
+fi
+i=0
+until ip -4 -o addr show dev "$dev" | grep -q " ${address%/*}/"; do
+  i=$((i + 1)); [ "$i" -le 150 ] || { echo "$dev did not get $address ($how)"; exit 4; }; sleep 0.1
+done
+if [ -n "$name" ]; then echo "$name" >/etc/hostname && hostname "$name" || exit 4; fi
+echo "$dev $address ($how)"
+"""
+
+
 def _network(action: NetworkAction, context: ActionContext) -> str:
+    """The network program (:data:`NETWORK_PROGRAM`) for ``action``: the address on the segment NIC, made to last."""
     if context.segment_mac is None:
         raise NotSupportedError("this plant has no host-only network for network actions")
     address = action.address if action.mode == "static" else context.address
     prefix = action.prefix if action.mode == "static" else context.prefix
     if address is None:
         raise NotSupportedError("no pool address was checked out for this VM")
-    lines = [
-        f"mac={shlex.quote(context.segment_mac)}",
-        "dev=",
-        "for n in /sys/class/net/*; do [ \"$(cat \"$n/address\")\" = \"$mac\" ] && dev=${n##*/}; done",
-        "[ -n \"$dev\" ] || { echo \"no NIC with MAC $mac\"; exit 3; }",
-        "ip link set \"$dev\" up",
-        "ip addr flush dev \"$dev\"",
-        f"ip addr add {address}/{prefix} dev \"$dev\"",
-    ]
-    if action.gateway:
-        lines.append(f"ip route replace default via {action.gateway} dev \"$dev\"")
-    if action.hostname:
-        lines.append(f"hostname {shlex.quote(action.hostname)}")
-    lines.append(f"echo \"$dev {address}/{prefix}\"")
-    return "\n".join(lines) + "\n"
+    settings = [f"mac={shlex.quote(context.segment_mac)}", f"address={shlex.quote(f'{address}/{prefix}')}",
+                f"gateway={shlex.quote(action.gateway or '')}", f"name={shlex.quote(action.hostname or '')}"]
+    return "\n".join(settings) + "\n" + NETWORK_PROGRAM
 
 
 def _mount(action: MountAction, context: ActionContext) -> str:
@@ -139,7 +204,10 @@ def _mount(action: MountAction, context: ActionContext) -> str:
         "grep -q ' /mnt/.vmdata ' /proc/mounts || { "
         "d=$(sed -n 's/.*vmshop\\.data=\\([^ ]*\\).*/\\1/p' /proc/cmdline); "
         "if [ -n \"$d\" ]; then mount -t hostfs -o ro,\"$d\" vmdata /mnt/.vmdata; "
-        "else mount -t 9p -o trans=virtio,version=9p2000.L,ro vmdata /mnt/.vmdata; fi; }",
+        # A kernel without 9p (an image whose <guest data-share> should say "none") fails here, saying so.
+        "else { grep -qw 9p /proc/filesystems || modprobe 9p 2>/dev/null; } || "
+        "{ echo \"this guest's kernel has no 9p file system: it cannot mount the data share\"; exit 3; }; "
+        "mount -t 9p -o trans=virtio,version=9p2000.L,ro vmdata /mnt/.vmdata; fi; } || exit 3",
         f"[ -d /mnt/.vmdata/{source} ] || {{ echo \"no data named {action.source}\"; exit 3; }}",
         f"mkdir -p {target}",
         f"mount --bind /mnt/.vmdata/{source} {target}",
@@ -181,6 +249,33 @@ class Channel:
                 raise BackendError(f"the guest's agent did not answer within {timeout:.0f} s ({last[:200]})")
             if self.clock() - tried < 0.05:
                 time.sleep(0.1)  # a refused connection fails at once: don't spin
+
+    def wait_cloud_init(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> str:
+        """Wait until cloud-init has finished the guest's first boot; return its data source.
+
+        One ``guest-exec`` of :data:`CLOUD_INIT_WAIT` waits in the guest for
+        cloud-init's ``result.json`` (written when its last stage ends) and
+        prints it (cut at 64 KiB). Raises ActionFailedError when cloud-init
+        reports errors, used another data source than the VM's NoCloud seed,
+        or did not finish within ``timeout`` seconds; BackendError when the
+        guest stops.
+        """
+        deadline = self.clock() + timeout + AGENT_GRACE
+        try:
+            status, _ = self.agent.run("/bin/sh", ["-c", CLOUD_INIT_WAIT, "vmshop-cloud-init", str(int(timeout)),
+                                                   str(MAX_OUTPUT)], None, deadline, MAX_OUTPUT, alive, ALIVE_EVERY)
+        except AgentTimeout:
+            raise ActionFailedError(f"cloud-init did not finish the guest's first boot within {timeout:g} s") \
+                from None
+        except AgentError as exc:
+            if not alive():
+                raise BackendError("the guest stopped while cloud-init ran") from None
+            raise ActionFailedError(f"waiting for cloud-init: the guest's agent failed: {exc}") from None
+        text = status.output[:MAX_OUTPUT].decode("utf-8", "replace")
+        if status.exitcode != 0:
+            raise ActionFailedError(f"cloud-init did not finish the guest's first boot within {timeout:g} s: "
+                                    f"{text.strip()[-300:]}")
+        return cloud_init_result(text)
 
     def run(self, name: str, action: Action, context: ActionContext,
             alive: Callable[[], bool] = lambda: True) -> ActionResult:
@@ -226,5 +321,5 @@ class Channel:
         return done, self.clock() - started
 
 
-__all__ = ["AGENT_GRACE", "MAX_OUTPUT", "TIMEOUT_STATUSES", "WRAPPER", "ActionContext", "ActionResult", "Channel",
-           "render"]
+__all__ = ["AGENT_GRACE", "CLOUD_INIT_WAIT", "MAX_OUTPUT", "NETWORK_PROGRAM", "TIMEOUT_STATUSES", "WRAPPER",
+           "ActionContext", "ActionResult", "Channel", "cloud_init_result", "render"]

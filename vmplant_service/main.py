@@ -227,7 +227,15 @@ def _watch_round(runtime: PlantRuntime) -> Deferred[Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return server_main(argv, prog="vmplant", description="Run a VMPlant server.",
+    """``vmplant [--config FILE] ...`` runs a plant; ``vmplant check-image FILE`` checks an image
+    (:mod:`.checkimage`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["check-image"]:
+        from .checkimage import main as check_image_main
+
+        return check_image_main(args[1:])
+    description = "Run a VMPlant server. ('vmplant check-image FILE' boots an image and pings its agent.)"
+    return server_main(argv, prog="vmplant", description=description,
                        default_config="configuration_vmplant.xml",
                        serve=lambda path, host, port: serve(load_config(path), host, port))
 

@@ -7,8 +7,13 @@ IP pool, VM ids) are taken under one lock.
 
 Guarantees:
 - a create that fails, at any step, leaves nothing behind: no process, no
-  overlay, no channel directory, no pool address, no record; the error
-  says which step failed;
+  overlay, no cloud-init seed, no channel directory, no pool address, no
+  record; the error says which step failed;
+- an image is only used where it can run: its ``<guest>`` traits are
+  checked against the backend and the DAG at bid time (:meth:`Plant._unfit`);
+- an image with cloud-init gets a NoCloud seed of its own per VM (``seeds/<vm>.iso``,
+  0600, attached read-only, removed with the VM), and its actions run only
+  once cloud-init has finished the first boot without errors;
 - records are written to SQLite (durable) before a method returns;
 - a VM is only ever created from a DAG that :func:`load_dag` accepted;
 - a VM is ``made`` only once its whole DAG ran: a restart fails and
@@ -51,13 +56,14 @@ from vmshop_common.matching import flatten
 from vmshop_common.rules import check_static_addresses
 
 from .agent.qga import GuestAgent
-from .backends.base import Backend, GuestSpec, Nic, VMState
+from .backends.base import Backend, Capabilities, GuestSpec, Nic, VMState
 from .backends.console import console_tail
 from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
 from .ippool import IPPool
 from .records import PlantRecords, VMRecord
+from .seed import SeedNic, hostname_for, write_seed
 from .segment import OwnerSegments, mac_for, segment_name
 from .warehouse import ImageInfo, Warehouse
 
@@ -67,6 +73,8 @@ VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LIVE_STATES = ("creating", "booting", "configuring", "running", "collecting")
 #: Seconds a guest may take from QEMU's start to its agent's first word.
 BOOT_TIMEOUT = 180.0
+#: Seconds cloud-init may take, once the agent answered, to finish a first boot (its user data included).
+CLOUD_INIT_TIMEOUT = 300.0
 #: Seconds a guest gets to power down before it is killed.
 STOP_TIMEOUT = 20.0
 #: Seconds a collect waits for a create it cancelled to stop (the create's longest uninterruptible step is a
@@ -116,15 +124,17 @@ class Plant:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        for sub in ("overlays", "run"):
+        for sub in ("overlays", "run", "seeds"):
             (self.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.state_dir / sub, 0o700)
 
     # Costs ------------------------------------------------------------------
     def cost_model(self) -> CostModel:
+        booted = {name: seconds for name in self.warehouse.images
+                  if (seconds := self.records.metric(f"boot_seconds:{name}")) is not None}
         return CostModel(clone_seconds=self.records.metric("clone_seconds") or 0.05,
                          boot_seconds=self.records.metric("boot_seconds") or 5.0,
-                         history=self.records)
+                         history=self.records, image_boot_seconds=booted)
 
     def _load_seconds(self) -> float:
         # A busy plant is slower: every VM being created now competes for the CPU while it boots.
@@ -157,7 +167,8 @@ class Plant:
         return None
 
     def estimate_dag(self, dag: Dag) -> Bid | Decline:
-        images = [info.cached_image() for info in self.warehouse.images.values()]
+        infos = self.warehouse.images
+        images = [info.cached_image() for info in infos.values()]
         try:
             flat = flatten(dag, {image.name: image.dag for image in images})
         except NoSuchImageError as exc:
@@ -165,7 +176,9 @@ class Plant:
         reason = self._unservable(flat)
         if reason:
             return Decline(reason)
-        bid = self.cost_model().estimate(dag, images, self._load_seconds())
+        caps = self.backend.capabilities()
+        unfit = {name: why for name, info in infos.items() if (why := self._unfit(info, dag, caps))}
+        bid = self.cost_model().estimate(dag, images, self._load_seconds(), unfit)
         if isinstance(bid, Bid):
             reason = self._too_long([flat.nodes[n] for n in bid.remaining if isinstance(flat.nodes[n], Action)])
             if reason:
@@ -182,6 +195,27 @@ class Plant:
         if total > self.config.max_dag_seconds:
             return (f"the actions may run {total} s in all (the sum of their timeouts); this plant allows "
                     f"{self.config.max_dag_seconds} s")
+        return None
+
+    @staticmethod
+    def _unfit(info: ImageInfo, dag: Dag, caps: Capabilities) -> str | None:
+        """Why ``info`` cannot serve the request ``dag`` on this backend (its ``<guest>`` traits), or None."""
+        guest = info.guest
+        if guest.agent != "qemu-ga":
+            return f"its agent is {guest.agent}; this plant speaks only to qemu-ga"
+        if guest.kernel == "own" and caps.kernel_limit:
+            return f"it boots its own kernel (<guest kernel='own'>), and {caps.kernel_limit}"
+        if guest.cloud_init and not caps.seed_disk:
+            return (f"cloud-init configures it from a seed disk (<guest contextualization='cloud-init'>), which "
+                    f"backend {caps.name} cannot attach")
+        if dag.start.cloud_config is not None and not guest.cloud_init:
+            return (f"the DAG's <cloud-config> needs an image with cloud-init, and this one has none "
+                    f"(<guest contextualization='{guest.contextualization}'>)")
+        if guest.data_share == "none":
+            mounts = [action.id for action in dag.actions if isinstance(action, MountAction)]
+            if mounts:
+                return (f"its kernel cannot mount the data share (<guest data-share='none'>), which action "
+                        f"'{mounts[0]}' needs")
         return None
 
     def _unservable(self, flat: Dag) -> str | None:
@@ -303,7 +337,8 @@ class Plant:
 
     def _paths(self, vm_id: str) -> dict[str, Path]:
         return {"overlay": self.state_dir / "overlays" / f"{vm_id}.qcow2",
-                "run": self.state_dir / "run" / vm_id}
+                "run": self.state_dir / "run" / vm_id,
+                "seed": self.state_dir / "seeds" / f"{vm_id}.iso"}
 
     def _build(self, vm_id: str, dag: Dag, flat: Dag, bid: Bid, info: ImageInfo, owner: str,
                paths: dict[str, Path], shop: str) -> CreateResult:
@@ -315,6 +350,8 @@ class Plant:
                                      hardware.disk if hardware.disk > info.hardware.disk else None)
         self._remember("clone_seconds", clone_seconds)
         spec = self._spec(vm_id, info, hardware.memory, hardware.vcpus, paths, owner)
+        if spec.seed is not None:
+            self._write_seed(spec, dag, flat, address)
         now = self.clock()
         record = VMRecord(vm_id=vm_id, owner=owner, state="booting", image=info.name, memory=hardware.memory,
                           vcpus=hardware.vcpus, disk=hardware.disk, arch=hardware.arch, address=address,
@@ -335,7 +372,13 @@ class Plant:
             if going():  # the guest runs and its agent never answered (not a guest that stopped or a collect)
                 self._agent_error("no_answer")
             raise
-        self._remember("boot_seconds", time.monotonic() - started)
+        if info.guest.cloud_init:
+            self._go_on(vm_id)
+            source = channel.wait_cloud_init(CLOUD_INIT_TIMEOUT, alive=going)
+            log.info("VM %s: cloud-init finished its first boot (%s)", vm_id, source)
+        booted = time.monotonic() - started
+        self._remember("boot_seconds", booted)
+        self._remember(f"boot_seconds:{info.name}", booted)
         self._go_on(vm_id)
         self.records.update_vm(vm_id, state="configuring")
         results = self._run_actions(vm_id, flat, list(bid.remaining), channel, record, going)
@@ -353,7 +396,29 @@ class Plant:
         datastore = Path(self.config.datastore) if self.config.datastore else None
         return GuestSpec(vm_id=vm_id, disk=paths["overlay"], memory=memory, vcpus=vcpus, run_dir=paths["run"],
                          kernel=info.kernel, initrd=info.initrd, cmdline=info.cmdline,
-                         machine=info.machine, arch=info.hardware.arch, data_dir=datastore, nics=tuple(nics))
+                         machine=info.machine, arch=info.hardware.arch, data_dir=datastore, nics=tuple(nics),
+                         seed=paths["seed"] if info.guest.cloud_init else None)
+
+    def _write_seed(self, spec: GuestSpec, dag: Dag, flat: Dag, address: str | None) -> None:
+        """The VM's cloud-init NoCloud seed (:mod:`.seed`) at ``spec.seed``: its key, host name, NICs, user data.
+
+        The host name is the first one a network action of the DAG names,
+        else one made from the VM's key; the segment NIC gets the pool
+        address (the same the network actions apply).
+        """
+        assert spec.seed is not None
+        names = [node.hostname for node_id in flat.topological_order()
+                 if isinstance(node := flat.nodes[node_id], NetworkAction) and node.hostname]
+        nics = []
+        for nic in spec.nics:
+            if nic.kind == "user":
+                nics.append(SeedNic("user0", nic.mac))
+            elif nic.kind == "segment" and address is not None:
+                # Without an address the segment NIC is left out: DHCP there would never be answered, and the
+                # boot would wait for it (systemd-networkd-wait-online, before cloud-init's network stage).
+                nics.append(SeedNic("segment0", nic.mac, address, self.pool.prefix if self.pool is not None else 24))
+        write_seed(spec.seed, spec.vm_id, names[0] if names else hostname_for(spec.vm_id), nics,
+                   dag.start.cloud_config)
 
     def _channel(self, vm_id: str) -> Channel:
         return Channel(GuestAgent(self.backend.agent(vm_id)))
@@ -418,6 +483,11 @@ class Plant:
         reason = self._too_long(list(dag.actions))
         if reason:
             raise DeclinedError(f"this plant will not configure VM {vm_id} so: {reason}")
+        info = self.warehouse.images.get(record.image)
+        mounts = [action.id for action in dag.actions if isinstance(action, MountAction)]
+        if info is not None and info.guest.data_share == "none" and mounts:
+            raise DeclinedError(f"action '{mounts[0]}' mounts data, and the kernel of VM {vm_id}'s image "
+                                f"'{info.name}' cannot mount the data share (its <guest data-share='none'>)")
         order = [n for n in dag.topological_order() if isinstance(dag.nodes[n], Action)]
         with self._lock:
             record = self.records.get_vm(vm_id)
@@ -535,6 +605,7 @@ class Plant:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("destroy", lambda: self.backend.destroy(vm_id)),
             ("overlay", lambda: paths["overlay"].unlink(missing_ok=True)),
+            ("seed", lambda: paths["seed"].unlink(missing_ok=True)),
             ("run dir", lambda: shutil.rmtree(paths["run"], ignore_errors=True)),
         ]
         if self.pool is not None:
@@ -589,7 +660,7 @@ class Plant:
             self.pool.reconcile(set(adopted))
         self.release_segments()
         live = set(adopted)
-        for sub, suffix in (("overlays", ".qcow2"), ("run", "")):
+        for sub, suffix in (("overlays", ".qcow2"), ("run", ""), ("seeds", ".iso")):
             for leftover in (self.state_dir / sub).iterdir():
                 if leftover.name.removesuffix(suffix) not in live:
                     if leftover.is_dir():

@@ -2,8 +2,10 @@
 
 A warehouse is a directory holding ``index.txt``: one absolute path of an
 image configuration file per line (blank lines and ``#`` comment lines are
-allowed). An image configuration file (``xsd/vmimage-1.0.xsd``) names the
-image, its disk, how to boot it, its hardware and the DAG it embodies.
+allowed). An image configuration file (``xsd/vmimage-1.1.xsd``; a 1.0 file
+is a 1.1 file without ``<guest>``) names the image, its disk, how to boot
+it, its hardware, how the plant reaches its guest (:class:`GuestTraits`) and
+the DAG it embodies.
 
 :func:`load_image_config` reads one such file and checks everything about
 it: the hardened loader, the XSD, the embedded DAG (``load_embedded_dag``:
@@ -11,7 +13,8 @@ its own XSD and the DAG rules), and on the host: each file it names exists,
 is a regular readable file, and a relative name (relative to the directory
 the configuration file really is in) stays inside that directory even
 through symlinks; the disk's content agrees with its declared format; the
-hardware agrees with the DAG's blank start node.
+hardware agrees with the DAG's blank start node; the embedded DAG's start
+node carries no ``<cloud-config>`` (that is a request's, per VM).
 
 :meth:`Warehouse.load` reads every entry; a bad entry is reported (index
 line, code, message) and skipped, never fatal for the others. Entries whose
@@ -44,10 +47,33 @@ from vmshop_common.xmlload import parse_xml_file
 
 IMAGE_NS = "urn:vmshop:image:1"
 IMAGE_ROOT = f"{{{IMAGE_NS}}}image"
-IMAGE_XSD = "vmimage-1.0.xsd"
+IMAGE_XSD = "vmimage-1.1.xsd"
 INDEX_NAME = "index.txt"
 DISK_FORMATS = ("qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
+
+
+@dataclass(frozen=True)
+class GuestTraits:
+    """What an image's ``<guest>`` says (the defaults are a 1.0 file's, which has none).
+
+    ``agent``: the agent the plant talks to ('qemu-ga'); ``contextualization``:
+    'none' or 'cloud-init' (the plant attaches a NoCloud seed to each VM and
+    waits for cloud-init's result before the actions); ``kernel``: 'own' (it
+    boots its own kernel, on a virtual machine) or 'any' (its root file
+    system also boots under a backend's kernel: User-Mode Linux);
+    ``data_share``: '9p' (its kernel mounts the read-only data share) or
+    'none'.
+    """
+
+    agent: str = "qemu-ga"
+    contextualization: str = "none"
+    kernel: str = "own"
+    data_share: str = "9p"
+
+    @property
+    def cloud_init(self) -> bool:
+        return self.contextualization == "cloud-init"
 
 
 @dataclass(frozen=True)
@@ -69,6 +95,7 @@ class ImageInfo:
     hardware: Hardware
     dag: Dag = field(hash=False)
     description: str | None = None
+    guest: GuestTraits = GuestTraits()
 
     def cached_image(self) -> CachedImage:
         """What matching and the cost model need of this image."""
@@ -135,13 +162,21 @@ def load_image_config(path: str | Path) -> ImageInfo:
         cmdline = boot_el.get("cmdline", "")
         machine = boot_el.get("machine", "pc")
     start = dag.start
+    if start.cloud_config is not None:
+        raise ConfigurationError(f"{what}: the DAG's start node '{start.id}' has a <cloud-config>: that is a "
+                                 "request's (each VM's own first boot), never an image's",
+                                 [Problem("<cloud-config> in an image's DAG", start.line, start.id)])
     if isinstance(start, BlankStart):
         _check_hardware(hardware, start, what, hw_el.sourceline)
+    guest_el = _child(root, "guest")
+    guest = GuestTraits() if guest_el is None else GuestTraits(
+        agent=guest_el.get("agent", "qemu-ga"), contextualization=guest_el.get("contextualization", "none"),
+        kernel=guest_el.get("kernel", "own"), data_share=guest_el.get("data-share", "9p"))
     description_el = _child(root, "description")
     description = (description_el.text or "").strip() if description_el is not None else None
     return ImageInfo(name=root.get("name"), config_path=real, disk=disk, disk_format=disk_format, kernel=kernel,
                      initrd=initrd, cmdline=cmdline, machine=machine, hardware=hardware, dag=dag,
-                     description=description)
+                     description=description, guest=guest)
 
 
 def _child(root: etree._Element, local: str) -> etree._Element | None:

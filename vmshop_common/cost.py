@@ -4,14 +4,18 @@ cost = clone cost + boot cost + the sum of the remaining actions' expected
 seconds + a load term. An action's expected seconds come, in this order of
 preference, from the plant's history of measured runs of that step
 (``history``), from the DAG's ``cost`` hint, or from ``default_seconds``.
+The boot cost is the image's own measured boot (``image_boot_seconds``: a
+Debian cloud image boots far slower than tiny), else ``boot_seconds``.
 Among the images that can serve a request, the bid uses the one whose
-remaining actions cost least (ties: the one that embodies more steps, then
-the name). Every figure of the sum is kept in the bid's breakdown.
+boot and remaining actions cost least (ties: the one that embodies more
+steps, then the name); images the plant cannot run (``unfit``, with the
+reason) are passed over. Every figure of the sum is kept in the bid's
+breakdown.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -77,6 +81,11 @@ class CostModel:
     boot_seconds: float = 0.0
     default_seconds: float = DEFAULT_ACTION_SECONDS
     history: StepHistory | None = None
+    image_boot_seconds: Mapping[str, float] = field(default_factory=dict)
+
+    def boot_of(self, image: str) -> float:
+        """The boot seconds of ``image``: its own measurement, else the plant's."""
+        return self.image_boot_seconds.get(image, self.boot_seconds)
 
     def action_item(self, action: Action) -> CostItem:
         """The expected seconds of one action, with their source."""
@@ -88,13 +97,25 @@ class CostModel:
             return CostItem(f"{action.kind} {action.id}", float(action.cost), "hint", action.id, digest)
         return CostItem(f"{action.kind} {action.id}", self.default_seconds, "default", action.id, digest)
 
-    def estimate(self, request: Dag, images: Iterable[CachedImage], load_seconds: float = 0.0) -> Bid | Decline:
-        """The bid for ``request`` on the best image, or a :class:`Decline` saying why none serves."""
+    def estimate(self, request: Dag, images: Iterable[CachedImage], load_seconds: float = 0.0,
+                 unfit: Mapping[str, str] | None = None) -> Bid | Decline:
+        """The bid for ``request`` on the best image, or a :class:`Decline` saying why none serves.
+
+        ``unfit`` maps images that cannot run this request here to the reason;
+        they still count as lineages, but are never bid with.
+        """
         pool = list(images)
         try:
             matches, reasons = candidates(request, pool)
         except NoSuchImageError as exc:
             return Decline(exc.message)
+        passed_over = {m.image: (unfit or {})[m.image] for m in matches if m.image in (unfit or {})}
+        if passed_over:
+            matches = [m for m in matches if m.image not in passed_over]
+            reasons.update(passed_over)
+            if not matches:
+                detail = "; ".join(f"image '{name}': {why}" for name, why in sorted(passed_over.items()))
+                return Decline(f"no image that can serve this DAG runs it here ({detail})", reasons)
         if not matches:
             if not pool:
                 return Decline("the warehouse has no cached images")
@@ -105,15 +126,16 @@ class CostModel:
         chosen: tuple[Match, list[CostItem]] | None = None
         for match in matches:
             items = [self.action_item(flat.nodes[node_id]) for node_id in match.remaining]  # type: ignore[arg-type]
-            seconds = sum(item.seconds for item in items)
+            seconds = sum(item.seconds for item in items) + self.boot_of(match.image)
             key = (seconds, -len(match.matched), match.image)
             if best is None or key < best:
                 best, chosen = key, (match, items)
         assert chosen is not None
         match, items = chosen
         terms = [CostItem(f"clone {match.image}", self.clone_seconds, "clone")]
-        if self.boot_seconds:
-            terms.append(CostItem("boot", self.boot_seconds, "boot"))
+        boot = self.boot_of(match.image)
+        if boot:
+            terms.append(CostItem("boot", boot, "boot"))
         terms.extend(items)
         if load_seconds:
             terms.append(CostItem("load", load_seconds, "load"))

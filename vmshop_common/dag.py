@@ -40,9 +40,15 @@ class Node:
 
 @dataclass(frozen=True)
 class BlankStart(Node):
-    """Start node: a blank VM with this hardware."""
+    """Start node: a blank VM with this hardware.
+
+    ``cloud_config`` (both start nodes): the cloud-init user data of the VM's
+    first boot, normalised (the indentation XML adds removed), or None. It is
+    the VM's own, never a step: it takes no part in matching or step digests.
+    """
 
     hardware: Hardware = Hardware(memory=128)
+    cloud_config: str | None = None
 
     kind = "blank"
     is_start = True
@@ -55,6 +61,7 @@ class ImageStart(Node):
     name: str = ""
     memory: int | None = None
     vcpus: int | None = None
+    cloud_config: str | None = None
 
     kind = "image"
     is_start = True

@@ -32,12 +32,13 @@ from .dag import (
 )
 from .errors import Problem, SchemaInvalidError
 from .rules import check_dag
+from .steps import normalise_text
 from .xmlload import parse_xml
 
 DAG_NS = "urn:vmshop:dag:1"
 VM_ROOT = f"{{{DAG_NS}}}vm"
 DAG_ROOT = f"{{{DAG_NS}}}dag"
-DAG_XSD = "vmdag-1.0.xsd"
+DAG_XSD = "vmdag-1.1.xsd"
 
 
 def xsd_dir() -> Path:
@@ -140,9 +141,10 @@ def _node(element: etree._Element) -> Node:
     if kind == "blank":
         hardware = Hardware(memory=_integer(get("memory")), vcpus=_integer(get("vcpus", "1")),
                             disk=_integer(get("disk")), arch=get("arch", "x86_64"))
-        return BlankStart(node_id, line, hardware=hardware)
+        return BlankStart(node_id, line, hardware=hardware, cloud_config=_cloud_config(element))
     if kind == "image":
-        return ImageStart(node_id, line, name=get("name"), memory=_int(get("memory")), vcpus=_int(get("vcpus")))
+        return ImageStart(node_id, line, name=get("name"), memory=_int(get("memory")), vcpus=_int(get("vcpus")),
+                          cloud_config=_cloud_config(element))
     cost = float(Decimal(get("cost"))) if get("cost") is not None else None
     if kind == "script":
         return ScriptAction(node_id, line, cost=cost, interpreter=get("interpreter", "/bin/sh"),
@@ -157,6 +159,14 @@ def _node(element: etree._Element) -> Node:
         return MountAction(node_id, line, cost=cost, source=get("source"), target=get("target"),
                            readonly=get("readonly", "true").strip() in ("true", "1"))
     raise ValueError(f"unknown node kind {kind!r}")  # the schema makes this unreachable
+
+
+def _cloud_config(start: etree._Element) -> str | None:
+    """A start node's <cloud-config> text, normalised as a body is (YAML survives the indentation XML adds)."""
+    element = start.find(f"{{{DAG_NS}}}cloud-config")
+    if element is None:
+        return None
+    return normalise_text(_text(element)) + "\n"
 
 
 def _integer(value: str) -> int:
@@ -247,9 +257,11 @@ def _node_element(node: Node, E: object) -> etree._Element:
     cost = _decimal(node.cost) if isinstance(node, Action) else None
     if isinstance(node, BlankStart):
         hw = node.hardware
-        return make("blank", id=node.id, memory=hw.memory, vcpus=hw.vcpus, disk=hw.disk, arch=hw.arch)  # type: ignore[operator]
+        element = make("blank", id=node.id, memory=hw.memory, vcpus=hw.vcpus, disk=hw.disk, arch=hw.arch)  # type: ignore[operator]
+        return _with_cloud_config(element, node.cloud_config)
     if isinstance(node, ImageStart):
-        return make("image", id=node.id, name=node.name, memory=node.memory, vcpus=node.vcpus)  # type: ignore[operator]
+        element = make("image", id=node.id, name=node.name, memory=node.memory, vcpus=node.vcpus)  # type: ignore[operator]
+        return _with_cloud_config(element, node.cloud_config)
     if isinstance(node, ScriptAction):
         element = make("script", id=node.id, interpreter=node.interpreter, timeout=node.script_timeout, cost=cost)  # type: ignore[operator]
         element.text = node.body
@@ -265,6 +277,12 @@ def _node_element(node: Node, E: object) -> etree._Element:
         return make("mount", id=node.id, source=node.source, target=node.target,  # type: ignore[operator]
                     readonly="true" if node.readonly else "false", cost=cost)
     raise TypeError(f"cannot write node {node!r}")
+
+
+def _with_cloud_config(start: etree._Element, cloud_config: str | None) -> etree._Element:
+    if cloud_config is not None:
+        etree.SubElement(start, f"{{{DAG_NS}}}cloud-config").text = cloud_config
+    return start
 
 
 def _decimal(value: float | None) -> str | None:

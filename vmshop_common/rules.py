@@ -9,12 +9,15 @@
 - every node is reachable from the start node;
 - no edge from a node to itself, no repeated edge;
 - a static network action has an address; paths in the guest have no
-  ``..`` segment.
+  ``..`` segment;
+- a start node's ``<cloud-config>`` begins with the line ``#cloud-config``
+  (cloud-init takes anything else for another kind of user data: a script,
+  an include list, ...).
 """
 
 from __future__ import annotations
 
-from .dag import Dag, FileAction, MountAction, NetworkAction
+from .dag import BlankStart, Dag, FileAction, ImageStart, MountAction, NetworkAction
 from .errors import AddressNotLeasedError, DagInvalidError, Problem
 
 
@@ -152,8 +155,17 @@ def _reachable(dag: Dag, start: str) -> set[str]:
     return seen
 
 
+#: The first line cloud-init requires of cloud-config user data.
+CLOUD_CONFIG_HEADER = "#cloud-config"
+
+
 def _node_problems(node: object) -> list[Problem]:
     problems = []
+    if isinstance(node, (BlankStart, ImageStart)) and node.cloud_config is not None:
+        first = node.cloud_config.split("\n", 1)[0].rstrip()
+        if first != CLOUD_CONFIG_HEADER:
+            problems.append(Problem(f"a <cloud-config> begins with the line '{CLOUD_CONFIG_HEADER}', not "
+                                    f"'{first[:40]}'", node.line, node.id))
     if isinstance(node, NetworkAction) and node.mode == "static" and not node.address:
         problems.append(Problem("a static network action needs an address", node.line, node.id))
     if isinstance(node, NetworkAction) and node.mode == "pool" and node.address:

@@ -54,6 +54,11 @@ Rules every backend keeps (the contract tests in
 9. Files and processes: what the backend makes for a VM is not readable by
    other users (0600 files, 0700 directories), and the hypervisor runs
    unprivileged where the backend can arrange it (its docstring says how).
+10. ``spec.seed`` (a cloud-init NoCloud seed the plant made, 0600 in its
+    own 0700 directory) is attached as a READ-ONLY disk, or, by a backend
+    whose ``capabilities().seed_disk`` is False, refused with
+    ``BackendError`` before anything is made; it is never written, moved or
+    chowned (the plant removes it).
 
 A backend is built as ``Backend(options)`` from the plant configuration's
 string options; an option it cannot use raises ``ConfigurationError``.
@@ -102,9 +107,12 @@ class GuestSpec:
     """Everything a backend needs to run one VM.
 
     ``disk`` is the VM's own overlay; ``kernel``/``initrd``/``cmdline`` boot
-    it directly; ``data_dir`` an optional share of application data, which
+    it directly (without a kernel it boots through its disk's own boot
+    loader); ``data_dir`` an optional share of application data, which
     the guest sees READ-ONLY (9p tag ``vmdata``; a read-only hostfs bind under
-    UML); ``run_dir`` is the backend's own directory for this VM (pidfile,
+    UML); ``seed`` an optional raw image (the cloud-init NoCloud seed, ISO
+    9660 labelled ``cidata``) the guest sees as a READ-ONLY second virtio
+    disk; ``run_dir`` is the backend's own directory for this VM (pidfile,
     control and agent sockets, console log), which no guest can write.
     """
 
@@ -120,6 +128,7 @@ class GuestSpec:
     arch: str = "x86_64"
     data_dir: Path | None = None
     nics: tuple[Nic, ...] = ()
+    seed: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -132,7 +141,11 @@ class Capabilities:
     fake); ``max_memory`` (MiB) and ``max_vcpus`` bound one guest;
     ``networks`` are the :class:`Nic` kinds ``start`` accepts; ``channel``
     says how the agent's stream reaches the guest ('virtio-serial',
-    'serial', 'fake').
+    'serial', 'fake'); ``kernel_limit`` is why the backend cannot boot an
+    image's own kernel ('' when it can: a virtual machine), so images that
+    need theirs (``<guest kernel="own">``) are declined; ``seed_disk``
+    whether it attaches a seed disk (rule 10), which images with cloud-init
+    need.
     """
 
     name: str
@@ -144,6 +157,8 @@ class Capabilities:
     max_vcpus: int = 0
     networks: tuple[str, ...] = ()
     channel: str = ""
+    kernel_limit: str = ""
+    seed_disk: bool = True
 
 
 class Backend(abc.ABC):

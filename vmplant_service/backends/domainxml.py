@@ -15,7 +15,9 @@ touched), so every flavor can be checked against libvirt's own schema
     explicit ``<backingStore>`` chain, read-write / read-only, passed with
     ``virDomainFDAssociate``): libvirt then chowns neither (it would chown
     a backing image to QEMU's user for good: it never restores read-only
-    layers), and QEMU needs no path into the plant's state;
+    layers), and QEMU needs no path into the plant's state; a cloud-init
+    seed is a second disk, ``<readonly/>``, passed the same way
+    (``vmshop-seed``, opened read-only);
   * the kernel, initramfs and command line are QEMU arguments
     (``-kernel``/``-initrd``/``-append`` in ``<qemu:commandline>``), not
     ``<os><kernel>``: libvirt's DAC driver chowns an ``<os>`` kernel to
@@ -84,6 +86,8 @@ UUID_NAMESPACE = uuid.UUID("5f0d7d8e-6b1e-4a53-9d8c-76d6b2f0c1a1")
 AGENT_PORT = "org.qemu.guest_agent.0"
 #: The descriptor group of the VM's own overlay (read-write); layers below it are ``vmshop-base<N>`` (read-only).
 DISK_FD_GROUP = "vmshop-disk"
+#: The descriptor group of the VM's cloud-init seed (read-only).
+SEED_FD_GROUP = "vmshop-seed"
 #: PCI controller indexes of the root ports kept for hot-plugged segment NICs (above libvirt's own).
 FIRST_HOTPLUG_PORT_INDEX = 16
 
@@ -288,6 +292,17 @@ def _qemu_disk(devices: etree._Element, spec: GuestSpec, options: DomainOptions,
             _sub(parent, "source", file=layer.path, fdgroup=base_fd_group(depth))
         _sub(parent, "backingStore")  # the end of the chain: libvirt probes nothing further
     _sub(disk, "target", dev="vda", bus="virtio")
+    if spec.seed is not None:
+        # The cloud-init seed: a read-only raw disk, a descriptor the plant opened read-only (or its path).
+        seed = _sub(devices, "disk", type="file", device="disk")
+        _sub(seed, "driver", name="qemu", type="raw")
+        if options.pass_fds:
+            _sub(seed, "source", file=str(Path(spec.seed).absolute()), fdgroup=SEED_FD_GROUP)
+            _sub(seed, "backingStore")
+        else:
+            _sub(seed, "source", file=str(Path(spec.seed).absolute()))
+        _sub(seed, "target", dev="vdb", bus="virtio")
+        _sub(seed, "readonly")
 
 
 def identity_arguments(spec: GuestSpec) -> list[str]:

@@ -134,7 +134,7 @@ class FakeBackend(Backend):
         used = sum(vm.spec.memory for vm in self._vms.values() if self._file_state(vm) == "running")
         need(used + spec.memory <= self.max_memory, f"{spec.memory} MiB asked, {self.max_memory - used} MiB free")
         need(Path(spec.disk).is_file(), f"the disk {spec.disk} is not a file")
-        for path, label in ((spec.kernel, "kernel"), (spec.initrd, "initrd")):
+        for path, label in ((spec.kernel, "kernel"), (spec.initrd, "initrd"), (spec.seed, "seed")):
             need(path is None or Path(path).is_file(), f"the {label} {path} is not a file")
         need(spec.data_dir is None or Path(spec.data_dir).is_dir(), f"the data directory {spec.data_dir} is missing")
         for nic in spec.nics:
@@ -148,7 +148,7 @@ class FakeBackend(Backend):
     def _run_agent(self, vm: _FakeVM, boot: bool) -> None:
         ready_at = time.monotonic() + (self.boot_seconds if boot else 0.0)
         vm.agent = FakeAgent(vm.socket, ready_at, on_shutdown=lambda: self._shut_down(vm),
-                             name=f"{vm.spec.vm_id}-{self.token[:8]}")
+                             name=f"{vm.spec.vm_id}-{self.token[:8]}", seed=vm.spec.seed)
         vm.watcher = threading.Thread(target=self._watch, args=(vm,), daemon=True,
                                       name=f"fake-guest-{vm.spec.vm_id}-{self.token[:8]}")
         vm.watcher.start()

@@ -14,6 +14,11 @@ it run that long (at most its timeout) and then succeed; ``FAKE_AGENT_ERROR``
 makes the agent answer that process's status out of shape (an exit code that
 is not an integer), as a broken or hostile guest's agent might.
 
+The plant's wait for cloud-init (``vmshop-cloud-init``) is answered as a
+cloud-init guest would answer it: with no ``seed`` the guest has no
+cloud-init (status 124, no result); with one, a NoCloud result read from the
+seed, whose errors list holds ``FAKE_CLOUD_INIT_ERROR`` if its user data does.
+
 One thread serves one client at a time, as QEMU's chardev does. Commands
 before ``ready_at`` (the end of the fake boot) are held, as a real guest's
 port holds them until its agent starts.
@@ -53,8 +58,9 @@ class FakeAgent:
     """One fake guest's agent listening on ``path`` (see the module docstring)."""
 
     def __init__(self, path: Path, ready_at: float, on_shutdown: Callable[[], None] = lambda: None,
-                 name: str = "") -> None:
+                 name: str = "", seed: Path | None = None) -> None:
         self.path = Path(path)
+        self.seed = seed
         self.ready_at = ready_at
         self.on_shutdown = on_shutdown
         self._stop = threading.Event()
@@ -200,7 +206,9 @@ class FakeAgent:
         output = f"fake: {first or ' '.join(args[2:] if args[:1] == ['-c'] else args)}\n"
         now = time.monotonic()
         ends, status = now, 0
-        if "FAKE_HANG" in marked:
+        if args[2:3] == ["vmshop-cloud-init"]:
+            output, status = self._cloud_init()
+        elif "FAKE_HANG" in marked:
             ends, status = now + _timeout_of(args), 137
             output += "fake: killed after its timeout\n"
         elif "FAKE_FAIL" in marked:
@@ -212,6 +220,18 @@ class FakeAgent:
         pid = self._new_id()
         self._processes[pid] = _Process(now, ends, status, output.encode(), garbled="FAKE_AGENT_ERROR" in marked)
         return pid
+
+
+    def _cloud_init(self) -> tuple[str, int]:
+        """What the plant's cloud-init wait prints in this fake guest, and its status."""
+        if self.seed is None:
+            return "no /run/cloud-init/result.json yet\n", 124
+        from ..seed import read_seed
+
+        user_data = read_seed(self.seed).get("user-data", b"").decode(errors="replace")
+        errors = ["FAKE_CLOUD_INIT_ERROR in the user data"] if "FAKE_CLOUD_INIT_ERROR" in user_data else []
+        return json.dumps({"v1": {"datasource": "DataSourceNoCloud [seed=/dev/vdb][dsmode=net]",
+                                  "errors": errors}}), 0
 
 
 class _Refused(Exception):

@@ -29,7 +29,8 @@ plant's 0700 directories, and nothing shared is handed to it:
 
 - the overlay (read-write) and the layers below it (the cached image,
   read-only) are opened by the backend and passed as descriptors
-  (``virDomainFDAssociate``); libvirt chowns neither;
+  (``virDomainFDAssociate``); libvirt chowns neither; nor the cloud-init
+  seed (a ``<readonly/>`` second disk, opened read-only, 0600 root's);
 - the kernel and initramfs are read by QEMU itself, as that user (so they
   must be readable by it: :meth:`_check` says which directory is not);
   libvirt does not chown them;
@@ -111,6 +112,7 @@ Options (strings, from the plant's configuration):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -125,7 +127,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -146,6 +148,7 @@ from .domainxml import (
     DISK_FD_GROUP,
     ESX_NIC_MODELS,
     FLAVORS,
+    SEED_FD_GROUP,
     VMSHOP_NS,
     XEN_MODES,
     DiskLayer,
@@ -266,14 +269,16 @@ def _words(exc: BaseException) -> str:
     return str(message or exc).strip()
 
 
-def _socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2.0)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
+def _connect_unix(path: Path) -> socket.socket | None:
+    """A connection to the daemon listening on ``path``, or None if none answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2.0)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def backing_chain(disk: Path) -> tuple[DiskLayer, ...]:
@@ -546,26 +551,32 @@ class LibvirtBackend(Backend):
                                        f"{tail(DAEMON_LOG, 800) or 'no log'}")
                 time.sleep(0.1)
 
-    def _ensure_virtlogd(self) -> None:
-        """With daemon=spawn, make sure virtlogd runs before a domain starts.
+    @contextlib.contextmanager
+    def _virtlogd_held(self) -> Iterator[None]:
+        """With daemon=spawn, make sure virtlogd runs, and keeps running, while a domain starts.
 
         libvirtd needs it to start a domain but, unlike the session daemon,
         does not start it; an idle virtlogd exits after its timeout while
-        libvirtd (held by a connected plant) lives on. Connecting to it also
-        restarts its idle timer, so it is there when libvirtd asks.
+        libvirtd (held by a connected plant) lives on. A connection of ours
+        stays open until the start is over: a daemon with a client is not
+        idle, so a define and start slower than its timeout (a loaded host)
+        still find it there.
         """
         if self.daemon != "spawn":
+            yield
             return
         with open(SPAWN_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if _socket_answers(VIRTLOGD_SOCKET):
-                return
-            self._run_daemon("virtlogd")
-            deadline = time.monotonic() + self.start_timeout
-            while not _socket_answers(VIRTLOGD_SOCKET):
-                if time.monotonic() > deadline:
-                    raise BackendError(f"virtlogd did not start within {self.start_timeout:g} s")
-                time.sleep(0.05)
+            held = _connect_unix(VIRTLOGD_SOCKET)
+            if held is None:
+                self._run_daemon("virtlogd")
+                deadline = time.monotonic() + self.start_timeout
+                while (held := _connect_unix(VIRTLOGD_SOCKET)) is None:
+                    if time.monotonic() > deadline:
+                        raise BackendError(f"virtlogd did not start within {self.start_timeout:g} s")
+                    time.sleep(0.05)
+        with held:
+            yield
 
     def _run_daemon(self, name: str) -> None:
         binary = shutil.which(name) or next(
@@ -724,7 +735,9 @@ class LibvirtBackend(Backend):
                 domain_type="kvm", dac_label=self._label(), pass_fds=False)))
             conn = self._connection()
             try:
-                domain = conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_PAUSED)
+                with self._virtlogd_held():
+                    domain = conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY
+                                            | libvirt.VIR_DOMAIN_START_PAUSED)
             except LibvirtError as exc:
                 log.info("KVM probe could not start: %s", _words(exc))
                 return False
@@ -789,9 +802,9 @@ class LibvirtBackend(Backend):
             Path(spec.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(spec.run_dir, 0o700)
             self._remove_console_files(spec)
-            self._ensure_virtlogd()
-            domain = self._call(f"define {domain_name(spec.vm_id)}", lambda c: c.defineXML(xml))
-            self._create(domain, spec, options, chain)
+            with self._virtlogd_held():
+                domain = self._call(f"define {domain_name(spec.vm_id)}", lambda c: c.defineXML(xml))
+                self._create(domain, spec, options, chain)
             if not domain_still_active(domain):
                 raise BackendError(f"domain {domain_name(spec.vm_id)} stopped right after it started: "
                                    f"{console_tail(console_path(spec), 600)}")
@@ -817,6 +830,8 @@ class LibvirtBackend(Backend):
                 # The disk chain as descriptors the plant opened (see the module docstring): libvirt chowns nothing.
                 files = [(DISK_FD_GROUP, str(spec.disk), os.O_RDWR)]
                 files += [(base_fd_group(depth), layer.path, os.O_RDONLY) for depth, layer in enumerate(chain)]
+                if spec.seed is not None:
+                    files.append((SEED_FD_GROUP, str(spec.seed), os.O_RDONLY))
                 for group, path, mode in files:
                     opened.append(os.open(path, mode | os.O_CLOEXEC))
                     fd = opened[-1]
@@ -888,6 +903,7 @@ class LibvirtBackend(Backend):
             need_file(spec.disk, "disk")
             need_file(spec.kernel, "kernel")
             need_file(spec.initrd, "initrd")
+            need_file(spec.seed, "seed")
             if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
                 raise BackendError(f"VM {spec.vm_id}: the data directory {spec.data_dir} does not exist")
             label = self._label() if self.flavor in ("qemu", "kvm") else None

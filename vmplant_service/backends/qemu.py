@@ -23,7 +23,8 @@ may not fork or exec, and can open nothing in the plant's 0700 directories
 already-open files. ``run_dir`` is 0700 and
 belongs to the plant's user; every file in it is 0600.
 
-The guest boots its kernel directly; its disk is the plant's overlay
+The guest boots its kernel directly (or, without one, through its disk's
+own boot loader, SeaBIOS first); its disk is the plant's overlay
 (``cache=unsafe``: the overlay is a throw-away clone that never outlives
 the host, so the guest's flushes need not reach the host's disk). There is
 no shared writable directory: application data is an optional 9p share
@@ -35,7 +36,9 @@ so the data store must be readable by that user. NICs: 'user' is QEMU's
 user-mode network with ``restrict=on`` (the guest reaches no address
 outside QEMU, not even the host) and one forward from 127.0.0.1 to the
 guest's port 80; 'segment' plugs into a VDE switch (the plant gives each
-owner a switch of their own).
+owner a switch of their own). A cloud-init seed (``spec.seed``) is a second
+virtio disk, ``readonly=on``; QEMU opens it as root before it drops to the
+``runas`` user, so it stays the plant's (0600).
 
 Options (strings, from the plant's configuration):
 
@@ -199,6 +202,9 @@ def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str
         if spec.cmdline:
             command += ["-append", spec.cmdline]
     command += ["-drive", f"file={Path(spec.disk).absolute()},if=virtio,format=qcow2,cache={disk_cache}"]
+    if spec.seed is not None:
+        # The cloud-init seed: a second virtio disk, read-only (QEMU opens it read-only, as root, before -runas).
+        command += ["-drive", f"file={Path(spec.seed).absolute()},if=virtio,format=raw,readonly=on"]
     command += ["-chardev", f"socket,id=qga0,path={paths.agent},server=on,wait=off",
                 "-device", "virtio-serial-pci,id=vser0",
                 "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
@@ -501,11 +507,12 @@ class QemuBackend(Backend):
         need_file(spec.disk, "disk")
         need_file(spec.kernel, "kernel")
         need_file(spec.initrd, "initrd")
+        need_file(spec.seed, "seed")
         if spec.initrd is not None and spec.kernel is None:
             raise BackendError(f"VM {spec.vm_id}: an initrd needs a kernel")
         if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
             raise BackendError(f"VM {spec.vm_id}: the data directory {spec.data_dir} does not exist")
-        paths = [spec.disk, spec.run_dir, spec.kernel, spec.initrd, spec.data_dir]
+        paths = [spec.disk, spec.run_dir, spec.kernel, spec.initrd, spec.data_dir, spec.seed]
         paths += [Path(nic.switch) for nic in spec.nics if nic.switch]
         if any("," in str(path) for path in paths if path is not None):
             raise BackendError(f"VM {spec.vm_id}: QEMU option values cannot hold ',' (a path has one)")

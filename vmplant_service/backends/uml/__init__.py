@@ -5,7 +5,12 @@ is no machine to emulate, no KVM/TCG, and guest code runs natively (its
 system calls are caught through ptrace). The guest is the same ``tiny``
 image as everywhere (its ext4 root file system, its init and qemu-ga);
 only the kernel is UML's own binary, so the image's ``vmlinux`` and
-initramfs are not used: UML has ext4, ubd and hostfs built in.
+initramfs are not used: UML has ext4, ubd and hostfs built in. UML cannot
+boot a stock x86 kernel, so it serves only images whose root file system
+boots under any kernel (``<guest kernel="any">``, as tiny's does); a stock
+system such as the Debian 12 cloud image is declined at bid time
+(``capabilities().kernel_limit``), and no cloud-init seed disk is attached
+(``seed_disk`` False).
 
 One module per job:
 

@@ -47,6 +47,9 @@ CONFINEMENTS = ("namespace", "none")
 FPU_CHOICES = ("auto", "yes", "no")
 #: UML is built uniprocessor (CONFIG_NR_CPUS=1).
 MAX_VCPUS = 1
+#: Why UML serves only images whose root file system boots under any kernel (``<guest kernel="any">``).
+KERNEL_LIMIT = ("User-Mode Linux cannot boot it: the uml backend runs UML's own kernel (linux.uml) as a host process, "
+                "never an image's x86 kernel or boot loader, and has no virtio devices for a stock system's agent")
 #: The smallest guest worth booting (the tiny image needs ~40 MiB).
 MIN_MEMORY = 32
 MAX_SOCKET_PATH = 107
@@ -136,7 +139,8 @@ class UmlBackend(Backend):
             name=self.name, available=binary is not None,
             reason="" if binary is not None else f"{self.binary} is not installed (Debian package user-mode-linux)",
             accelerator="ptrace", architectures=ARCHITECTURES, networks=networks, channel="serial",
-            max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=MAX_VCPUS)
+            max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=MAX_VCPUS,
+            kernel_limit=KERNEL_LIMIT, seed_disk=False)
 
     # The contract ----------------------------------------------------------------------
     def start(self, spec: GuestSpec) -> None:
@@ -227,6 +231,7 @@ class UmlBackend(Backend):
         need(spec.vcpus == MAX_VCPUS, f"UML guests have exactly {MAX_VCPUS} vCPU, not {spec.vcpus}")
         need(spec.memory >= MIN_MEMORY, f"UML guests need at least {MIN_MEMORY} MiB, not {spec.memory}")
         need(Path(spec.disk).is_file(), f"the disk {spec.disk} is not a file")
+        need(spec.seed is None, "the uml backend attaches no cloud-init seed disk (capabilities: seed_disk False)")
         need(spec.data_dir is None or Path(spec.data_dir).is_dir(),
              f"the data directory {spec.data_dir} does not exist")
         paths = [spec.disk, spec.run_dir, spec.data_dir]
