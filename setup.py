@@ -21,6 +21,8 @@ setup(
         "pyOpenSSL==26.4.0",
         "service-identity==26.1.0",
         "cryptography==50.0.2",
+        # The registry on PostgreSQL (several shops sharing it); the binary build carries its own libpq.
+        "psycopg[binary]==3.3.9",
     ],
     extras_require={
         "test": [

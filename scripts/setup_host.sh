@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
+# postgresql: the tests' private PostgreSQL clusters (initdb, pg_ctl; the shared registry of issue 13).
 APT_PACKAGES=(qemu-system-x86 qemu-utils vde2 busybox-static e2fsprogs cpio xz-utils iproute2
-              user-mode-linux libvdeplug-slirp)
+              user-mode-linux libvdeplug-slirp postgresql)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -344,7 +344,8 @@ def _check_term(index: int, term: Term) -> None:
         raise QueryInvalidError(f"{_describe(index, term)}: the value is not valid text")
 
 
-def compile_query(query: Query, is_user_attribute: Callable[[str], bool]) -> tuple[str, list[object]]:
+def compile_query(query: Query, is_user_attribute: Callable[[str], bool],
+                  column: Callable[[str], str] | None = None) -> tuple[str, list[object]]:
     """Translate ``query`` into a SQL condition on table ``vms`` and its bound parameters.
 
     ``is_user_attribute(name)`` tells whether a user attribute of that name was
@@ -352,6 +353,9 @@ def compile_query(query: Query, is_user_attribute: Callable[[str], bool]) -> tup
     ``vm_attributes(vm_id, name, value, num)`` for user attributes; the
     empty query gives ``"1"``. Values only ever appear as parameters; column
     names only from :data:`BUILTIN_ATTRIBUTES`.
+
+    ``column(name)`` writes a numeric built-in column (default ``vms.<name>``; PostgreSQL casts its
+    integer columns to doubles, as their indexes are).
 
     Raises :class:`QueryInvalidError` for an unknown attribute, a non-number
     value for a numeric attribute, ``^=`` on a numeric attribute, or too many terms.
@@ -371,7 +375,7 @@ def compile_query(query: Query, is_user_attribute: Callable[[str], bool]) -> tup
             if number is None:
                 kind = "a number or an ISO 8601 date-time" if name in TIME_ATTRIBUTES else "a number"
                 raise QueryInvalidError(f"{_describe(index, term)}: '{name}' is numeric; the value must be {kind}")
-            clauses.append(f"vms.{name} {_SQL_OP[op]} ?")
+            clauses.append(f"{column(name) if column else f'vms.{name}'} {_SQL_OP[op]} ?")
             params.append(number)
         elif name in STRING_ATTRIBUTES:
             if op == "^=":
