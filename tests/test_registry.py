@@ -86,6 +86,18 @@ def test_duplicate_id_is_refused_and_bulk_is_atomic(reg: Registry) -> None:
         reg.get("vm-2")
 
 
+def test_a_large_bulk_add_is_all_or_nothing(reg: Registry) -> None:
+    """Hundreds at once (PostgreSQL streams them with COPY): a taken id refuses them all."""
+    reg.add(_entry("vm-0007"))
+    with pytest.raises(ValueError):
+        reg.bulk_add([_entry(f"vm-{i:04d}", attributes={"n": str(i)}) for i in range(200)])
+    assert reg.count() == 1 and reg.attribute_names() == set(BUILTIN_ATTRIBUTES)
+    reg.bulk_add([_entry(f"x-{i:04d}", memory=i, steps=["a", "b"], attributes={"n": str(i), "t": "x y"})
+                  for i in range(200)])
+    assert _ids(reg.query("n<3")) == ["x-0000", "x-0001", "x-0002"]
+    assert reg.get("x-0150") == _entry("x-0150", memory=150, steps=["a", "b"], attributes={"n": "150", "t": "x y"})
+
+
 @pytest.mark.parametrize("name", ["", "has space", "-lead", "a=b", "é"])
 def test_bad_attribute_names_are_refused(reg: Registry, name: str) -> None:
     with pytest.raises(ValueError):
@@ -591,6 +603,39 @@ def test_selective_queries_use_indexes(big: tuple[Registry, list[VMEntry]], text
     plan = _plan(registry, text)
     assert not [line for line in plan if _SCAN.match(line)], plan
     assert any(index in line for line in plan), plan
+
+
+@pytest.fixture(scope="module")
+def big_pg(pg_cluster: object, pg_database: str) -> Iterator[PostgresRegistry]:
+    conninfo = pg_cluster.new_schema(pg_database)  # type: ignore[attr-defined]
+    registry = PostgresRegistry(conninfo)
+    registry.bulk_add(_scale_entries())
+    yield registry
+    registry.close()
+    pg_cluster.drop_schema(conninfo)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("text", "index"),
+    [
+        ("project=proj7", "vm_attributes_name_value"),
+        ("tier=gold owner=user0", "vm_attributes_name_value"),
+        ("seq<10", "vm_attributes_name_num"),
+        ("project^=proj99", "vm_attributes_name_value"),
+        ("owner=user3", "vms_owner"),
+        ("address=10.0.1.1", "vms_address"),
+        ("termination<=100010", "vms_"),
+        ("memory<200", "vms_memory"),
+        ("vm_id=vm00042", "vms_pkey"),
+    ],
+)
+def test_selective_queries_use_indexes_on_postgresql(big_pg: PostgresRegistry, text: str, index: str) -> None:
+    sql, params = big_pg.query_sql(text)
+    plan = big_pg.explain(sql, params)
+    assert not [line for line in plan if "Seq Scan on vms" in line], plan
+    assert any(index in line for line in plan), plan
+    expected = [e.vm_id for e in _scale_entries() if _reference_match(e, _parse(text))]
+    assert _ids(big_pg.query(text)) == expected
 
 
 def test_due_terminations_uses_its_index(big: tuple[Registry, list[VMEntry]]) -> None:
