@@ -11,6 +11,9 @@ Rows (names for ``--only``; numbers work too):
 7. ``backends``    the qemu, libvirt and uml backends side by side
 8. ``tls``         create through the shop with mutual TLS vs without; estimate throughput with TLS vs without,
                    against the same echo
+10. ``registry``   a selective query over 100,000 and 1,000,000 VMs at the server, on SQLite and on PostgreSQL
+11. ``shops``      2 and 4 shops on one PostgreSQL registry under a mixed create/query/collect load
+                   (bench/rows_registry.py)
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.
@@ -38,7 +41,10 @@ from pathlib import Path
 
 import common
 from common import Context, Row, log
-from rows import ROWS
+from rows import ROWS as BASE_ROWS
+from rows_registry import ROWS as REGISTRY_ROWS
+
+ROWS = {**BASE_ROWS, **REGISTRY_ROWS}
 
 BENCH = Path(__file__).resolve().parent
 
