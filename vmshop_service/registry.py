@@ -649,6 +649,8 @@ class Registry:
 
 #: Seconds to wait for a connection to PostgreSQL before the call fails with RegistryUnavailableError.
 CONNECT_TIMEOUT = 5
+#: Seconds one statement may run on PostgreSQL (below the shop's work deadline of 60 s).
+STATEMENT_TIMEOUT = 30.0
 #: Connections kept open for reuse (more may be open at once, one per call in progress).
 POOL_SIZE = 16
 
@@ -722,13 +724,21 @@ class PostgresRegistry(Registry):
     # Plumbing -----------------------------------------------------------------------------------------
 
     def _connect(self) -> Any:
+        # A server that vanishes without closing the connection (a host gone) must not hold a thread for
+        # minutes: TCP keepalives and a user timeout end the call, and no statement runs past its timeout.
         kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": self._connect_timeout,
-                                  "application_name": "vmshop"}
+                                  "application_name": "vmshop", "keepalives": 1, "keepalives_idle": 10,
+                                  "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000}
         if self._password is not None:
             kwargs["password"] = self._password
+        conn = None
         try:
-            return self._psycopg.connect(self.conninfo, **kwargs)
+            conn = self._psycopg.connect(self.conninfo, **kwargs)
+            conn.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT * 1000)}")
+            return conn
         except self._psycopg.Error as exc:
+            if conn is not None:
+                _close_quietly(conn)
             raise RegistryUnavailableError(f"the registry ({self.describe()}) cannot be reached: "
                                            f"{_first_line(exc)}") from None
 

@@ -353,7 +353,7 @@ class Shop:
     def _collect_entry(self, entry: VMEntry) -> Any:
         if entry.collected is not None or entry.state in ("collected", "failed"):
             return self.vm_out(entry)
-        if entry.state in CREATING_STATES or entry.vm_id in self._creating:
+        if entry.state in CREATING_STATES:  # (an entry its create already made running is collected as any)
             result = yield self._collect_create(entry)
             return result
         handle = self._plant_of(entry)
