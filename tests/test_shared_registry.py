@@ -244,3 +244,32 @@ def test_postgresql_restarted_mid_load(tmp_path: Path, warehouse_dir: Path) -> N
             finish(pair, started)
     finally:
         cluster.cleanup()
+
+
+def test_a_collect_through_one_shop_ends_a_create_running_in_the_other(tmp_path: Path, warehouse_dir: Path,
+                                                                       database: str) -> None:
+    """West collects a VM east is still creating: east's create goes no further (no next bidder, no running),
+    the plant cancels its copy, and the entry stays collected."""
+    pair, started = start_pair(tmp_path, warehouse_dir, database, dead_after=30)
+    try:
+        slow = three_steps(network=False).replace("FAKE_SLEEP=0.3", "FAKE_SLEEP=2")
+        answers: list[Any] = []
+        thread = threading.Thread(target=lambda: answers.extend(
+            create_many(pair.east_world.service, pair.east, 1, slow, vm_key="cut")))
+        thread.start()
+        wait_for(lambda: pair.west_world.registry().get("cut") is not None
+                 and pair.west_world.registry()["cut"].state == "creating", 60, "the create on a plant")
+        entry = pair.west_world.registry()["cut"]
+        collected = pair.west_world.service(pair.west).collectVM(vm=entry.epr)
+        assert collected.state == "collected"
+        thread.join(120)
+        (answer,) = answers
+        assert isinstance(answer, zeep.exceptions.Fault), answer
+        assert "collected while it was being created" in str(answer.message), answer.message
+        settled(pair.west_world)
+        assert pair.east_world.registry()["cut"].state == "collected"
+        for plant in pair.plants:
+            assert "cut" not in pair.west_world.held(plant)
+        collect_all(pair.west_world)
+    finally:
+        finish(pair, started)
