@@ -364,6 +364,30 @@ def test_a_lease_is_claimed_by_one_shop_at_a_time(opener: Callable[[], Registry]
         second.close()
 
 
+def test_shops_starting_at_once_on_an_empty_database(pg_conninfo: str) -> None:
+    """Several registries opened at once on an empty PostgreSQL schema: one creates it, none fails."""
+    opened: list[Registry] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            opened.append(PostgresRegistry(pg_conninfo))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == [] and len(opened) == 4
+        assert {registry.schema_version() for registry in opened} == {registry_module.SCHEMA_VERSION}
+    finally:
+        for registry in opened:
+            registry.close()
+
+
 def test_a_shop_name_is_held_by_one_live_shop(pg_conninfo: str) -> None:
     first, second = PostgresRegistry(pg_conninfo), PostgresRegistry(pg_conninfo)
     try:
