@@ -98,6 +98,22 @@ def test_a_large_bulk_add_is_all_or_nothing(reg: Registry) -> None:
     assert reg.get("x-0150") == _entry("x-0150", memory=150, steps=["a", "b"], attributes={"n": "150", "t": "x y"})
 
 
+def test_long_attribute_values(reg: Registry) -> None:
+    """Values up to the DAG's 1,024 characters of 4 bytes each are stored and compared whole (PostgreSQL
+    indexes only their first 200 characters: values alike that far are still told apart)."""
+    emoji = "".join(chr(0x1F300 + i % 700) for i in range(1024))
+    same = "x" * 200
+    values = {"e": emoji, "a": same + "a", "b": same + "b", "ab": same + "ab", "short": "x", "long": same + "c" * 824}
+    reg.bulk_add([_entry(key, created=float(i), attributes={"v": value}) for i, (key, value) in
+                  enumerate(values.items())])
+    for op in ("=", "!=", "<", "<=", ">", ">=", "^="):
+        for probe in (emoji, emoji[:300], same, same + "a", same + "ab", same + "b", same + "c" * 10, "x", "y"):
+            query = (Term("v", op, probe),)
+            expected = [key for key, value in values.items() if _reference_match(
+                _entry(key, attributes={"v": value}), query)]
+            assert _ids(reg.query(query)) == expected, (op, probe[:5], len(probe))
+
+
 @pytest.mark.parametrize("name", ["", "has space", "-lead", "a=b", "é"])
 def test_bad_attribute_names_are_refused(reg: Registry, name: str) -> None:
     with pytest.raises(ValueError):

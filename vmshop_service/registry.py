@@ -170,6 +170,9 @@ CREATE TABLE shops (name TEXT PRIMARY KEY NOT NULL, identity TEXT NOT NULL, inst
 # PostgreSQL: text compares in code point order ("C" collation, as SQLite does), whatever the database's
 # locale; integers are 64-bit; numbers are doubles.
 _C = 'COLLATE "C"'
+#: PostgreSQL indexes the first 200 characters of an attribute value (at most 800 bytes: a B-tree entry may
+#: hold about 2,700, and a value may be 1,024 characters of up to 4 bytes each).
+_PG_VALUE_PREFIX = 200
 _PG_SCHEMA_1 = f"""
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE vms (
@@ -201,7 +204,7 @@ CREATE TABLE vm_attributes (
     num   DOUBLE PRECISION,
     PRIMARY KEY (vm_id, name)
 );
-CREATE INDEX vm_attributes_name_value ON vm_attributes(name, value);
+CREATE INDEX vm_attributes_name_value ON vm_attributes(name, left(value, {_PG_VALUE_PREFIX}));
 CREATE INDEX vm_attributes_name_num ON vm_attributes(name, num);
 CREATE TABLE attribute_names (name TEXT {_C} PRIMARY KEY NOT NULL);
 CREATE INDEX vms_due ON vms(termination) WHERE collected IS NULL
@@ -242,6 +245,8 @@ class Registry:
     _SKIP_LOCKED = ""
     #: Migrations from each older version (the statements that reach the next one).
     _MIGRATIONS: dict[int, list[str]] = {1: _statements(_MIGRATION_2)}
+    #: How many leading characters of attribute values the index holds (None: all of them).
+    _VALUE_PREFIX: int | None = None
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -592,7 +597,8 @@ class Registry:
             def is_user_attribute(name: str) -> bool:
                 return conn.execute("SELECT 1 FROM attribute_names WHERE name = ?", (name,)).fetchone() is not None
 
-            where, params = compile_query(query, is_user_attribute, column=self._column_sql)
+            where, params = compile_query(query, is_user_attribute, column=self._column_sql,
+                                          value_prefix=self._VALUE_PREFIX)
         sql = f"{_SELECT} WHERE {where} " if query else f"{_SELECT} "
         sql += "ORDER BY +vms.created, vms.vm_id"
         if limit is not None:
@@ -694,6 +700,7 @@ class PostgresRegistry(Registry):
     """
 
     _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    _VALUE_PREFIX = _PG_VALUE_PREFIX
     _MIGRATIONS: dict[int, list[str]] = {1: _statements(_PG_MIGRATION_2)}
     #: Fewer new VMs than this leave the statistics to autovacuum's ANALYZE.
     BULK = 1000
