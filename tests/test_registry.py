@@ -380,6 +380,16 @@ def test_a_lease_is_claimed_by_one_shop_at_a_time(opener: Callable[[], Registry]
         second.close()
 
 
+def test_text_postgresql_cannot_hold_is_a_value_error(pg_conninfo: str) -> None:
+    with PostgresRegistry(pg_conninfo) as registry:
+        with pytest.raises(ValueError):
+            registry.add(_entry("vm-1", owner="a\x00b"))
+        with pytest.raises(ValueError):
+            registry.add(_entry("vm-2", attributes={"a": "x\x00"}))
+        assert registry.count() == 0
+        registry.add(_entry("vm-3"))  # the connection is still good
+
+
 def test_shops_starting_at_once_on_an_empty_database(pg_conninfo: str) -> None:
     """Several registries opened at once on an empty PostgreSQL schema: one creates it, none fails."""
     opened: list[Registry] = []

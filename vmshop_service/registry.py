@@ -793,13 +793,18 @@ class PostgresRegistry(Registry):
                     yield _PgConnection(conn)
             else:
                 yield _PgConnection(conn)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            _close_quietly(conn)
-            raise RegistryUnavailableError(f"the registry ({self.describe()}) failed during the call: "
-                                           f"{_first_line(exc)}") from None
-        except (psycopg.IntegrityError, psycopg.DataError) as exc:
+        except psycopg.Error as exc:
+            state = (exc.sqlstate or "")[:2]
+            if conn.broken or conn.closed or state in _TRANSIENT or (
+                    not state and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))):
+                _close_quietly(conn)
+                raise RegistryUnavailableError(f"the registry ({self.describe()}) failed during the call: "
+                                               f"{_first_line(exc)}") from None
             self._release(conn)
-            raise ValueError(_first_line(exc)) from None
+            if state in ("22", "23", "54") or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+                # data the database refuses: a value (a NUL character), a constraint, a size limit
+                raise ValueError(_first_line(exc)) from None
+            raise
         except BaseException:
             self._release(conn)
             raise
@@ -904,6 +909,10 @@ class PostgresRegistry(Registry):
             _close_quietly(conn)
 
 
+#: SQLSTATE classes of a database that cannot serve now (connection, resources, operator intervention or a
+#: statement cancelled by its timeout, a transaction rolled back by the server, system errors): the call is
+#: answered Server.RegistryUnavailable and may be tried again.
+_TRANSIENT = ("08", "40", "53", "57", "58")
 _SCHEMA_LOCK = 0x564D5348  # 'VMSH': the advisory lock that serializes schema creation and migration
 _NAME_LOCK = 0x564D534E  # 'VMSN': advisory locks (this, hash of the name) hold shop names
 
