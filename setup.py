@@ -63,6 +63,8 @@ setup(
         "prometheus-client==0.26.0",
         # cloud-init NoCloud seeds (ISO 9660 images) written in the plant's process (vmplant_service/seed.py).
         "pycdlib==1.22.0",
+        # The registry on PostgreSQL (several shops sharing it); the binary build carries its own libpq.
+        "psycopg[binary]==3.3.9",
     ],
     extras_require={
         "test": [

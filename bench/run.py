@@ -14,6 +14,9 @@ Rows (names for ``--only``; numbers work too):
 9. ``memory``      shop and plant RSS under 10 minutes of large and hostile requests
 10. ``registry``   the registry's work in one create on a registry of 100,000 VMs: ANALYZE on every add vs not
 11. ``images``     tiny and debian12 side by side: boot to agent ready, create, size on disk; debian12 through GRUB
+12. ``queries``    a selective query over 100,000 and 1,000,000 VMs at the server, on SQLite and on PostgreSQL
+13. ``shops``      2 and 4 shops on one PostgreSQL registry under a mixed create/query/collect load
+                   (bench/rows_registry.py)
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.
@@ -41,7 +44,10 @@ from pathlib import Path
 
 import common
 from common import Context, Row, log
-from rows import ROWS
+from rows import ROWS as BASE_ROWS
+from rows_registry import ROWS as REGISTRY_ROWS
+
+ROWS = {**BASE_ROWS, **REGISTRY_ROWS}
 
 BENCH = Path(__file__).resolve().parent
 

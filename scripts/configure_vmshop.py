@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public-url", help="the URL its WSDL and VM references name (default https://HOST:PORT/; "
                                              "http:// when --insecure)")
     parser.add_argument("--database", help="the VM registry, SQLite (default ./var/vmshop/registry.sqlite3)")
+    parser.add_argument("--postgresql", metavar="CONNINFO",
+                        help="keep the VM registry in PostgreSQL instead (a libpq connection string without a "
+                             "password, e.g. 'host=db dbname=vmshop user=vmshop'); several shops may share it")
+    parser.add_argument("--database-password-file", metavar="FILE",
+                        help="the PostgreSQL password, alone in this file (mode 0600)")
+    parser.add_argument("--dead-after", type=float, default=60.0,
+                        help="seconds without a heartbeat after which the shops sharing a PostgreSQL registry "
+                             "resolve a silent shop's unfinished creates (default 60)")
     parser.add_argument("--plants-file", help=f"the plant list (default {PLANTS_FILE})")
     parser.add_argument("--bid-timeout", type=float, help="seconds a plant has to bid (default 10)")
     parser.add_argument("--poll-interval", type=float, help="seconds between state refreshes (default 5)")
@@ -109,10 +117,17 @@ def main(argv: list[str] | None = None) -> int:
                                        here, name, "shop")
         default_url = f"{security.scheme}://{host}:{port}/" if port else ""
         public_url = value(args.public_url, "public URL", default_url)
-        database = Path(value(args.database, "registry database", str(Path("var/vmshop/registry.sqlite3"))))
+        if args.postgresql and args.database:
+            raise ValueError("--database (SQLite) and --postgresql exclude each other")
+        database = None if args.postgresql else Path(value(args.database, "registry database",
+                                                             str(Path("var/vmshop/registry.sqlite3"))))
         plants_file = Path(value(args.plants_file, "plant list file", str(PLANTS_FILE)))
         config = ShopConfig(name=name, listen_host=host, listen_port=port, public_url=public_url,
-                            database=database.absolute(), plants_file=plants_file.absolute(),
+                            database=database.absolute() if database else None,
+                            plants_file=plants_file.absolute(), postgresql=args.postgresql or "",
+                            database_password_file=(Path(args.database_password_file).absolute()
+                                                    if args.database_password_file else None),
+                            dead_after=args.dead_after,
                             bid_timeout=float(value(args.bid_timeout, "bid timeout (s)", "10")),
                             poll_interval=float(value(args.poll_interval, "state refresh interval (s)", "5")),
                             security=security, quotas=parse_quotas(args.default_quota, args.quota),
@@ -121,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                             metrics=args.metrics, metrics_refresh=args.metrics_refresh)
         if config.wsse_users is not None:
             read_users(config.wsse_users)
-        config.database.parent.mkdir(parents=True, exist_ok=True)
+        if config.database is not None:
+            config.database.parent.mkdir(parents=True, exist_ok=True)
         if not config.plants_file.exists():
             config.plants_file.parent.mkdir(parents=True, exist_ok=True)
             config.plants_file.write_text("# VMPlant servers this shop uses: one host:port per line\n127.0.0.1:8090\n")

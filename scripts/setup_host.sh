@@ -10,8 +10,9 @@ ROOT=$PWD
 # systemd: only for systemd-analyze, which checks contrib/systemd's units (tests/test_systemd_units.py). Installing
 # it where systemd is not PID 1 starts nothing: its maintainer scripts call systemctl only when
 # /run/systemd/system exists, and otherwise add a few system users and enable-symlinks.
+# postgresql: the tests' private PostgreSQL clusters (initdb, pg_ctl; the shared registry of issue 13).
 APT_PACKAGES=(qemu-system-x86 qemu-utils vde2 busybox-static e2fsprogs cpio xz-utils iproute2
-              user-mode-linux libvdeplug-slirp systemd debootstrap fdisk)
+              user-mode-linux libvdeplug-slirp systemd debootstrap fdisk postgresql)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -208,3 +209,30 @@ def guest_specs(guest_tmp: Path, tiny_image: TinyImage) -> SpecFactory:
 def fake_specs(guest_tmp: Path) -> SpecFactory:
     """Specs for backends that boot nothing (no image needed)."""
     return SpecFactory(guest_tmp / "fakes", None)
+
+
+# PostgreSQL --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A private PostgreSQL server for the session (tests/pgcluster.py), stopped and removed at its end."""
+    from pgcluster import PgCluster
+
+    cluster = PgCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_database(pg_cluster: Any) -> str:
+    """A database of the session's cluster that tests share, each in a schema of its own."""
+    return str(pg_cluster.new_database("contract"))
+
+
+@pytest.fixture
+def pg_conninfo(pg_cluster: Any, pg_database: str) -> Iterator[str]:
+    """A connection string to a fresh empty schema (dropped after the test)."""
+    conninfo = pg_cluster.new_schema(pg_database)
+    yield conninfo
+    pg_cluster.drop_schema(conninfo)

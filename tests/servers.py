@@ -238,12 +238,13 @@ def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, 
                lease_interval: float = 0.2, public_url: str | None = None,
                plant_identities: dict[str, list[str]] | None = None, quotas: list[str] | None = None,
                insecure: bool = False, flags: list[str] | None = None,
-               create_timeout: float | None = None) -> ServerProcess:
+               create_timeout: float | None = None, postgresql: str | None = None) -> ServerProcess:
     """Configure and start a shop whose plant list holds ``plants`` (``host:port`` each).
 
     Its authorisation file maps the test users and admin, and the plant identities of
     ``plant_identities`` (default: ``plant`` for every address in ``plants``). ``quotas``: configure
     flags (``--default-quota ...``, ``--quota ...``); ``flags``: any other configure flags.
+    ``postgresql``: keep the registry in that PostgreSQL database (a connection string) instead of SQLite.
     """
     directory.mkdir(parents=True, exist_ok=True)
     pki = test_pki()
@@ -252,8 +253,9 @@ def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, 
     plants_file = directory / "vmplant_addresses.txt"
     plants_file.write_text("# plants of this test\n" + "".join(f"{plant}\n" for plant in plants))
     config = directory / "configuration_vmshop.xml"
+    database = ["--postgresql", postgresql] if postgresql else ["--database", str(directory / "registry.sqlite3")]
     args = [sys.executable, str(ROOT / "scripts" / "configure_vmshop.py"), "--yes", "--port", "0",
-            "--database", str(directory / "registry.sqlite3"), "--plants-file", str(plants_file),
+            *database, "--plants-file", str(plants_file),
             "--bid-timeout", str(bid_timeout), "--poll-interval", str(poll_interval), "--output", str(config)]
     args += ["--insecure"] if insecure else pki.tls_flags("shop") + ["--authorization", str(mapfile)]
     args += list(quotas or []) + list(flags or [])

@@ -141,6 +141,21 @@ def test_a_round_timer_starts_one_step_later_survives_failures_and_waits_for_a_r
     assert stopped.called
 
 
+def test_a_round_failing_with_a_known_fault_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A round that fails with a project error (a registry unreachable) is a warning, not a traceback."""
+    from vmshop_common.errors import RegistryUnavailableError
+
+    clock = task.Clock()
+    timer = RoundTimer(1.0, lambda: defer.fail(RegistryUnavailableError("the registry cannot be reached")),
+                       name="state poll", shutdown=Shutdown(10, clock), clock=clock)
+    timer.startService()
+    with caplog.at_level("WARNING"):
+        clock.advance(1)
+    assert "state poll failed: the registry cannot be reached" in caplog.text
+    assert "Traceback" not in caplog.text
+    timer.stopService()
+
+
 def test_a_round_still_running_when_the_grace_ends_is_cancelled() -> None:
     clock = task.Clock()
     shutdown = Shutdown(3, clock)

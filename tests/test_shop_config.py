@@ -120,3 +120,30 @@ def test_insecure_is_refused_off_loopback_even_from_the_command_line(tmp_path: P
                                  "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert result.stderr.startswith(f"{name}: [Server.Configuration] insecure (plain HTTP) is refused on 0.0.0.0")
+
+
+def test_a_postgresql_registry_is_configured(tmp_path: Path, pki: TestPki) -> None:
+    path = configure(tmp_path, "--postgresql", "host=db.example dbname=vmshop user=vmshop",
+                     "--database-password-file", "pw", "--dead-after", "20", "--plants-file", "plants.txt",
+                     *pki.tls_flags("shop"), "--authorization", "map")
+    config = load_config(path)
+    assert (config.database, config.postgresql) == (None, "host=db.example dbname=vmshop user=vmshop")
+    assert (config.database_password_file, config.dead_after) == (tmp_path / "pw", 20.0)
+    assert load_config(write_config(config, tmp_path / "again.xml")) == config
+    sqlite = load_config(configure(tmp_path, "--insecure"))
+    assert sqlite.postgresql == "" and sqlite.database is not None and sqlite.dead_after == 60.0
+
+
+@pytest.mark.parametrize(("database", "message"), [
+    ('<database path="r.sqlite3" postgresql="dbname=x"/>', "exactly one"),
+    ("<database/>", "exactly one"),
+    ('<database postgresql="dbname=x password=hunter2hunter2"/>', "carries a password"),
+    ('<database postgresql="dbname=\'x"/>', "not one libpq reads"),
+])
+def test_a_bad_database_element_is_refused(tmp_path: Path, database: str, message: str) -> None:
+    path = tmp_path / "configuration_vmshop.xml"
+    path.write_text('<vmshop xmlns="urn:vmshop:vmshop-config:1" name="s"><listen insecure="true"/>'
+                    f'{database}<plants file="p.txt"/></vmshop>')
+    with pytest.raises(ConfigurationError, match=message) as info:
+        load_config(path)
+    assert "hunter2" not in str(info.value)

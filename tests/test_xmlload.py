@@ -331,6 +331,7 @@ STABLE_CODES = {
     "ShuttingDownError": "Server.ShuttingDown",
     "BusyError": "Server.Busy",
     "DeadlineExceededError": "Server.DeadlineExceeded",
+    "RegistryUnavailableError": "Server.RegistryUnavailable",
     "CapacityExhaustedError": "Server.CapacityExhausted",
     "PoolExhaustedError": "Server.PoolExhausted",
     "ActionFailedError": "Server.ActionFailed",

@@ -239,6 +239,13 @@ class BusyError(VMShopError):
     CODE = "Server.Busy"
 
 
+class RegistryUnavailableError(VMShopError):
+    """The shop's registry database cannot be reached (or the connection was lost during the call): nothing
+    was half-written (a transaction is all or nothing); try again once it is back."""
+
+    CODE = "Server.RegistryUnavailable"
+
+
 class DeadlineExceededError(VMShopError):
     """Work for a request did not end within its stated deadline; the request is answered (the work may still
     end later, its result unused)."""
@@ -296,6 +303,7 @@ ALL_ERRORS: tuple[type[VMShopError], ...] = (
     DeclinedError, AddressNotLeasedError, CredentialsError, AuthenticationFailedError, NotAuthorizedError,
     QuotaExceededError, VersionMismatchError, NotAnEnvelopeError, NoBodyError, ExtraBodyError, HeaderMisplacedError,
     StrayContentError, NoOperationError, ExtraOperationError, ShuttingDownError, BusyError, DeadlineExceededError,
+    RegistryUnavailableError,
     CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError, NoPlantError, PlantGoneError,
     ConfigurationError,
 )

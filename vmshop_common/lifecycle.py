@@ -45,6 +45,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
+from .errors import VMShopError
 from .threads import in_thread
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,8 @@ class RoundTimer(TimerService):
         def failed(failure: Any) -> None:
             if failure.check(defer.CancelledError):
                 log.info("%s: the round in progress was cancelled (the server is stopping)", self.name)
+            elif failure.check(VMShopError):  # a known condition (a database unreachable, ...): no traceback
+                log.warning("%s failed: %s", self.name, failure.getErrorMessage())
             else:
                 log.error("%s failed: %s", self.name, failure.getTraceback())
 

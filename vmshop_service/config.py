@@ -32,7 +32,7 @@ CONFIG_FILE = "configuration_vmshop.xml"
 class ShopConfig:
     """A shop's configuration; paths are absolute. An empty ``public_url`` is derived when listening."""
 
-    database: Path
+    database: Path | None  # the SQLite registry (None: on PostgreSQL)
     plants_file: Path
     name: str = "vmshop"
     listen_host: str = "127.0.0.1"
@@ -50,6 +50,9 @@ class ShopConfig:
     wsse_window: float = 300.0
     metrics: bool = True  # Prometheus metrics at /metrics (admin role; vmshop_common/metrics.py)
     metrics_refresh: float = DEFAULT_REFRESH
+    postgresql: str = ""  # a libpq connection string (no password): the registry is on PostgreSQL
+    database_password_file: Path | None = None  # the PostgreSQL password, alone in a file
+    dead_after: float = 60.0  # seconds without a heartbeat after which a shop sharing the registry counts dead
 
     def plants(self) -> list[str]:
         """The plants' endpoint URLs from the plant list file (ConfigurationError if it is bad): https, or
@@ -103,10 +106,20 @@ def load_config(path: str | Path) -> ShopConfig:
         value = Path(str(get(local, attribute)))
         return value if value.is_absolute() else source.parent / value
 
+    postgresql = str(get("database", "postgresql", "") or "")
+    if bool(postgresql) == (get("database", "path") is not None):
+        raise ConfigurationError(f"{what}: <database> names either an SQLite path or a postgresql connection "
+                                 "string (exactly one)")
+    if postgresql:
+        check_conninfo(postgresql, what)
+
     config = ShopConfig(
         name=root.get("name", "vmshop"), listen_host=str(get("listen", "host", "127.0.0.1")),
         listen_port=int(str(get("listen", "port", "8080"))), public_url=str(get("public", "url", "")),
-        database=path_of("database", "path"), plants_file=path_of("plants", "file"),
+        database=None if postgresql else path_of("database", "path"), plants_file=path_of("plants", "file"),
+        postgresql=postgresql,
+        database_password_file=path_of("database", "password-file") if get("database", "password-file") else None,
+        dead_after=float(str(get("database", "dead-after", "60"))),
         bid_timeout=float(str(get("timeouts", "bid", "10"))),
         create_timeout=float(str(get("timeouts", "create", "900"))),
         call_timeout=float(str(get("timeouts", "call", "60"))),
@@ -126,6 +139,20 @@ def load_config(path: str | Path) -> ShopConfig:
     return config
 
 
+def check_conninfo(conninfo: str, what: str) -> None:
+    """Refuse a PostgreSQL connection string libpq cannot read, or one that carries a password (which belongs
+    in the password file, never in a file that is shown and logged); the message never repeats the string."""
+    import psycopg.conninfo
+
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        raise ConfigurationError(f"{what}: the postgresql connection string is not one libpq reads") from None
+    if "password" in parts:
+        raise ConfigurationError(f"{what}: the postgresql connection string carries a password; put it alone in "
+                                 "the file <database password-file=...> names")
+
+
 def write_config(config: ShopConfig, path: str | Path) -> Path:
     """Write ``config`` to ``path`` (atomically) and return the path."""
     element = etree.Element(CONFIG_ROOT, nsmap={None: CONFIG_NS}, name=config.name)
@@ -137,7 +164,15 @@ def write_config(config: ShopConfig, path: str | Path) -> Path:
     write_security(config.security, element, CONFIG_NS)
     if config.public_url:
         add("public", url=config.public_url)
-    add("database", path=config.database)
+    if config.postgresql:
+        database: dict[str, object] = {"postgresql": config.postgresql}
+        if config.database_password_file is not None:
+            database["password-file"] = config.database_password_file
+        if config.dead_after != 60.0:
+            database["dead-after"] = f"{config.dead_after:g}"
+        add("database", **database)
+    else:
+        add("database", path=config.database)
     add("plants", file=config.plants_file)
     add("timeouts", bid=config.bid_timeout, create=config.create_timeout, call=config.call_timeout)
     add("intervals", poll=config.poll_interval, lease=config.lease_interval)

@@ -52,7 +52,7 @@ from vmshop_common.wsse import UsernameTokens
 from .config import ShopConfig, load_config
 from .metrics import ShopMetrics
 from .plants import PlantDirectory
-from .registry import Registry
+from .registry import open_registry
 from .service import APP_NAME, ShopOperations, VMShopService
 from .shop import Shop
 from .wire import TNS
@@ -141,13 +141,19 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
     tokens = UsernameTokens(config.wsse_users, config.wsse_window) if config.wsse_users is not None else None
     shutdown = Shutdown(config.shutdown_grace, reactor)
     clock = time.time  # one wall clock for the registry's stamps, the shop's leases and the plants' health
-    registry = Registry(config.database, clock)
+    registry = open_registry(config.database, config.postgresql, config.database_password_file, clock)
     registry.analyze()  # planner statistics for the registry as it is now (before the reactor runs)
+    log.info("registry: %s", registry.describe())  # never a password
     pool = ThreadPoolService(THREADS, name="vmshop-pool", deadline=WORK_DEADLINE, grace=shutdown, reactor=reactor)
     plants = PlantDirectory(config.plants_file, config.call_timeout, reactor, clock=clock,
                             tls=security.client_policy)
     plants.load()
     shop = Shop(config, registry, plants, reactor, clock, pool=pool)
+    try:
+        shop.register()  # a second live shop of the same name on a shared registry is refused here
+    except BaseException:
+        registry.close()
+        raise
     public = config.public_url or url(config.security.scheme, host, PORT_PLACEHOLDER)
     site = build_site([VMShopService], TNS, public, name=APP_NAME)
     operations: ShopOperations = shop  # mypy holds Shop to the service's contract

@@ -344,7 +344,9 @@ def _check_term(index: int, term: Term) -> None:
         raise QueryInvalidError(f"{_describe(index, term)}: the value is not valid text")
 
 
-def compile_query(query: Query, is_user_attribute: Callable[[str], bool]) -> tuple[str, list[object]]:
+def compile_query(query: Query, is_user_attribute: Callable[[str], bool],
+                  column: Callable[[str], str] | None = None,
+                  value_prefix: int | None = None) -> tuple[str, list[object]]:
     """Translate ``query`` into a SQL condition on table ``vms`` and its bound parameters.
 
     ``is_user_attribute(name)`` tells whether a user attribute of that name was
@@ -352,6 +354,9 @@ def compile_query(query: Query, is_user_attribute: Callable[[str], bool]) -> tup
     ``vm_attributes(vm_id, name, value, num)`` for user attributes; the
     empty query gives ``"1"``. Values only ever appear as parameters; column
     names only from :data:`BUILTIN_ATTRIBUTES`.
+
+    ``column(name)`` writes a numeric built-in column (default ``vms.<name>``; PostgreSQL casts its
+    integer columns to doubles, as their indexes are). ``value_prefix``: see :func:`_user_term_sql`.
 
     Raises :class:`QueryInvalidError` for an unknown attribute, a non-number
     value for a numeric attribute, ``^=`` on a numeric attribute, or too many terms.
@@ -371,7 +376,7 @@ def compile_query(query: Query, is_user_attribute: Callable[[str], bool]) -> tup
             if number is None:
                 kind = "a number or an ISO 8601 date-time" if name in TIME_ATTRIBUTES else "a number"
                 raise QueryInvalidError(f"{_describe(index, term)}: '{name}' is numeric; the value must be {kind}")
-            clauses.append(f"vms.{name} {_SQL_OP[op]} ?")
+            clauses.append(f"{column(name) if column else f'vms.{name}'} {_SQL_OP[op]} ?")
             params.append(number)
         elif name in STRING_ATTRIBUTES:
             if op == "^=":
@@ -382,27 +387,49 @@ def compile_query(query: Query, is_user_attribute: Callable[[str], bool]) -> tup
         else:
             if not is_user_attribute(name):
                 raise QueryInvalidError(f"{_describe(index, term)}: unknown attribute '{name}'")
-            clauses.append(_user_term_sql(name, op, value, params))
+            clauses.append(_user_term_sql(name, op, value, params, value_prefix))
     if not clauses:
         return "1", params
     return " AND ".join(clauses), params
 
 
-def _user_term_sql(name: str, op: str, value: str, params: list[object]) -> str:
-    """An ``IN`` subquery on ``vm_attributes`` served by index (name, value) or (name, num)."""
+def _user_term_sql(name: str, op: str, value: str, params: list[object], value_prefix: int | None = None) -> str:
+    """An ``IN`` subquery on ``vm_attributes`` served by index (name, value) or (name, num).
+
+    ``value_prefix``: the index holds only the first that many characters of each value (PostgreSQL: a
+    B-tree entry has a size limit a 1024-character value may pass); each string comparison then also
+    states what it implies for those characters, which the index serves, and the full comparison decides.
+    """
     select = "SELECT a.vm_id FROM vm_attributes AS a WHERE a.name = ?"
-    if op == "^=":
+
+    def compare(op: str, value: str) -> str:
+        """``a.value OP ?`` (its parameters added), with the prefix condition it implies."""
+        if op == "^=":
+            if value_prefix is None:
+                return _prefix_sql("a.value", value, params)
+            short = f"left(a.value, {value_prefix})"
+            if len(value) <= value_prefix:
+                implied = _prefix_sql(short, value, params)
+            else:
+                params.append(value[:value_prefix])
+                implied = f"{short} = ?"
+            return f"{implied} AND {_prefix_sql('a.value', value, params)}"
+        if value_prefix is None or op == "!=":
+            params.append(value)
+            return f"a.value {_SQL_OP[op]} ?"
+        # a = b, a < b, a <= b, ... imply the same (or the non-strict) order of their first N characters.
+        implied_op = {"=": "=", "<": "<=", "<=": "<=", ">": ">=", ">=": ">="}[op]
+        params.extend((value[:value_prefix], value))
+        return f"left(a.value, {value_prefix}) {implied_op} ? AND a.value {_SQL_OP[op]} ?"
+
+    if op == "^=" or op in ("=", "!="):
         params.append(name)
-        condition = _prefix_sql("a.value", value, params)
-        return f"vms.vm_id IN ({select} AND {condition})"
-    if op in ("=", "!="):
-        params.extend((name, value))
-        return f"vms.vm_id IN ({select} AND a.value {_SQL_OP[op]} ?)"
+        return f"vms.vm_id IN ({select} AND {compare(op, value)})"
     number = parse_number(value)
     if number is None:
-        params.extend((name, value))
-        return f"vms.vm_id IN ({select} AND a.value {_SQL_OP[op]} ?)"
+        params.append(name)
+        return f"vms.vm_id IN ({select} AND {compare(op, value)})"
     # Numbers against numbers through (name, num); the non-numeric stored values as strings through (name, value).
-    params.extend((name, number, name, value))
+    params.extend((name, number, name))
     return (f"vms.vm_id IN ({select} AND a.num {_SQL_OP[op]} ? "
-            f"UNION ALL {select} AND a.value {_SQL_OP[op]} ? AND a.num IS NULL)")
+            f"UNION ALL {select} AND {compare(op, value)} AND a.num IS NULL)")

@@ -1,37 +1,62 @@
-"""The shop's VM registry: every VM the shop created, durable and queryable (SQLite).
+"""The shop's VM registry: every VM the shop created, durable and queryable (SQLite or PostgreSQL).
 
 One row per VM in ``vms`` (the built-in attributes, each queryable column
 indexed) and the DAG's user attributes in ``vm_attributes(vm_id, name,
 value, num)`` (``num`` is ``value`` as a number when it is one), indexed on
 ``(name, value)`` and ``(name, num)``. ``attribute_names`` is the set of user
 attribute names ever stored (insert-only, so a query that was valid stays
-valid after the last VM carrying a name is deleted).
+valid after the last VM carrying a name is deleted). ``shops`` names every
+shop that uses the registry (several may share one on PostgreSQL), with its
+certificate subject and a heartbeat.
+
+:class:`Registry` keeps it in SQLite (the embedded default, one shop);
+:class:`PostgresRegistry` in a PostgreSQL database that several shops share
+(:func:`open_registry` picks by configuration). Both pass the same contract
+tests (``tests/test_registry.py``).
 
 Contracts:
 
-- Durability: the database runs in WAL mode with ``synchronous=FULL``; every
-  mutating method has committed (and fsynced) before it returns, so the
-  shop may answer its client as soon as the call returns.
-- Thread safety: one connection, shared by all threads, serialized by a lock;
-  any method may be called from any thread (the reactor and a thread pool).
-- Time: ``updated`` stamps come from the clock given at construction (the
-  shop's; ``time.time`` by default), never from the system clock directly.
-- Planner statistics: :meth:`bulk_add` runs ``ANALYZE`` after its load; a
-  single :meth:`add` (the create path) does not; the shop runs
-  :meth:`analyze` once at start-up, and :meth:`close` ``PRAGMA optimize``
-  (which refreshes the statistics the session's queries needed).
+- Durability: every mutating method has committed before it returns (SQLite:
+  WAL with ``synchronous=FULL``; PostgreSQL: a commit waits for its WAL
+  flush), so the shop may answer its client as soon as the call returns.
+  A transaction is all or nothing: a crash, or a lost connection, leaves no
+  half-written record.
+- Thread safety: any method may be called from any thread (the reactor and a
+  thread pool). SQLite: one connection serialized by a lock; PostgreSQL: a
+  pool of connections, one per call in progress.
+- Time: ``updated`` stamps (and shop heartbeats) come from the clock given
+  at construction (the shop's; ``time.time`` by default), never from the
+  system clock directly.
+- Planner statistics: :meth:`bulk_add` refreshes them after its load (on
+  PostgreSQL only for loads of :attr:`PostgresRegistry.BULK` VMs or more;
+  autovacuum does the rest); a single :meth:`add` (the create path) does
+  not; the shop runs :meth:`analyze` once at start-up.
 - Collected VMs stay in the registry (``collected`` set) until ``delete``.
 - User attribute names must match :data:`~vmshop_service.query.ATTRIBUTE_NAME`
   (the DAG's alphabet, so every stored name can be queried); a name equal to
   a built-in is stored but queries on that name mean the built-in.
+- Ownership of creates: an entry in ``placing``/``creating`` names the shop
+  that places it (``shop``). :meth:`update_owned` and :meth:`delete_owned`
+  change it only while it is still that shop's create (not collected, still
+  placing or creating); :meth:`cancel_create` (a collect during the create,
+  from any shop) ends it for good. See docs/consistency.md.
+- Leases: :meth:`claim_due` hands each due VM to one shop at a time (a row
+  claim, taken with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so a lease is
+  enforced once however many shops look; a claim older than its expiry (its
+  shop died) may be taken again.
 - Errors: an unknown VM id raises :class:`NoSuchVMError`; a malformed query
-  :class:`QueryInvalidError`; programming errors (duplicate id, unknown field,
-  bad attribute name) ``ValueError``/``TypeError``.
+  :class:`QueryInvalidError`; a database that cannot be reached (or a
+  connection lost during the call) :class:`RegistryUnavailableError`, after
+  which the call's transaction is known to be rolled back unless the loss
+  came during its commit (then it may have committed: the caller treats the
+  outcome as unknown); programming errors (duplicate id, unknown field, bad
+  attribute name, a value a column refuses) ``ValueError``/``TypeError``.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import sqlite3
 import threading
 import time
@@ -41,13 +66,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vmshop_common.errors import ConfigurationError, NoSuchVMError, QueryInvalidError
+from vmshop_common.errors import ConfigurationError, NoSuchVMError, QueryInvalidError, RegistryUnavailableError
 
 from .query import ATTRIBUTE_NAME, BUILTIN_ATTRIBUTES, Query, compile_query, parse_number, parse_query
 
-SCHEMA_VERSION = 1
+#: The schema this code reads and writes. 1: the first; 2: ``vms.shop``, the lease claim, ``shops``.
+SCHEMA_VERSION = 2
 #: The largest query limit (SQLite's integers are 64-bit; a larger one would overflow).
 MAX_LIMIT = 2**63 - 1
+CREATING_STATES = ("placing", "creating")
 
 
 @dataclass
@@ -75,6 +102,16 @@ class VMEntry:
     dag_xml: str | None = None
     steps: list[str] = field(default_factory=list)  # applied step node ids / digests, in order
     attributes: dict[str, str] = field(default_factory=dict)  # user attributes from the DAG
+    shop: str | None = None  # the shop that placed it (its configured name)
+
+
+@dataclass(frozen=True)
+class ShopRecord:
+    """A shop that uses the registry: its configured name, certificate subject, and last heartbeat."""
+
+    name: str
+    identity: str
+    heartbeat: float
 
 
 _COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(VMEntry) if f.name != "attributes")
@@ -82,10 +119,15 @@ _UPDATABLE: frozenset[str] = frozenset(_COLUMNS) - {"vm_id"}
 _SELECT = "SELECT " + ", ".join(f"vms.{c}" for c in _COLUMNS) + " FROM vms"
 _INSERT = f"INSERT INTO vms ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 # Served by the partial index vms_due (termination, only rows not collected).
-_DUE_SQL = f"{_SELECT} WHERE vms.termination <= ? AND vms.collected IS NULL ORDER BY vms.termination, vms.vm_id"
+_DUE_WHERE = "vms.termination <= ? AND vms.collected IS NULL"
+_DUE_SQL = f"{_SELECT} WHERE {_DUE_WHERE} ORDER BY vms.termination, vms.vm_id"
 _CHUNK = 500  # vm ids per IN (...) when loading attributes
+_INSERT_ATTRIBUTE = ("INSERT INTO vm_attributes (vm_id, name, value, num) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (vm_id, name) DO UPDATE SET value = excluded.value, num = excluded.num")
+_INSERT_NAME = "INSERT INTO attribute_names (name) VALUES (?) ON CONFLICT DO NOTHING"
+_OWNED = "vm_id = ? AND shop = ? AND collected IS NULL AND state IN ('placing', 'creating')"
 
-_SCHEMA = """
+_SQLITE_SCHEMA_1 = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE vms (
     vm_id       TEXT PRIMARY KEY NOT NULL,
@@ -122,9 +164,74 @@ CREATE TABLE attribute_names (name TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;
 CREATE INDEX vms_due ON vms(termination) WHERE collected IS NULL;
 """
 
+#: Version 1 -> 2 (both databases): who places a create, the lease claim, the shops sharing the registry.
+_MIGRATION_2 = """
+ALTER TABLE vms ADD COLUMN shop TEXT;
+ALTER TABLE vms ADD COLUMN lease_claim TEXT;
+ALTER TABLE vms ADD COLUMN lease_claimed REAL;
+CREATE INDEX vms_creating ON vms(shop) WHERE state IN ('placing', 'creating');
+CREATE TABLE shops (name TEXT PRIMARY KEY NOT NULL, identity TEXT NOT NULL, instance TEXT NOT NULL,
+                    started REAL NOT NULL, heartbeat REAL NOT NULL);
+"""
 
-def _index_statements() -> list[str]:
-    return [f"CREATE INDEX vms_{name} ON vms({name})" for name in sorted(BUILTIN_ATTRIBUTES - {"vm_id"})]
+# PostgreSQL: text compares in code point order ("C" collation, as SQLite does), whatever the database's
+# locale; integers are 64-bit; numbers are doubles.
+_C = 'COLLATE "C"'
+#: PostgreSQL indexes the first 200 characters of an attribute value (at most 800 bytes: a B-tree entry may
+#: hold about 2,700, and a value may be 1,024 characters of up to 4 bytes each).
+_PG_VALUE_PREFIX = 200
+_PG_SCHEMA_1 = f"""
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE vms (
+    vm_id       TEXT {_C} PRIMARY KEY NOT NULL,
+    owner       TEXT {_C} NOT NULL,
+    state       TEXT {_C} NOT NULL,
+    plant       TEXT {_C},
+    plant_vm_id TEXT {_C},
+    image       TEXT {_C},
+    memory      BIGINT,
+    vcpus       BIGINT,
+    disk        BIGINT,
+    arch        TEXT {_C},
+    address     TEXT {_C},
+    host_port   BIGINT,
+    created     DOUBLE PRECISION NOT NULL,
+    updated     DOUBLE PRECISION NOT NULL,
+    termination DOUBLE PRECISION,
+    collected   DOUBLE PRECISION,
+    error       TEXT,
+    cost        DOUBLE PRECISION,
+    dag_xml     TEXT,
+    steps       TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE vm_attributes (
+    vm_id TEXT {_C} NOT NULL REFERENCES vms(vm_id) ON DELETE CASCADE,
+    name  TEXT {_C} NOT NULL,
+    value TEXT {_C} NOT NULL,
+    num   DOUBLE PRECISION,
+    PRIMARY KEY (vm_id, name)
+);
+CREATE INDEX vm_attributes_name_value ON vm_attributes(name, left(value, {_PG_VALUE_PREFIX}));
+CREATE INDEX vm_attributes_name_num ON vm_attributes(name, num);
+CREATE TABLE attribute_names (name TEXT {_C} PRIMARY KEY NOT NULL);
+CREATE INDEX vms_due ON vms(termination) WHERE collected IS NULL
+"""
+_PG_MIGRATION_2 = _MIGRATION_2.replace("shop TEXT", f"shop TEXT {_C}").replace("REAL", "DOUBLE PRECISION")
+
+#: PostgreSQL compares an integer column with a double parameter by casting the column: its index is on that.
+_PG_INTEGER_COLUMNS = frozenset({"memory", "vcpus", "disk", "host_port"})
+
+
+def _statements(script: str) -> list[str]:
+    return [statement.strip() for statement in script.split(";") if statement.strip()]
+
+
+def _index_statements(integer_expression: bool = False) -> list[str]:
+    statements = []
+    for name in sorted(BUILTIN_ATTRIBUTES - {"vm_id"}):
+        column = f"(({name})::float8)" if integer_expression and name in _PG_INTEGER_COLUMNS else name
+        statements.append(f"CREATE INDEX vms_{name} ON vms({column})")
+    return statements
 
 
 def _attribute_rows(vm_id: str, attributes: dict[str, str]) -> list[tuple[str, str, str, float | None]]:
@@ -143,6 +250,13 @@ class Registry:
 
     ``clock``: wall-clock epoch seconds for the ``updated`` stamps (the shop's injected clock)."""
 
+    #: What the lease claim adds to its row selection (PostgreSQL: skip rows another shop is claiming).
+    _SKIP_LOCKED = ""
+    #: Migrations from each older version (the statements that reach the next one).
+    _MIGRATIONS: dict[int, list[str]] = {1: _statements(_MIGRATION_2)}
+    #: How many leading characters of attribute values the index holds (None: all of them).
+    _VALUE_PREFIX: int | None = None
+
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.path = str(path)
         self.clock = clock
@@ -156,6 +270,10 @@ class Registry:
         conn.execute("PRAGMA synchronous = FULL")
         self._init_schema()
 
+    def describe(self) -> str:
+        """Where the registry is, fit for logs (never a credential)."""
+        return f"SQLite {self.path}"
+
     # Plumbing -----------------------------------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
@@ -164,39 +282,63 @@ class Registry:
         return self._conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[Any]:
+        """A connection inside one transaction: committed when the block ends, rolled back if it raises.
+        A constraint the data breaks is ``ValueError``."""
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
                 conn.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise ValueError(str(exc)) from None
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
 
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """A connection for reads (statements see committed data)."""
+        with self._lock:
+            yield self._connection()
+
+    def _schema_exists(self, conn: Any) -> bool:
+        return conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone() is not None
+
+    def _create_schema(self, conn: Any) -> None:
+        for statement in _statements(_SQLITE_SCHEMA_1) + _index_statements():
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (1,))
+
     def _init_schema(self) -> None:
+        """Create the schema in an empty database, or bring an older one up to :data:`SCHEMA_VERSION`
+        (in one transaction: a migration is all or nothing); a newer one is refused."""
         with self._transaction() as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-            ).fetchone()
-            if exists is None:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                for statement in _index_statements():
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                return
+            if not self._schema_exists(conn):
+                self._create_schema(conn)
             row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
             version = row[0] if row else None
-            if version != SCHEMA_VERSION:
+            if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
                 raise ConfigurationError(
-                    f"registry {self.path} has schema version {version}; this VMShop reads version {SCHEMA_VERSION}"
-                )
+                    f"registry {self.describe()} has schema version {version}; this VMShop reads version "
+                    f"{SCHEMA_VERSION} (and migrates older ones)")
+            while version < SCHEMA_VERSION:
+                for statement in self._MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
-    def _rows_to_entries(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[VMEntry]:
+    def schema_version(self) -> int:
+        with self._reading() as conn:
+            return int(conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+
+    def _rows_to_entries(self, conn: Any, rows: list[tuple[Any, ...]]) -> list[VMEntry]:
         entries = []
         for row in rows:
             values = dict(zip(_COLUMNS, row, strict=True))
@@ -226,8 +368,12 @@ class Registry:
         return tuple(values)
 
     @staticmethod
-    def _remember_names(conn: sqlite3.Connection, names: Iterable[str]) -> None:
-        conn.executemany("INSERT OR IGNORE INTO attribute_names (name) VALUES (?)", ((n,) for n in set(names)))
+    def _remember_names(conn: Any, names: Iterable[str]) -> None:
+        conn.executemany(_INSERT_NAME, [(n,) for n in sorted(set(names))])
+
+    def _column_sql(self, name: str) -> str:
+        """How a query names a built-in column (PostgreSQL: integers as doubles, as their indexes are)."""
+        return f"vms.{name}"
 
     # Writing ------------------------------------------------------------------------------------------
 
@@ -238,37 +384,58 @@ class Registry:
         self._insert([entry])
 
     def bulk_add(self, entries: Iterable[VMEntry]) -> None:
-        """Register many VMs in one transaction (all or none), then refresh the planner's statistics
-        (:meth:`analyze`); durable on return.
+        """Register many VMs in one transaction (all or none); durable on return.
 
         ``ValueError`` (and nothing registered) if an id is taken or repeated.
         """
-        self._insert(entries)
-        self.analyze()
+        count = self._insert(entries)
+        if count and self._analyze_after(count):
+            self.analyze()
 
-    def _insert(self, entries: Iterable[VMEntry]) -> None:
+    def _analyze_after(self, count: int) -> bool:
+        """Whether a bulk load of ``count`` VMs calls for new planner statistics (SQLite: always)."""
+        return True
+
+    def _insert(self, entries: Iterable[VMEntry]) -> int:
         rows: list[tuple[Any, ...]] = []
         attribute_rows: list[tuple[str, str, str, float | None]] = []
         for entry in entries:
             rows.append(self._row(entry))
             attribute_rows.extend(_attribute_rows(entry.vm_id, entry.attributes))
+        if len({row[0] for row in rows}) != len(rows):
+            raise ValueError("cannot register the VM(s): an id is repeated")
         try:
             with self._transaction() as conn:
-                conn.executemany(_INSERT, rows)
-                conn.executemany("INSERT INTO vm_attributes (vm_id, name, value, num) VALUES (?, ?, ?, ?)",
-                                 attribute_rows)
+                self._store(conn, rows, attribute_rows)
                 self._remember_names(conn, (row[1] for row in attribute_rows))
-        except sqlite3.IntegrityError as exc:
+        except ValueError as exc:
             raise ValueError(f"cannot register the VM(s): {exc}") from None
+        return len(rows)
+
+    def _store(self, conn: Any, rows: list[tuple[Any, ...]],
+               attribute_rows: list[tuple[str, str, str, float | None]]) -> None:
+        conn.executemany(_INSERT, rows)
+        conn.executemany("INSERT INTO vm_attributes (vm_id, name, value, num) VALUES (?, ?, ?, ?)", attribute_rows)
 
     def analyze(self) -> None:
-        """Give the query planner statistics (SQLite's ``ANALYZE``); worth it after a bulk load.
+        """Give the query planner statistics (``ANALYZE``); worth it after a bulk load.
 
         Without statistics SQLite guesses which index is more selective, and for
         ``owner=x state=running`` it guessed the state index, which reads most rows.
         """
         with self._lock:
             self._connection().execute("ANALYZE")
+
+    @staticmethod
+    def _assignments(fields: dict[str, Any], now: float) -> tuple[str, list[Any]]:
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise TypeError(f"VMEntry has no updatable field(s) {', '.join(sorted(unknown))}")
+        fields.setdefault("updated", now)
+        if "steps" in fields:
+            fields["steps"] = json.dumps(list(fields["steps"]))
+        columns = sorted(fields)
+        return ", ".join(f"{column} = ?" for column in columns), [fields[c] for c in columns]
 
     def update(self, vm_id: str, **fields: Any) -> None:
         """Change built-in fields of a VM (``updated`` is set to now unless given); durable on return.
@@ -277,42 +444,57 @@ class Registry:
         raise ``TypeError``; a value a column refuses (``None`` for owner,
         state, created, updated, steps) ``ValueError``; an unknown VM :class:`NoSuchVMError`.
         """
+        if not self._update_where("vm_id = ?", [vm_id], fields):
+            raise NoSuchVMError(f"no VM has id '{vm_id}'")
+
+    def _update_where(self, where: str, params: list[Any], fields: dict[str, Any]) -> bool:
+        """Update the VM ``where`` selects (by its id, first parameter) if it does; whether it did."""
         attributes = fields.pop("attributes", None)
-        unknown = set(fields) - _UPDATABLE
-        if unknown:
-            raise TypeError(f"VMEntry has no updatable field(s) {', '.join(sorted(unknown))}")
-        fields.setdefault("updated", self.clock())
-        if "steps" in fields:
-            fields["steps"] = json.dumps(list(fields["steps"]))
-        columns = sorted(fields)
-        assignments = ", ".join(f"{column} = ?" for column in columns)
+        assignments, values = self._assignments(fields, self.clock())
+        vm_id = params[0]
         try:
             with self._transaction() as conn:
-                cursor = conn.execute(f"UPDATE vms SET {assignments} WHERE vm_id = ?",
-                                      [fields[c] for c in columns] + [vm_id])
+                cursor = conn.execute(f"UPDATE vms SET {assignments} WHERE {where}", values + params)
                 if cursor.rowcount == 0:
-                    raise NoSuchVMError(f"no VM has id '{vm_id}'")
+                    return False
                 if attributes is not None:
                     self._set_attributes(conn, vm_id, attributes, replace=True)
-        except sqlite3.IntegrityError as exc:
+        except ValueError as exc:
             raise ValueError(f"cannot update VM '{vm_id}': {exc}") from None
+        return True
 
     def update_if_unchanged(self, vm_id: str, since: float, **fields: Any) -> bool:
         """:meth:`update`, only if the VM is still registered, not collected, and not updated after ``since``.
 
         For changes computed from an older view (a plant's report taken at
-        ``since``, epoch seconds): a change the shop made meanwhile wins.
+        ``since``, epoch seconds): a change a shop made meanwhile wins.
         Returns whether the VM was changed.
         """
-        with self._lock:
-            try:
-                entry = self.get(vm_id)
-            except NoSuchVMError:
-                return False
-            if entry.collected is not None or entry.updated > since:
-                return False
-            self.update(vm_id, **fields)
-            return True
+        return self._update_where("vm_id = ? AND collected IS NULL AND updated <= ?", [vm_id, since], fields)
+
+    def update_owned(self, vm_id: str, shop: str, **fields: Any) -> bool:
+        """:meth:`update`, only while the VM is still ``shop``'s create (``placing`` or ``creating``, placed by
+        ``shop``, not collected). False when it is not: a collect ended it, or another shop resolved it."""
+        return self._update_where(_OWNED, [vm_id, shop], fields)
+
+    def delete_owned(self, vm_id: str, shop: str) -> bool:
+        """Forget a VM that is still ``shop``'s create (see :meth:`update_owned`); whether it was."""
+        with self._transaction() as conn:
+            return bool(conn.execute(f"DELETE FROM vms WHERE {_OWNED}", (vm_id, shop)).rowcount)
+
+    def cancel_create(self, vm_id: str, now: float, error: str) -> VMEntry | None:
+        """End a create that is still placing or creating (not collected): the entry becomes ``collected``
+        at ``now``; returns it as it was (its plant is where the create may run), or None if it was not
+        such an entry. Any shop may do this; the placing shop's next :meth:`update_owned` then fails."""
+        with self._transaction() as conn:
+            rows = conn.execute(f"{_SELECT} WHERE vm_id = ? AND collected IS NULL AND "
+                                f"state IN ('placing', 'creating')", (vm_id,)).fetchall()
+            if not rows:
+                return None
+            entry = self._rows_to_entries(conn, rows)[0]
+            conn.execute("UPDATE vms SET state = 'collected', collected = ?, updated = ?, error = ? "
+                         "WHERE vm_id = ?", (now, now, error, vm_id))
+            return entry
 
     def set_attributes(self, vm_id: str, attributes: dict[str, str], *, replace: bool = False) -> None:
         """Set user attributes of a VM: merged into the existing ones, or replacing them all if ``replace``.
@@ -320,17 +502,15 @@ class Registry:
         Also sets ``updated`` to now. Durable on return; an unknown VM raises :class:`NoSuchVMError`.
         """
         with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM vms WHERE vm_id = ?", (vm_id,)).fetchone() is None:
+            if conn.execute("UPDATE vms SET updated = ? WHERE vm_id = ?", (self.clock(), vm_id)).rowcount == 0:
                 raise NoSuchVMError(f"no VM has id '{vm_id}'")
             self._set_attributes(conn, vm_id, attributes, replace=replace)
-            conn.execute("UPDATE vms SET updated = ? WHERE vm_id = ?", (self.clock(), vm_id))
 
-    def _set_attributes(self, conn: sqlite3.Connection, vm_id: str, attributes: dict[str, str],
-                        *, replace: bool) -> None:
+    def _set_attributes(self, conn: Any, vm_id: str, attributes: dict[str, str], *, replace: bool) -> None:
         rows = _attribute_rows(vm_id, attributes)
         if replace:
             conn.execute("DELETE FROM vm_attributes WHERE vm_id = ?", (vm_id,))
-        conn.executemany("INSERT OR REPLACE INTO vm_attributes (vm_id, name, value, num) VALUES (?, ?, ?, ?)", rows)
+        conn.executemany(_INSERT_ATTRIBUTE, rows)
         self._remember_names(conn, attributes)
 
     def delete(self, vm_id: str) -> None:
@@ -339,12 +519,59 @@ class Registry:
             if conn.execute("DELETE FROM vms WHERE vm_id = ?", (vm_id,)).rowcount == 0:
                 raise NoSuchVMError(f"no VM has id '{vm_id}'")
 
+    # Shops and leases ---------------------------------------------------------------------------------
+
+    def register_shop(self, name: str, identity: str, instance: str, now: float | None = None) -> None:
+        """Say that shop ``name`` (certificate subject ``identity``) uses the registry, as process ``instance``."""
+        now = self.clock() if now is None else now
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO shops (name, identity, instance, started, heartbeat) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT (name) DO UPDATE SET identity = excluded.identity, "
+                         "instance = excluded.instance, started = excluded.started, heartbeat = excluded.heartbeat",
+                         (name, identity, instance, now, now))
+
+    def heartbeat(self, name: str, now: float | None = None) -> None:
+        """Shop ``name`` is alive at ``now`` (the shops that share a registry judge each other by this)."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE shops SET heartbeat = ? WHERE name = ?", (self.clock() if now is None else now, name))
+
+    def shops(self) -> list[ShopRecord]:
+        """Every shop that ever used the registry, by name."""
+        with self._reading() as conn:
+            rows = conn.execute("SELECT name, identity, heartbeat FROM shops ORDER BY name").fetchall()
+        return [ShopRecord(str(name), str(identity), float(heartbeat)) for name, identity, heartbeat in rows]
+
+    def claim_due(self, now: float, shop: str, stale_before: float, limit: int = 100) -> list[VMEntry]:
+        """Claim for ``shop`` the VMs whose lease ended by ``now`` (not collected, not being created), soonest
+        first, at most ``limit``: each is claimed by one shop at a time; a claim made before ``stale_before``
+        (its shop died or gave up) may be taken again. Returns the claimed entries."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                f"SELECT vm_id FROM vms WHERE {_DUE_WHERE} AND state NOT IN ('placing', 'creating') "
+                "AND (lease_claim IS NULL OR lease_claimed < ?) ORDER BY termination, vm_id LIMIT ?"
+                f"{self._SKIP_LOCKED}", (now, stale_before, limit)).fetchall()
+            ids = [row[0] for row in rows]
+            if not ids:
+                return []
+            marks = ", ".join("?" for _ in ids)
+            conn.execute(f"UPDATE vms SET lease_claim = ?, lease_claimed = ? WHERE vm_id IN ({marks})",
+                         [shop, now] + ids)
+            claimed = conn.execute(f"{_SELECT} WHERE vm_id IN ({marks})", ids).fetchall()
+            entries = self._rows_to_entries(conn, claimed)
+        order = {vm_id: index for index, vm_id in enumerate(ids)}
+        return sorted(entries, key=lambda e: order[e.vm_id])
+
+    def release_claim(self, vm_id: str, shop: str) -> None:
+        """Give up ``shop``'s lease claim on a VM (its collect failed: another round, or shop, may try)."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE vms SET lease_claim = NULL, lease_claimed = NULL WHERE vm_id = ? AND lease_claim = ?",
+                         (vm_id, shop))
+
     # Reading ------------------------------------------------------------------------------------------
 
     def get(self, vm_id: str) -> VMEntry:
         """The VM with that id; :class:`NoSuchVMError` if there is none."""
-        with self._lock:
-            conn = self._connection()
+        with self._reading() as conn:
             rows = conn.execute(f"{_SELECT} WHERE vm_id = ?", (vm_id,)).fetchall()
             if not rows:
                 raise NoSuchVMError(f"no VM has id '{vm_id}'")
@@ -353,16 +580,15 @@ class Registry:
     def all(self, include_collected: bool = True) -> list[VMEntry]:
         """Every VM (ordered by creation time, then id), without the collected ones unless asked."""
         where = "" if include_collected else " WHERE collected IS NULL"
-        with self._lock:
-            conn = self._connection()
+        with self._reading() as conn:
             rows = conn.execute(f"{_SELECT}{where} ORDER BY created, vm_id").fetchall()
             return self._rows_to_entries(conn, rows)
 
     def usage(self, owner: str, exclude: str = "") -> tuple[int, int, int]:
         """(VMs, MiB of memory, vCPUs) that ``owner`` holds: VMs neither collected nor failed, placing and
         creating ones included, the VM ``exclude`` not counted; unknown memory or vCPUs count 0."""
-        with self._lock:
-            row = self._connection().execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(memory), 0), COALESCE(SUM(vcpus), 0) FROM vms WHERE owner = ? "
                 "AND collected IS NULL AND state NOT IN ('collected', 'failed') AND vm_id != ?",
                 (owner, exclude)).fetchone()
@@ -370,28 +596,29 @@ class Registry:
 
     def count(self) -> int:
         """How many VMs are registered (collected ones included)."""
-        with self._lock:
-            return int(self._connection().execute("SELECT COUNT(*) FROM vms").fetchone()[0])
+        with self._reading() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM vms").fetchone()[0])
 
     def count_by_state(self) -> dict[str, int]:
         """How many VMs are in each state (collected ones included, under ``collected``): for the metrics."""
-        with self._lock:
-            rows = self._connection().execute("SELECT state, COUNT(*) FROM vms GROUP BY state").fetchall()
+        with self._reading() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM vms GROUP BY state").fetchall()
         return {str(state): int(count) for state, count in rows}
 
     def query_sql(self, q: Query | str, limit: int | None = None) -> tuple[str, list[object]]:
-        """The SQL statement and parameters :meth:`query` runs (for ``EXPLAIN QUERY PLAN`` and tests)."""
+        """The SQL statement and parameters :meth:`query` runs (for ``EXPLAIN`` and tests)."""
         query = parse_query(q) if isinstance(q, str) else tuple(q)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT):
             raise QueryInvalidError(f"limit must be a non-negative integer of at most {MAX_LIMIT}, not {limit!r}")
-        with self._lock:
-            conn = self._connection()
+        with self._reading() as conn:
 
             def is_user_attribute(name: str) -> bool:
                 return conn.execute("SELECT 1 FROM attribute_names WHERE name = ?", (name,)).fetchone() is not None
 
-            where, params = compile_query(query, is_user_attribute)
-        sql = f"{_SELECT} WHERE {where} ORDER BY +vms.created, vms.vm_id"
+            where, params = compile_query(query, is_user_attribute, column=self._column_sql,
+                                          value_prefix=self._VALUE_PREFIX)
+        sql = f"{_SELECT} WHERE {where} " if query else f"{_SELECT} "
+        sql += "ORDER BY +vms.created, vms.vm_id"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
@@ -406,28 +633,26 @@ class Registry:
         See :mod:`vmshop_service.query` for the syntax and semantics.
         """
         sql, params = self.query_sql(q, limit)
-        with self._lock:
-            conn = self._connection()
+        with self._reading() as conn:
             rows = conn.execute(sql, params).fetchall()
             return self._rows_to_entries(conn, rows)
 
     def due_terminations(self, now: float) -> list[VMEntry]:
         """The VMs not yet collected whose lease ended at or before ``now``, soonest first."""
-        with self._lock:
-            conn = self._connection()
+        with self._reading() as conn:
             rows = conn.execute(_DUE_SQL, (now,)).fetchall()
             return self._rows_to_entries(conn, rows)
 
     def attribute_names(self) -> set[str]:
         """Every queryable attribute name: the built-ins and each user attribute name ever stored."""
-        with self._lock:
-            names = {row[0] for row in self._connection().execute("SELECT name FROM attribute_names")}
+        with self._reading() as conn:
+            names = {row[0] for row in conn.execute("SELECT name FROM attribute_names")}
         return set(BUILTIN_ATTRIBUTES) | names
 
     def explain(self, sql: str, params: list[object]) -> list[str]:
         """The ``EXPLAIN QUERY PLAN`` lines (their ``detail``) for ``sql`` with ``params``."""
-        with self._lock:
-            return [row[3] for row in self._connection().execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        with self._reading() as conn:
+            return [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
 
     def close(self) -> None:
         """Close the database; further calls raise ``ValueError``. Closing twice is harmless."""
@@ -442,3 +667,309 @@ class Registry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# PostgreSQL ----------------------------------------------------------------------------------------------
+
+#: Seconds to wait for a connection to PostgreSQL before the call fails with RegistryUnavailableError.
+CONNECT_TIMEOUT = 5
+#: Seconds one statement may run on PostgreSQL (below the shop's work deadline of 60 s).
+STATEMENT_TIMEOUT = 30.0
+#: Connections kept open for reuse (more may be open at once, one per call in progress).
+POOL_SIZE = 16
+
+
+def redacted(conninfo: str) -> str:
+    """A libpq connection string fit for logs: every parameter but the password (which is never shown)."""
+    import psycopg.conninfo
+
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "(an unreadable connection string)"
+    return " ".join(f"{key}={value}" for key, value in sorted(parts.items())
+                    if key not in ("password", "passfile", "sslpassword"))
+
+
+class _PgConnection:
+    """A psycopg connection speaking the registry's SQL: ``?`` placeholders (the SQL has no literal ``%``)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), list(params))
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
+        rows = [list(row) for row in rows]
+        cursor = self.conn.cursor()
+        if rows:
+            cursor.executemany(sql.replace("?", "%s"), rows)
+        return cursor
+
+
+class PostgresRegistry(Registry):
+    """The VM registry in a PostgreSQL database (libpq ``conninfo``), shareable by several shops.
+
+    ``password`` (read from the configured password file) is given to libpq
+    apart from the connection string and appears in no message. Connections
+    are pooled; one that the server closed (a restart) is noticed before use
+    and replaced, so the calls after a restart succeed once the server is back.
+    """
+
+    _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    _VALUE_PREFIX = _PG_VALUE_PREFIX
+    _MIGRATIONS: dict[int, list[str]] = {1: _statements(_PG_MIGRATION_2)}
+    #: Fewer new VMs than this leave the statistics to autovacuum's ANALYZE.
+    BULK = 1000
+
+    def __init__(self, conninfo: str, password: str | None = None, *, pool_size: int = POOL_SIZE,
+                 connect_timeout: float = CONNECT_TIMEOUT, clock: Callable[[], float] = time.time) -> None:
+        import psycopg
+
+        self.clock = clock
+        self._psycopg = psycopg
+        self.conninfo = conninfo
+        self.path = redacted(conninfo)
+        self._password = password
+        self._pool_size = pool_size
+        self._connect_timeout = max(1, int(connect_timeout))
+        self._lock = threading.RLock()
+        self._idle: list[Any] = []
+        self._closed = False
+        self._name_holder: Any = None  # the connection that holds this shop's name (register_shop)
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def describe(self) -> str:
+        return f"PostgreSQL {self.path}"
+
+    # Plumbing -----------------------------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        # A server that vanishes without closing the connection (a host gone) must not hold a thread for
+        # minutes: TCP keepalives and a user timeout end the call, and no statement runs past its timeout.
+        kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": self._connect_timeout,
+                                  "application_name": "vmshop", "keepalives": 1, "keepalives_idle": 10,
+                                  "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000}
+        if self._password is not None:
+            kwargs["password"] = self._password
+        conn = None
+        try:
+            conn = self._psycopg.connect(self.conninfo, **kwargs)
+            conn.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT * 1000)}")
+            return conn
+        except self._psycopg.Error as exc:
+            if conn is not None:
+                _close_quietly(conn)
+            raise RegistryUnavailableError(f"the registry ({self.describe()}) cannot be reached: "
+                                           f"{_first_line(exc)}") from None
+
+    @staticmethod
+    def _alive(conn: Any) -> bool:
+        """Whether an idle pooled connection is still usable: the server sends nothing on an idle connection
+        unless it is closing it (a restart or a terminated backend), so anything readable means it is gone."""
+        if conn.closed or conn.broken:
+            return False
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def _acquire(self) -> Any:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ValueError("the registry is closed")
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect()
+            if self._alive(conn):
+                return conn
+            _close_quietly(conn)
+
+    def _release(self, conn: Any) -> None:
+        if conn.closed or conn.broken or conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
+            _close_quietly(conn)
+            return
+        with self._lock:
+            if not self._closed and len(self._idle) < self._pool_size:
+                self._idle.append(conn)
+                return
+        _close_quietly(conn)
+
+    @contextmanager
+    def _using(self, transaction: bool) -> Iterator[Any]:
+        psycopg = self._psycopg
+        conn = self._acquire()
+        try:
+            if transaction:
+                with conn.transaction():
+                    yield _PgConnection(conn)
+            else:
+                yield _PgConnection(conn)
+        except psycopg.Error as exc:
+            state = (exc.sqlstate or "")[:2]
+            if conn.broken or conn.closed or state in _TRANSIENT or (
+                    not state and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))):
+                _close_quietly(conn)
+                raise RegistryUnavailableError(f"the registry ({self.describe()}) failed during the call: "
+                                               f"{_first_line(exc)}") from None
+            self._release(conn)
+            if state in ("22", "23", "54") or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+                # data the database refuses: a value (a NUL character), a constraint, a size limit
+                raise ValueError(_first_line(exc)) from None
+            raise
+        except BaseException:
+            self._release(conn)
+            raise
+        else:
+            self._release(conn)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._using(True) as conn:
+            yield conn
+
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        with self._using(False) as conn:
+            yield conn
+
+    def _schema_exists(self, conn: Any) -> bool:
+        # Shops starting at once on an empty database: one creates the schema, the others wait for it.
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+        return conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+
+    def _create_schema(self, conn: Any) -> None:
+        for statement in _statements(_PG_SCHEMA_1) + _index_statements(integer_expression=True):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (1,))
+
+    def _column_sql(self, name: str) -> str:
+        return f"(vms.{name})::float8" if name in _PG_INTEGER_COLUMNS else f"vms.{name}"
+
+    #: From this many VMs on, a bulk_add streams its rows with COPY (one round trip, not one per row).
+    COPY_FROM = 100
+
+    def _store(self, conn: Any, rows: list[tuple[Any, ...]],
+               attribute_rows: list[tuple[str, str, str, float | None]]) -> None:
+        if len(rows) < self.COPY_FROM:
+            super()._store(conn, rows, attribute_rows)
+            return
+        cursor = conn.conn.cursor()
+        with cursor.copy(f"COPY vms ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        with cursor.copy("COPY vm_attributes (vm_id, name, value, num) FROM STDIN") as copy:
+            for attribute_row in attribute_rows:
+                copy.write_row(attribute_row)
+
+    def _analyze_after(self, count: int) -> bool:
+        return count >= self.BULK
+
+    def analyze(self) -> None:
+        with self._reading() as conn:
+            conn.execute("ANALYZE vms")
+            conn.execute("ANALYZE vm_attributes")
+
+    # Shop names ---------------------------------------------------------------------------------------
+
+    def register_shop(self, name: str, identity: str, instance: str, now: float | None = None) -> None:
+        """As :meth:`Registry.register_shop`, and hold the name for this process: a second live shop with
+        the same name is refused (ConfigurationError). The hold is a session advisory lock on a connection of
+        its own, so it ends the moment this process dies, and a restarted shop takes its name back at once."""
+        self._hold_name(name)
+        super().register_shop(name, identity, instance, now)
+
+    def _hold_name(self, name: str) -> None:
+        with self._lock:
+            holder = self._name_holder
+        if holder is not None and self._alive(holder):
+            return
+        if holder is not None:
+            _close_quietly(holder)
+        conn = self._connect()
+        try:
+            taken = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_NAME_LOCK, name)).fetchone()[0]
+        except self._psycopg.Error as exc:
+            _close_quietly(conn)
+            raise RegistryUnavailableError(f"the registry ({self.describe()}) failed: {_first_line(exc)}") from None
+        if not taken:
+            _close_quietly(conn)
+            raise ConfigurationError(f"another live shop uses the name '{name}' on the registry {self.describe()}; "
+                                     "shops that share a registry need names of their own (<vmshop name=...>)")
+        with self._lock:
+            self._name_holder = conn
+
+    def heartbeat(self, name: str, now: float | None = None) -> None:
+        """As :meth:`Registry.heartbeat`; also takes the name back after the server restarted (which ended
+        the hold)."""
+        self._hold_name(name)
+        super().heartbeat(name, now)
+
+    def explain(self, sql: str, params: list[object]) -> list[str]:
+        """The lines of PostgreSQL's ``EXPLAIN`` for ``sql`` with ``params``."""
+        with self._reading() as conn:
+            return [row[0] for row in conn.execute(f"EXPLAIN {sql}", params)]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle = self._idle, []
+            holder, self._name_holder = self._name_holder, None
+        for conn in idle + ([holder] if holder is not None else []):
+            _close_quietly(conn)
+
+
+#: SQLSTATE classes of a database that cannot serve now (connection, resources, operator intervention or a
+#: statement cancelled by its timeout, a transaction rolled back by the server, system errors): the call is
+#: answered Server.RegistryUnavailable and may be tried again.
+_TRANSIENT = ("08", "40", "53", "57", "58")
+_SCHEMA_LOCK = 0x564D5348  # 'VMSH': the advisory lock that serializes schema creation and migration
+_NAME_LOCK = 0x564D534E  # 'VMSN': advisory locks (this, hash of the name) hold shop names
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - a connection already gone closes with an error, harmlessly
+        pass
+
+
+def open_registry(database: Path | str | None, postgresql: str | None = None,
+                  password_file: Path | None = None, clock: Callable[[], float] = time.time) -> Registry:
+    """The registry a configuration names: PostgreSQL (``postgresql`` conninfo, password from
+    ``password_file``) when given, else SQLite at ``database``."""
+    if postgresql:
+        password = None
+        if password_file is not None:
+            try:
+                password = password_file.read_text().strip("\r\n")
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read the registry's password file {password_file}: "
+                                         f"{exc.strerror or exc}") from None
+        return PostgresRegistry(postgresql, password, clock=clock)
+    if database is None:
+        raise ConfigurationError("the registry is neither an SQLite path nor a PostgreSQL database")
+    return Registry(database, clock)
+
+
+def shops_alive(shops: Iterable[ShopRecord], now: float, dead_after: float) -> set[str]:
+    """The names of the shops whose heartbeat is at most ``dead_after`` seconds old at ``now``."""
+    return {shop.name for shop in shops if shop.heartbeat >= now - dead_after}
+
+
+__all__ = ["CREATING_STATES", "MAX_LIMIT", "SCHEMA_VERSION", "PostgresRegistry", "Registry", "ShopRecord", "VMEntry",
+           "open_registry", "redacted", "shops_alive"]

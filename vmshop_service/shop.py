@@ -47,6 +47,7 @@ from vmshop_common.errors import (
     NotSupportedError,
     PlantGoneError,
     Problem,
+    RegistryUnavailableError,
     VMShopError,
 )
 from vmshop_common.rules import check_static_addresses
@@ -60,7 +61,7 @@ from .config import ShopConfig
 from .plants import PlantDirectory, describe_failure
 from .query import Term, parse_query
 from .quota import Quotas, Usage
-from .registry import Registry, VMEntry
+from .registry import Registry, VMEntry, shops_alive
 from .wire import (
     ActionRun,
     Attribute,
@@ -113,6 +114,14 @@ class Shop:
         self._collecting: set[str] = set()
         #: How the plants know this shop: its certificate's subject (VMs they hold record who asked for them).
         self.identity = _own_identity(config)
+        #: How the registry knows this shop (its configured name: the shops sharing a registry each have
+        #: their own), and this run of it.
+        self.name = config.name
+        self.instance = uuid.uuid4().hex
+        #: The certificate subjects of every shop sharing the registry (VMs held for any of them are ours).
+        self._shop_identities: set[str] = {self.identity}
+        #: The other shops of the registry alive at the last look (None: not looked yet, so none is dead).
+        self._alive_shops: set[str] | None = None
         self._looking: set[str] = set()  # plants being looked at after a notice
         self._look_again: set[str] = set()  # ... and noticed again meanwhile
         self.quotas = Quotas(config.quotas, self._usage)
@@ -129,11 +138,23 @@ class Shop:
         """The start-up round: check the plants, resolve creates a stop cut short, enforce the leases."""
         return self.refresh().addCallback(lambda _: self.enforce_leases())
 
+    def register(self) -> None:
+        """Say in the registry that this shop uses it (blocking: at start-up, before the reactor runs).
+
+        ConfigurationError if another live shop has this shop's name on a shared registry."""
+        self.registry.register_shop(self.name, self.identity, self.instance, self.clock())
+
     @staticmethod
     def _safely(work: Callable[[], Any]) -> defer.Deferred[Any]:
         """Run one timer round; a failure is logged and the timer goes on (a LoopingCall would stop)."""
-        return defer.maybeDeferred(work).addErrback(
-            lambda failure: log.error("%s failed: %s", getattr(work, "__name__", work), failure.getTraceback()))
+
+        def failed(failure: Any) -> None:
+            if failure.check(VMShopError):  # a known condition (the registry unreachable, ...): no traceback
+                log.warning("%s failed: %s", getattr(work, "__name__", work), failure.getErrorMessage())
+            else:
+                log.error("%s failed: %s", getattr(work, "__name__", work), failure.getTraceback())
+
+        return defer.maybeDeferred(work).addErrback(failed)
 
     def stop(self) -> defer.Deferred[Any]:
         """Close the connections to the plants (the requests and timer rounds have ended by then)."""
@@ -211,7 +232,7 @@ class Shop:
                         memory=hardware.memory if hardware else getattr(start, "memory", None),
                         vcpus=hardware.vcpus if hardware else getattr(start, "vcpus", None),
                         disk=hardware.disk if hardware else None, arch=hardware.arch if hardware else None,
-                        image=getattr(start, "name", None))
+                        image=getattr(start, "name", None), shop=self.name)
         demand = Usage(1, entry.memory or 0, entry.vcpus or 0)
         if key in self._creating:
             raise DeclinedError(f"a VM with the key '{key}' exists already")
@@ -228,8 +249,10 @@ class Shop:
         try:
             result = yield self._place(key, dag_xml, owner)
         except BaseException:
-            if key not in self._cancelled:  # a collected create keeps its (collected) entry: the VM existed
-                yield self._in_thread(self.registry.delete, key)
+            # A collected create keeps its (collected) entry: the VM existed. delete_owned leaves it, as it
+            # leaves an entry another shop resolved meanwhile.
+            if key not in self._cancelled:
+                yield self._in_thread(self.registry.delete_owned, key, self.name)
             raise
         finally:
             self._creating.discard(key)
@@ -250,8 +273,7 @@ class Shop:
             # The plant's bid says what hardware the VM gets: that is what the owner's quota must hold.
             demand = Usage(1, bid.memory or 0, bid.vcpus or 0)
             # Durable before the plant is asked: after a crash, the shop knows where to look (docs/consistency.md).
-            yield self.quotas.admit(owner, key, demand, functools.partial(self._in_thread, self.registry.update, key,
-                                                                          **changes))
+            yield self.quotas.admit(owner, key, demand, functools.partial(self._update_own_create, key, **changes))
             self._still_wanted(key)
             try:
                 made = yield handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml,
@@ -270,9 +292,9 @@ class Shop:
                 continue
             self._still_wanted(key)
             vm = made.vm
-            yield self._in_thread(self.registry.update, key, state=vm.state, image=vm.image, memory=vm.memory,
-                                  vcpus=vm.vcpus, disk=vm.disk, arch=vm.arch, address=vm.address,
-                                  host_port=vm.host_port, steps=list(vm.steps or []))
+            yield self._update_own_create(key, state=vm.state, image=vm.image, memory=vm.memory, vcpus=vm.vcpus,
+                                          disk=vm.disk, arch=vm.arch, address=vm.address, host_port=vm.host_port,
+                                          steps=list(vm.steps or []))
             attempts.append(f"{bid.plant}: created")
             entry = yield self._in_thread(self.registry.get, key)
             return CreateResult(vm=self.vm_out(entry), plant=bid.plant, cost=bid.cost,
@@ -283,6 +305,17 @@ class Shop:
             reasons = ["this shop has no plants (see its plant list file)"]
         raise NoPlantError("no plant could create the VM: " + "; ".join(reasons),
                            [Problem(reason) for reason in reasons])
+
+    def _update_own_create(self, key: str, **changes: Any) -> defer.Deferred[None]:
+        """Change this shop's create in the registry, only while it is still this shop's create (a collect from
+        any shop sharing the registry ends it: NotSupportedError, and the create goes no further)."""
+
+        def update() -> None:
+            if not self.registry.update_owned(key, self.name, **changes):
+                self._cancelled.add(key)  # its entry is collected (or resolved elsewhere): never deleted here
+                raise NotSupportedError(f"VM {key} was collected while it was being created")
+
+        return self._in_thread(update)
 
     def _still_wanted(self, key: str) -> None:
         """Raise NotSupportedError once the VM being created was collected (its create goes no further)."""
@@ -333,15 +366,9 @@ class Shop:
     def _collect_entry(self, entry: VMEntry) -> Any:
         if entry.collected is not None or entry.state in ("collected", "failed"):
             return self.vm_out(entry)
-        if entry.vm_id in self._creating:
-            # Collect-during-create: the create goes no further here, and its plant (if it has one yet)
-            # cancels it; the entry ends collected.
-            self._cancelled.add(entry.vm_id)
-            if not entry.plant:
-                yield self._in_thread(self.registry.update, entry.vm_id, state="collected", collected=self.clock(),
-                                      error="collected while it was being placed")
-                updated = yield self._in_thread(self.registry.get, entry.vm_id)
-                return self.vm_out(updated)
+        if entry.state in CREATING_STATES:  # (an entry its create already made running is collected as any)
+            result = yield self._collect_create(entry)
+            return result
         handle = self._plant_of(entry)
         self._collecting.add(entry.vm_id)
         try:
@@ -363,6 +390,33 @@ class Shop:
         finally:
             self._collecting.discard(entry.vm_id)
         updated = yield self._in_thread(self.registry.get, entry.vm_id)
+        return self.vm_out(updated)
+
+    @defer.inlineCallbacks
+    def _collect_create(self, entry: VMEntry) -> Any:
+        """Collect-during-create, whichever shop of the registry runs the create: the entry ends collected in
+        the registry first (so the placing shop goes no further: no next bidder, no ``running``), then the
+        plant it was sent to (if any) cancels it; if that plant cannot be told, its copy is unwanted and the
+        state poll collects it (docs/consistency.md)."""
+        key = entry.vm_id
+        if key in self._creating:
+            self._cancelled.add(key)
+        error = "collected while it was being " + ("placed" if not entry.plant else "created")
+        before = yield self._in_thread(self.registry.cancel_create, key, self.clock(), error)
+        if before is None:  # the create ended meanwhile (made, failed or removed): collect what it is now
+            current = yield self._in_thread(self.registry.get, key)
+            if current.state in CREATING_STATES and current.collected is None:
+                raise NotSupportedError(f"VM {key} is still being placed; try again")
+            result = yield self._collect_entry(current)
+            return result
+        if before.plant:
+            handle = self.plants.get(before.plant)
+            try:
+                yield handle.client.call("collectVM", vm_id=before.plant_vm_id or key)
+            except Exception as exc:  # noqa: BLE001 - the poll collects the unwanted copy
+                log.warning("VM %s: collected while being created; its plant %s was not told (%s): the state poll "
+                            "collects its copy", key, before.plant, describe_failure(exc)[1])
+        updated = yield self._in_thread(self.registry.get, key)
         return self.vm_out(updated)
 
     def _plant_of(self, entry: VMEntry) -> Any:
@@ -435,33 +489,72 @@ class Shop:
     # Timers -------------------------------------------------------------------
     @defer.inlineCallbacks
     def enforce_leases(self) -> Any:
-        """Collect every VM whose termination time has passed (the timer survives restarts: it reads the registry)."""
-        due = yield self._in_thread(self.registry.due_terminations, self.clock())
+        """Collect every VM whose termination time has passed (the timer survives restarts: it reads the registry).
+
+        Each due VM is first claimed in the registry, so among shops sharing it one collects it; a claim whose
+        collect failed is given back for a later round, and one its shop never ended (it died) expires."""
+        now = self.clock()
+        expiry = max(self.config.dead_after, 2 * self.config.call_timeout)
+        due = yield self._in_thread(self.registry.claim_due, now, self.name, now - expiry)
         for entry in due:
             if entry.vm_id in self._collecting or entry.vm_id in self._creating or entry.state in CREATING_STATES:
+                yield self._in_thread(self.registry.release_claim, entry.vm_id, self.name)
                 continue
             try:
                 yield self._collect_entry(entry)
                 log.info("lease of VM %s ran out: collected", entry.vm_id)
             except VMShopError as exc:
                 log.warning("lease of VM %s ran out, but collecting it failed: %s", entry.vm_id, exc)
+                if not isinstance(exc, RegistryUnavailableError):
+                    yield self._in_thread(self.registry.release_claim, entry.vm_id, self.name)
 
     @defer.inlineCallbacks
     def refresh(self) -> Any:
         """Check every plant and bring the registry's states up to date with what the plants report.
 
-        Also removes entries left in ``placing`` with no create of this process behind them (a stop cut
-        their bidding short: no plant was asked, so no plant holds them).
+        Also says this shop is alive (its heartbeat), and removes entries left in ``placing`` that this shop
+        resolves (:meth:`_resolves`: a stop cut their bidding short, so no plant was asked and no plant holds
+        them).
         """
+        yield self._in_thread(self.registry.heartbeat, self.name, self.clock())
+        yield self._learn_shops()
         placing = yield self._in_thread(self.registry.query, "state=placing", None)
         for entry in placing:
-            if entry.vm_id not in self._creating:
-                log.info("VM %s: its placing was cut short by a stop: removed", entry.vm_id)
-                yield self._in_thread(self.registry.delete, entry.vm_id)
+            if self._resolves(entry):
+                log.info("VM %s: its placing (by shop %s) was cut short by a stop: removed", entry.vm_id,
+                         entry.shop or "(unnamed)")
+                yield self._in_thread(self._forget_create, entry)
         yield self.plants.check_all(min(5.0, self.config.call_timeout))
         for handle in self.plants.all():
             if handle.up:
                 yield self._refresh_plant(handle)
+
+    @defer.inlineCallbacks
+    def _learn_shops(self) -> Any:
+        """Read which shops share the registry: which are alive (by heartbeat) and their certificate subjects."""
+        shops = yield self._in_thread(self.registry.shops)
+        self._alive_shops = shops_alive(shops, self.clock(), self.config.dead_after) - {self.name}
+        self._shop_identities = {self.identity} | {shop.identity for shop in shops if shop.identity}
+
+    def _resolves(self, entry: VMEntry) -> bool:
+        """Whether this shop resolves an entry a create left in ``placing``/``creating``: one of its own with no
+        create of this process behind it (a stop cut it short), or one whose shop is dead (no heartbeat for
+        ``dead-after`` seconds), or one no shop is named for (written before shops were named)."""
+        if entry.vm_id in self._creating:
+            return False
+        if entry.shop is None or entry.shop == self.name:
+            return True
+        return self._alive_shops is not None and entry.shop not in self._alive_shops
+
+    def _forget_create(self, entry: VMEntry) -> None:
+        """Remove an unfinished create's entry (blocking), only if it still is that shop's unfinished create."""
+        if entry.shop is not None:
+            self.registry.delete_owned(entry.vm_id, entry.shop)
+            return
+        try:
+            self.registry.delete(entry.vm_id)
+        except NoSuchVMError:
+            pass
 
     def plant_changed(self, caller: Identity, url: str) -> bool:
         """A plant says some of its VMs changed: look at that plant soon (the answer does not wait for it).
@@ -530,7 +623,8 @@ class Shop:
                 continue
             vm = reported.get(entry.plant_vm_id or "")
             if entry.state in CREATING_STATES:
-                yield self._resolve_create(handle, entry, vm, seen)
+                if self._resolves(entry):  # another live shop's create in progress is that shop's to finish
+                    yield self._resolve_create(handle, entry, vm, seen)
                 continue
             if vm is None:
                 continue
@@ -546,7 +640,8 @@ class Shop:
         grace = max(2 * self.config.poll_interval, 1.0)
         for vm in reported.values():
             if (vm.state in ("collected", "failed", "collecting") or vm.vm_id in wanted or vm.vm_id in self._creating
-                    or not same_identity(vm.shop or "", self.identity) or (vm.created or 0) > self.clock() - grace):
+                    or not any(same_identity(vm.shop or "", identity) for identity in self._shop_identities)
+                    or (vm.created or 0) > self.clock() - grace):
                 continue
             log.warning("plant %s holds VM %s (%s) for this shop, which the registry does not want there: "
                         "collecting it", handle.url, vm.vm_id, vm.state)
@@ -566,13 +661,13 @@ class Shop:
         if vm is None or vm.state in ("collected", "failed", "collecting"):
             log.info("VM %s: its create on %s was cut short (%s): removed", entry.vm_id, handle.url,
                      "no such VM there" if vm is None else vm.state)
-            yield self._in_thread(self.registry.delete, entry.vm_id)
+            yield self._in_thread(self._forget_create, entry)
             return
         if entry.updated < self.clock() - self.config.create_timeout - self.config.poll_interval:
             log.warning("VM %s: its create on %s outlived the create timeout: cancelled and removed", entry.vm_id,
                         handle.url)
             handle.client.call("collectVM", vm_id=entry.plant_vm_id or entry.vm_id).addErrback(lambda _: None)
-            yield self._in_thread(self.registry.delete, entry.vm_id)
+            yield self._in_thread(self._forget_create, entry)
 
     # Output -------------------------------------------------------------------
     def vm_out(self, entry: VMEntry) -> VMInfo:
