@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmshop_common.cost import Bid, CostModel, Decline
-from vmshop_common.dag import Action, Dag, MountAction, NetworkAction
+from vmshop_common.cost import Bid, CostModel, Decline, match_request
+from vmshop_common.dag import Action, Dag, NetworkAction
 from vmshop_common.dagxml import dag_to_xml, load_dag
 from vmshop_common.errors import (
     ActionFailedError,
@@ -44,10 +44,12 @@ from vmshop_common.errors import (
     NoSuchImageError,
     NoSuchVMError,
     NotSupportedError,
+    OfferExceededError,
     Problem,
     VMShopError,
 )
 from vmshop_common.matching import flatten
+from vmshop_common.offers import Catalog, Offer, Terms, catalog_digest, price, too_long, unservable
 from vmshop_common.rules import check_static_addresses
 
 from .agent.qga import GuestAgent
@@ -110,6 +112,9 @@ class Plant:
         self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
         self._reserved_owners: dict[str, str] = {}  # vm_id -> owner, VMs being created
         self._cancelled: set[str] = set()  # VMs being created that a collect cancelled
+        self._catalog: tuple[Any, Catalog] | None = None
+        self._offer_content: Any = None
+        self._offer_version = 0
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
@@ -122,10 +127,6 @@ class Plant:
         return CostModel(clone_seconds=self.records.metric("clone_seconds") or 0.05,
                          boot_seconds=self.records.metric("boot_seconds") or 5.0,
                          history=self.records)
-
-    def _load_seconds(self) -> float:
-        # A busy plant is slower: every VM being created now competes for the CPU while it boots.
-        return round(len(self._reserved) * (self.records.metric("boot_seconds") or 5.0) / 2, 6)
 
     def estimate(self, dag_xml: str) -> Bid | Decline:
         """A bid for the DAG, or a decline with the reason. Invalid DAGs (and static addresses) raise."""
@@ -154,66 +155,95 @@ class Plant:
         return None
 
     def estimate_dag(self, dag: Dag) -> Bid | Decline:
-        images = [info.cached_image() for info in self.warehouse.images.values()]
-        try:
-            flat = flatten(dag, {image.name: image.dag for image in images})
-        except NoSuchImageError as exc:
-            return Decline(exc.message)
-        reason = self._unservable(flat)
-        if reason:
-            return Decline(reason)
-        bid = self.cost_model().estimate(dag, images, self._load_seconds())
-        if isinstance(bid, Bid):
-            reason = self._too_long([flat.nodes[n] for n in bid.remaining if isinstance(flat.nodes[n], Action)])
-            if reason:
-                return Decline(reason)
-        return bid
+        """The bid for ``dag`` with this plant's live state: :func:`vmshop_common.offers.price` of the plant's
+        own offer (the code a shop prices offers with), with its live step records and data store."""
+        offer = self._snapshot({})
+        return price(dag, match_request(dag, offer.catalog.images), offer, has_data=self._has_data,
+                     history=self.records, check_full=False)
+
+    def _has_data(self, source: str) -> bool:
+        store = self.config.datastore
+        return store is not None and (Path(store) / source).is_dir()
 
     def _too_long(self, actions: list[Any]) -> str | None:
         """Why running ``actions`` would take more than this plant allows a VM (its ``<limits>``), or None."""
-        for action in actions:
-            if action.timeout > self.config.max_action_seconds:
-                return (f"action '{action.id}' may run {action.timeout} s; this plant allows an action "
-                        f"{self.config.max_action_seconds} s")
-        total = sum(action.timeout for action in actions)
-        if total > self.config.max_dag_seconds:
-            return (f"the actions may run {total} s in all (the sum of their timeouts); this plant allows "
-                    f"{self.config.max_dag_seconds} s")
-        return None
+        return too_long(actions, self.terms())
 
     def _unservable(self, flat: Dag) -> str | None:
         """Why this plant can never serve the (flattened) DAG, or None."""
-        hardware = flat.start.hardware  # type: ignore[union-attr]
+        return unservable(flat, self.terms(), self._has_data)
+
+    # The offer ----------------------------------------------------------------
+    def terms(self) -> Terms:
         caps = self.backend.capabilities()
-        if not caps.available:
-            return f"backend {caps.name} is not available here: {caps.reason}"
-        if hardware.arch not in caps.architectures:
-            return f"backend {caps.name} runs {', '.join(caps.architectures)}, not {hardware.arch}"
-        if hardware.disk > self.config.max_disk:
-            return f"a {hardware.disk} GiB disk is more than this plant gives a VM ({self.config.max_disk} GiB)"
-        if hardware.memory > self.config.capacity_memory:
-            return f"{hardware.memory} MiB is more than this plant's {self.config.capacity_memory} MiB for guests"
-        if caps.max_memory and hardware.memory > caps.max_memory:
-            return f"{hardware.memory} MiB is more than backend {caps.name} allows ({caps.max_memory} MiB)"
-        if caps.max_vcpus and hardware.vcpus > caps.max_vcpus:
-            return f"{hardware.vcpus} vCPUs is more than backend {caps.name} allows ({caps.max_vcpus})"
-        for action in flat.actions:
-            if isinstance(action, NetworkAction) and self.pool is None:
-                return f"action '{action.id}' needs a host-only network, which this plant does not have"
-            if isinstance(action, MountAction):
-                store = self.config.datastore
-                if store is None:
-                    return f"action '{action.id}' mounts data, and this plant has no data store"
-                if not (Path(store) / action.source).is_dir():
-                    return f"action '{action.id}' mounts '{action.source}', which this plant's data store lacks"
-        return None
+        config = self.config
+        return Terms(backend=caps.name, available=caps.available, reason=caps.reason,
+                     architectures=tuple(caps.architectures), max_memory=caps.max_memory or 0,
+                     max_vcpus=caps.max_vcpus or 0, max_disk=config.max_disk,
+                     capacity_memory=config.capacity_memory, capacity_vms=config.capacity_vms,
+                     max_creates=config.max_creates, max_action_seconds=config.max_action_seconds,
+                     max_dag_seconds=config.max_dag_seconds, network=self.pool is not None,
+                     datastore=config.datastore is not None)
+
+    def catalog(self) -> Catalog:
+        """The warehouse's images as an offer's catalog (kept while the warehouse's images are the same)."""
+        images = self.warehouse.images
+        key = tuple((name, id(info)) for name, info in sorted(images.items()))
+        cached = self._catalog
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        cached_images = tuple(info.cached_image() for _, info in sorted(images.items()))
+        digest = catalog_digest((image.name, dag_to_xml(image.dag), image.hardware) for image in cached_images)
+        catalog = Catalog(cached_images, digest)
+        self._catalog = (key, catalog)
+        return catalog
+
+    def _datasets(self) -> frozenset[str]:
+        store = self.config.datastore
+        if store is None:
+            return frozenset()
+        try:
+            return frozenset(sorted(entry.name for entry in Path(store).iterdir() if entry.is_dir())[:1024])
+        except OSError:
+            return frozenset()
+
+    def _snapshot(self, steps: dict[str, float], plant_url: str = "") -> Offer:
+        """This plant's live state as an (unversioned) offer, with ``steps`` for its step costs."""
+        metric = self.records.metric
+        with self._lock:
+            live_vms = self.records.live_vms()
+            live = len({r.vm_id for r in live_vms} | set(self._reserved))
+            creating = len(self._reserved)
+            used = sum(r.memory for r in live_vms if r.vm_id not in self._reserved) + sum(self._reserved.values())
+        return Offer(plant=plant_url or self.config.name, version=0, issued=self.clock(), catalog=self.catalog(),
+                     terms=self.terms(), steps=steps, clone_seconds=metric("clone_seconds") or 0.05,
+                     boot_seconds=metric("boot_seconds") or 5.0, live=live, creating=creating,
+                     free_memory=self.config.capacity_memory - used, datasets=self._datasets())
+
+    def offer(self, plant_url: str = "") -> Offer:
+        """This plant's offer now: what its bids depend on (blocking: reads the records). Its version grows
+        whenever its content changes, and only then."""
+        offer = self._snapshot(self.records.step_costs(), plant_url)
+        live, creating = offer.live, offer.creating
+        content = (offer.catalog.digest, offer.terms, tuple(sorted(offer.steps.items())), offer.clone_seconds,
+                   offer.boot_seconds, live, creating, offer.free_memory, offer.datasets)
+        with self._lock:
+            if content != self._offer_content:
+                self._offer_content = content
+                self._offer_version = max(self._offer_version + 1, int(self.clock() * 1000))
+            offer.version = self._offer_version
+        return offer
 
     # Create -----------------------------------------------------------------
-    def create(self, dag_xml: str, owner: str = "", vm_id: str | None = None, shop: str = "") -> CreateResult:
+    def create(self, dag_xml: str, owner: str = "", vm_id: str | None = None, shop: str = "",
+               max_cost: float | None = None) -> CreateResult:
         """Make the VM the DAG describes; returns when it is configured (see the module's guarantees).
 
         ``shop`` is the identity (certificate subject) of the shop that asks:
-        only it may later tell the plant the VM is unwanted.
+        only it may later tell the plant the VM is unwanted. ``max_cost``: the
+        most the shop accepts (it chose this plant by its offer, plus its
+        margin); the plant re-prices with its live state and declines
+        (OfferExceededError) when its cost is higher.
         """
         dag = load_dag(dag_xml)
         check_static_addresses(dag, None)
@@ -222,6 +252,9 @@ class Plant:
             if estimate.reason.startswith("no cached image is named"):
                 raise NoSuchImageError(estimate.reason)
             raise DeclinedError(f"this plant cannot make the VM: {estimate.reason}")
+        if max_cost is not None and estimate.cost > max_cost:
+            raise OfferExceededError(f"this plant's cost for the VM is now {estimate.cost:g} s, more than the "
+                                     f"{max_cost:g} s the shop accepts from its offer")
         info = self.warehouse.get(estimate.image)
         flat = flatten(dag, {name: image.dag for name, image in self.warehouse.images.items()})
         hardware = flat.start.hardware  # type: ignore[union-attr]

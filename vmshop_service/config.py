@@ -47,6 +47,10 @@ class ShopConfig:
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     wsse_users: Path | None = None  # users file for WS-Security UsernameTokens (None: certificates only)
     wsse_window: float = 300.0
+    bids: str = "offers"  # 'offers': priced here from the plants' offers; 'live': every plant asked per request
+    offer_margin: float = 0.25  # a plant declines a create when its live cost exceeds its offer's by more
+    offer_refresh: float = 60.0  # seconds between pulls of every plant's offer
+    offer_penalty: float = 300.0  # seconds a plant whose offer proved wrong is ranked after the others
 
     def plants(self) -> list[str]:
         """The plants' endpoint URLs from the plant list file (ConfigurationError if it is bad): https, or
@@ -114,6 +118,10 @@ def load_config(path: str | Path) -> ShopConfig:
         quotas=_quotas(root.find(f"{{{CONFIG_NS}}}quotas")),
         wsse_users=path_of("wsse", "users") if get("wsse", "users") else None,
         wsse_window=float(str(get("wsse", "window", "300"))),
+        bids=root.get("bids", "offers"),
+        offer_margin=float(str(get("offers", "margin", "0.25"))),
+        offer_refresh=float(str(get("offers", "refresh", "60"))),
+        offer_penalty=float(str(get("offers", "penalty", "300"))),
     )
     if config.wsse_users is not None and config.security.insecure:
         raise ConfigurationError(f"{what}: WS-Security UsernameTokens are accepted only over TLS, and this "
@@ -124,6 +132,8 @@ def load_config(path: str | Path) -> ShopConfig:
 def write_config(config: ShopConfig, path: str | Path) -> Path:
     """Write ``config`` to ``path`` (atomically) and return the path."""
     element = etree.Element(CONFIG_ROOT, nsmap={None: CONFIG_NS}, name=config.name)
+    if config.bids != "offers":
+        element.set("bids", config.bids)
 
     def add(local: str, **attributes: object) -> None:
         etree.SubElement(element, f"{{{CONFIG_NS}}}{local}", {k: str(v) for k, v in attributes.items()})
@@ -136,6 +146,9 @@ def write_config(config: ShopConfig, path: str | Path) -> Path:
     add("plants", file=config.plants_file)
     add("timeouts", bid=config.bid_timeout, create=config.create_timeout, call=config.call_timeout)
     add("intervals", poll=config.poll_interval, lease=config.lease_interval)
+    if (config.offer_margin, config.offer_refresh, config.offer_penalty) != (0.25, 60.0, 300.0):
+        add("offers", margin=f"{config.offer_margin:g}", refresh=f"{config.offer_refresh:g}",
+            penalty=f"{config.offer_penalty:g}")
     if config.shutdown_grace != DEFAULT_GRACE:
         add("shutdown", grace=f"{config.shutdown_grace:g}")
     if config.wsse_users is not None:

@@ -156,6 +156,8 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
                   RoundTimer(config.lease_interval, shop.enforce_leases, name="lease timer", shutdown=shutdown,
                              clock=reactor),
                   RoundTimer(config.poll_interval, shop.refresh, name="state poll", shutdown=shutdown, clock=reactor),
+                  RoundTimer(config.offer_refresh, shop.refresh_offers, name="offer pull", shutdown=shutdown,
+                             clock=reactor),
                   listener):
         child.setServiceParent(root)
     return ShopServer(root, shop, listener, pool, security, tokens)

@@ -23,7 +23,7 @@ from twisted.internet import defer
 from vmshop_common.errors import AuthenticationFailedError
 from vmshop_common.soap.faults import failure_to_fault
 
-from .wire import ActionRun, CreateResult, EndpointReference, Estimate, PlantStatus, VMInfo
+from .wire import ActionRun, CreateResult, EndpointReference, Estimate, Offer, PlantStatus, VMInfo
 
 APP_NAME = "VMShop"
 MAX_DAG_CHARS = 1024 * 1024
@@ -119,8 +119,10 @@ class VMShopService(ServiceBase):
         """Re-read the plant list (addresses/vmplant_addresses.txt) and check each plant."""
         return _call(ctx, "reload_plants")
 
-    @rpc(Unicode(min_occurs=1, nillable=False, max_len=2048), _returns=Boolean)
-    def plantChanged(ctx, plant):  # noqa: N802, N805
-        """A plant's notice that some of its VMs changed (it names its own URL); the shop then asks that
-        plant for its VMs. Only plants on the shop's list are heard (else Client.NoSuchPlant)."""
-        return _call(ctx, "plant_changed", plant)
+    @rpc(Unicode(min_occurs=1, nillable=False, max_len=2048), Offer, _returns=Boolean)
+    def plantChanged(ctx, plant, offer):  # noqa: N802, N805
+        """A plant's notice that some of its VMs changed (it names its own URL), with its offer when that
+        changed; the shop then asks that plant for its VMs. Only plants on the shop's list are heard (else
+        Client.NoSuchPlant), only from that plant's identity (else Client.NotAuthorized); a bad offer is
+        refused (Client.OfferInvalid)."""
+        return _call(ctx, "plant_changed", plant, offer)

@@ -45,6 +45,8 @@ from vmshop_common.errors import (
     NoSuchVMError,
     NotAuthorizedError,
     NotSupportedError,
+    OfferExceededError,
+    OfferInvalidError,
     PlantGoneError,
     Problem,
     VMShopError,
@@ -57,6 +59,7 @@ from vmshop_common.threads import ThreadPoolService
 from . import resource
 from .broker import BidResult, call_for_bids, rank, rejection
 from .config import ShopConfig
+from .offers import OfferBook
 from .plants import PlantDirectory, describe_failure
 from .query import Term, parse_query
 from .quota import Quotas, Usage
@@ -116,6 +119,9 @@ class Shop:
         self._looking: set[str] = set()  # plants being looked at after a notice
         self._look_again: set[str] = set()  # ... and noticed again meanwhile
         self.quotas = Quotas(config.quotas, self._usage)
+        self.offers = OfferBook(plants, time.monotonic, penalty=config.offer_penalty,
+                                timeout=min(config.call_timeout, 10.0))
+        self.live_bids = config.bids == "live"
 
     def _usage(self, owner: str, exclude: str) -> defer.Deferred[Usage]:
         return self._in_thread(self.registry.usage, owner, exclude).addCallback(lambda row: Usage(*row))
@@ -124,8 +130,16 @@ class Shop:
     # The shop's service tree (vmshop_service/main.py) calls start() once the reactor runs and stop() when
     # the shop stops; its timers call enforce_leases() and refresh() every lease and poll interval.
     def start(self) -> defer.Deferred[Any]:
-        """The start-up round: check the plants, resolve creates a stop cut short, enforce the leases."""
-        return self.refresh().addCallback(lambda _: self.enforce_leases())
+        """The start-up round: pull the plants' offers (offers mode), check the plants, resolve creates a stop
+        cut short, enforce the leases."""
+        first = self.refresh_offers() if not self.live_bids else defer.succeed(None)
+        return first.addCallback(lambda _: self.refresh()).addCallback(lambda _: self.enforce_leases())
+
+    def refresh_offers(self) -> defer.Deferred[Any]:
+        """Pull every plant's offer (the slow offer timer; offers mode only)."""
+        if self.live_bids:
+            return defer.succeed(None)
+        return self.offers.pull_all()
 
     @staticmethod
     def _safely(work: Callable[[], Any]) -> defer.Deferred[Any]:
@@ -173,18 +187,36 @@ class Shop:
     # Estimate -----------------------------------------------------------------
     @defer.inlineCallbacks
     def estimate(self, caller: Identity, dag_xml: str) -> Any:
-        yield self._in_thread(load_new_vm_dag, dag_xml)
-        bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
+        dag = yield self._in_thread(load_new_vm_dag, dag_xml)
+        started = time.monotonic()
+        bids = yield self._bids(dag, dag_xml)
         ranked = rank(bids)
         best = ranked[0] if ranked else None
+        took = round(time.monotonic() - started, 6)
         return spyne_record(Estimate, plant=best.plant if best else None, cost=best.cost if best else None,
                             image=best.image if best else None, items=list(best.items) if best else [],
-                            remaining=list(best.remaining) if best else [], bids=[_bid_out(b) for b in bids])
+                            remaining=list(best.remaining) if best else [],
+                            bids=[_bid_out(b, b is best) for b in bids], seconds=took,
+                            mode="live" if self.live_bids else "offers")
+
+    def _bids(self, dag: Any, dag_xml: str, handles: list[Any] | None = None,
+              live: bool = False) -> defer.Deferred[list[BidResult]]:
+        """The bids of the plants (or of ``handles``): priced here from their offers, the plants with no offer
+        asked live; every plant asked live in live mode or with ``live``."""
+        handles = self.plants.all() if handles is None else handles
+        if self.live_bids or live:
+            return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=handles)
+        priced, unpriced = self.offers.bids(dag, handles)
+        if not unpriced:
+            return defer.succeed(priced)
+        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=unpriced).addCallback(
+            lambda asked: priced + asked)
 
     # Create -------------------------------------------------------------------
     @defer.inlineCallbacks
     def create(self, caller: Identity, dag_xml: str, owner: str, termination: float | None,
                key: str | None) -> Any:
+        started = time.monotonic()
         owner = authz.owner_of_new_vm(caller, owner)
         dag = yield self._in_thread(load_new_vm_dag, dag_xml)
         check_termination(termination)
@@ -213,7 +245,7 @@ class Shop:
             self._creating.discard(key)
             raise
         try:
-            result = yield self._place(key, dag_xml, owner)
+            result = yield self._place(key, dag, dag_xml, owner, started)
         except BaseException:
             if key not in self._cancelled:  # a collected create keeps its (collected) entry: the VM existed
                 yield self._in_thread(self.registry.delete, key)
@@ -224,52 +256,129 @@ class Shop:
         return result
 
     @defer.inlineCallbacks
-    def _place(self, key: str, dag_xml: str, owner: str) -> Any:
-        bids = yield call_for_bids(self.plants, dag_xml, self.config.bid_timeout)
+    def _place(self, key: str, dag: Any, dag_xml: str, owner: str, started: float) -> Any:
+        """Create on the best bidder, then the next (docs/consistency.md). In offers mode the bidders are
+        priced from offers and each re-prices at its create (declining above its offer plus the margin); when
+        none of them made the VM, the plants whose offers declined are asked live, once. ``started``: when the
+        create began (its placement time runs from there to asking the first plant)."""
+        bids = yield self._bids(dag, dag_xml)
         attempts: list[str] = []
-        for bid in rank(bids):
+        tried: set[str] = set()
+        timing: dict[str, float] = {}
+        ranked, second = rank(bids), False
+        while True:
+            for bid in ranked:
+                tried.add(bid.plant)
+                made = yield self._try(key, bid, dag_xml, owner, attempts, started, timing)
+                if made is not None:
+                    attempts.append(f"{bid.plant}: created")
+                    entry = yield self._in_thread(self.registry.get, key)
+                    return CreateResult(vm=self.vm_out(entry), plant=bid.plant, cost=bid.cost,
+                                        bids=[_bid_out(b, b.plant == bid.plant) for b in bids], attempts=attempts,
+                                        runs=[_run_out(run) for run in made.runs or []],
+                                        placement_seconds=timing.get("placement"))
+            if self.live_bids or second:
+                break
+            # Offers can be stale: the plants whose offer declined (and were not tried), and those whose live price
+            # exceeded their offer, are asked live, once.
+            second = True
+            exceeded = {a.split(": ", 1)[0] for a in attempts if OfferExceededError.CODE in a}
+            again = [self.plants.get(b.plant) for b in bids if b.source == "offer" and self._listed(b.plant)
+                     and ((b.status == "declined" and b.plant not in tried) or b.plant in exceeded)]
+            if not again:
+                break
             self._still_wanted(key)
-            handle = self.plants.get(bid.plant)
-            changes = {"state": "creating", "plant": bid.plant, "plant_vm_id": key, "cost": bid.cost,
-                       "image": bid.image}
-            if bid.memory is not None:
-                changes.update(memory=bid.memory, vcpus=bid.vcpus)
-            # The plant's bid says what hardware the VM gets: that is what the owner's quota must hold.
-            demand = Usage(1, bid.memory or 0, bid.vcpus or 0)
-            # Durable before the plant is asked: after a crash, the shop knows where to look (docs/consistency.md).
-            yield self.quotas.admit(owner, key, demand, functools.partial(self._in_thread, self.registry.update, key,
-                                                                          **changes))
-            self._still_wanted(key)
-            try:
-                made = yield handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml,
-                                                             owner=owner, vm_id=key)
-            except defer.CancelledError:
-                raise  # the shop is stopping (its grace ran out): no next bidder
-            except Exception as exc:  # noqa: BLE001 - every failure means: try the next bidder
-                status, reason = describe_failure(exc)
-                attempts.append(f"{bid.plant}: {reason}")
-                log.warning("create %s on %s failed (%s): %s; trying the next bidder", key, bid.plant, status,
-                            reason)
-                if status in ("timeout", "down"):
-                    # The plant may still make it: cancel it there (a collect during a create cancels it). If
-                    # this does not get through, the plant's copy is unwanted and the state poll collects it.
-                    handle.client.call("collectVM", vm_id=key).addErrback(lambda _: None)
-                continue
-            self._still_wanted(key)
-            vm = made.vm
-            yield self._in_thread(self.registry.update, key, state=vm.state, image=vm.image, memory=vm.memory,
-                                  vcpus=vm.vcpus, disk=vm.disk, arch=vm.arch, address=vm.address,
-                                  host_port=vm.host_port, steps=list(vm.steps or []))
-            attempts.append(f"{bid.plant}: created")
-            entry = yield self._in_thread(self.registry.get, key)
-            return CreateResult(vm=self.vm_out(entry), plant=bid.plant, cost=bid.cost,
-                                bids=[_bid_out(b) for b in bids], attempts=attempts,
-                                runs=[_run_out(run) for run in made.runs or []])
+            live = yield self._bids(dag, dag_xml, again, live=True)
+            bids = [b for b in bids if b.plant not in {h.url for h in again}] + live
+            ranked = rank(live)
         reasons = [f"{b.plant}: {rejection(b)}" for b in bids if rejection(b) is not None] + attempts
         if not bids:
             reasons = ["this shop has no plants (see its plant list file)"]
         raise NoPlantError("no plant could create the VM: " + "; ".join(reasons),
                            [Problem(reason) for reason in reasons])
+
+    def _listed(self, url: str) -> bool:
+        return any(handle.url == url for handle in self.plants.all())
+
+    @defer.inlineCallbacks
+    def _try(self, key: str, bid: BidResult, dag_xml: str, owner: str, attempts: list[str], started: float,
+             timing: dict[str, float]) -> Any:
+        """Ask ``bid``'s plant to create; its ``made`` answer, or None (the reason added to ``attempts``).
+
+        The create counts as in flight to that plant from now (in the reactor turn that priced it), so that the
+        creates priced after it see the plant's load as the plant will."""
+        inflight = self.offers.inflight
+        inflight[bid.plant] = inflight.get(bid.plant, 0) + 1
+        try:
+            made = yield self._create_on(key, bid, dag_xml, owner, attempts, started, timing)
+        finally:
+            inflight[bid.plant] -= 1
+            if not inflight[bid.plant]:
+                del inflight[bid.plant]
+        return made
+
+    @defer.inlineCallbacks
+    def _create_on(self, key: str, bid: BidResult, dag_xml: str, owner: str, attempts: list[str], started: float,
+                   timing: dict[str, float]) -> Any:
+        self._still_wanted(key)
+        handle = self.plants.get(bid.plant)
+        changes = {"state": "creating", "plant": bid.plant, "plant_vm_id": key, "cost": bid.cost,
+                   "image": bid.image}
+        if bid.memory is not None:
+            changes.update(memory=bid.memory, vcpus=bid.vcpus)
+        # The plant's bid says what hardware the VM gets: that is what the owner's quota must hold.
+        demand = Usage(1, bid.memory or 0, bid.vcpus or 0)
+        # Durable before the plant is asked: after a crash, the shop knows where to look (docs/consistency.md).
+        yield self.quotas.admit(owner, key, demand, functools.partial(self._in_thread, self.registry.update, key,
+                                                                      **changes))
+        self._still_wanted(key)
+        max_cost = None
+        if bid.source == "offer" and bid.cost is not None:
+            max_cost = round(bid.cost * (1 + self.config.offer_margin) + 1e-6, 6)
+        timing.setdefault("placement", round(time.monotonic() - started, 6))
+        call = handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml, owner=owner,
+                                               vm_id=key, max_cost=max_cost)
+        silent: list[str] = []
+        outcome: defer.Deferred[Any] = defer.Deferred(lambda _: call.cancel())
+        call.addBoth(lambda result: outcome.callback(result) if not outcome.called else None)
+        if bid.source == "offer":
+            # No live bid showed that this plant answers: check it alongside the create, within the bid timeout.
+            # A plant that does not answer loses the create as a silent bidder would (it is cancelled there).
+            def checked(checked_handle: Any) -> None:
+                if not checked_handle.up and not outcome.called:
+                    silent.append(checked_handle.last_error or "no answer")
+                    outcome.errback(defer.CancelledError("the plant did not answer its check"))
+                    call.cancel()
+
+            self.plants.check(handle, self.config.bid_timeout).addCallback(checked)
+        try:
+            made = yield outcome
+        except defer.CancelledError:
+            if not silent:
+                raise  # the shop is stopping (its grace ran out): no next bidder
+            reason = f"did not answer a check within {self.config.bid_timeout:g} s ({silent[0]})"
+            attempts.append(f"{bid.plant}: {reason}")
+            log.warning("create %s on %s: the plant %s; trying the next bidder", key, bid.plant, reason)
+            handle.client.call("collectVM", vm_id=key).addErrback(lambda _: None)
+            return None
+        except Exception as exc:  # noqa: BLE001 - every failure means: try the next bidder
+            status, reason = describe_failure(exc)
+            attempts.append(f"{bid.plant}: {reason}")
+            log.warning("create %s on %s failed (%s): %s; trying the next bidder", key, bid.plant, status, reason)
+            if status in ("timeout", "down"):
+                # The plant may still make it: cancel it there (a collect during a create cancels it). If
+                # this does not get through, the plant's copy is unwanted and the state poll collects it.
+                handle.client.call("collectVM", vm_id=key).addErrback(lambda _: None)
+            elif OfferExceededError.CODE in reason and bid.source == "offer":
+                self.offers.mark_down(bid.plant, reason)
+                self.offers.pull(handle)  # its offer now
+            return None
+        self._still_wanted(key)
+        vm = made.vm
+        yield self._in_thread(self.registry.update, key, state=vm.state, image=vm.image, memory=vm.memory,
+                              vcpus=vm.vcpus, disk=vm.disk, arch=vm.arch, address=vm.address,
+                              host_port=vm.host_port, steps=list(vm.steps or []))
+        return made
 
     def _still_wanted(self, key: str) -> None:
         """Raise NotSupportedError once the VM being created was collected (its create goes no further)."""
@@ -450,8 +559,10 @@ class Shop:
             if handle.up:
                 yield self._refresh_plant(handle)
 
-    def plant_changed(self, caller: Identity, url: str) -> bool:
+    def plant_changed(self, caller: Identity, url: str, offer: Any = None) -> bool:
         """A plant says some of its VMs changed: look at that plant soon (the answer does not wait for it).
+        With ``offer``, the plant's new offer: validated and taken (offers mode; a bad one is refused with
+        Client.OfferInvalid and logged, and the offer held before stays).
 
         Heard only from that plant's own identity (one whose authorisation-file line lists its address) or
         an admin (else NotAuthorizedError), and only for plants on this shop's list (else NoSuchPlantError).
@@ -459,6 +570,8 @@ class Shop:
         that arrive while that plant is being looked at make one more look. Returns True.
         """
         if not authz.may_notify(caller, url):
+            log.warning("a notice%s for plant %s from %s refused: not that plant's identity",
+                        " with an offer" if offer is not None else "", url[:200], caller.name)
             raise NotAuthorizedError(f"{caller.name} may not send notices for the plant at {url[:200]!r}: only "
                                      "the plant whose address its authorisation-file line lists")
         wanted = _normal_url(url)
@@ -466,6 +579,12 @@ class Shop:
         if handle is None:
             raise NoSuchPlantError(f"{url!r} is not one of this shop's plants")
         self._look(handle)
+        if offer is not None and not self.live_bids:
+            try:
+                self.offers.take(handle.url, offer)
+            except OfferInvalidError:
+                log.warning("offer pushed by %s (as %s) refused", handle.url, caller.name)
+                raise
         return True
 
     def _look(self, handle: Any) -> None:
@@ -572,11 +691,14 @@ class Shop:
                             cost=entry.cost, error=entry.error, steps=list(entry.steps or []), attributes=attributes)
 
 
-def _bid_out(bid: BidResult) -> Bid:
+def _bid_out(bid: BidResult, full: bool = True) -> Bid:
+    """One bid on the wire; its cost breakdown only when ``full`` or asked live (offers mode answers for every
+    plant: the breakdown of the best is in the answer itself)."""
     items = [spyne_record(CostItem, label=i.label, seconds=i.seconds, source=i.source, node=i.node)
-             for i in bid.items]
+             for i in bid.items] if full or bid.source == "live" else []
     return spyne_record(Bid, plant=bid.plant, status=bid.status, cost=bid.cost, image=bid.image, reason=bid.reason,
-                        seconds=bid.seconds, items=items)
+                        seconds=bid.seconds, items=items, source=bid.source, offer_age=bid.offer_age,
+                        offer_version=bid.offer_version, marked_down=bid.marked_down or None)
 
 
 def _run_out(run: Any) -> ActionRun:
