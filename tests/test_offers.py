@@ -258,3 +258,34 @@ def test_the_shop_configuration_carries_the_bidding_mode(tmp_path: Path) -> None
                         offer_margin=0.5, offer_refresh=30.0, offer_penalty=10.0)
     config = replace(config, security=replace(config.security, insecure=True))
     assert load_config(write_config(config, tmp_path / "c.xml")) == config
+
+
+def test_the_shop_prices_once_per_class_of_alike_offers_and_ranks_every_plant(
+        plant: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmshop_service.offers import OfferBook
+    now = [1000.0]
+    book = OfferBook(None, lambda: now[0], penalty=60.0)  # type: ignore[arg-type]
+    fields = offer_fields(plant.offer())
+    for i in range(300):  # three kinds of plant, 100 of each (boot 1, 2, 3 s)
+        book.take(f"https://p{i:03d}:1/", _wire({**fields, "boot_seconds": 1.0 + i % 3, "version": 1}))
+    calls = []
+    real = offers_module.price
+    monkeypatch.setattr(offers_module, "price", lambda *a, **k: calls.append(1) or real(*a, **k))
+    handles = [SimpleNamespace(url=f"https://p{i:03d}:1/") for i in range(301)]  # the last one has no offer
+    book.mark_down("https://p000:1/", "test")
+    book.inflight["https://p003:1/"] = 1
+    priced = book.price(load_dag(REQUESTS[0]), handles)  # type: ignore[arg-type]
+    assert len(calls) == 4  # three classes, and the plant with a create in flight on its own
+    assert [h.url for h in priced.unpriced] == ["https://p300:1/"]
+    ranked = list(priced.ranked())
+    assert len(ranked) == 300 and priced.bidders == 300
+    assert [b.plant for b in ranked[:3]] == ["https://p006:1/", "https://p009:1/", "https://p012:1/"]
+    assert ranked[-1].plant == "https://p000:1/" and ranked[-1].marked_down  # marked down: last
+    costs = [b.cost for b in ranked[:-1]]
+    assert costs == sorted(costs) and "https://p003:1/" in [b.plant for b in ranked]
+    now[0] += 61  # the mark wears off
+    assert next(book.price(load_dag(REQUESTS[0]), handles).ranked()).plant == "https://p000:1/"  # type: ignore[arg-type]
+    # A newer offer moves a plant to another class; an older one is ignored.
+    book.take("https://p006:1/", _wire({**fields, "boot_seconds": 0.5, "version": 2}))
+    book.take("https://p006:1/", _wire({**fields, "boot_seconds": 9.0, "version": 1}))
+    assert next(book.price(load_dag(REQUESTS[0]), handles).ranked()).plant == "https://p006:1/"  # type: ignore[arg-type]

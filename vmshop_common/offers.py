@@ -221,6 +221,13 @@ def price(request: Dag, matched: Matched | Decline, offer: Offer, *, extra_creat
     return bid
 
 
+def pricing_key(offer: Offer) -> tuple[Any, ...]:
+    """What :func:`price` depends on in an offer (besides a pricer's own creates in flight): offers with equal
+    keys get equal prices. Terms, data sets and step costs count by identity (a CatalogCache interns them)."""
+    return (offer.catalog.digest, id(offer.terms), id(offer.datasets), id(offer.steps), offer.clone_seconds,
+            offer.boot_seconds, offer.live, offer.creating)
+
+
 def _flat_or_none(request: Dag, catalog: Catalog) -> Dag | None:
     try:
         return flatten(request, catalog.lineages)
@@ -272,11 +279,12 @@ class CatalogCache:
     def __len__(self) -> int:
         return len(self._catalogs)
 
-    def intern(self, value: Any) -> Any:
-        """One shared object for every equal ``value`` (terms, data sets: most plants of a site share them)."""
+    def intern(self, value: Any, key: Any = None) -> Any:
+        """One shared object for every equal ``value`` (terms, data sets, step costs: most plants of a site share
+        them); ``key``: what decides equality, when ``value`` itself is not hashable."""
         if len(self._interned) > 4 * self.limit:
             self._interned.clear()
-        return self._interned.setdefault(value, value)
+        return self._interned.setdefault(value if key is None else key, value)
 
     def get(self, entries: list[tuple[str, str, Hardware]]) -> Catalog:
         from .dagxml import load_dag
@@ -388,7 +396,7 @@ def offer_from_wire(data: Any, plant: str, catalogs: CatalogCache, received: flo
                   max_dag_seconds=_number(getattr(data, "max_dag_seconds", None), "DAG limit"),
                   network=bool(getattr(data, "network", False)), datastore=bool(getattr(data, "datastore", False)))
     return Offer(plant=plant, version=version, issued=issued, catalog=catalogs.get(entries),
-                 terms=catalogs.intern(terms), steps=steps,
+                 terms=catalogs.intern(terms), steps=catalogs.intern(steps, ("steps", tuple(sorted(steps.items())))),
                  clone_seconds=_number(getattr(data, "clone_seconds", None), "clone seconds"),
                  boot_seconds=_number(getattr(data, "boot_seconds", None), "boot seconds"),
                  live=_number(getattr(data, "live_vms", None), "live VMs", integer=True, limit=MAX_COUNT),

@@ -22,12 +22,14 @@ Guarantees:
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,6 +83,22 @@ KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CREATING_STATES = ("placing", "creating")
 #: The latest termination time (9999-12-31T23:59:59Z): later ones can't be written as an xs:dateTime.
 MAX_TERMINATION = 253402300799.0
+
+
+#: Offer-priced bids an answer lists (the best ones, and as many declines); the others are counted.
+SHOWN_BIDS = 16
+
+
+@dataclass
+class BidRound:
+    """One request's bids: those an answer shows, and the candidates to create on, best first (``head``, then
+    ``rest``). ``omitted``: offer-priced bids not shown; ``declined``: plants whose offers declined."""
+
+    shown: list[BidResult]
+    head: list[BidResult]
+    rest: Iterator[BidResult] = field(default_factory=lambda: iter(()))
+    omitted: int = 0
+    declined: list[str] = field(default_factory=list)
 
 
 def load_new_vm_dag(dag_xml: str) -> Any:
@@ -190,27 +208,37 @@ class Shop:
         dag = yield self._in_thread(load_new_vm_dag, dag_xml)
         started = time.monotonic()
         bids = yield self._bids(dag, dag_xml)
-        ranked = rank(bids)
-        best = ranked[0] if ranked else None
+        best = bids.head[0] if bids.head else None
         took = round(time.monotonic() - started, 6)
         return spyne_record(Estimate, plant=best.plant if best else None, cost=best.cost if best else None,
                             image=best.image if best else None, items=list(best.items) if best else [],
                             remaining=list(best.remaining) if best else [],
-                            bids=[_bid_out(b, b is best) for b in bids], seconds=took,
-                            mode="live" if self.live_bids else "offers")
+                            bids=[_bid_out(b, b is best) for b in bids.shown], seconds=took,
+                            mode="live" if self.live_bids else "offers", omitted=bids.omitted or None)
 
     def _bids(self, dag: Any, dag_xml: str, handles: list[Any] | None = None,
-              live: bool = False) -> defer.Deferred[list[BidResult]]:
+              live: bool = False) -> defer.Deferred[BidRound]:
         """The bids of the plants (or of ``handles``): priced here from their offers, the plants with no offer
         asked live; every plant asked live in live mode or with ``live``."""
         handles = self.plants.all() if handles is None else handles
         if self.live_bids or live:
-            return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=handles)
-        priced, unpriced = self.offers.bids(dag, handles)
-        if not unpriced:
-            return defer.succeed(priced)
-        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=unpriced).addCallback(
-            lambda asked: priced + asked)
+            return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=handles).addCallback(
+                lambda answers: BidRound(shown=answers, head=rank(answers)))
+        priced = self.offers.price(dag, handles)
+        ranked = priced.ranked()
+        top = list(itertools.islice(ranked, SHOWN_BIDS))
+        declines = list(itertools.islice(priced.declines(), SHOWN_BIDS))
+        omitted = priced.bidders - len(top) + priced.decliners - len(declines)
+        declined = [url for group in priced.declined for url in group.urls]
+
+        def with_live(asked: list[BidResult]) -> BidRound:
+            return BidRound(shown=top + declines + asked, head=rank(top + asked), rest=ranked, omitted=omitted,
+                            declined=declined)
+
+        if not priced.unpriced:
+            return defer.succeed(with_live([]))
+        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=priced.unpriced).addCallback(
+            with_live)
 
     # Create -------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -265,40 +293,51 @@ class Shop:
         attempts: list[str] = []
         tried: set[str] = set()
         timing: dict[str, float] = {}
-        ranked, second = rank(bids), False
+        shown = list(bids.shown)
+        candidates: Iterator[BidResult] = itertools.chain(bids.head, bids.rest)
+        second = False
         while True:
-            for bid in ranked:
+            for bid in candidates:
                 tried.add(bid.plant)
                 made = yield self._try(key, bid, dag_xml, owner, attempts, started, timing)
                 if made is not None:
                     attempts.append(f"{bid.plant}: created")
                     entry = yield self._in_thread(self.registry.get, key)
+                    if all(b.plant != bid.plant for b in shown):
+                        shown.append(bid)
                     return CreateResult(vm=self.vm_out(entry), plant=bid.plant, cost=bid.cost,
-                                        bids=[_bid_out(b, b.plant == bid.plant) for b in bids], attempts=attempts,
+                                        bids=[_bid_out(b, b.plant == bid.plant) for b in shown], attempts=attempts,
                                         runs=[_run_out(run) for run in made.runs or []],
-                                        placement_seconds=timing.get("placement"))
+                                        placement_seconds=timing.get("placement"), omitted=bids.omitted or None)
             if self.live_bids or second:
                 break
             # Offers can be stale: the plants whose offer declined (and were not tried), and those whose live price
             # exceeded their offer, are asked live, once.
             second = True
             exceeded = {a.split(": ", 1)[0] for a in attempts if OfferExceededError.CODE in a}
-            again = [self.plants.get(b.plant) for b in bids if b.source == "offer" and self._listed(b.plant)
-                     and ((b.status == "declined" and b.plant not in tried) or b.plant in exceeded)]
+            again = [self.plants.get(url) for url in [*bids.declined, *sorted(exceeded)]
+                     if self._listed(url) and (url not in tried or url in exceeded)]
             if not again:
                 break
             self._still_wanted(key)
             live = yield self._bids(dag, dag_xml, again, live=True)
-            bids = [b for b in bids if b.plant not in {h.url for h in again}] + live
-            ranked = rank(live)
-        reasons = [f"{b.plant}: {rejection(b)}" for b in bids if rejection(b) is not None] + attempts
-        if not bids:
+            asked = {b.plant for b in live.shown}
+            shown = [b for b in shown if b.plant not in asked] + live.shown
+            candidates = iter(live.head)
+        reasons = [f"{b.plant}: {rejection(b)}" for b in shown if rejection(b) is not None] + attempts
+        if bids.omitted:
+            reasons.append(f"and {bids.omitted} more plants' offers (not listed)")
+        if not shown:
             reasons = ["this shop has no plants (see its plant list file)"]
         raise NoPlantError("no plant could create the VM: " + "; ".join(reasons),
                            [Problem(reason) for reason in reasons])
 
     def _listed(self, url: str) -> bool:
-        return any(handle.url == url for handle in self.plants.all())
+        try:
+            self.plants.get(url)
+        except PlantGoneError:
+            return False
+        return True
 
     @defer.inlineCallbacks
     def _try(self, key: str, bid: BidResult, dag_xml: str, owner: str, attempts: list[str], started: float,

@@ -73,6 +73,7 @@ class Estimate(ComplexModel):
     bids = _many(Bid)
     seconds = Double  # the shop's bid round (pricing offers, or the call for bids)
     mode = Unicode  # offers or live
+    omitted = Integer  # offers mode: offer-priced bids not listed (the best 16 and 16 declines are)
 
 
 class VMInfo(ComplexModel):
@@ -121,6 +122,7 @@ class CreateResult(ComplexModel):
     runs = _many(ActionRun)
     attempts = _many(Unicode)
     placement_seconds = Double  # from the request to asking the plant that made it first (bids, registry)
+    omitted = Integer  # offers mode: offer-priced bids not listed
 
 
 class PlantStatus(ComplexModel):
