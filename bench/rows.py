@@ -734,8 +734,10 @@ def _wait_offers(shop: Any, count: int, timeout: float = 600.0) -> float:
     started = time.monotonic()
     while True:
         estimate = shop.service.estimateCost(dag=CREATE_DAG)
+        # The answer lists the best 16 offer-priced bids and counts the others (omitted).
         offered = sum(1 for bid in estimate.bids or [] if bid.source == "offer" and bid.status == "bid")
-        if offered == count:
+        offered += estimate.omitted or 0
+        if offered == count and all(bid.source == "offer" for bid in estimate.bids or []):
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
             raise RuntimeError(f"the shop prices only {offered} of {count} plants from offers")
@@ -808,8 +810,8 @@ def row_farm(ctx: Context) -> list[Row]:
     rows.append(Row("10a", "Bid round in offers mode at the shop (Estimate.seconds: pricing every offer), "
                     f"N = {', '.join(map(str, sizes))} farm plants", figures,
                     f"N={total}/N=1: {x(median(top[1]) / median(base_shop))}", "(see 10b)", "info", []))
-    rows.append(Row("10b", "estimateCost round trip in offers mode (prebuilt envelope, keep-alive HTTP, answer "
-                    f"with every plant's bid), N = {', '.join(map(str, sizes))}", trip_figures,
+    rows.append(Row("10b", "estimateCost round trip in offers mode (prebuilt envelope, keep-alive HTTP; the answer "
+                    f"lists the best 16 bids and counts the rest), N = {', '.join(map(str, sizes))}", trip_figures,
                     f"N={total}/N=1: {x(ratio)}", f"N={total} p50 <= 50 ms; N={total}/N=1 <= 2",
                     "PASS" if median(top[0]) <= 0.050 and ratio <= 2 else
                     f"MISS (p50 {ms(median(top[0]))}, {x(ratio)})", []))

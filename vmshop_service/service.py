@@ -61,7 +61,9 @@ class VMShopService(ServiceBase):
 
     @rpc(Dag, _returns=Estimate)
     def estimateCost(ctx, dag):  # noqa: N802, N805
-        """Every plant's bid for the DAG and the best of them (nothing is created)."""
+        """The best bid for the DAG and the plants' bids (nothing is created): priced from the plants' offers
+        (each bid says how old its offer is; the best 16 and 16 declines are listed, the rest counted), or in
+        live mode every plant's own answer."""
         return _call(ctx, "estimate", dag)
 
     @rpc(Epr, Dag, _returns=ActionRun.customize(max_occurs="unbounded"))

@@ -22,12 +22,14 @@ Guarantees:
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import logging
 import math
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +87,8 @@ CREATING_STATES = ("placing", "creating")
 MAX_TERMINATION = 253402300799.0
 
 
+#: Accepted DAGs kept by their text's digest (a repeated request is not parsed and validated again).
+DAG_CACHE = 256
 #: Offer-priced bids an answer lists (the best ones, and as many declines); the others are counted.
 SHOWN_BIDS = 16
 
@@ -140,6 +144,7 @@ class Shop:
         self.offers = OfferBook(plants, time.monotonic, penalty=config.offer_penalty,
                                 timeout=min(config.call_timeout, 10.0))
         self.live_bids = config.bids == "live"
+        self._dags: OrderedDict[bytes, Any] = OrderedDict()  # accepted DAGs by the sha256 of their text
 
     def _usage(self, owner: str, exclude: str) -> defer.Deferred[Usage]:
         return self._in_thread(self.registry.usage, owner, exclude).addCallback(lambda row: Usage(*row))
@@ -202,10 +207,27 @@ class Shop:
             return self.pool.run(functools.partial(work, *args, **kwargs), what=getattr(work, "__name__", None))
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args, **kwargs)
 
+    def _new_vm_dag(self, dag_xml: str) -> defer.Deferred[Any]:
+        """:func:`load_new_vm_dag` on the pool, or the DAG it gave for the very same text lately (the same
+        requests come again and again; a DAG is never changed once loaded). Only accepted DAGs are kept."""
+        digest = hashlib.sha256(dag_xml.encode("utf-8", "surrogatepass")).digest()
+        cached = self._dags.get(digest)
+        if cached is not None:
+            self._dags.move_to_end(digest)
+            return defer.succeed(cached)
+
+        def loaded(dag: Any) -> Any:
+            self._dags[digest] = dag
+            while len(self._dags) > DAG_CACHE:
+                self._dags.popitem(last=False)
+            return dag
+
+        return self._in_thread(load_new_vm_dag, dag_xml).addCallback(loaded)
+
     # Estimate -----------------------------------------------------------------
     @defer.inlineCallbacks
     def estimate(self, caller: Identity, dag_xml: str) -> Any:
-        dag = yield self._in_thread(load_new_vm_dag, dag_xml)
+        dag = yield self._new_vm_dag(dag_xml)
         started = time.monotonic()
         bids = yield self._bids(dag, dag_xml)
         best = bids.head[0] if bids.head else None
@@ -246,7 +268,7 @@ class Shop:
                key: str | None) -> Any:
         started = time.monotonic()
         owner = authz.owner_of_new_vm(caller, owner)
-        dag = yield self._in_thread(load_new_vm_dag, dag_xml)
+        dag = yield self._new_vm_dag(dag_xml)
         check_termination(termination)
         key = key or "vm-" + uuid.uuid4().hex[:12]
         if not KEY.match(key):
