@@ -289,3 +289,49 @@ def test_the_shop_prices_once_per_class_of_alike_offers_and_ranks_every_plant(
     book.take("https://p006:1/", _wire({**fields, "boot_seconds": 0.5, "version": 2}))
     book.take("https://p006:1/", _wire({**fields, "boot_seconds": 9.0, "version": 1}))
     assert next(book.price(load_dag(REQUESTS[0]), handles).ranked()).plant == "https://p006:1/"  # type: ignore[arg-type]
+
+
+def test_concurrent_creates_on_one_plant_are_priced_with_each_other_in_flight(tmp_path: Path,
+                                                                            warehouse_dir: Path) -> None:
+    """Creates priced while others are in flight to the same plant count them as its load, as the plant will:
+    none is declined for exceeding its offer."""
+    from concurrent.futures import ThreadPoolExecutor
+    plant = start_plant(tmp_path / "p", warehouse_dir, name="p", backend="fake", network="none", capacity_vms=8,
+                        backend_options={"boot_seconds": "0.5"}, metrics={"boot_seconds": 20.0})
+    shop = start_shop(tmp_path / "shop", [host_port(plant)])
+    try:
+        wait_for(lambda: _offered(shop, 1), what="the offer")
+        services = [shop.service_as("admin") for _ in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            made = list(pool.map(lambda s: s.createVM(dag=script_dag("echo together"), owner="bob"), services))
+        assert all(m.vm.state == "running" for m in made)
+        assert not [a for m in made for a in m.attempts if "OfferExceeded" in a]
+        for m in made:
+            shop.service.collectVM(vm=m.vm.epr)
+    finally:
+        shop.cleanup()
+        plant.cleanup()
+
+
+def test_a_plant_pushes_its_new_offer_with_its_notice(tmp_path: Path, warehouse_dir: Path) -> None:
+    from vmplant_service.plant import free_port
+    port = free_port()
+    plant = start_plant(tmp_path / "p", warehouse_dir, name="p", backend="fake", network="none",
+                        shops=[f"127.0.0.1:{port}"])
+    shop = start_shop(tmp_path / "shop", [host_port(plant)], port=port, poll_interval=3600,
+                      flags=["--offer-refresh", "3600"])
+    try:
+        first = wait_for(lambda: _offered(shop, 1), what="the offer").bids[0].offer_version
+        # A VM made on the plant directly (not by this shop) changes its load: the plant tells the shop, offer and all.
+        plant.service.createVM(dag=script_dag("echo pushed"), owner="admin", vm_id="direct")
+
+        def newer() -> Any:
+            bid = shop.service.estimateCost(dag=script_dag()).bids[0]
+            return bid if bid.offer_version > first else None
+
+        bid = wait_for(newer, what="the pushed offer")
+        assert bid.source == "offer" and bid.offer_age < 30
+        plant.service.collectVM(vm_id="direct")
+    finally:
+        shop.cleanup()
+        plant.cleanup()

@@ -238,9 +238,11 @@ def _flat_or_none(request: Dag, catalog: Catalog) -> Dag | None:
 class Pricing:
     """One request priced against many offers: matched once per distinct catalog."""
 
-    def __init__(self, request: Dag) -> None:
+    def __init__(self, request: Dag, matched: dict[str, Matched | Decline] | None = None) -> None:
+        """``matched``: matchings of this very request by catalog digest, kept from an earlier pricing (a
+        matching depends only on the request and the catalog)."""
         self.request = request
-        self._matched: dict[str, Matched | Decline] = {}
+        self._matched: dict[str, Matched | Decline] = {} if matched is None else matched
         self._memo: dict[Any, Any] = {}
 
     def matched(self, catalog: Catalog) -> Matched | Decline:

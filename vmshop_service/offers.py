@@ -20,6 +20,7 @@ reactor thread.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from .broker import BidResult
 from .plants import PlantDirectory, PlantHandle, describe_failure
 
 log = logging.getLogger(__name__)
+#: Requests whose matchings (per catalog) are kept.
+MATCHINGS = 256
 
 
 @dataclass
@@ -125,6 +128,9 @@ class OfferBook:
         self._marked: dict[str, float] = {}  # plant URL -> until when it is marked down
         self._classes: dict[tuple[Any, ...], _Class] = {}
         self._class_of: dict[str, tuple[Any, ...]] = {}
+        # Matchings by request (the shop keeps each accepted DAG text's Dag object, so a repeated request is
+        # the same object; the entry holds it, so its id is not reused while the entry lives).
+        self._matchings: OrderedDict[int, tuple[Dag, dict[str, Any]]] = OrderedDict()
         self.refused = 0
 
     # Taking offers --------------------------------------------------------------
@@ -216,7 +222,12 @@ class OfferBook:
         """``dag`` priced from the offers of ``handles``' plants: once per class of alike offers (a plant with
         creates of this shop in flight is priced on its own, with them counted); the plants with no offer are
         :attr:`Priced.unpriced` (to ask live)."""
-        pricing = Pricing(dag)
+        kept = self._matchings.get(id(dag))
+        if kept is None or kept[0] is not dag:
+            kept = self._matchings[id(dag)] = (dag, {})
+            while len(self._matchings) > MATCHINGS:
+                self._matchings.popitem(last=False)
+        pricing = Pricing(dag, kept[1])
         handles = list(handles)
         listed = {handle.url for handle in handles}
         unpriced = [handle for handle in handles if handle.url not in self.offers]
