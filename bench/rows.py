@@ -699,7 +699,7 @@ def row_memory(ctx: Context) -> list[Row]:
     return rows
 
 
-# --- 10 and 11. one shop, up to 1,000 farm plants: offers mode and live bids --------------------------------
+# --- 12 and 13. one shop, up to 1,000 farm plants: offers mode and live bids --------------------------------
 
 
 def _estimate_seconds(answer: bytes) -> float:
@@ -787,12 +787,12 @@ def row_farm(ctx: Context) -> list[Row]:
                     made.append(result)
                 plants_used = len({result.plant for result in made})
                 rss_after = common.rss_mib(shop.process.pid) if shop.process is not None else 0.0
-                create_row = Row("10c", f"Create placement at the shop: {creates} creates at N={count} farm plants "
+                create_row = Row("12c", f"Create placement at the shop: {creates} creates at N={count} farm plants "
                                  "(offers mode; from the request to asking the plant, per create), median and p95",
                                  f"p50 {ms(median(placement))}; p95 {ms(common.percentile(placement, 0.95))}",
                                  f"{plants_used} plants used", "<= 20 ms", at_most(median(placement), 0.020, ms),
-                                 [f"10c: placement {spread(placement, ms)}"])
-                memory_row = Row("10e", f"Shop memory with {count} plants' offers (offers mode; one catalog shared)",
+                                 [f"12c: placement {spread(placement, ms)}"])
+                memory_row = Row("12e", f"Shop memory with {count} plants' offers (offers mode; one catalog shared)",
                                  f"shop RSS {rss:.0f} MiB with the offers; {rss_after:.0f} MiB after {creates} "
                                  "creates", "-", "(state it)", "info", [])
                 for result in made:
@@ -807,10 +807,10 @@ def row_farm(ctx: Context) -> list[Row]:
                              f"{ms(common.percentile(results[('offers', c)][0], 0.95))}" for c in sizes)
     top = results[("offers", total)]
     ratio = median(top[0]) / median(base_trips)
-    rows.append(Row("10a", "Bid round in offers mode at the shop (Estimate.seconds: pricing every offer), "
+    rows.append(Row("12a", "Bid round in offers mode at the shop (Estimate.seconds: pricing every offer), "
                     f"N = {', '.join(map(str, sizes))} farm plants", figures,
-                    f"N={total}/N=1: {x(median(top[1]) / median(base_shop))}", "(see 10b)", "info", []))
-    rows.append(Row("10b", "estimateCost round trip in offers mode (prebuilt envelope, keep-alive HTTP; the answer "
+                    f"N={total}/N=1: {x(median(top[1]) / median(base_shop))}", "(see 12b)", "info", []))
+    rows.append(Row("12b", "estimateCost round trip in offers mode (prebuilt envelope, keep-alive HTTP; the answer "
                     f"lists the best 16 bids and counts the rest), N = {', '.join(map(str, sizes))}", trip_figures,
                     f"N={total}/N=1: {x(ratio)}", f"N={total} p50 <= 50 ms; N={total}/N=1 <= 2",
                     "PASS" if median(top[0]) <= 0.050 and ratio <= 2 else
@@ -821,17 +821,17 @@ def row_farm(ctx: Context) -> list[Row]:
                              f"{ms(common.percentile(results[('live', c)][0], 0.95))}; at the shop p50 "
                              f"{ms(median(results[('live', c)][1]))}" for c in live_sizes)
     top_live = max(live_sizes)
-    rows.append(Row("11", f"The same in live mode (a call for bids to every plant), N = "
+    rows.append(Row("13", f"The same in live mode (a call for bids to every plant), N = "
                     f"{', '.join(map(str, live_sizes))}", live_figures,
                     f"N={top_live}/N=1: {x(median(results[('live', top_live)][0]) / median(results[('live', 1)][0]))}",
                     "(for comparison; no target)", "info", []))
     if memory_row is not None:
         rows.append(memory_row)
-    rows.append(Row("10f", f"Plant farm: {total} real plant services (fake backend), 125 per process, each on its "
+    rows.append(Row("12f", f"Plant farm: {total} real plant services (fake backend), 125 per process, each on its "
                     "own 127.x.y.z address, port and records", f"{plant_rss:.0f} MiB RSS in all; "
                     f"{plant_rss / total:.2f} MiB per plant", f"started in {sec(farm.started_seconds)}",
                     "(state it)", "info",
-                    [f"10: load average before the shops {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+                    [f"12: load average before the shops {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
                      f"{n} rounds per size after 3 warm-up; shop state poll 600 s; plain HTTP on loopback"]
                     + notes))
     return rows
@@ -847,5 +847,5 @@ ROWS = {
     "backends": ("7", row_backends),
     "tls": ("8", row_tls),
     "memory": ("9", row_memory),
-    "farm": ("10", row_farm),
+    "farm": ("12", row_farm),
 }

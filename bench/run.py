@@ -12,9 +12,10 @@ Rows (names for ``--only``; numbers work too):
 8. ``tls``         create through the shop with mutual TLS vs without; estimate throughput with TLS vs without,
                    against the same echo
 9. ``memory``      shop and plant RSS under 10 minutes of large and hostile requests
-10. ``farm``       one shop over 1, 32, 256 and 1,000 plants of the plant farm (125 per process): bid rounds and
-                   estimate round trips in offers mode (10a, 10b), 100 creates' placement (10c), the shop's memory
-                   (10e), the farm's RSS per plant (10f); the same bid rounds in live mode up to 256 plants (11)
+12. ``farm``       one shop over 1, 32, 256 and 1,000 plants of the plant farm (125 per process): bid rounds and
+                   estimate round trips in offers mode (12a, 12b), 100 creates' placement (12c), the shop's memory
+                   (12e), the farm's RSS per plant (12f); the same bid rounds in live mode up to 256 plants (13)
+                   (rows 10 and 11 are the registry's, issue 13's PostgreSQL work)
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.
