@@ -449,3 +449,74 @@ def at_least(value: float, limit: float, show: Callable[[float], str]) -> str:
 
 def x(value: float) -> str:
     return f"{value:.2f}x"
+
+
+# --- the plant farm: many real plant services per process ---------------------------------------------------
+
+
+@dataclass
+class Farm:
+    """Plant farm processes (vmplant_service.farm): their processes and the plants' ``host:port``."""
+
+    processes: list[subprocess.Popen[bytes]]
+    addresses: list[str]
+    shops_file: Path
+    started_seconds: float
+
+    def rss_mib(self) -> float:
+        return sum(rss_mib(p.pid) for p in self.processes)
+
+
+def launch_farm(ctx: Context, directory: Path, count: int, per_process: int = 125, timeout: float = 900.0) -> Farm:
+    """``count`` fake-backend plants, ``per_process`` to a farm process, each on its own 127.x.y.z address (farm
+    process k uses 127.(20+k).0.1 ...). Plain HTTP on loopback (insecure): TLS is row 8's subject. Their shop
+    list is ``shops_file`` (empty until a shop of the row writes itself into it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shops_file = directory / "vmshop_addresses.txt"
+    shops_file.write_text("# the shops of this run\n")
+    template = directory / "template.xml"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "configure_vmplant.py"), "--yes", "--name", "farm",
+                    "--port", "0", "--warehouse", str(WAREHOUSE), "--state-dir", str(directory / "unused"),
+                    "--backend", "fake", "--network", "none", "--capacity-vms", "1000", "--capacity-memory",
+                    "1048576", "--shops-file", str(shops_file), "--insecure", "--output", str(template)],
+                   check=True, capture_output=True, cwd=str(directory), timeout=120)
+    processes = []
+    lists = []
+    started = time.monotonic()
+    for k in range((count + per_process - 1) // per_process):
+        size = min(per_process, count - k * per_process)
+        listing = directory / f"farm{k}.txt"
+        logfile = open(directory / f"farm{k}.log", "wb")  # noqa: SIM115 - the process keeps it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vmplant_service.farm", "--config", str(template), "--count", str(size),
+             "--first", f"127.{20 + k}.0.1", "--state", str(directory / f"farm{k}"), "--list", str(listing)],
+            cwd=str(ROOT), stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        logfile.close()
+        processes.append(process)
+        lists.append(listing)
+
+        def stop(process: subprocess.Popen[bytes] = process) -> None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+
+        ctx.cleanup.push(f"farm process {k}", stop)
+    deadline = time.monotonic() + timeout
+    while not all(listing.exists() for listing in lists):
+        for k, process in enumerate(processes):
+            if process.poll() is not None:
+                raise RuntimeError(f"farm process {k} ended: {(directory / f'farm{k}.log').read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the farm did not start in time")
+        time.sleep(0.5)
+    addresses = [line.strip() for listing in lists for line in listing.read_text().splitlines() if line.strip()]
+    return Farm(processes, addresses, shops_file, time.monotonic() - started)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]

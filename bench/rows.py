@@ -837,6 +837,143 @@ def row_images(ctx: Context) -> list[Row]:
         f"agent ready {sec(agent[0])}; cloud-init done {sec(ready[0])}", f"agent {x(agent[0] / tiny_agent)} of tiny's",
         "(compared with 11b's direct boot)", "info",
         [f"direct boot (11b): {direct}; the plant boots debian12 directly (its image file has <boot>)"]))
+
+
+# --- 14 and 15. one shop, up to 1,000 farm plants: offers mode and live bids --------------------------------
+
+
+def _estimate_seconds(answer: bytes) -> float:
+    """The shop's own bid-round seconds in a raw estimateCost answer (Estimate.seconds)."""
+    from lxml import etree
+
+    root = etree.fromstring(answer)
+    for element in root.iter("{urn:vmshop:vmshop:1}seconds"):
+        parent = element.getparent()
+        if parent is not None and etree.QName(parent).localname == "estimateCostResult":
+            return float(element.text or "nan")
+    raise RuntimeError("no Estimate.seconds in the answer")
+
+
+def _bid_rounds(ctx: Context, shop: Any, count: int) -> tuple[list[float], list[float]]:
+    """(round trips, the shop's own bid-round seconds) of estimateCost, prebuilt envelope over keep-alive HTTP."""
+    raw = RawSoap(shop.url, timeout=300)
+    body = envelope(shop.service._client, shop.service, "estimateCost", dag=CREATE_DAG)
+    for _ in range(3):
+        raw.post(body, "estimateCost")
+    trips, at_shop = [], []
+    for _ in range(count):
+        took, answer = timed(lambda: raw.post(body, "estimateCost"))
+        trips.append(took)
+        at_shop.append(_estimate_seconds(answer))
+    raw.close()
+    return trips, at_shop
+
+
+def _wait_offers(shop: Any, count: int, timeout: float = 600.0) -> float:
+    """Wait until the shop prices ``count`` plants from their offers; the seconds it took."""
+    started = time.monotonic()
+    while True:
+        estimate = shop.service.estimateCost(dag=CREATE_DAG)
+        # The answer lists the best 16 offer-priced bids and counts the others (omitted).
+        offered = sum(1 for bid in estimate.bids or [] if bid.source == "offer" and bid.status == "bid")
+        offered += estimate.omitted or 0
+        if offered == count and all(bid.source == "offer" for bid in estimate.bids or []):
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"the shop prices only {offered} of {count} plants from offers")
+        time.sleep(1.0)
+
+
+def row_farm(ctx: Context) -> list[Row]:
+    """One shop over 1, 32, 256 and 1,000 farm plants (8 farm processes of 125): bid rounds in offers mode
+    and in live mode, 100 creates at 1,000 plants, the shop's memory with 1,000 offers, the farm's RSS."""
+    sizes = [1, 32, 256, 1000] if not ctx.quick else [1, 32, 256]
+    live_sizes = [1, 32, 256] if not ctx.quick else [1, 32]
+    total = max(sizes)
+    directory = ctx.directory("farm")
+    log(f"farm: starting {total} fake-backend plants, 125 per process")
+    farm = common.launch_farm(ctx, directory / "plants", total)
+    plant_rss = farm.rss_mib()
+    log(f"farm: {total} plants listening after {sec(farm.started_seconds)}; {plant_rss:.0f} MiB RSS")
+    n = ctx.n(60, 20)
+    results: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+    notes: list[str] = []
+    create_row = memory_row = None
+    load_before = os.getloadavg()
+    for mode, counts in (("offers", sizes), ("live", live_sizes)):
+        for count in counts:
+            shop_dir = directory / f"shop-{mode}-{count}"
+            shop_dir.mkdir()
+            # The state poll asks every plant for its VMs: at 1,000 plants every 5 s that is the shop's whole
+            # CPU; notices (pushed with the offers) carry the changes, so the poll is slow here.
+            shop = common.launch_shop(ctx, shop_dir, farm.addresses[:count], insecure=True, poll_interval=600.0,
+                                      bid_timeout=60.0, flags=["--bids", mode])
+            if mode == "offers":
+                farm.shops_file.write_text(f"{common.servers.host_port(shop)}\n")
+                waited = _wait_offers(shop, count)
+                log(f"farm: shop over {count} plants has their offers after {sec(waited)}")
+            common.settle(timeout=20)
+            results[(mode, count)] = _bid_rounds(ctx, shop, n if count < 1000 or mode == "offers" else n // 2)
+            trips, at_shop = results[(mode, count)]
+            log(f"farm: {mode} N={count}: round trip p50 {ms(median(trips))}, at the shop p50 {ms(median(at_shop))}")
+            if mode == "offers" and count == total:
+                rss = common.rss_mib(shop.process.pid) if shop.process is not None else 0.0
+                creates = ctx.n(100, 20)
+                placement, made = [], []
+                for _ in range(creates):
+                    result = shop.service.createVM(dag=CREATE_DAG, owner="bench")
+                    _check_created(result, "the farm")
+                    placement.append(float(result.placement_seconds))
+                    made.append(result)
+                plants_used = len({result.plant for result in made})
+                rss_after = common.rss_mib(shop.process.pid) if shop.process is not None else 0.0
+                create_row = Row("14c", f"Create placement at the shop: {creates} creates at N={count} farm plants "
+                                 "(offers mode; from the request to asking the plant, per create), median and p95",
+                                 f"p50 {ms(median(placement))}; p95 {ms(common.percentile(placement, 0.95))}",
+                                 f"{plants_used} plants used", "<= 20 ms", at_most(median(placement), 0.020, ms),
+                                 [f"14c: placement {spread(placement, ms)}"])
+                memory_row = Row("14e", f"Shop memory with {count} plants' offers (offers mode; one catalog shared)",
+                                 f"shop RSS {rss:.0f} MiB with the offers; {rss_after:.0f} MiB after {creates} "
+                                 "creates", "-", "(state it)", "info", [])
+                for result in made:
+                    shop.service.collectVM(vm=result.vm.epr)
+                farm.shops_file.write_text("# the shops of this run\n")
+            shop.cleanup()
+    rows = []
+    base_trips, base_shop = results[("offers", 1)]
+    figures = "; ".join(f"N={c}: p50 {ms(median(results[('offers', c)][1]))}, p95 "
+                        f"{ms(common.percentile(results[('offers', c)][1], 0.95))}" for c in sizes)
+    trip_figures = "; ".join(f"N={c}: p50 {ms(median(results[('offers', c)][0]))}, p95 "
+                             f"{ms(common.percentile(results[('offers', c)][0], 0.95))}" for c in sizes)
+    top = results[("offers", total)]
+    ratio = median(top[0]) / median(base_trips)
+    rows.append(Row("14a", "Bid round in offers mode at the shop (Estimate.seconds: pricing every offer), "
+                    f"N = {', '.join(map(str, sizes))} farm plants", figures,
+                    f"N={total}/N=1: {x(median(top[1]) / median(base_shop))}", "(see 14b)", "info", []))
+    rows.append(Row("14b", "estimateCost round trip in offers mode (prebuilt envelope, keep-alive HTTP; the answer "
+                    f"lists the best 16 bids and counts the rest), N = {', '.join(map(str, sizes))}", trip_figures,
+                    f"N={total}/N=1: {x(ratio)}", f"N={total} p50 <= 50 ms; N={total}/N=1 <= 2",
+                    "PASS" if median(top[0]) <= 0.050 and ratio <= 2 else
+                    f"MISS (p50 {ms(median(top[0]))}, {x(ratio)})", []))
+    if create_row is not None:
+        rows.append(create_row)
+    live_figures = "; ".join(f"N={c}: round trip p50 {ms(median(results[('live', c)][0]))}, p95 "
+                             f"{ms(common.percentile(results[('live', c)][0], 0.95))}; at the shop p50 "
+                             f"{ms(median(results[('live', c)][1]))}" for c in live_sizes)
+    top_live = max(live_sizes)
+    rows.append(Row("15", f"The same in live mode (a call for bids to every plant), N = "
+                    f"{', '.join(map(str, live_sizes))}", live_figures,
+                    f"N={top_live}/N=1: {x(median(results[('live', top_live)][0]) / median(results[('live', 1)][0]))}",
+                    "(for comparison; no target)", "info", []))
+    if memory_row is not None:
+        rows.append(memory_row)
+    rows.append(Row("14f", f"Plant farm: {total} real plant services (fake backend), 125 per process, each on its "
+                    "own 127.x.y.z address, port and records", f"{plant_rss:.0f} MiB RSS in all; "
+                    f"{plant_rss / total:.2f} MiB per plant", f"started in {sec(farm.started_seconds)}",
+                    "(state it)", "info",
+                    [f"14: load average before the shops {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+                     f"{n} rounds per size after 3 warm-up; shop state poll 600 s; plain HTTP on loopback"]
+                    + notes))
     return rows
 
 
@@ -852,4 +989,5 @@ ROWS = {
     "memory": ("9", row_memory),
     "registry": ("10", row_registry),
     "images": ("11", row_images),
+    "farm": ("14", row_farm),
 }

@@ -17,6 +17,10 @@ Rows (names for ``--only``; numbers work too):
 12. ``queries``    a selective query over 100,000 and 1,000,000 VMs at the server, on SQLite and on PostgreSQL
 13. ``shops``      2 and 4 shops on one PostgreSQL registry under a mixed create/query/collect load
                    (bench/rows_registry.py)
+14. ``farm``       one shop over 1, 32, 256 and 1,000 plants of the plant farm (125 per process): bid rounds and
+                   estimate round trips in offers mode (14a, 14b), 100 creates' placement (14c), the shop's memory
+                   (14e), the farm's RSS per plant (14f); the same bid rounds in live mode up to 256 plants (15)
+                   (printed as 12 and 13 before renumbering)
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.

@@ -82,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
                              "resolve a silent shop's unfinished creates (default 60)")
     parser.add_argument("--plants-file", help=f"the plant list (default {PLANTS_FILE})")
     parser.add_argument("--bid-timeout", type=float, help="seconds a plant has to bid (default 10)")
+    parser.add_argument("--bids", choices=("offers", "live"), default="offers",
+                        help="offers: price requests here from the plants' offers and ask only the best plant "
+                             "(default); live: ask every plant for a bid on every request")
+    parser.add_argument("--offer-margin", type=float, default=0.25,
+                        help="a plant declines a create when its live cost exceeds its offer's by more than this "
+                             "fraction (default 0.25)")
+    parser.add_argument("--offer-refresh", type=float, default=60.0,
+                        help="seconds between pulls of every plant's offer (default 60)")
     parser.add_argument("--poll-interval", type=float, help="seconds between state refreshes (default 5)")
     parser.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE,
                         help="seconds a stopping shop lets requests in progress finish (default %(default)g)")
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                             security=security, quotas=parse_quotas(args.default_quota, args.quota),
                             wsse_users=Path(args.wsse_users).absolute() if args.wsse_users else None,
                             wsse_window=args.wsse_window, shutdown_grace=args.shutdown_grace,
-                            metrics=args.metrics, metrics_refresh=args.metrics_refresh)
+                            metrics=args.metrics, metrics_refresh=args.metrics_refresh, bids=args.bids,
+                            offer_margin=args.offer_margin, offer_refresh=args.offer_refresh)
         if config.wsse_users is not None:
             read_users(config.wsse_users)
         if config.database is not None:

@@ -95,6 +95,7 @@ class ServerProcess:
     mapfile: Path | None = None
     clients: list[zeep.Client] = field(default_factory=list)  # every client made, closed by cleanup()
     program: list[str] | None = None  # what starts it (default: this Python's -m module), before --config ...
+    prefix: list[str] = field(default_factory=list)  # a command the server runs under (ip netns exec NS)
 
     def start(self, timeout: float = 60.0,
               on_listening: Callable[[subprocess.Popen[bytes]], None] | None = None) -> None:
@@ -103,13 +104,13 @@ class ServerProcess:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [*(self.program or [sys.executable, "-m", self.module]), "--config", str(self.config),
-                 "--port", str(self.port)],
+                [*self.prefix, *(self.program or [sys.executable, "-m", self.module]), "--config",
+                 str(self.config), "--port", str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=str(self.directory))
         deadline = time.monotonic() + timeout
         while True:
             text = self.log.read_bytes()[offset:].decode(errors="replace")
-            found = re.search(r"listening on (https?://127\.0\.0\.1:(\d+)/)", text)
+            found = re.search(r"listening on (https?://[0-9A-Za-z.:\[\]-]+?:(\d+)/)", text)
             if found:
                 self.url, self.port = found.group(1), int(found.group(2))
                 if on_listening is not None:
@@ -192,7 +193,7 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
                 metrics: dict[str, float] | None = None, shops: list[str] | None = None,
                 watch_interval: float | None = None, identity: str = "plant",
                 insecure: bool = False, shutdown_grace: float | None = None,
-                flags: list[str] | None = None) -> ServerProcess:
+                flags: list[str] | None = None, prefix: list[str] | None = None, port: int = 0) -> ServerProcess:
     """Configure (with scripts/configure_vmplant.py) and start a plant in ``directory``.
 
     ``shops`` (``host:port`` each) go into its shop list, which is empty by
@@ -230,7 +231,7 @@ def start_plant(directory: Path, warehouse: Path, *, name: str = "plant1", capac
             for key, value in metrics.items():
                 records.set_metric(key, value)
     plant = ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log",
-                          mapfile=mapfile)
+                          mapfile=mapfile, prefix=list(prefix or []), port=port)
     return _started(plant)
 
 
@@ -238,7 +239,8 @@ def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, 
                lease_interval: float = 0.2, public_url: str | None = None,
                plant_identities: dict[str, list[str]] | None = None, quotas: list[str] | None = None,
                insecure: bool = False, flags: list[str] | None = None,
-               create_timeout: float | None = None, postgresql: str | None = None) -> ServerProcess:
+               create_timeout: float | None = None, postgresql: str | None = None,
+               prefix: list[str] | None = None, port: int = 0) -> ServerProcess:
     """Configure and start a shop whose plant list holds ``plants`` (``host:port`` each).
 
     Its authorisation file maps the test users and admin, and the plant identities of
@@ -268,7 +270,8 @@ def start_shop(directory: Path, plants: list[str], *, bid_timeout: float = 5.0, 
         written = replace(written, create_timeout=create_timeout)
     write_config(written, config)
     shop = ServerProcess(directory=directory, config=config, state_dir=directory, log=directory / "shop.log",
-                         module="vmshop_service.main", wsdl=SHOP_WSDL, binding=SHOP_BINDING, mapfile=mapfile)
+                         module="vmshop_service.main", wsdl=SHOP_WSDL, binding=SHOP_BINDING, mapfile=mapfile,
+                         prefix=list(prefix or []), port=port)
     return _started(shop)
 
 

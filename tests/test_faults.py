@@ -201,7 +201,9 @@ def test_a_plant_that_stops_answering_is_excluded_within_the_bid_timeout(
     alive = servers.add(start_plant(tmp_path / "alive", warehouse_dir, name="alive", backend="fake",
                                     network="none", metrics={"boot_seconds": 9.0, "clone_seconds": 0.02}))
     bid_timeout = 2.0
-    shop = servers.add(start_shop(tmp_path / "shop", [host_port(hung), host_port(alive)], bid_timeout=bid_timeout))
+    # A live call for bids (offers mode: tests/test_offers.py's test_a_plant_that_stops_answering_loses_the_create).
+    shop = servers.add(start_shop(tmp_path / "shop", [host_port(hung), host_port(alive)], bid_timeout=bid_timeout,
+                                  flags=["--bids", "live"]))
     dag = image_dag("echo hello")
     assert shop.service.estimateCost(dag=dag).plant == hung.url  # the cheaper one, while it answers
     assert hung.process is not None

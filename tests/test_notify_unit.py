@@ -19,11 +19,14 @@ class FakeClient:
         self.url = url
         self.tls = tls
         self.calls: list[defer.Deferred[Any]] = []
+        self.offers: list[Any] = []
         self.closed = False
         FakeClient.made.append(self)
 
     def call(self, operation: str, **kwargs: Any) -> defer.Deferred[Any]:
-        assert operation == "plantChanged" and kwargs == {"plant": "http://plant:1/"}
+        assert operation == "plantChanged" and kwargs.get("plant") == "http://plant:1/"
+        assert set(kwargs) <= {"plant", "offer"}
+        self.offers.append(kwargs.get("offer"))
         d: defer.Deferred[Any] = defer.Deferred()
         self.calls.append(d)
         return d
@@ -55,6 +58,21 @@ def test_changes_while_a_notice_is_in_flight_make_exactly_one_more() -> None:
     assert len(client.calls) == 2  # the changes made meanwhile, in one notice
     client.calls[1].callback(True)
     assert len(client.calls) == 2 and notifier.counts() == {"http://shop:2/": (2, 2)}
+
+
+def test_the_offer_goes_with_a_notice_until_the_shop_took_that_version() -> None:
+    versions = iter([1, 1, 1, 2])
+    notifier = notifier_of(lambda: ["http://shop:2/"], offer=lambda: {"version": next(versions)})
+    (client,) = FakeClient.made
+    notifier.changed()
+    client.calls[0].errback(ConnectionRefusedError())  # not taken: it goes again
+    notifier.changed()
+    client.calls[1].callback(True)
+    notifier.changed()  # the same version: the notice goes without it
+    client.calls[2].callback(True)
+    notifier.changed()
+    client.calls[3].callback(True)
+    assert client.offers == [{"version": 1}, {"version": 1}, None, {"version": 2}]
 
 
 def test_a_shop_that_fails_is_tried_again_at_the_next_change() -> None:

@@ -31,6 +31,16 @@ def script_dag(body: str = "true", image: str = "tiny", attributes: dict[str, st
 
 
 
+@pytest.fixture(scope="module", params=["offers", "live"])
+def bids(request: pytest.FixtureRequest) -> str:
+    """Both bidding modes pass every broker test: offers (priced at the shop) and live (a call for bids)."""
+    return str(request.param)
+
+
+def mode(bids: str) -> list[str]:
+    return ["--bids", bids]
+
+
 @pytest.fixture(scope="module")
 def fake_warehouse(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Path:
     """The real warehouse's image configuration, over a small qcow2 the fake backend never boots."""
@@ -53,9 +63,11 @@ def plants(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Ite
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory, plants: dict[str, ServerProcess]) -> Iterator[ServerProcess]:
+def shop(tmp_path_factory: pytest.TempPathFactory, plants: dict[str, ServerProcess],
+         bids: str) -> Iterator[ServerProcess]:
     names = ("fast", "medium", "slow")
-    server = start_shop(tmp_path_factory.mktemp("shop"), [host_port(plants[n]) for n in names] + ["127.0.0.1:1"])
+    server = start_shop(tmp_path_factory.mktemp("shop"), [host_port(plants[n]) for n in names] + ["127.0.0.1:1"],
+                        flags=mode(bids))
     try:
         yield server
     finally:
@@ -83,10 +95,12 @@ def test_the_cheapest_plant_wins_and_every_bid_is_shown(shop: ServerProcess, pla
 
 
 def test_a_plant_that_fails_after_bidding_loses_the_vm_to_the_next(
-        tmp_path: Path, plants: dict[str, ServerProcess]) -> None:
-    shop = start_shop(tmp_path / "shop", [host_port(plants["broken"]), host_port(plants["medium"])])
+        tmp_path: Path, plants: dict[str, ServerProcess], bids: str) -> None:
+    shop = start_shop(tmp_path / "shop", [host_port(plants["broken"]), host_port(plants["medium"])],
+                      flags=mode(bids))
     try:
-        made = shop.service.createVM(dag=script_dag("echo hi"), owner="bob")
+        # A step of its own in each mode: the plants (shared by both modes) measured the other mode's run of it.
+        made = shop.service.createVM(dag=script_dag(f"echo hi {bids}"), owner="bob")
         assert made.plant == plants["medium"].url
         assert made.attempts[0].startswith(plants["broken"].url) and "injected start failure" in made.attempts[0]
         assert made.attempts[1] == f"{plants['medium'].url}: created"
@@ -97,13 +111,14 @@ def test_a_plant_that_fails_after_bidding_loses_the_vm_to_the_next(
 
 
 def test_bids_are_gathered_in_parallel_and_a_silent_plant_is_excluded(
-        tmp_path: Path, warehouse_dir: Path) -> None:
+        tmp_path: Path, warehouse_dir: Path, bids: str) -> None:
     slow = [start_plant(tmp_path / f"slow{i}", warehouse_dir, name=f"slow{i}", backend="fake-slowbid",
                         network="none", backend_options={"bid_delay": "1.5"}) for i in range(3)]
     silent = start_plant(tmp_path / "silent", warehouse_dir, name="silent", backend="fake-slowbid",
                          network="none", backend_options={"bid_delay": "60"})
-    parallel = start_shop(tmp_path / "parallel", [host_port(p) for p in slow], bid_timeout=30)
-    with_silent = start_shop(tmp_path / "with-silent", [host_port(p) for p in slow + [silent]], bid_timeout=4)
+    parallel = start_shop(tmp_path / "parallel", [host_port(p) for p in slow], bid_timeout=30, flags=mode(bids))
+    with_silent = start_shop(tmp_path / "with-silent", [host_port(p) for p in slow + [silent]], bid_timeout=4,
+                             flags=mode(bids))
     try:
         started = time.monotonic()
         estimate = parallel.service.estimateCost(dag=SAMPLE)
@@ -231,9 +246,9 @@ def test_checked_in_wsdl_files_are_current() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_a_vm_whose_plant_is_gone_is_reported_as_such(tmp_path: Path, warehouse_dir: Path) -> None:
+def test_a_vm_whose_plant_is_gone_is_reported_as_such(tmp_path: Path, warehouse_dir: Path, bids: str) -> None:
     plant = start_plant(tmp_path / "plant", warehouse_dir, name="doomed", backend="fake", network="none")
-    shop = start_shop(tmp_path / "shop", [host_port(plant)])
+    shop = start_shop(tmp_path / "shop", [host_port(plant)], flags=mode(bids))
     try:
         vm = shop.service.createVM(dag=script_dag(), owner="erin").vm
         plant.stop(signal.SIGKILL)

@@ -199,11 +199,13 @@ def serve(config: PlantConfig, host: str | None = None, port: int | None = None)
 
     def ready() -> None:
         public_url = listener.public_url
+        server.runtime.public_url = public_url
         if config.shops_file is not None:
             runtime = server.runtime
             runtime.notifier = ShopNotifier(public_url, lambda: shop_urls(config), reactor,
-                                            tls=server.security.client_policy)
+                                            tls=server.security.client_policy, offer=runtime.offer_fields)
             log.info("notifying of changes: %s", ", ".join(runtime.notifier.shops) or "no shop yet")
+            runtime.notifier.changed()  # the shops hear this plant's offer now
         print(f"vmplant {config.name} listening on {url(config.security.scheme, listener.host, listener.port)} "
               f"(public {public_url})", flush=True)
 

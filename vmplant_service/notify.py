@@ -6,11 +6,14 @@ restart; the shops' WSDL is parsed once, when the notifier is made, so a
 new shop's client costs no blocking work). When a
 VM of this plant is made, configured, collected, or found dead by the
 watch, :meth:`ShopNotifier.changed` sends each of those shops
-``plantChanged(plant=<this plant's public URL>)``, over TLS with the plant's
+``plantChanged(plant=<this plant's public URL>, offer=<its offer>)``
+(the offer only when its version is not the one that shop took last), over TLS with the plant's
 own certificate (a shop hears a notice only from the identity its
 authorisation file lists for that plant's address). The notice carries no
-state: a shop that hears it asks this plant for its VMs (``listVMs``), so a
-forged notice can make a shop look, never make it believe anything. Shops
+VM state: a shop that hears it asks this plant for its VMs (``listVMs``), so a
+forged notice can make a shop look, never make it believe anything. The
+offer it carries is what the plant offers (the shop validates it, and the
+plant re-prices every create it is asked for). Shops
 also poll, so a lost notice only delays what a shop sees.
 
 Rules:
@@ -51,6 +54,7 @@ class _Shop:
         self.in_flight = False
         self.again = False
         self.answering = True
+        self.offered = -1  # the version of the offer this shop took last
         self.sent = 0
         self.answered = 0
 
@@ -65,8 +69,11 @@ class ShopNotifier:
 
     def __init__(self, plant_url: str, shop_urls: Callable[[], list[str]], reactor: Any,
                  timeout: float = NOTICE_TIMEOUT, tls: Any = None,
-                 run_blocking: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None) -> None:
+                 run_blocking: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None,
+                 offer: Callable[[], dict[str, Any]] | None = None) -> None:
         self.plant_url = plant_url
+        self.offer = offer  # blocking: the plant's offer now (wire fields), taken with every read of the shop list
+        self._offer: dict[str, Any] | None = None
         self.tls = tls  # the plant's ClientPolicy: shops see the plant's own certificate
         self.shop_urls = shop_urls
         self.reactor = reactor
@@ -75,6 +82,7 @@ class ShopNotifier:
             lambda read: in_thread(reactor, read, timeout=READ_DEADLINE, what="reading the shop list"))
         self._wsdl = load_wsdl(wsdl_path("vmshop.wsdl"), tls=tls)
         self._shops: dict[str, _Shop] = {}
+        self._offer_next: dict[str, Any] | None = None
         self._reading = False
         self._changes = False
         self._closed = False
@@ -83,6 +91,16 @@ class ShopNotifier:
     @property
     def shops(self) -> list[str]:
         return list(self._shops)
+
+    def _read_with_offer(self) -> list[str] | None:
+        """:meth:`_read`, and the plant's offer (blocking; kept in ``_offer_next`` until the reactor thread
+        takes it)."""
+        if self.offer is not None:
+            try:
+                self._offer_next = self.offer()
+            except Exception as exc:  # noqa: BLE001 - a notice without an offer still goes
+                log.warning("the plant's offer could not be made (%s); the notice goes without it", exc)
+        return self._read()
 
     def _read(self) -> list[str] | None:
         """The shop list, or None (logged) when it cannot be read: the shops named before are kept."""
@@ -120,11 +138,13 @@ class ShopNotifier:
 
         def read(_: Any) -> None:
             self._reading = False
+            if self._offer_next is not None:
+                self._offer, self._offer_next = self._offer_next, None
             if self._changes:
                 self._changes = False
                 self._tell_all()
 
-        self._run_blocking(self._read).addCallbacks(self._follow, unreadable).addBoth(read)
+        self._run_blocking(self._read_with_offer).addCallbacks(self._follow, unreadable).addBoth(read)
 
     def _tell_all(self) -> None:
         if self._closed:
@@ -139,10 +159,13 @@ class ShopNotifier:
         shop.in_flight = True
         shop.again = False
         shop.sent += 1
-        d = shop.client.call("plantChanged", plant=self.plant_url)
+        offer = self._offer if self._offer is not None and self._offer["version"] != shop.offered else None
+        d = shop.client.call("plantChanged", plant=self.plant_url, **({"offer": offer} if offer is not None else {}))
 
         def answered(_: Any) -> None:
             shop.answered += 1
+            if offer is not None:
+                shop.offered = offer["version"]
             if not shop.answering:
                 log.info("shop %s takes notices again", url)
             shop.answering = True

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmshop_common.cost import Bid, CostModel, Decline
+from vmshop_common.cost import Bid, Decline, match_request
 from vmshop_common.dag import Action, Dag, MountAction, NetworkAction
 from vmshop_common.dagxml import dag_to_xml, load_dag
 from vmshop_common.errors import (
@@ -49,10 +49,13 @@ from vmshop_common.errors import (
     NoSuchImageError,
     NoSuchVMError,
     NotSupportedError,
+    OfferExceededError,
     Problem,
     VMShopError,
 )
+from vmshop_common.guest import GuestTraits, unfit
 from vmshop_common.matching import flatten
+from vmshop_common.offers import Catalog, Offer, Terms, catalog_digest, price, too_long, unservable
 from vmshop_common.rules import check_static_addresses
 
 from .agent.qga import GuestAgent
@@ -121,6 +124,9 @@ class Plant:
         #: Told of each guest-agent error ('failed', 'timeout', 'no_answer'), from worker threads (the metrics'
         #: hook; vmplant_service/metrics.py).
         self.on_agent_error: Callable[[str], None] | None = None
+        self._catalog: tuple[Any, Catalog] | None = None
+        self._offer_content: Any = None
+        self._offer_version = 0
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
@@ -129,17 +135,6 @@ class Plant:
             os.chmod(self.state_dir / sub, 0o700)
 
     # Costs ------------------------------------------------------------------
-    def cost_model(self) -> CostModel:
-        booted = {name: seconds for name in self.warehouse.images
-                  if (seconds := self.records.metric(f"boot_seconds:{name}")) is not None}
-        return CostModel(clone_seconds=self.records.metric("clone_seconds") or 0.05,
-                         boot_seconds=self.records.metric("boot_seconds") or 5.0,
-                         history=self.records, image_boot_seconds=booted)
-
-    def _load_seconds(self) -> float:
-        # A busy plant is slower: every VM being created now competes for the CPU while it boots.
-        return round(len(self._reserved) * (self.records.metric("boot_seconds") or 5.0) / 2, 6)
-
     def estimate(self, dag_xml: str) -> Bid | Decline:
         """A bid for the DAG, or a decline with the reason. Invalid DAGs (and static addresses) raise."""
         dag = load_dag(dag_xml)
@@ -167,90 +162,107 @@ class Plant:
         return None
 
     def estimate_dag(self, dag: Dag) -> Bid | Decline:
-        infos = self.warehouse.images
-        images = [info.cached_image() for info in infos.values()]
-        try:
-            flat = flatten(dag, {image.name: image.dag for image in images})
-        except NoSuchImageError as exc:
-            return Decline(exc.message)
-        reason = self._unservable(flat)
-        if reason:
-            return Decline(reason)
-        caps = self.backend.capabilities()
-        unfit = {name: why for name, info in infos.items() if (why := self._unfit(info, dag, caps))}
-        bid = self.cost_model().estimate(dag, images, self._load_seconds(), unfit)
-        if isinstance(bid, Bid):
-            reason = self._too_long([flat.nodes[n] for n in bid.remaining if isinstance(flat.nodes[n], Action)])
-            if reason:
-                return Decline(reason)
-        return bid
+        """The bid for ``dag`` with this plant's live state: :func:`vmshop_common.offers.price` of the plant's
+        own offer (the code a shop prices offers with), with its live step records and data store."""
+        offer = self._snapshot({})
+        return price(dag, match_request(dag, offer.catalog.images), offer, has_data=self._has_data,
+                     history=self.records, check_full=False)
+
+    def _has_data(self, source: str) -> bool:
+        store = self.config.datastore
+        return store is not None and (Path(store) / source).is_dir()
 
     def _too_long(self, actions: list[Any]) -> str | None:
         """Why running ``actions`` would take more than this plant allows a VM (its ``<limits>``), or None."""
-        for action in actions:
-            if action.timeout > self.config.max_action_seconds:
-                return (f"action '{action.id}' may run {action.timeout} s; this plant allows an action "
-                        f"{self.config.max_action_seconds} s")
-        total = sum(action.timeout for action in actions)
-        if total > self.config.max_dag_seconds:
-            return (f"the actions may run {total} s in all (the sum of their timeouts); this plant allows "
-                    f"{self.config.max_dag_seconds} s")
-        return None
+        return too_long(actions, self.terms())
 
     @staticmethod
     def _unfit(info: ImageInfo, dag: Dag, caps: Capabilities) -> str | None:
-        """Why ``info`` cannot serve the request ``dag`` on this backend (its ``<guest>`` traits), or None."""
-        guest = info.guest
-        if guest.agent != "qemu-ga":
-            return f"its agent is {guest.agent}; this plant speaks only to qemu-ga"
-        if guest.kernel == "own" and caps.kernel_limit:
-            return f"it boots its own kernel (<guest kernel='own'>), and {caps.kernel_limit}"
-        if guest.cloud_init and not caps.seed_disk:
-            return (f"cloud-init configures it from a seed disk (<guest contextualization='cloud-init'>), which "
-                    f"backend {caps.name} cannot attach")
-        if dag.start.cloud_config is not None and not guest.cloud_init:
-            return (f"the DAG's <cloud-config> needs an image with cloud-init, and this one has none "
-                    f"(<guest contextualization='{guest.contextualization}'>)")
-        if guest.data_share == "none":
-            mounts = [action.id for action in dag.actions if isinstance(action, MountAction)]
-            if mounts:
-                return (f"its kernel cannot mount the data share (<guest data-share='none'>), which action "
-                        f"'{mounts[0]}' needs")
-        return None
+        """Why ``info`` cannot serve the request ``dag`` on this backend (its ``<guest>`` traits), or None:
+        :func:`vmshop_common.guest.unfit`, the rule a shop applies to this plant's offer too."""
+        return unfit(info.guest, dag, caps.name, caps.kernel_limit, caps.seed_disk)
 
     def _unservable(self, flat: Dag) -> str | None:
         """Why this plant can never serve the (flattened) DAG, or None."""
-        hardware = flat.start.hardware  # type: ignore[union-attr]
+        return unservable(flat, self.terms(), self._has_data)
+
+    # The offer ----------------------------------------------------------------
+    def terms(self) -> Terms:
         caps = self.backend.capabilities()
-        if not caps.available:
-            return f"backend {caps.name} is not available here: {caps.reason}"
-        if hardware.arch not in caps.architectures:
-            return f"backend {caps.name} runs {', '.join(caps.architectures)}, not {hardware.arch}"
-        if hardware.disk > self.config.max_disk:
-            return f"a {hardware.disk} GiB disk is more than this plant gives a VM ({self.config.max_disk} GiB)"
-        if hardware.memory > self.config.capacity_memory:
-            return f"{hardware.memory} MiB is more than this plant's {self.config.capacity_memory} MiB for guests"
-        if caps.max_memory and hardware.memory > caps.max_memory:
-            return f"{hardware.memory} MiB is more than backend {caps.name} allows ({caps.max_memory} MiB)"
-        if caps.max_vcpus and hardware.vcpus > caps.max_vcpus:
-            return f"{hardware.vcpus} vCPUs is more than backend {caps.name} allows ({caps.max_vcpus})"
-        for action in flat.actions:
-            if isinstance(action, NetworkAction) and self.pool is None:
-                return f"action '{action.id}' needs a host-only network, which this plant does not have"
-            if isinstance(action, MountAction):
-                store = self.config.datastore
-                if store is None:
-                    return f"action '{action.id}' mounts data, and this plant has no data store"
-                if not (Path(store) / action.source).is_dir():
-                    return f"action '{action.id}' mounts '{action.source}', which this plant's data store lacks"
-        return None
+        config = self.config
+        return Terms(backend=caps.name, available=caps.available, reason=caps.reason,
+                     architectures=tuple(caps.architectures), max_memory=caps.max_memory or 0,
+                     max_vcpus=caps.max_vcpus or 0, max_disk=config.max_disk,
+                     capacity_memory=config.capacity_memory, capacity_vms=config.capacity_vms,
+                     max_creates=config.max_creates, max_action_seconds=config.max_action_seconds,
+                     max_dag_seconds=config.max_dag_seconds, network=self.pool is not None,
+                     datastore=config.datastore is not None, kernel_limit=caps.kernel_limit,
+                     seed_disk=caps.seed_disk)
+
+    def catalog(self) -> Catalog:
+        """The warehouse's images as an offer's catalog (kept while the warehouse's images are the same)."""
+        images = self.warehouse.images
+        key = tuple((name, id(info)) for name, info in sorted(images.items()))
+        cached = self._catalog
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        cached_images = tuple(info.cached_image() for _, info in sorted(images.items()))
+        digest = catalog_digest((image.name, dag_to_xml(image.dag), image.hardware) for image in cached_images)
+        catalog = Catalog(cached_images, digest)
+        self._catalog = (key, catalog)
+        return catalog
+
+    def _datasets(self) -> frozenset[str]:
+        store = self.config.datastore
+        if store is None:
+            return frozenset()
+        try:
+            return frozenset(sorted(entry.name for entry in Path(store).iterdir() if entry.is_dir())[:1024])
+        except OSError:
+            return frozenset()
+
+    def _snapshot(self, steps: dict[str, float], plant_url: str = "") -> Offer:
+        """This plant's live state as an (unversioned) offer, with ``steps`` for its step costs."""
+        metric = self.records.metric
+        with self._lock:
+            live_vms = self.records.live_vms()
+            live = len({r.vm_id for r in live_vms} | set(self._reserved))
+            creating = len(self._reserved)
+            used = sum(r.memory for r in live_vms if r.vm_id not in self._reserved) + sum(self._reserved.values())
+        infos = self.warehouse.images
+        booted = {name: seconds for name in infos if (seconds := metric(f"boot_seconds:{name}")) is not None}
+        guests = {name: info.guest for name, info in infos.items() if info.guest != GuestTraits()}
+        return Offer(plant=plant_url or self.config.name, version=0, issued=self.clock(), catalog=self.catalog(),
+                     terms=self.terms(), steps=steps, clone_seconds=metric("clone_seconds") or 0.05,
+                     boot_seconds=metric("boot_seconds") or 5.0, live=live, creating=creating,
+                     free_memory=self.config.capacity_memory - used, datasets=self._datasets(),
+                     image_boot_seconds=booted, guests=guests)
+
+    def offer(self, plant_url: str = "") -> Offer:
+        """This plant's offer now: what its bids depend on (blocking: reads the records). Its version grows
+        whenever its content changes, and only then."""
+        offer = self._snapshot(self.records.step_costs(), plant_url)
+        live, creating = offer.live, offer.creating
+        content = (offer.catalog.digest, offer.terms, tuple(sorted(offer.steps.items())), offer.clone_seconds,
+                   offer.boot_seconds, tuple(sorted(offer.image_boot_seconds.items())),
+                   tuple(sorted(offer.guests.items())), live, creating, offer.free_memory, offer.datasets)
+        with self._lock:
+            if content != self._offer_content:
+                self._offer_content = content
+                self._offer_version = max(self._offer_version + 1, int(self.clock() * 1000))
+            offer.version = self._offer_version
+        return offer
 
     # Create -----------------------------------------------------------------
-    def create(self, dag_xml: str, owner: str = "", vm_id: str | None = None, shop: str = "") -> CreateResult:
+    def create(self, dag_xml: str, owner: str = "", vm_id: str | None = None, shop: str = "",
+               max_cost: float | None = None) -> CreateResult:
         """Make the VM the DAG describes; returns when it is configured (see the module's guarantees).
 
         ``shop`` is the identity (certificate subject) of the shop that asks:
-        only it may later tell the plant the VM is unwanted.
+        only it may later tell the plant the VM is unwanted. ``max_cost``: the
+        most the shop accepts (it chose this plant by its offer, plus its
+        margin); the plant re-prices with its live state and declines
+        (OfferExceededError) when its cost is higher.
         """
         dag = load_dag(dag_xml)
         check_static_addresses(dag, None)
@@ -259,6 +271,9 @@ class Plant:
             if estimate.reason.startswith("no cached image is named"):
                 raise NoSuchImageError(estimate.reason)
             raise DeclinedError(f"this plant cannot make the VM: {estimate.reason}")
+        if max_cost is not None and estimate.cost > max_cost:
+            raise OfferExceededError(f"this plant's cost for the VM is now {estimate.cost:g} s, more than the "
+                                     f"{max_cost:g} s the shop accepts from its offer")
         info = self.warehouse.get(estimate.image)
         flat = flatten(dag, {name: image.dag for name, image in self.warehouse.images.items()})
         hardware = flat.start.hardware  # type: ignore[union-attr]

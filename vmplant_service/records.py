@@ -333,6 +333,15 @@ class PlantRecords:
         mean = rows[0]["mean"]
         return None if mean is None else float(mean)
 
+    def step_costs(self, limit: int = 4096) -> dict[str, float]:
+        """:meth:`expected_seconds` of every step that ever succeeded here (the ``limit`` most recently run):
+        the measured costs a plant's offer carries."""
+        rows = self._read("SELECT digest, AVG(seconds) AS mean FROM (SELECT digest, seconds, ROW_NUMBER() OVER "
+                          "(PARTITION BY digest ORDER BY id DESC) AS n, MAX(id) OVER (PARTITION BY digest) AS last "
+                          "FROM action_runs WHERE ok = 1) WHERE n <= ? GROUP BY digest ORDER BY MAX(last) DESC "
+                          "LIMIT ?", (HISTORY_RUNS, limit))
+        return {row["digest"]: float(row["mean"]) for row in rows}
+
     # Metrics -----------------------------------------------------------------
     def set_metric(self, key: str, value: float) -> None:
         """Store a measurement (e.g. 'clone_seconds', 'boot_seconds')."""

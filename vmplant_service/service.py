@@ -21,17 +21,30 @@ from typing import Any, TypeVar
 from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
-from spyne import Boolean, ServiceBase, Unicode, rpc
+from spyne import Boolean, Double, ServiceBase, Unicode, rpc
 from twisted.internet.defer import Deferred
 
 from vmshop_common import authz
 from vmshop_common.errors import AuthenticationFailedError, VMShopError
+from vmshop_common.soap.fastxml import spyne_record
 from vmshop_common.soap.faults import failure_to_fault, to_fault
+from vmshop_common.soap.offer_wire import offer_fields
 from vmshop_common.threads import ThreadPoolService
 
 from .notify import ShopNotifier
 from .plant import BOOT_TIMEOUT, Plant
-from .wire import ActionRun, CreateResult, Estimate, PlantInfo, VMInfo, estimate_out, info_out, run_out, vm_out
+from .wire import (
+    ActionRun,
+    CreateResult,
+    Estimate,
+    Offer,
+    PlantInfo,
+    VMInfo,
+    estimate_out,
+    info_out,
+    run_out,
+    vm_out,
+)
 
 T = TypeVar("T")
 APP_NAME = "VMPlant"
@@ -54,6 +67,11 @@ class PlantRuntime:
         self.reactor = reactor
         self.pool = pool
         self.notifier = notifier
+        self.public_url = ""  # the plant's public URL (set once it listens): what its offers name
+
+    def offer_fields(self) -> dict[str, Any]:
+        """The plant's offer now, as wire fields (blocking)."""
+        return offer_fields(self.plant.offer(self.public_url))
 
     def run(self, work: Callable[[], T], changes: bool = False, *, deadline: float = READ_DEADLINE,
             what: str = "") -> Deferred[T]:
@@ -109,14 +127,17 @@ class VMPlantService(ServiceBase):
         rt = _runtime(ctx)
         return rt.run(lambda: estimate_out(rt.plant.config.name, rt.plant.estimate(dag)), what="estimateCost")
 
-    @rpc(Dag, Unicode(max_len=256), Unicode(max_len=64), _returns=CreateResult)
-    def createVM(ctx, dag: str, owner: str | None, vm_id: str | None):  # noqa: N802, N805
-        """Make the VM; answers once it is configured. ``vm_id`` lets the caller choose the id."""
+    @rpc(Dag, Unicode(max_len=256), Unicode(max_len=64), Double, _returns=CreateResult)
+    def createVM(ctx, dag: str, owner: str | None, vm_id: str | None, max_cost: float | None):  # noqa: N802, N805
+        """Make the VM; answers once it is configured. ``vm_id`` lets the caller choose the id. ``max_cost``:
+        the most the caller accepts (from this plant's offer); a higher live cost declines (Server.OfferExceeded)."""
         rt = _runtime(ctx)
         shop = ctx.udc.subject or ctx.udc.name  # who asked: only that shop may later say it is unwanted
+        if max_cost is not None and not (0 <= max_cost < float("inf")):
+            max_cost = None
 
         def work() -> CreateResult:
-            made = rt.plant.create(dag, owner or "", vm_id or None, shop=shop)
+            made = rt.plant.create(dag, owner or "", vm_id or None, shop=shop, max_cost=max_cost)
             runs = [run_out(node, result) for node, result in zip(made.bid.remaining, made.results, strict=False)]
             return CreateResult(vm=vm_out(made.record, list(made.bid.remaining)),
                                 estimate=estimate_out(rt.plant.config.name, made.bid), runs=runs)
@@ -153,6 +174,12 @@ class VMPlantService(ServiceBase):
         return rt.run(lambda: vm_out(rt.plant.collect(vm_id)), changes=True, deadline=COLLECT_DEADLINE,
                       what=f"collectVM {vm_id!r}")
 
+    @rpc(_returns=Offer)
+    def getOffer(ctx):  # noqa: N802, N805
+        """The plant's offer: its catalog, measured costs, load and terms, versioned (what a shop prices with)."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: spyne_record(Offer, **_offer_records(rt.offer_fields())), what="getOffer")
+
     @rpc(_returns=PlantInfo)
     def plantInfo(ctx):  # noqa: N802, N805
         """Backend, capacity, free memory and addresses, cached images, measured costs."""
@@ -164,3 +191,11 @@ def _vm_with_steps(plant: Plant, vm_id: str) -> VMInfo:
     record = plant.describe(vm_id)
     steps = [run.node_id for run in plant.records.action_runs(vm_id) if run.ok]
     return vm_out(record, steps)
+
+
+def _offer_records(fields: dict[str, Any]) -> dict[str, Any]:
+    """Offer wire fields with the nested records as Spyne objects."""
+    image_type = Offer._type_info["images"]
+    step_type = Offer._type_info["steps"]
+    return {**fields, "images": [spyne_record(image_type, **i) for i in fields["images"]],
+            "steps": [spyne_record(step_type, **st) for st in fields["steps"]]}

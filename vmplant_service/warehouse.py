@@ -42,6 +42,7 @@ from vmshop_common.errors import (
     SchemaInvalidError,
     VMShopError,
 )
+from vmshop_common.guest import GuestTraits
 from vmshop_common.matching import CachedImage, flatten
 from vmshop_common.xmlload import parse_xml_file
 
@@ -51,29 +52,6 @@ IMAGE_XSD = "vmimage-1.1.xsd"
 INDEX_NAME = "index.txt"
 DISK_FORMATS = ("qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
-
-
-@dataclass(frozen=True)
-class GuestTraits:
-    """What an image's ``<guest>`` says (the defaults are a 1.0 file's, which has none).
-
-    ``agent``: the agent the plant talks to ('qemu-ga'); ``contextualization``:
-    'none' or 'cloud-init' (the plant attaches a NoCloud seed to each VM and
-    waits for cloud-init's result before the actions); ``kernel``: 'own' (it
-    boots its own kernel, on a virtual machine) or 'any' (its root file
-    system also boots under a backend's kernel: User-Mode Linux);
-    ``data_share``: '9p' (its kernel mounts the read-only data share) or
-    'none'.
-    """
-
-    agent: str = "qemu-ga"
-    contextualization: str = "none"
-    kernel: str = "own"
-    data_share: str = "9p"
-
-    @property
-    def cloud_init(self) -> bool:
-        return self.contextualization == "cloud-init"
 
 
 @dataclass(frozen=True)

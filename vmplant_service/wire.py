@@ -13,6 +13,7 @@ from spyne import Boolean, ComplexModel, Double, Integer, Unicode
 
 from vmshop_common.cost import Bid, Decline
 from vmshop_common.soap.fastxml import spyne_record
+from vmshop_common.soap.offer_wire import offer_type
 
 from .channel import ActionResult
 from .records import VMRecord
@@ -112,6 +113,9 @@ class PlantInfo(ComplexModel):
     max_vcpus = Integer
     networks = _many(Unicode)
     channel = Unicode
+
+
+Offer = offer_type(TNS)
 
 
 def estimate_out(plant: str, result: Bid | Decline) -> Estimate:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .dag import Action, Dag
 from .errors import NoSuchImageError
@@ -87,9 +87,9 @@ class CostModel:
         """The boot seconds of ``image``: its own measurement, else the plant's."""
         return self.image_boot_seconds.get(image, self.boot_seconds)
 
-    def action_item(self, action: Action) -> CostItem:
-        """The expected seconds of one action, with their source."""
-        digest = step_digest(action)
+    def action_item(self, action: Action, digest: str | None = None) -> CostItem:
+        """The expected seconds of one action, with their source (``digest``: its step digest, if known)."""
+        digest = digest or step_digest(action)
         measured = self.history.expected_seconds(digest) if self.history is not None else None
         if measured is not None:
             return CostItem(f"{action.kind} {action.id}", float(measured), "history", action.id, digest)
@@ -104,28 +104,21 @@ class CostModel:
         ``unfit`` maps images that cannot run this request here to the reason;
         they still count as lineages, but are never bid with.
         """
-        pool = list(images)
-        try:
-            matches, reasons = candidates(request, pool)
-        except NoSuchImageError as exc:
-            return Decline(exc.message)
-        passed_over = {m.image: (unfit or {})[m.image] for m in matches if m.image in (unfit or {})}
-        if passed_over:
-            matches = [m for m in matches if m.image not in passed_over]
-            reasons.update(passed_over)
-            if not matches:
-                detail = "; ".join(f"image '{name}': {why}" for name, why in sorted(passed_over.items()))
-                return Decline(f"no image that can serve this DAG runs it here ({detail})", reasons)
-        if not matches:
-            if not pool:
-                return Decline("the warehouse has no cached images")
-            detail = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
-            return Decline(f"no cached image embodies a prefix of this DAG ({detail})", reasons)
-        flat = flatten(request, {image.name: image.dag for image in pool})
+        matched = pass_over(match_request(request, images), unfit)
+        if isinstance(matched, Decline):
+            return matched
+        return self.price(matched, load_seconds)
+
+    def price(self, matched: Matched, load_seconds: float = 0.0) -> Bid:
+        """The bid on the best of ``matched``'s images with this plant's costs (the matching is not repeated:
+        a shop prices one match against many plants' offers). Each image counts its own boot seconds."""
+        flat = matched.flat
+        digests = matched.digests
         best: tuple[float, int, str] | None = None
         chosen: tuple[Match, list[CostItem]] | None = None
-        for match in matches:
-            items = [self.action_item(flat.nodes[node_id]) for node_id in match.remaining]  # type: ignore[arg-type]
+        for match in matched.matches:
+            items = [self.action_item(flat.nodes[node_id], digests.get(node_id))  # type: ignore[arg-type]
+                     for node_id in match.remaining]
             seconds = sum(item.seconds for item in items) + self.boot_of(match.image)
             key = (seconds, -len(match.matched), match.image)
             if best is None or key < best:
@@ -139,7 +132,60 @@ class CostModel:
         terms.extend(items)
         if load_seconds:
             terms.append(CostItem("load", load_seconds, "load"))
-        hardware = getattr(flat.start, "hardware", None)
+        hardware = matched.hardware
         return Bid(image=match.image, cost=round(sum(t.seconds for t in terms), 6), items=tuple(terms),
                    remaining=match.remaining, matched=len(match.matched),
                    memory=hardware.memory if hardware else None, vcpus=hardware.vcpus if hardware else None)
+
+
+@dataclass(frozen=True)
+class Matched:
+    """The images that can serve a request (at least one), and the request flattened against their lineages."""
+
+    flat: Dag
+    matches: tuple[Match, ...]
+    digests: dict[str, str] = field(default_factory=dict)  # step digests of the actions left to do, by node id
+    hardware: Any = None  # the flattened request's hardware
+    reasons: dict[str, str] = field(default_factory=dict)  # why the other images cannot serve it
+
+    def __post_init__(self) -> None:
+        if self.hardware is None:
+            object.__setattr__(self, "hardware", getattr(self.flat.start, "hardware", None))
+
+
+def match_request(request: Dag, images: Iterable[CachedImage]) -> Matched | Decline:
+    """The matching half of a bid: which images can serve ``request`` (a :class:`Decline` if none can).
+
+    It depends only on the images (a catalog), never on a plant's costs: plants with the same catalog share
+    one result (:mod:`vmshop_common.offers`).
+    """
+    pool = list(images)
+    try:
+        matches, reasons = candidates(request, pool)
+    except NoSuchImageError as exc:
+        return Decline(exc.message)
+    if not matches:
+        if not pool:
+            return Decline("the warehouse has no cached images")
+        detail = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
+        return Decline(f"no cached image embodies a prefix of this DAG ({detail})", reasons)
+    flat = flatten(request, {image.name: image.dag for image in pool})
+    remaining = {node_id for match in matches for node_id in match.remaining}
+    return Matched(flat, tuple(matches), {node_id: step_digest(flat.nodes[node_id])  # type: ignore[arg-type]
+                                          for node_id in remaining}, reasons=dict(reasons))
+
+
+def pass_over(matched: Matched | Decline, unfit: Mapping[str, str] | None) -> Matched | Decline:
+    """``matched`` without the images in ``unfit`` (image -> why it cannot run the request on this plant), or a
+    :class:`Decline` if no image is left. The matching itself is the catalog's; fitness is a plant's."""
+    if isinstance(matched, Decline) or not unfit:
+        return matched
+    passed_over = {m.image: unfit[m.image] for m in matched.matches if m.image in unfit}
+    if not passed_over:
+        return matched
+    reasons = {**matched.reasons, **passed_over}
+    matches = tuple(m for m in matched.matches if m.image not in passed_over)
+    if not matches:
+        detail = "; ".join(f"image '{name}': {why}" for name, why in sorted(passed_over.items()))
+        return Decline(f"no image that can serve this DAG runs it here ({detail})", reasons)
+    return Matched(matched.flat, matches, matched.digests, matched.hardware, reasons)

@@ -291,6 +291,19 @@ class PlantGoneError(VMShopError):
     CODE = "Server.PlantGone"
 
 
+class OfferInvalidError(VMShopError):
+    """A plant's offer fails validation (or names another plant): refused, the offer held before stays."""
+
+    CODE = "Client.OfferInvalid"
+
+
+class OfferExceededError(VMShopError):
+    """The plant re-priced a create with its live state: worse than the offer the shop chose it by (plus the
+    shop's margin), so it declines; the shop tries the next plant."""
+
+    CODE = "Server.OfferExceeded"
+
+
 class ConfigurationError(VMShopError):
     """A configuration file is wrong."""
 
@@ -305,7 +318,7 @@ ALL_ERRORS: tuple[type[VMShopError], ...] = (
     StrayContentError, NoOperationError, ExtraOperationError, ShuttingDownError, BusyError, DeadlineExceededError,
     RegistryUnavailableError,
     CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError, NoPlantError, PlantGoneError,
-    ConfigurationError,
+    OfferInvalidError, OfferExceededError, ConfigurationError,
 )
 ERROR_BY_CODE: dict[str, type[VMShopError]] = {cls.CODE: cls for cls in ALL_ERRORS}
 

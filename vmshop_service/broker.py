@@ -1,6 +1,8 @@
-"""Choosing a plant: call for bids in parallel, filter, then weigh.
+"""Choosing a plant: bids (priced from offers, or asked for live), filtered, then weighed.
 
-:func:`call_for_bids` asks every plant concurrently, each with its own
+In offers mode (the default) the shop prices most bids itself from the plants' offers
+(:mod:`.offers`) and asks live only the plants it has no offer of; in live mode
+(``bids="live"``) :func:`call_for_bids` asks every plant concurrently, each with its own
 timeout; every plant's answer becomes a :class:`BidResult` whatever
 happened (a bid, a decline, a timeout, a fault, a plant that is down).
 :func:`rank` keeps the bids that pass every filter (:data:`FILTERS`) and
@@ -35,12 +37,18 @@ class BidResult:
     remaining: tuple[str, ...] = ()
     memory: int | None = None  # the VM's hardware on this plant (for quotas)
     vcpus: int | None = None
+    source: str = "live"  # 'live': the plant's own answer; 'offer': priced here from its offer
+    offer_age: float | None = None  # seconds since the offer was received or confirmed
+    offer_version: int | None = None
+    marked_down: bool = False  # its offer proved wrong lately: ranked after the others
 
 
 def call_for_bids(directory: PlantDirectory, dag_xml: str, timeout: float,
-                  clock: Callable[[], float] = time.monotonic) -> defer.Deferred[list[BidResult]]:
-    """Every plant's answer to ``estimateCost``, asked concurrently; never fails."""
-    return defer.gatherResults([_ask(directory, handle, dag_xml, timeout, clock) for handle in directory.all()])
+                  clock: Callable[[], float] = time.monotonic,
+                  handles: Sequence[PlantHandle] | None = None) -> defer.Deferred[list[BidResult]]:
+    """Every plant's (or every one of ``handles``') answer to ``estimateCost``, asked concurrently; never fails."""
+    asked = directory.all() if handles is None else handles
+    return defer.gatherResults([_ask(directory, handle, dag_xml, timeout, clock) for handle in asked])
 
 
 def _ask(directory: PlantDirectory, handle: PlantHandle, dag_xml: str, timeout: float,
@@ -79,7 +87,12 @@ def has_cost(bid: BidResult) -> str | None:
 FILTERS: tuple[Callable[[BidResult], str | None], ...] = (has_bid, has_cost)
 
 
-# Weighers: smaller is better; compared in order (cost first, then load, then the URL for a stable order).
+# Weighers: smaller is better; compared in order (a plant whose offer proved wrong lately last, then cost, then
+# load, then the URL for a stable order).
+def by_standing(bid: BidResult) -> int:
+    return 1 if bid.marked_down else 0
+
+
 def by_cost(bid: BidResult) -> float:
     return float(bid.cost or 0.0)
 
@@ -92,7 +105,7 @@ def by_name(bid: BidResult) -> str:
     return bid.plant
 
 
-WEIGHERS: tuple[Callable[[BidResult], Any], ...] = (by_cost, by_load, by_name)
+WEIGHERS: tuple[Callable[[BidResult], Any], ...] = (by_standing, by_cost, by_load, by_name)
 
 
 def rejection(bid: BidResult) -> str | None:

@@ -53,6 +53,10 @@ class ShopConfig:
     postgresql: str = ""  # a libpq connection string (no password): the registry is on PostgreSQL
     database_password_file: Path | None = None  # the PostgreSQL password, alone in a file
     dead_after: float = 60.0  # seconds without a heartbeat after which a shop sharing the registry counts dead
+    bids: str = "offers"  # 'offers': priced here from the plants' offers; 'live': every plant asked per request
+    offer_margin: float = 0.25  # a plant declines a create when its live cost exceeds its offer's by more
+    offer_refresh: float = 60.0  # seconds between pulls of every plant's offer
+    offer_penalty: float = 300.0  # seconds a plant whose offer proved wrong is ranked after the others
 
     def plants(self) -> list[str]:
         """The plants' endpoint URLs from the plant list file (ConfigurationError if it is bad): https, or
@@ -132,6 +136,10 @@ def load_config(path: str | Path) -> ShopConfig:
         wsse_window=float(str(get("wsse", "window", "300"))),
         metrics=str(get("metrics", "enabled", "true")) in ("true", "1"),
         metrics_refresh=float(str(get("metrics", "refresh", str(DEFAULT_REFRESH)))),
+        bids=root.get("bids", "offers"),
+        offer_margin=float(str(get("offers", "margin", "0.25"))),
+        offer_refresh=float(str(get("offers", "refresh", "60"))),
+        offer_penalty=float(str(get("offers", "penalty", "300"))),
     )
     if config.wsse_users is not None and config.security.insecure:
         raise ConfigurationError(f"{what}: WS-Security UsernameTokens are accepted only over TLS, and this "
@@ -156,6 +164,8 @@ def check_conninfo(conninfo: str, what: str) -> None:
 def write_config(config: ShopConfig, path: str | Path) -> Path:
     """Write ``config`` to ``path`` (atomically) and return the path."""
     element = etree.Element(CONFIG_ROOT, nsmap={None: CONFIG_NS}, name=config.name)
+    if config.bids != "offers":
+        element.set("bids", config.bids)
 
     def add(local: str, **attributes: object) -> None:
         etree.SubElement(element, f"{{{CONFIG_NS}}}{local}", {k: str(v) for k, v in attributes.items()})
@@ -176,6 +186,9 @@ def write_config(config: ShopConfig, path: str | Path) -> Path:
     add("plants", file=config.plants_file)
     add("timeouts", bid=config.bid_timeout, create=config.create_timeout, call=config.call_timeout)
     add("intervals", poll=config.poll_interval, lease=config.lease_interval)
+    if (config.offer_margin, config.offer_refresh, config.offer_penalty) != (0.25, 60.0, 300.0):
+        add("offers", margin=f"{config.offer_margin:g}", refresh=f"{config.offer_refresh:g}",
+            penalty=f"{config.offer_penalty:g}")
     if config.shutdown_grace != DEFAULT_GRACE:
         add("shutdown", grace=f"{config.shutdown_grace:g}")
     if not config.metrics or config.metrics_refresh != DEFAULT_REFRESH:

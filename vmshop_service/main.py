@@ -173,6 +173,8 @@ def build_shop(config: ShopConfig, host: str | None = None, port: int | None = N
                   RoundTimer(config.poll_interval, shop.refresh, name="state poll", shutdown=shutdown, clock=reactor),
                   *([RoundTimer(config.metrics_refresh, metrics.refresher(pool.run).run, name="metrics refresh",
                                 shutdown=shutdown, now=True, clock=reactor)] if metrics is not None else []),
+                  RoundTimer(config.offer_refresh, shop.refresh_offers, name="offer pull", shutdown=shutdown,
+                             clock=reactor),
                   listener):
         child.setServiceParent(root)
     return ShopServer(root, shop, listener, pool, security, tokens, metrics)

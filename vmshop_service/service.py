@@ -24,7 +24,7 @@ from vmshop_common.authz import Identity
 from vmshop_common.errors import AuthenticationFailedError
 from vmshop_common.soap.faults import failure_to_fault
 
-from .wire import ActionRun, CreateResult, EndpointReference, Estimate, PlantStatus, VMInfo
+from .wire import ActionRun, CreateResult, EndpointReference, Estimate, Offer, PlantStatus, VMInfo
 
 APP_NAME = "VMShop"
 MAX_DAG_CHARS = 1024 * 1024
@@ -113,7 +113,9 @@ class VMShopService(ServiceBase):
 
     @rpc(Dag, _returns=Estimate)
     def estimateCost(ctx, dag):  # noqa: N802, N805
-        """Every plant's bid for the DAG and the best of them (nothing is created)."""
+        """The best bid for the DAG and the plants' bids (nothing is created): priced from the plants' offers
+        (each bid says how old its offer is; the best 16 and 16 declines are listed, the rest counted), or in
+        live mode every plant's own answer."""
         return _call(ctx, "estimate", dag)
 
     @rpc(Epr, Dag, _returns=ActionRun.customize(max_occurs="unbounded"))
@@ -171,8 +173,10 @@ class VMShopService(ServiceBase):
         """Re-read the plant list (addresses/vmplant_addresses.txt) and check each plant."""
         return _call(ctx, "reload_plants")
 
-    @rpc(Unicode(min_occurs=1, nillable=False, max_len=2048), _returns=Boolean)
-    def plantChanged(ctx, plant):  # noqa: N802, N805
-        """A plant's notice that some of its VMs changed (it names its own URL); the shop then asks that
-        plant for its VMs. Only plants on the shop's list are heard (else Client.NoSuchPlant)."""
-        return _call(ctx, "plant_changed", plant)
+    @rpc(Unicode(min_occurs=1, nillable=False, max_len=2048), Offer, _returns=Boolean)
+    def plantChanged(ctx, plant, offer):  # noqa: N802, N805
+        """A plant's notice that some of its VMs changed (it names its own URL), with its offer when that
+        changed; the shop then asks that plant for its VMs. Only plants on the shop's list are heard (else
+        Client.NoSuchPlant), only from that plant's identity (else Client.NotAuthorized); a bad offer is
+        refused (Client.OfferInvalid)."""
+        return _call(ctx, "plant_changed", plant, offer)

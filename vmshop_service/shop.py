@@ -22,12 +22,16 @@ Guarantees:
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import logging
 import math
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +49,8 @@ from vmshop_common.errors import (
     NoSuchVMError,
     NotAuthorizedError,
     NotSupportedError,
+    OfferExceededError,
+    OfferInvalidError,
     PlantGoneError,
     Problem,
     RegistryUnavailableError,
@@ -58,6 +64,7 @@ from vmshop_common.threads import ThreadPoolService
 from . import resource
 from .broker import BidResult, call_for_bids, rank, rejection
 from .config import ShopConfig
+from .offers import OfferBook
 from .plants import PlantDirectory, describe_failure
 from .query import Term, parse_query
 from .quota import Quotas, Usage
@@ -79,6 +86,24 @@ KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CREATING_STATES = ("placing", "creating")
 #: The latest termination time (9999-12-31T23:59:59Z): later ones can't be written as an xs:dateTime.
 MAX_TERMINATION = 253402300799.0
+
+
+#: Accepted DAGs kept by their text's digest (a repeated request is not parsed and validated again).
+DAG_CACHE = 256
+#: Offer-priced bids an answer lists (the best ones, and as many declines); the others are counted.
+SHOWN_BIDS = 16
+
+
+@dataclass
+class BidRound:
+    """One request's bids: those an answer shows, and the candidates to create on, best first (``head``, then
+    ``rest``). ``omitted``: offer-priced bids not shown; ``declined``: plants whose offers declined."""
+
+    shown: list[BidResult]
+    head: list[BidResult]
+    rest: Iterator[BidResult] = field(default_factory=lambda: iter(()))
+    omitted: int = 0
+    declined: list[str] = field(default_factory=list)
 
 
 def load_new_vm_dag(dag_xml: str) -> Any:
@@ -127,6 +152,10 @@ class Shop:
         self.quotas = Quotas(config.quotas, self._usage)
         #: Told the seconds of each call for bids (the metrics' hook; vmshop_service/metrics.py).
         self.observe_bid_round: Callable[[float], None] | None = None
+        self.offers = OfferBook(plants, time.monotonic, penalty=config.offer_penalty,
+                                timeout=min(config.call_timeout, 10.0))
+        self.live_bids = config.bids == "live"
+        self._dags: OrderedDict[bytes, Any] = OrderedDict()  # accepted DAGs by the sha256 of their text
 
     def _usage(self, owner: str, exclude: str) -> defer.Deferred[Usage]:
         return self._in_thread(self.registry.usage, owner, exclude).addCallback(lambda row: Usage(*row))
@@ -135,8 +164,16 @@ class Shop:
     # The shop's service tree (vmshop_service/main.py) calls start() once the reactor runs and stop() when
     # the shop stops; its timers call enforce_leases() and refresh() every lease and poll interval.
     def start(self) -> defer.Deferred[Any]:
-        """The start-up round: check the plants, resolve creates a stop cut short, enforce the leases."""
-        return self.refresh().addCallback(lambda _: self.enforce_leases())
+        """The start-up round: pull the plants' offers (offers mode), check the plants, resolve creates a stop
+        cut short, enforce the leases."""
+        first = self.refresh_offers() if not self.live_bids else defer.succeed(None)
+        return first.addCallback(lambda _: self.refresh()).addCallback(lambda _: self.enforce_leases())
+
+    def refresh_offers(self) -> defer.Deferred[Any]:
+        """Pull every plant's offer (the slow offer timer; offers mode only)."""
+        if self.live_bids:
+            return defer.succeed(None)
+        return self.offers.pull_all()
 
     def register(self) -> None:
         """Say in the registry that this shop uses it (blocking: at start-up, before the reactor runs).
@@ -193,34 +230,80 @@ class Shop:
             return self.pool.run(functools.partial(work, *args, **kwargs), what=getattr(work, "__name__", None))
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args, **kwargs)
 
-    def _call_for_bids(self, dag_xml: str) -> defer.Deferred[list[BidResult]]:
-        """Every plant's bid (:func:`call_for_bids`); its round's duration told to :attr:`observe_bid_round`."""
-        started = time.monotonic()
+    def _new_vm_dag(self, dag_xml: str) -> defer.Deferred[Any]:
+        """:func:`load_new_vm_dag` on the pool, or the DAG it gave for the very same text lately (the same
+        requests come again and again; a DAG is never changed once loaded). Only accepted DAGs are kept."""
+        digest = hashlib.sha256(dag_xml.encode("utf-8", "surrogatepass")).digest()
+        cached = self._dags.get(digest)
+        if cached is not None:
+            self._dags.move_to_end(digest)
+            return defer.succeed(cached)
 
-        def observed(bids: list[BidResult]) -> list[BidResult]:
-            if self.observe_bid_round is not None:
-                self.observe_bid_round(time.monotonic() - started)
-            return bids
+        def loaded(dag: Any) -> Any:
+            self._dags[digest] = dag
+            while len(self._dags) > DAG_CACHE:
+                self._dags.popitem(last=False)
+            return dag
 
-        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout).addCallback(observed)
+        return self._in_thread(load_new_vm_dag, dag_xml).addCallback(loaded)
 
     # Estimate -----------------------------------------------------------------
     @defer.inlineCallbacks
     def estimate(self, caller: Identity, dag_xml: str) -> Any:
-        yield self._in_thread(load_new_vm_dag, dag_xml)
-        bids = yield self._call_for_bids(dag_xml)
-        ranked = rank(bids)
-        best = ranked[0] if ranked else None
+        dag = yield self._new_vm_dag(dag_xml)
+        started = time.monotonic()
+        bids = yield self._bids(dag, dag_xml)
+        best = bids.head[0] if bids.head else None
+        took = round(time.monotonic() - started, 6)
         return spyne_record(Estimate, plant=best.plant if best else None, cost=best.cost if best else None,
                             image=best.image if best else None, items=list(best.items) if best else [],
-                            remaining=list(best.remaining) if best else [], bids=[_bid_out(b) for b in bids])
+                            remaining=list(best.remaining) if best else [],
+                            bids=[_bid_out(b, b is best) for b in bids.shown], seconds=took,
+                            mode="live" if self.live_bids else "offers", omitted=bids.omitted or None)
+
+    def _bids(self, dag: Any, dag_xml: str, handles: list[Any] | None = None,
+              live: bool = False) -> defer.Deferred[BidRound]:
+        """The bids of the plants (or of ``handles``): priced here from their offers, the plants with no offer
+        asked live; every plant asked live in live mode or with ``live``. The round's duration is told to
+        :attr:`observe_bid_round` (the metrics' hook)."""
+        started = time.monotonic()
+
+        def observed(bids: BidRound) -> BidRound:
+            if self.observe_bid_round is not None:
+                self.observe_bid_round(time.monotonic() - started)
+            return bids
+
+        return self._bid_round(dag, dag_xml, handles, live).addCallback(observed)
+
+    def _bid_round(self, dag: Any, dag_xml: str, handles: list[Any] | None,
+                   live: bool) -> defer.Deferred[BidRound]:
+        handles = self.plants.all() if handles is None else handles
+        if self.live_bids or live:
+            return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=handles).addCallback(
+                lambda answers: BidRound(shown=answers, head=rank(answers)))
+        priced = self.offers.price(dag, handles)
+        ranked = priced.ranked()
+        top = list(itertools.islice(ranked, SHOWN_BIDS))
+        declines = list(itertools.islice(priced.declines(), SHOWN_BIDS))
+        omitted = priced.bidders - len(top) + priced.decliners - len(declines)
+        declined = [url for group in priced.declined for url in group.urls]
+
+        def with_live(asked: list[BidResult]) -> BidRound:
+            return BidRound(shown=top + declines + asked, head=rank(top + asked), rest=ranked, omitted=omitted,
+                            declined=declined)
+
+        if not priced.unpriced:
+            return defer.succeed(with_live([]))
+        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=priced.unpriced).addCallback(
+            with_live)
 
     # Create -------------------------------------------------------------------
     @defer.inlineCallbacks
     def create(self, caller: Identity, dag_xml: str, owner: str, termination: float | None,
                key: str | None) -> Any:
+        started = time.monotonic()
         owner = authz.owner_of_new_vm(caller, owner)
-        dag = yield self._in_thread(load_new_vm_dag, dag_xml)
+        dag = yield self._new_vm_dag(dag_xml)
         check_termination(termination)
         key = key or "vm-" + uuid.uuid4().hex[:12]
         if not KEY.match(key):
@@ -247,7 +330,7 @@ class Shop:
             self._creating.discard(key)
             raise
         try:
-            result = yield self._place(key, dag_xml, owner)
+            result = yield self._place(key, dag, dag_xml, owner, started)
         except BaseException:
             # A collected create keeps its (collected) entry: the VM existed. delete_owned leaves it, as it
             # leaves an entry another shop resolved meanwhile.
@@ -260,48 +343,50 @@ class Shop:
         return result
 
     @defer.inlineCallbacks
-    def _place(self, key: str, dag_xml: str, owner: str) -> Any:
-        bids = yield self._call_for_bids(dag_xml)
+    def _place(self, key: str, dag: Any, dag_xml: str, owner: str, started: float) -> Any:
+        """Create on the best bidder, then the next (docs/consistency.md). In offers mode the bidders are
+        priced from offers and each re-prices at its create (declining above its offer plus the margin); when
+        none of them made the VM, the plants whose offers declined are asked live, once. ``started``: when the
+        create began (its placement time runs from there to asking the first plant)."""
+        bids = yield self._bids(dag, dag_xml)
         attempts: list[str] = []
-        for bid in rank(bids):
+        tried: set[str] = set()
+        timing: dict[str, float] = {}
+        shown = list(bids.shown)
+        candidates: Iterator[BidResult] = itertools.chain(bids.head, bids.rest)
+        second = False
+        while True:
+            for bid in candidates:
+                tried.add(bid.plant)
+                made = yield self._try(key, bid, dag_xml, owner, attempts, started, timing)
+                if made is not None:
+                    attempts.append(f"{bid.plant}: created")
+                    entry = yield self._in_thread(self.registry.get, key)
+                    if all(b.plant != bid.plant for b in shown):
+                        shown.append(bid)
+                    return CreateResult(vm=self.vm_out(entry), plant=bid.plant, cost=bid.cost,
+                                        bids=[_bid_out(b, b.plant == bid.plant) for b in shown], attempts=attempts,
+                                        runs=[_run_out(run) for run in made.runs or []],
+                                        placement_seconds=timing.get("placement"), omitted=bids.omitted or None)
+            if self.live_bids or second:
+                break
+            # Offers can be stale: the plants whose offer declined (and were not tried), and those whose live price
+            # exceeded their offer, are asked live, once.
+            second = True
+            exceeded = {a.split(": ", 1)[0] for a in attempts if OfferExceededError.CODE in a}
+            again = [self.plants.get(url) for url in [*bids.declined, *sorted(exceeded)]
+                     if self._listed(url) and (url not in tried or url in exceeded)]
+            if not again:
+                break
             self._still_wanted(key)
-            handle = self.plants.get(bid.plant)
-            changes = {"state": "creating", "plant": bid.plant, "plant_vm_id": key, "cost": bid.cost,
-                       "image": bid.image}
-            if bid.memory is not None:
-                changes.update(memory=bid.memory, vcpus=bid.vcpus)
-            # The plant's bid says what hardware the VM gets: that is what the owner's quota must hold.
-            demand = Usage(1, bid.memory or 0, bid.vcpus or 0)
-            # Durable before the plant is asked: after a crash, the shop knows where to look (docs/consistency.md).
-            yield self.quotas.admit(owner, key, demand, functools.partial(self._update_own_create, key, **changes))
-            self._still_wanted(key)
-            try:
-                made = yield handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml,
-                                                             owner=owner, vm_id=key)
-            except defer.CancelledError:
-                raise  # the shop is stopping (its grace ran out): no next bidder
-            except Exception as exc:  # noqa: BLE001 - every failure means: try the next bidder
-                status, reason = describe_failure(exc)
-                attempts.append(f"{bid.plant}: {reason}")
-                log.warning("create %s on %s failed (%s): %s; trying the next bidder", key, bid.plant, status,
-                            reason)
-                if status in ("timeout", "down"):
-                    # The plant may still make it: cancel it there (a collect during a create cancels it). If
-                    # this does not get through, the plant's copy is unwanted and the state poll collects it.
-                    handle.client.call("collectVM", vm_id=key).addErrback(lambda _: None)
-                continue
-            self._still_wanted(key)
-            vm = made.vm
-            yield self._update_own_create(key, state=vm.state, image=vm.image, memory=vm.memory, vcpus=vm.vcpus,
-                                          disk=vm.disk, arch=vm.arch, address=vm.address, host_port=vm.host_port,
-                                          steps=list(vm.steps or []))
-            attempts.append(f"{bid.plant}: created")
-            entry = yield self._in_thread(self.registry.get, key)
-            return CreateResult(vm=self.vm_out(entry), plant=bid.plant, cost=bid.cost,
-                                bids=[_bid_out(b) for b in bids], attempts=attempts,
-                                runs=[_run_out(run) for run in made.runs or []])
-        reasons = [f"{b.plant}: {rejection(b)}" for b in bids if rejection(b) is not None] + attempts
-        if not bids:
+            live = yield self._bids(dag, dag_xml, again, live=True)
+            asked = {b.plant for b in live.shown}
+            shown = [b for b in shown if b.plant not in asked] + live.shown
+            candidates = iter(live.head)
+        reasons = [f"{b.plant}: {rejection(b)}" for b in shown if rejection(b) is not None] + attempts
+        if bids.omitted:
+            reasons.append(f"and {bids.omitted} more plants' offers (not listed)")
+        if not shown:
             reasons = ["this shop has no plants (see its plant list file)"]
         raise NoPlantError("no plant could create the VM: " + "; ".join(reasons),
                            [Problem(reason) for reason in reasons])
@@ -316,6 +401,92 @@ class Shop:
                 raise NotSupportedError(f"VM {key} was collected while it was being created")
 
         return self._in_thread(update)
+
+    def _listed(self, url: str) -> bool:
+        try:
+            self.plants.get(url)
+        except PlantGoneError:
+            return False
+        return True
+
+    @defer.inlineCallbacks
+    def _try(self, key: str, bid: BidResult, dag_xml: str, owner: str, attempts: list[str], started: float,
+             timing: dict[str, float]) -> Any:
+        """Ask ``bid``'s plant to create; its ``made`` answer, or None (the reason added to ``attempts``).
+
+        The create counts as in flight to that plant from now (in the reactor turn that priced it), so that the
+        creates priced after it see the plant's load as the plant will."""
+        inflight = self.offers.inflight
+        inflight[bid.plant] = inflight.get(bid.plant, 0) + 1
+        try:
+            made = yield self._create_on(key, bid, dag_xml, owner, attempts, started, timing)
+        finally:
+            inflight[bid.plant] -= 1
+            if not inflight[bid.plant]:
+                del inflight[bid.plant]
+        return made
+
+    @defer.inlineCallbacks
+    def _create_on(self, key: str, bid: BidResult, dag_xml: str, owner: str, attempts: list[str], started: float,
+                   timing: dict[str, float]) -> Any:
+        self._still_wanted(key)
+        handle = self.plants.get(bid.plant)
+        changes = {"state": "creating", "plant": bid.plant, "plant_vm_id": key, "cost": bid.cost,
+                   "image": bid.image}
+        if bid.memory is not None:
+            changes.update(memory=bid.memory, vcpus=bid.vcpus)
+        # The plant's bid says what hardware the VM gets: that is what the owner's quota must hold.
+        demand = Usage(1, bid.memory or 0, bid.vcpus or 0)
+        # Durable before the plant is asked: after a crash, the shop knows where to look (docs/consistency.md).
+        yield self.quotas.admit(owner, key, demand, functools.partial(self._update_own_create, key, **changes))
+        self._still_wanted(key)
+        max_cost = None
+        if bid.source == "offer" and bid.cost is not None:
+            max_cost = round(bid.cost * (1 + self.config.offer_margin) + 1e-6, 6)
+        timing.setdefault("placement", round(time.monotonic() - started, 6))
+        call = handle.client.call_with_timeout(self.config.create_timeout, "createVM", dag=dag_xml, owner=owner,
+                                               vm_id=key, max_cost=max_cost)
+        silent: list[str] = []
+        outcome: defer.Deferred[Any] = defer.Deferred(lambda _: call.cancel())
+        call.addBoth(lambda result: outcome.callback(result) if not outcome.called else None)
+        if bid.source == "offer":
+            # No live bid showed that this plant answers: check it alongside the create, within the bid timeout.
+            # A plant that does not answer loses the create as a silent bidder would (it is cancelled there).
+            def checked(checked_handle: Any) -> None:
+                if not checked_handle.up and not outcome.called:
+                    silent.append(checked_handle.last_error or "no answer")
+                    outcome.errback(defer.CancelledError("the plant did not answer its check"))
+                    call.cancel()
+
+            self.plants.check(handle, self.config.bid_timeout).addCallback(checked)
+        try:
+            made = yield outcome
+        except defer.CancelledError:
+            if not silent:
+                raise  # the shop is stopping (its grace ran out): no next bidder
+            reason = f"did not answer a check within {self.config.bid_timeout:g} s ({silent[0]})"
+            attempts.append(f"{bid.plant}: {reason}")
+            log.warning("create %s on %s: the plant %s; trying the next bidder", key, bid.plant, reason)
+            handle.client.call("collectVM", vm_id=key).addErrback(lambda _: None)
+            return None
+        except Exception as exc:  # noqa: BLE001 - every failure means: try the next bidder
+            status, reason = describe_failure(exc)
+            attempts.append(f"{bid.plant}: {reason}")
+            log.warning("create %s on %s failed (%s): %s; trying the next bidder", key, bid.plant, status, reason)
+            if status in ("timeout", "down"):
+                # The plant may still make it: cancel it there (a collect during a create cancels it). If
+                # this does not get through, the plant's copy is unwanted and the state poll collects it.
+                handle.client.call("collectVM", vm_id=key).addErrback(lambda _: None)
+            elif OfferExceededError.CODE in reason and bid.source == "offer":
+                self.offers.mark_down(bid.plant, reason)
+                self.offers.pull(handle)  # its offer now
+            return None
+        self._still_wanted(key)
+        vm = made.vm
+        yield self._update_own_create(key, state=vm.state, image=vm.image, memory=vm.memory, vcpus=vm.vcpus,
+                                      disk=vm.disk, arch=vm.arch, address=vm.address, host_port=vm.host_port,
+                                      steps=list(vm.steps or []))
+        return made
 
     def _still_wanted(self, key: str) -> None:
         """Raise NotSupportedError once the VM being created was collected (its create goes no further)."""
@@ -556,8 +727,10 @@ class Shop:
         except NoSuchVMError:
             pass
 
-    def plant_changed(self, caller: Identity, url: str) -> bool:
+    def plant_changed(self, caller: Identity, url: str, offer: Any = None) -> bool:
         """A plant says some of its VMs changed: look at that plant soon (the answer does not wait for it).
+        With ``offer``, the plant's new offer: validated and taken (offers mode; a bad one is refused with
+        Client.OfferInvalid and logged, and the offer held before stays).
 
         Heard only from that plant's own identity (one whose authorisation-file line lists its address) or
         an admin (else NotAuthorizedError), and only for plants on this shop's list (else NoSuchPlantError).
@@ -565,6 +738,8 @@ class Shop:
         that arrive while that plant is being looked at make one more look. Returns True.
         """
         if not authz.may_notify(caller, url):
+            log.warning("a notice%s for plant %s from %s refused: not that plant's identity",
+                        " with an offer" if offer is not None else "", url[:200], caller.name)
             raise NotAuthorizedError(f"{caller.name} may not send notices for the plant at {url[:200]!r}: only "
                                      "the plant whose address its authorisation-file line lists")
         wanted = _normal_url(url)
@@ -572,6 +747,12 @@ class Shop:
         if handle is None:
             raise NoSuchPlantError(f"{url!r} is not one of this shop's plants")
         self._look(handle)
+        if offer is not None and not self.live_bids:
+            try:
+                self.offers.take(handle.url, offer)
+            except OfferInvalidError:
+                log.warning("offer pushed by %s (as %s) refused", handle.url, caller.name)
+                raise
         return True
 
     def _look(self, handle: Any) -> None:
@@ -680,11 +861,14 @@ class Shop:
                             cost=entry.cost, error=entry.error, steps=list(entry.steps or []), attributes=attributes)
 
 
-def _bid_out(bid: BidResult) -> Bid:
+def _bid_out(bid: BidResult, full: bool = True) -> Bid:
+    """One bid on the wire; its cost breakdown only when ``full`` or asked live (offers mode answers for every
+    plant: the breakdown of the best is in the answer itself)."""
     items = [spyne_record(CostItem, label=i.label, seconds=i.seconds, source=i.source, node=i.node)
-             for i in bid.items]
+             for i in bid.items] if full or bid.source == "live" else []
     return spyne_record(Bid, plant=bid.plant, status=bid.status, cost=bid.cost, image=bid.image, reason=bid.reason,
-                        seconds=bid.seconds, items=items)
+                        seconds=bid.seconds, items=items, source=bid.source, offer_age=bid.offer_age,
+                        offer_version=bid.offer_version, marked_down=bid.marked_down or None)
 
 
 def _run_out(run: Any) -> ActionRun:

@@ -13,6 +13,8 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 # isort: split
 from spyne import Boolean, ComplexModel, Double, Integer, Unicode
 
+from vmshop_common.soap.offer_wire import offer_type
+
 TNS = "urn:vmshop:vmshop:1"
 
 
@@ -53,6 +55,10 @@ class Bid(ComplexModel):
     reason = Unicode
     seconds = Double
     items = _many(CostItem)
+    source = Unicode  # live: the plant's answer; offer: priced by the shop from the plant's offer
+    offer_age = Double  # seconds since the shop received (or had confirmed) that offer
+    offer_version = Integer
+    marked_down = Boolean  # its offer proved wrong lately: ranked after the others
 
 
 class Estimate(ComplexModel):
@@ -65,6 +71,9 @@ class Estimate(ComplexModel):
     items = _many(CostItem)
     remaining = _many(Unicode)
     bids = _many(Bid)
+    seconds = Double  # the shop's bid round (pricing offers, or the call for bids)
+    mode = Unicode  # offers or live
+    omitted = Integer  # offers mode: offer-priced bids not listed (the best 16 and 16 declines are)
 
 
 class VMInfo(ComplexModel):
@@ -112,6 +121,8 @@ class CreateResult(ComplexModel):
     bids = _many(Bid)
     runs = _many(ActionRun)
     attempts = _many(Unicode)
+    placement_seconds = Double  # from the request to asking the plant that made it first (bids, registry)
+    omitted = Integer  # offers mode: offer-priced bids not listed
 
 
 class PlantStatus(ComplexModel):
@@ -127,3 +138,6 @@ class PlantStatus(ComplexModel):
     images = _many(Unicode)
     last_error = Unicode
     last_seen = Double
+
+
+Offer = offer_type(TNS)
