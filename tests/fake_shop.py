@@ -32,7 +32,8 @@ Behaviour tests can rely on:
   its owner or an admin only (anyone else: ``Client.NoSuchVM``), queries see
   the caller's VMs (an admin's: all), ``owner`` is the caller's unless an
   admin names another, ``reloadPlants`` is for admins, ``plantChanged`` for
-  the plant itself or an admin.
+  the plant itself or an admin (a pushed offer is validated and kept in
+  ``offers``).
 
 Serve it with :func:`serve_fake_shop` (mutual TLS with the session's PKI,
 its authorisation file mapping the test identities).
@@ -69,6 +70,7 @@ from vmshop_common.errors import (
     NotSupportedError,
     VMShopError,
 )
+from vmshop_common.offers import CatalogCache, Offer, offer_from_wire
 from vmshop_service import wire
 from vmshop_service.query import Term, parse_query
 from vmshop_service.registry import Registry, VMEntry
@@ -104,6 +106,8 @@ class FakeShop:
     def __init__(self, *, create_seconds: float = 1.0) -> None:
         self.address = "http://127.0.0.1:8080/"  # the shop's public URL (EPR Address); set by serve_fake_shop
         self.notices: list[str] = []  # plantChanged calls heard
+        self.offers: dict[str, Offer] = {}  # offers pushed with plantChanged, by plant address
+        self._catalogs = CatalogCache()
         self.registry = Registry(":memory:")
         self.create_seconds = create_seconds
         self.fail_create: VMShopError | None = None
@@ -280,12 +284,14 @@ class FakeShop:
         self.reloads += 1
         return list(self.plant_list)
 
-    def plant_changed(self, caller: Identity, url: str) -> bool:
+    def plant_changed(self, caller: Identity, url: str, offer: Any = None) -> bool:
         if not authz.may_notify(caller, url):
             raise NotAuthorizedError(f"{caller.name} may not send notices for the plant at {url!r}")
         if url not in {p.address for p in self.plant_list}:
             raise NoSuchPlantError(f"{url!r} is not one of this shop's plants")
         self.notices.append(url)
+        if offer is not None:  # validated as the real shop does (Client.OfferInvalid), then kept
+            self.offers[url] = offer_from_wire(offer, url, self._catalogs, time.time())
         return True
 
 
