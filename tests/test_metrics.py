@@ -128,7 +128,8 @@ def test_the_numbers_move_with_real_operations(pair: tuple[ServerProcess, Server
 
     plant_found = wait_for(lambda: (lambda s: s if value(s, "vmplant_vms", state="running") == 1 else None)(
         samples(plant)), 30, "the running VM counted by the plant")
-    assert value(plant_found, "vmplant_requests_total", operation="estimateCost") >= 1
+    # The shop prices from the plant's offer (offers mode, the default): it pulls getOffer, never estimateCost.
+    assert value(plant_found, "vmplant_requests_total", operation="getOffer") >= 1
     assert value(plant_found, "vmplant_requests_total", operation="createVM") == 1
     assert value(plant_found, "vmplant_request_seconds_count", operation="configureVM") == 2
     assert value(plant_found, "vmplant_guest_agent_errors_total", reason="failed") == 1
@@ -142,6 +143,8 @@ def test_the_numbers_move_with_real_operations(pair: tuple[ServerProcess, Server
     assert value(before_shop, "vmshop_registry_vms") == 0
 
     plant.stop()
+    # Offers mode prices from the offer the shop holds: the state poll (not a bid) finds the plant down.
+    wait_for(lambda: value(samples(shop), "vmshop_plants", state="down") == 1, 30, "the stopped plant counted down")
     shop.service.estimateCost(dag=SAMPLE.read_text())
     found = samples(shop)
     assert value(found, "vmshop_plants", state="down") == 1 and value(found, "vmshop_plants", state="up") == 0
