@@ -73,8 +73,14 @@ VM_FIELDS: tuple[VMField, ...] = (
     VMField("run_dir", "str", frozenset({"plant-record"}), "its run directory's path"),
     VMField("mac", "str", frozenset({"plant-record"}), "its NIC's MAC address on the plant's segment"),
     VMField("made", "bool", PLANT_MODELS, "its create finished (its whole DAG ran)"),
-    VMField("shop", "str", PLANT_MODELS, "the identity of the shop that asked for it"),
+    VMField("shop", "str", PLANT_MODELS | {"registry"},
+            "at the plant: the identity of the shop that asked for it; in the registry: the name of the shop that "
+            "places it (its unfinished create's owner, docs/consistency.md)"),
 )
+
+#: Columns of the registry's table that are the shops' bookkeeping, not fields of a VM (no model carries them):
+#: the lease claim (which shop enforces a due lease, and since when).
+REGISTRY_BOOKKEEPING: tuple[str, ...] = ("lease_claim", "lease_claimed")
 
 BY_NAME: dict[str, VMField] = {field.name: field for field in VM_FIELDS}
 
