@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import zeep.exceptions
-from plant_fixtures import blank, chain, image_start, make_plant, mount, network, script, shutdown_plant
+from plant_fixtures import IMAGE, blank, chain, image_start, make_plant, mount, network, script, shutdown_plant
 from servers import ServerProcess, fault_code, host_port, start_plant, start_shop, wait_for
 
 from vmshop_common import offers as offers_module
@@ -335,3 +335,53 @@ def test_a_plant_pushes_its_new_offer_with_its_notice(tmp_path: Path, warehouse_
     finally:
         shop.cleanup()
         plant.cleanup()
+
+
+def test_an_offer_carries_each_images_own_boot_and_which_images_the_backend_cannot_run(plant: Any,
+                                                                                      monkeypatch: Any) -> None:
+    """Issue 12's per-image boot seconds and <guest> fitness (a UML plant declines images that boot their own
+    kernel, or need a seed disk) reach the shop through the offer: it prices as the plant bids."""
+    plant.records.set_metric("boot_seconds", 2.5)
+    plant.records.set_metric(f"boot_seconds:{IMAGE}", 40.0)
+    offer = offer_from_wire(_wire(offer_fields(plant.offer("https://p:1/"))), "https://p:1/", CatalogCache(), 0.0)
+    assert dict(offer.image_boot_seconds) == {IMAGE: 40.0}
+    request_xml = chain(script("a", "echo a"))
+    at_shop, at_plant = Pricing(load_dag(request_xml)).price(offer), plant.estimate(request_xml)
+    assert isinstance(at_shop, Bid) and isinstance(at_plant, Bid)
+    assert ("boot", 40.0) in {(item.label, item.seconds) for item in at_shop.items}
+    assert (at_shop.cost, at_shop.items) == (at_plant.cost, at_plant.items)
+
+    caps = plant.backend.capabilities()
+    monkeypatch.setattr(plant.backend, "capabilities",
+                        lambda: replace(caps, kernel_limit="this backend boots only its own kernel", seed_disk=False))
+    guest = plant.warehouse.get(IMAGE).guest
+    offer = offer_from_wire(_wire(offer_fields(plant.offer("https://p:1/"))), "https://p:1/", CatalogCache(), 0.0)
+    assert offer.terms.kernel_limit == "this backend boots only its own kernel" and not offer.terms.seed_disk
+    assert offer.guests.get(IMAGE, type(guest)()) == guest
+    at_shop, at_plant = Pricing(load_dag(request_xml)).price(offer), plant.estimate(request_xml)
+    assert type(at_shop) is type(at_plant)
+    if guest.kernel == "own":
+        assert isinstance(at_shop, Decline) and isinstance(at_plant, Decline)
+        assert at_shop.reason == at_plant.reason and "boots only its own kernel" in at_shop.reason
+    else:
+        assert isinstance(at_shop, Bid) and isinstance(at_plant, Bid) and at_shop.cost == at_plant.cost
+
+
+def test_an_offers_guest_traits_are_checked() -> None:
+    fields = offer_fields(SimpleNamespace(
+        plant="p", version=1, issued=0.0, catalog=SimpleNamespace(images=()), steps={}, clone_seconds=0.1,
+        boot_seconds=1.0, live=0, creating=0, free_memory=0, datasets=frozenset(), image_boot_seconds={},
+        guests={}, terms=offers_module.Terms(backend="fake", max_disk=1, capacity_memory=1, capacity_vms=1,
+                                             max_creates=1, max_action_seconds=1, max_dag_seconds=1)))
+    image = {"name": "x", "dag": DAG_IMAGE, "memory": 64, "vcpus": 1, "disk": 1, "arch": "x86_64",
+             "boot_seconds": 3.0, "kernel": "any"}
+    taken = offer_from_wire(_wire({**fields, "images": [image]}), "p", CatalogCache(), 0.0)
+    assert taken.image_boot_seconds == {"x": 3.0} and taken.guests["x"].kernel == "any"
+    for bad in ({"kernel": "/etc/passwd"}, {"contextualization": "x" * 40}, {"boot_seconds": -1.0},
+                {"data_share": "nfs"}):
+        with pytest.raises(OfferInvalidError):
+            offer_from_wire(_wire({**fields, "images": [{**image, **bad}]}), "p", CatalogCache(), 0.0)
+
+
+DAG_IMAGE = (f'<vm xmlns="{DAG_NS}"><nodes><blank id="hw" memory="64" vcpus="1" disk="1" arch="x86_64"/>'
+             '<script id="os">#vmshop-os: x</script></nodes><edges><edge from="hw" to="os"/></edges></vm>')
