@@ -18,7 +18,8 @@ from servers import ServerProcess, start_plant, start_shop, wait_for
 from vmshop_common import pki as ca_tool
 from vmshop_common.dagxml import DAG_NS
 
-pytestmark = [pytest.mark.integration,
+# network: the client reaches the servers at their namespace addresses (198.18.0.x, on the test's own bridge).
+pytestmark = [pytest.mark.integration, pytest.mark.network,
               pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
 
 DAG = (f'<vm xmlns="{DAG_NS}"><attributes><attribute name="project" value="hosts"/></attributes><nodes>'

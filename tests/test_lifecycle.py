@@ -401,6 +401,6 @@ def test_the_shops_tree_starts_the_listener_last_and_stops_it_first(tmp_path: Pa
                         security=ServerSecurity(insecure=True))
     server = build_shop(config, port=0, reactor=task.Clock())
     assert [child.name for child in server.root] == ["closing the registry", "vmshop-pool", "shop", "lease timer",
-                                                     "state poll", "metrics refresh", "listener"]
+                                                     "state poll", "metrics refresh", "offer pull", "listener"]
     assert server.root.shutdown.grace == 7 and server.pool.deadline == 60
     assert server.shop.pool is server.pool

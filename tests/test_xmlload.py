@@ -338,6 +338,8 @@ STABLE_CODES = {
     "BackendError": "Server.BackendError",
     "NoPlantError": "Server.NoPlantAvailable",
     "PlantGoneError": "Server.PlantGone",
+    "OfferInvalidError": "Client.OfferInvalid",
+    "OfferExceededError": "Server.OfferExceeded",
     "ConfigurationError": "Server.Configuration",
 }
 
