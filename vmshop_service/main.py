@@ -39,7 +39,7 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 from twisted.application.service import Service
 from twisted.internet import defer
 
-from vmshop_common.errors import ConfigurationError
+from vmshop_common.errors import ConfigurationError, VMShopError
 from vmshop_common.lifecycle import AFTER_GRACE, Closing, RoundTimer, ServerService, Shutdown, run_server, within
 from vmshop_common.metrics import MetricsResource, operation_names
 from vmshop_common.security import PORT_PLACEHOLDER, StartedSecurity, is_loopback, start_security, url
@@ -86,7 +86,11 @@ class ShopService(Service):
 
     def _start(self) -> None:
         def failed(failure: Any) -> None:
-            if not failure.check(defer.CancelledError):
+            if failure.check(defer.CancelledError):
+                return
+            if failure.check(VMShopError):  # a known condition (the registry unreachable, ...): the timers go on
+                log.warning("start-up round failed: %s", failure.getErrorMessage())
+            else:
                 log.error("start-up: %s", failure.getTraceback())
 
         self.starting = self.shop.start().addErrback(failed)
