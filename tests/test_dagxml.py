@@ -187,8 +187,8 @@ def test_sample_dags_in_scripts_are_valid(name: str) -> None:
     assert dag_roundtrip(dag) == model(dag)
 
 
-def test_the_three_samples_exist() -> None:
-    assert SAMPLES == ["sample_blank.xml", "sample_image.xml", "sample_workflow.xml"]
+def test_the_samples_exist() -> None:
+    assert SAMPLES == ["sample_blank.xml", "sample_debian.xml", "sample_image.xml", "sample_workflow.xml"]
 
 
 def test_sample_blank_in_detail() -> None:
