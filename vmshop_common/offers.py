@@ -3,8 +3,12 @@
 A plant's bid (:meth:`vmplant_service.plant.Plant.estimate_dag`) is a pure
 function of the request and of a few facts about the plant: its catalog
 (the cached images: names, hardware, embodied DAGs, hence their step
-digests and lineage), its measured step, clone and boot seconds, its load,
-and its terms (backend capabilities, capacity and limits). An
+digests and lineage), its measured step, clone and boot seconds (each
+image's own boot where measured), each image's ``<guest>`` traits, its
+load, and its terms (backend capabilities, among them whether it can boot
+an image's own kernel or attach a seed disk, capacity and limits): an image
+the plant cannot run for a request (:func:`vmshop_common.guest.unfit`) is
+passed over, by the plant and the shop alike. An
 :class:`Offer` is those facts, versioned. :func:`price` is the bid, and the
 plant prices with it too (its live state as an offer), so a shop pricing
 against an offer gets what the plant would have said then.
