@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import ServerProcess, host_port, processes_mentioning, start_plant, start_shop
+from servers import ServerProcess, host_port, processes_mentioning, start_plant, start_shop, wait_for
 
 from vmshop_common.dagxml import DAG_NS
 
@@ -58,6 +58,10 @@ def test_one_real_vm_on_each_backend_through_one_shop(plants: dict[str, ServerPr
 
     shop = start_shop(tmp_path / "shop", [host_port(p) for p in plants.values()])
     try:
+        # As in production, the plants tell the shop of their changes, with their offers (the shop prices from
+        # offers): a full plant's offer says so.
+        for plant in plants.values():
+            (plant.directory / "vmshop_addresses.txt").write_text(host_port(shop) + "\n")
         by_url = {plant.url: name for name, plant in plants.items()}
         estimate = shop.service.estimateCost(dag=dag("true"))
         costs = {by_url[bid.plant]: bid.cost for bid in estimate.bids}
@@ -72,9 +76,10 @@ def test_one_real_vm_on_each_backend_through_one_shop(plants: dict[str, ServerPr
             assert by_url[made.plant] == expected, (made.plant, made.bids)
             assert made.vm.state == "running" and made.runs[0].output.startswith("Linux")
             vms.append(made.vm)
-        # All three plants are full now: a fourth VM is declined by every one of them.
-        statuses = {bid.status for bid in shop.service.estimateCost(dag=dag("true")).bids}
-        assert statuses == {"declined"}
+        # All three plants are full now: a fourth VM is declined by every one of them (once their offers, pushed
+        # after each create, reached the shop).
+        wait_for(lambda: {bid.status for bid in shop.service.estimateCost(dag=dag("true")).bids} == {"declined"},
+                 60, "every plant's offer declining a fourth VM")
 
         for vm in vms:
             runs = shop.service.configureVM(vm=vm.epr, dag=dag(f"echo configured on {by_url[vm.plant]}"))
