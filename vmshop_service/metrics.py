@@ -5,8 +5,10 @@ Besides every server's requests, faults and request latency by operation
 ``vmshop_request_seconds``; ``createVM``, ``configureVM`` and ``collectVM``
 among the operations), the shop has:
 
-- ``vmshop_bid_round_seconds``: how long each call for bids took (every
-  plant asked at once; an estimate or a create makes one round);
+- ``vmshop_bid_round_seconds``: how long each bid round took (offers mode:
+  the offers priced at the shop, plants with no offer asked live; live
+  mode: every plant asked at once); an estimate or a create makes one
+  round, a create whose offer-priced bidders all failed one more (live);
 - ``vmshop_vms{state}``: VMs in the registry by state, and
   ``vmshop_registry_vms``: all of them (collected ones included), both read
   by a timer on the shop's thread pool every ``<metrics refresh>`` seconds;
@@ -62,7 +64,8 @@ class ShopMetrics(ServerMetrics):
         super().__init__("vmshop", operations)
         self.registry_db = registry
         self.bid_round = new_histogram(self, "bid_round_seconds",
-                                       "Seconds one call for bids took (every plant asked at once)", ROUND_BUCKETS)
+                                       "Seconds one bid round took (offers priced here, or every plant asked)",
+                                       ROUND_BUCKETS)
         self.vms = new_gauge(self, "vms", "VMs in the registry by state (refreshed every <metrics refresh> s)",
                              ["state"])
         self.registry_size = new_gauge(self, "registry_vms",
