@@ -40,7 +40,7 @@ def test_exit_statuses_are_the_documented_ones() -> None:
 # Valid files ------------------------------------------------------------------------------------------
 
 def test_samples_in_scripts_validate(capsys: pytest.CaptureFixture[str]) -> None:
-    assert len(SAMPLES) == 3
+    assert len(SAMPLES) == 4
     status, out, err = run(capsys, *map(str, SAMPLES))
     assert status == EXIT_OK
     assert err == ""
@@ -48,7 +48,11 @@ def test_samples_in_scripts_validate(capsys: pytest.CaptureFixture[str]) -> None
     assert [line.split(": ", 1)[0] for line in lines] == [str(p) for p in SAMPLES]
     assert lines[0].endswith("sample_blank.xml: valid: start 'hw' from blank hardware, 2 action(s), 2 edge(s), "
                              "1 attribute(s)")
-    assert "valid: start 'base' from image 'tiny', 4 action(s), 6 edge(s), 2 attribute(s)" in lines[1]
+    by_name = {Path(line.split(": ", 1)[0]).name: line.split(": ", 1)[1] for line in lines}
+    assert by_name["sample_image.xml"] == ("valid: start 'base' from image 'tiny', 4 action(s), 6 edge(s), "
+                                           "2 attribute(s)")
+    assert by_name["sample_debian.xml"] == ("valid: start 'os' from image 'debian12', 6 action(s), 8 edge(s), "
+                                            "2 attribute(s)")
 
 
 def test_good_examples_validate(capsys: pytest.CaptureFixture[str]) -> None:
