@@ -73,8 +73,13 @@ VM_FIELDS: tuple[VMField, ...] = (
     VMField("run_dir", "str", frozenset({"plant-record"}), "its run directory's path"),
     VMField("mac", "str", frozenset({"plant-record"}), "its NIC's MAC address on the plant's segment"),
     VMField("made", "bool", PLANT_MODELS, "its create finished (its whole DAG ran)"),
-    VMField("shop", "str", PLANT_MODELS, "the identity of the shop that asked for it"),
+    VMField("shop", "str", PLANT_MODELS | {"registry"},
+            "the shop that asked for it (a plant's: that shop's identity; the registry's: the name of the shop "
+            "whose create it is, while placing or creating)"),
 )
+
+#: Columns of the registry's table that are no VM field: a shop's claim on a due lease (who, since when).
+REGISTRY_BOOKKEEPING = frozenset({"lease_claim", "lease_claimed"})
 
 BY_NAME: dict[str, VMField] = {field.name: field for field in VM_FIELDS}
 
