@@ -58,6 +58,7 @@ class SocketGuard:
             return
         message = f"{what}({address!r}) on a non-loopback address in a unit test (mark it @pytest.mark.{MARKER})"
         self.violations.append(message)
+        sock.close()  # the test fails anyway: its socket must not outlive it (a later test's GC would report it)
         raise NonLoopbackSocketError(message)
 
     def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:

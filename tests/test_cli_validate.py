@@ -49,8 +49,11 @@ def test_samples_in_scripts_validate(capsys: pytest.CaptureFixture[str]) -> None
     assert [line.split(": ", 1)[0] for line in lines] == [str(p) for p in SAMPLES]
     assert lines[0].endswith("sample_blank.xml: valid: start 'hw' from blank hardware, 2 action(s), 2 edge(s), "
                              "1 attribute(s)")
-    assert "valid: start 'os' from image 'debian12'" in lines[1]
-    assert "valid: start 'base' from image 'tiny', 4 action(s), 6 edge(s), 2 attribute(s)" in lines[2]
+    by_name = {Path(line.split(": ", 1)[0]).name: line.split(": ", 1)[1] for line in lines}
+    assert by_name["sample_image.xml"] == ("valid: start 'base' from image 'tiny', 4 action(s), 6 edge(s), "
+                                           "2 attribute(s)")
+    assert by_name["sample_debian.xml"] == ("valid: start 'os' from image 'debian12', 6 action(s), 8 edge(s), "
+                                            "2 attribute(s)")
 
 
 def test_good_examples_validate(capsys: pytest.CaptureFixture[str]) -> None:

@@ -191,6 +191,14 @@ def test_the_samples_exist() -> None:
     assert SAMPLES == ["sample_blank.xml", "sample_debian.xml", "sample_image.xml", "sample_workflow.xml"]
 
 
+def test_sample_debian_in_detail() -> None:
+    dag = load_dag((SCRIPTS / "sample_debian.xml").read_bytes())
+    assert isinstance(dag.start, ImageStart) and dag.start.name == "debian12"
+    assert dag.start.cloud_config is not None and dag.start.cloud_config.startswith("#cloud-config\n")
+    assert [dag.nodes[n].kind for n in dag.topological_order()][1:] == [
+        "network", "mount", "mount", "script", "file", "script"]
+
+
 def test_sample_blank_in_detail() -> None:
     dag = load_dag((SCRIPTS / "sample_blank.xml").read_bytes())
     assert dag.name == "blank-sample"

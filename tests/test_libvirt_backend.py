@@ -552,6 +552,7 @@ def test_host_reaches_each_guests_httpd(pair: Pair) -> None:
 
 
 @pytest.mark.guest
+@pytest.mark.network  # binds a listener on the host's own address (never sends beyond it)
 def test_user_network_is_restricted(pair: Pair) -> None:
     """restrict=on through the passed-through netdev: the guest reaches no server of the host."""
     listeners = []

@@ -207,8 +207,8 @@ def refused(url: str) -> bool:
     host, _, port = url.split("://", 1)[1].rstrip("/").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True  # reset: the connection reached the backlog of a listener that closed meanwhile
     return False
 
 

@@ -74,13 +74,12 @@ VM_FIELDS: tuple[VMField, ...] = (
     VMField("mac", "str", frozenset({"plant-record"}), "its NIC's MAC address on the plant's segment"),
     VMField("made", "bool", PLANT_MODELS, "its create finished (its whole DAG ran)"),
     VMField("shop", "str", PLANT_MODELS | {"registry"},
-            "at the plant: the identity of the shop that asked for it; in the registry: the name of the shop that "
-            "places it (its unfinished create's owner, docs/consistency.md)"),
+            "the shop that asked for it (a plant's: that shop's identity; the registry's: the name of the shop "
+            "whose create it is, while placing or creating)"),
 )
 
-#: Columns of the registry's table that are the shops' bookkeeping, not fields of a VM (no model carries them):
-#: the lease claim (which shop enforces a due lease, and since when).
-REGISTRY_BOOKKEEPING: tuple[str, ...] = ("lease_claim", "lease_claimed")
+#: Columns of the registry's table that are no VM field: a shop's claim on a due lease (who, since when).
+REGISTRY_BOOKKEEPING = frozenset({"lease_claim", "lease_claimed"})
 
 BY_NAME: dict[str, VMField] = {field.name: field for field in VM_FIELDS}
 

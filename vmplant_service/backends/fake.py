@@ -157,8 +157,14 @@ class FakeBackend(Backend):
         """The guest lives while this backend owns it: its agent stops when it no longer does."""
         while not vm.stop.wait(POLL * 5) and self._owns(vm):
             pass
-        if vm.agent is not None:
+        if vm.agent is None:
+            return
+        if vm.stop.is_set():
             vm.agent.stop()
+        else:
+            # Another backend adopted the guest (a plant restart): there is one guest, so a command already
+            # on this agent's connection still gets its answers; the agent takes no new connection.
+            vm.agent.retire()
 
     def _shut_down(self, vm: _FakeVM) -> None:
         """guest-shutdown: the guest powers off (its agent goes with it)."""

@@ -64,6 +64,7 @@ class FakeAgent:
         self.ready_at = ready_at
         self.on_shutdown = on_shutdown
         self._stop = threading.Event()
+        self._retired = threading.Event()
         self._processes: dict[int, _Process] = {}
         self._files: dict[int, tuple[str, bytearray]] = {}
         self._written: dict[str, bytes] = {}
@@ -77,6 +78,10 @@ class FakeAgent:
         self._thread = threading.Thread(target=self._serve, daemon=True,
                                         name=f"fake-qga-{name or self.path.parent.name}")
         self._thread.start()
+
+    def retire(self) -> None:
+        """Take no new connection; the one being served goes on until its client closes it (or stop())."""
+        self._retired.set()
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop serving and remove the socket; False if the thread did not end in time."""
@@ -93,7 +98,7 @@ class FakeAgent:
     def _serve(self) -> None:
         with self._server, selectors.DefaultSelector() as selector:
             selector.register(self._server, selectors.EVENT_READ)
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._retired.is_set():
                 if not selector.select(POLL):
                     continue
                 try:

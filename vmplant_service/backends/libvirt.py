@@ -740,6 +740,7 @@ class LibvirtBackend(Backend):
                                             | libvirt.VIR_DOMAIN_START_PAUSED)
             except LibvirtError as exc:
                 log.info("KVM probe could not start: %s", _words(exc))
+                self._remove_domain_log(domain_name(probe.vm_id))  # libvirt wrote why QEMU failed there
                 return False
             try:
                 return _read_until(console_socket(probe), PROBE_MARKER, time.monotonic() + self.probe_timeout,
