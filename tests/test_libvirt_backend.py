@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -734,3 +735,20 @@ def test_capabilities_from_the_connection(backend: LibvirtBackend) -> None:
     with open("/proc/meminfo") as handle:
         total = int(next(line for line in handle if line.startswith("MemTotal:")).split()[1]) // 1024
     assert abs(caps.max_memory - int(total * 0.75)) <= 2 and caps.max_vcpus == os.cpu_count()
+
+
+@pytest.mark.guest
+def test_capabilities_do_not_wait_on_a_busy_daemon(backend: LibvirtBackend) -> None:
+    """plantInfo asks for them on every shop poll; a guest can keep libvirtd's event loop busy for seconds (an
+    agent that floods its channel), which must not make the plant slow to answer: they ask libvirtd nothing
+    after the connection's first time (here libvirtd is stopped outright while they are asked)."""
+    before = backend.capabilities()
+    daemon = int(Path("/run/libvirtd.pid").read_text())
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        caps = backend.capabilities()
+        took = time.monotonic() - started
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert caps == before and took < 0.5, f"capabilities took {took:.2f} s with libvirtd stopped"

@@ -130,7 +130,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from lxml import etree
@@ -425,6 +425,15 @@ class _EventLoop:
 
 
 
+class _HostFacts(NamedTuple):
+    """What a libvirt host offers, read once per connection."""
+
+    memory: int  # MiB
+    cpus: int
+    arches: dict[str, set[str]]  # arch: the domain types libvirt offers for it
+    vcpu_limit: int | None  # libvirt's maximum vCPUs for the wanted domain type (None: not known)
+
+
 @dataclass
 class _VM:
     spec: GuestSpec
@@ -472,7 +481,7 @@ class LibvirtBackend(Backend):
         self.consoles = ConsoleKeeper(int(positive_number(options, "console_limit", DEFAULT_CONSOLE_LIMIT,
                                                           "libvirt")))
         self._conn: Any = None
-        self._host: tuple[int, int, dict[str, set[str]]] | None = None
+        self._host: _HostFacts | None = None
         self._conn_lock = threading.Lock()
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
@@ -627,8 +636,9 @@ class LibvirtBackend(Backend):
             self._drop_connection()
 
     # Capabilities -------------------------------------------------------------------------------
-    def _host_facts(self) -> tuple[int, int, dict[str, set[str]]]:
-        """(memory MiB, CPUs, {arch: domain types}) of the connection's host, read once per connection."""
+    def _host_facts(self) -> _HostFacts:
+        """What the connection's host offers, read once per connection: plantInfo (every shop's poll) must
+        not wait on libvirtd, whose event loop a guest can keep busy (an agent's flood: seconds)."""
         if self._host is None:
             conn = self._connection()
             try:
@@ -652,7 +662,13 @@ class LibvirtBackend(Backend):
             for arch in root.iterfind("guest/arch"):
                 arches.setdefault(arch.get("name", ""), set()).update(
                     d.get("type", "") for d in arch.iterfind("domain"))
-            self._host = (memory, int(info[2]), arches)
+            limit = None
+            if self.flavor in ("qemu", "kvm"):
+                try:
+                    limit = int(conn.getMaxVcpus(self._wanted_domain_type()))
+                except LibvirtError:
+                    pass
+            self._host = _HostFacts(memory, int(info[2]), arches, limit)
         return self._host
 
     def _wanted_domain_type(self) -> str:
@@ -667,13 +683,10 @@ class LibvirtBackend(Backend):
         channel = {"qemu": "virtio-serial", "kvm": "virtio-serial", "xen": "xen-channel"}.get(self.flavor, "")
         note = NOT_EXERCISED.get(self.flavor, "")
         try:
-            memory, cpus, arches = self._host_facts()
+            memory, cpus, arches, vcpu_limit = self._host_facts()
             max_vcpus = self.max_vcpus or cpus
-            if self.flavor in ("qemu", "kvm"):
-                try:
-                    max_vcpus = min(max_vcpus, int(self._connection().getMaxVcpus(self._wanted_domain_type())))
-                except LibvirtError:
-                    pass
+            if vcpu_limit is not None:
+                max_vcpus = min(max_vcpus, vcpu_limit)
         except BackendError as exc:
             reason = f"{exc.message}; {note}" if note else exc.message
             return Capabilities(name=self.name, available=False, reason=reason, networks=networks, channel=channel)
@@ -706,7 +719,7 @@ class LibvirtBackend(Backend):
         with self._probe_lock:
             key = (str(spec.kernel), spec.machine)
             if key not in self._decisions:
-                _, _, arches = self._host_facts()
+                arches = self._host_facts().arches
                 offered = "kvm" in arches.get(spec.arch, set())
                 if not offered:
                     decision = "qemu"
@@ -931,7 +944,7 @@ class LibvirtBackend(Backend):
             if self.flavor in ("qemu", "kvm") and nic.kind == "segment" and (
                     not nic.switch or (not remote and not Path(nic.switch).exists())):
                 raise BackendError(f"VM {spec.vm_id}: the segment's switch {nic.switch} is not running")
-        _, _, arches = self._host_facts()
+        arches = self._host_facts().arches
         if arches and spec.arch not in arches:
             raise BackendError(f"VM {spec.vm_id}: libvirt at {self.uri} runs {', '.join(sorted(arches))}, "
                                f"not {spec.arch}")
