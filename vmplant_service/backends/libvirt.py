@@ -529,10 +529,18 @@ class LibvirtBackend(Backend):
                 conn.setKeepAlive(self.keepalive, 3)
             except LibvirtError as exc:  # e.g. a driver without keepalive (esx, test)
                 log.debug("libvirt keepalive not available on %s: %s", self.uri, _words(exc))
+        if self._host is None:
+            # Now, while the plant starts (adopting its guests opens the first connection), rather than at the
+            # first plantInfo, which a guest of ours may by then be making libvirtd slow to answer.
+            try:
+                self._host = self._read_host_facts(conn)
+            except BackendError as exc:
+                log.warning("%s (asked again at the next plantInfo)", exc.message)
         return conn
 
     def _drop_connection(self) -> None:
-        conn, self._conn, self._host = self._conn, None, None
+        # The host's facts stay: a new connection to the same URI reaches the same host.
+        conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 conn.close()
@@ -637,39 +645,45 @@ class LibvirtBackend(Backend):
 
     # Capabilities -------------------------------------------------------------------------------
     def _host_facts(self) -> _HostFacts:
-        """What the connection's host offers, read once per connection: plantInfo (every shop's poll) must
-        not wait on libvirtd, whose event loop a guest can keep busy (an agent's flood: seconds)."""
+        """What the host offers, read once (when the first connection opens: at the plant's start if it has
+        guests to adopt): plantInfo (every shop's poll) must not wait on libvirtd, whose event loop a guest
+        can keep busy for seconds (an agent's flood)."""
         if self._host is None:
             conn = self._connection()
-            try:
-                info = conn.getInfo()
-                caps = conn.getCapabilities()
-            except LibvirtError as exc:
-                raise BackendError(f"libvirt ({self.uri}): cannot read the host's capabilities: {_words(exc)}") \
-                    from None
-            memory = int(info[1])
-            try:
-                # getInfo sums the NUMA nodes' memory, which on some hosts is less than the host has
-                # (seen here: 8.5 of 24 GiB); the host's own total is in the memory statistics (KiB).
-                memory = int(conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)["total"]) // 1024
-            except (LibvirtError, KeyError, ValueError):
-                pass
-            try:
-                root = parse_xml(caps, what="libvirt capabilities", max_depth=64)
-            except VMShopError as exc:
-                raise BackendError(f"libvirt ({self.uri}) sent capabilities that cannot be read: {exc}") from None
-            arches: dict[str, set[str]] = {}
-            for arch in root.iterfind("guest/arch"):
-                arches.setdefault(arch.get("name", ""), set()).update(
-                    d.get("type", "") for d in arch.iterfind("domain"))
-            limit = None
-            if self.flavor in ("qemu", "kvm"):
-                try:
-                    limit = int(conn.getMaxVcpus(self._wanted_domain_type()))
-                except LibvirtError:
-                    pass
-            self._host = _HostFacts(memory, int(info[2]), arches, limit)
+            if self._host is None:
+                self._host = self._read_host_facts(conn)
         return self._host
+
+    def _read_host_facts(self, conn: Any) -> _HostFacts:
+        """The host's facts, asked of libvirt on ``conn``."""
+        try:
+            info = conn.getInfo()
+            caps = conn.getCapabilities()
+        except LibvirtError as exc:
+            raise BackendError(f"libvirt ({self.uri}): cannot read the host's capabilities: {_words(exc)}") \
+                from None
+        memory = int(info[1])
+        try:
+            # getInfo sums the NUMA nodes' memory, which on some hosts is less than the host has
+            # (seen here: 8.5 of 24 GiB); the host's own total is in the memory statistics (KiB).
+            memory = int(conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)["total"]) // 1024
+        except (LibvirtError, KeyError, ValueError):
+            pass
+        try:
+            root = parse_xml(caps, what="libvirt capabilities", max_depth=64)
+        except VMShopError as exc:
+            raise BackendError(f"libvirt ({self.uri}) sent capabilities that cannot be read: {exc}") from None
+        arches: dict[str, set[str]] = {}
+        for arch in root.iterfind("guest/arch"):
+            arches.setdefault(arch.get("name", ""), set()).update(
+                d.get("type", "") for d in arch.iterfind("domain"))
+        limit = None
+        if self.flavor in ("qemu", "kvm"):
+            try:
+                limit = int(conn.getMaxVcpus(self._wanted_domain_type()))
+            except LibvirtError:
+                pass
+        return _HostFacts(memory, int(info[2]), arches, limit)
 
     def _wanted_domain_type(self) -> str:
         if self.flavor == "xen":
