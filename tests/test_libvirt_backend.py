@@ -15,10 +15,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from lxml import etree
 
 from vmplant_service.agent.qga import GuestAgent
 from vmplant_service.backends import load_backend
-from vmplant_service.backends.base import GuestSpec, Nic, VMState
+from vmplant_service.backends.base import Capabilities, GuestSpec, Nic, VMState
 from vmplant_service.backends.domainxml import (
     QEMU_NS,
     VMSHOP_NS,
@@ -734,3 +736,43 @@ def test_capabilities_from_the_connection(backend: LibvirtBackend) -> None:
     with open("/proc/meminfo") as handle:
         total = int(next(line for line in handle if line.startswith("MemTotal:")).split()[1]) // 1024
     assert abs(caps.max_memory - int(total * 0.75)) <= 2 and caps.max_vcpus == os.cpu_count()
+
+
+def capabilities_with_libvirtd_stopped(backend: LibvirtBackend, bound: float = 0.5) -> Capabilities | None:
+    """``backend.capabilities()`` asked while libvirtd is stopped (SIGSTOP); None if it did not answer within
+    ``bound`` s. libvirtd goes on after ``bound`` whatever happens (a call stuck on it then ends too)."""
+    answer: list[Capabilities] = []
+    asking = threading.Thread(target=lambda: answer.append(backend.capabilities()), daemon=True)
+    daemon = int(Path("/run/libvirtd.pid").read_text())
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        asking.start()
+        asking.join(bound)
+        in_time = list(answer)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    asking.join(60)
+    return in_time[0] if in_time else None
+
+
+@pytest.mark.guest
+def test_capabilities_do_not_wait_on_a_busy_daemon(backend: LibvirtBackend) -> None:
+    """plantInfo asks for them on every shop poll; a guest can keep libvirtd's event loop busy for seconds (an
+    agent that floods its channel), which must not make the plant slow to answer: they ask libvirtd nothing
+    after the first time (here libvirtd is stopped outright while they are asked)."""
+    before = backend.capabilities()
+    assert capabilities_with_libvirtd_stopped(backend) == before
+
+
+def test_the_host_is_read_when_the_first_connection_opens(backend: LibvirtBackend) -> None:
+    """A restarted plant asks for capabilities first in a plantInfo, perhaps while an adopted guest floods its
+    agent (CI: 8 s): its facts are read when the connection opens (adopting the guests opens it, at start-up),
+    and kept when the connection is dropped (the same URI is the same host)."""
+    fresh = LibvirtBackend(OPTIONS)
+    try:
+        fresh._connection()  # what adopting the plant's guests does first
+        with fresh._conn_lock:
+            fresh._drop_connection()
+        assert capabilities_with_libvirtd_stopped(fresh) == backend.capabilities()
+    finally:
+        fresh.close()

@@ -130,7 +130,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from lxml import etree
@@ -425,6 +425,15 @@ class _EventLoop:
 
 
 
+class _HostFacts(NamedTuple):
+    """What a libvirt host offers, read once per connection."""
+
+    memory: int  # MiB
+    cpus: int
+    arches: dict[str, set[str]]  # arch: the domain types libvirt offers for it
+    vcpu_limit: int | None  # libvirt's maximum vCPUs for the wanted domain type (None: not known)
+
+
 @dataclass
 class _VM:
     spec: GuestSpec
@@ -472,7 +481,7 @@ class LibvirtBackend(Backend):
         self.consoles = ConsoleKeeper(int(positive_number(options, "console_limit", DEFAULT_CONSOLE_LIMIT,
                                                           "libvirt")))
         self._conn: Any = None
-        self._host: tuple[int, int, dict[str, set[str]]] | None = None
+        self._host: _HostFacts | None = None
         self._conn_lock = threading.Lock()
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
@@ -520,10 +529,18 @@ class LibvirtBackend(Backend):
                 conn.setKeepAlive(self.keepalive, 3)
             except LibvirtError as exc:  # e.g. a driver without keepalive (esx, test)
                 log.debug("libvirt keepalive not available on %s: %s", self.uri, _words(exc))
+        if self._host is None:
+            # Now, while the plant starts (adopting its guests opens the first connection), rather than at the
+            # first plantInfo, which a guest of ours may by then be making libvirtd slow to answer.
+            try:
+                self._host = self._read_host_facts(conn)
+            except BackendError as exc:
+                log.warning("%s (asked again at the next plantInfo)", exc.message)
         return conn
 
     def _drop_connection(self) -> None:
-        conn, self._conn, self._host = self._conn, None, None
+        # The host's facts stay: a new connection to the same URI reaches the same host.
+        conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 conn.close()
@@ -627,33 +644,46 @@ class LibvirtBackend(Backend):
             self._drop_connection()
 
     # Capabilities -------------------------------------------------------------------------------
-    def _host_facts(self) -> tuple[int, int, dict[str, set[str]]]:
-        """(memory MiB, CPUs, {arch: domain types}) of the connection's host, read once per connection."""
+    def _host_facts(self) -> _HostFacts:
+        """What the host offers, read once (when the first connection opens: at the plant's start if it has
+        guests to adopt): plantInfo (every shop's poll) must not wait on libvirtd, whose event loop a guest
+        can keep busy for seconds (an agent's flood)."""
         if self._host is None:
             conn = self._connection()
-            try:
-                info = conn.getInfo()
-                caps = conn.getCapabilities()
-            except LibvirtError as exc:
-                raise BackendError(f"libvirt ({self.uri}): cannot read the host's capabilities: {_words(exc)}") \
-                    from None
-            memory = int(info[1])
-            try:
-                # getInfo sums the NUMA nodes' memory, which on some hosts is less than the host has
-                # (seen here: 8.5 of 24 GiB); the host's own total is in the memory statistics (KiB).
-                memory = int(conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)["total"]) // 1024
-            except (LibvirtError, KeyError, ValueError):
-                pass
-            try:
-                root = parse_xml(caps, what="libvirt capabilities", max_depth=64)
-            except VMShopError as exc:
-                raise BackendError(f"libvirt ({self.uri}) sent capabilities that cannot be read: {exc}") from None
-            arches: dict[str, set[str]] = {}
-            for arch in root.iterfind("guest/arch"):
-                arches.setdefault(arch.get("name", ""), set()).update(
-                    d.get("type", "") for d in arch.iterfind("domain"))
-            self._host = (memory, int(info[2]), arches)
+            if self._host is None:
+                self._host = self._read_host_facts(conn)
         return self._host
+
+    def _read_host_facts(self, conn: Any) -> _HostFacts:
+        """The host's facts, asked of libvirt on ``conn``."""
+        try:
+            info = conn.getInfo()
+            caps = conn.getCapabilities()
+        except LibvirtError as exc:
+            raise BackendError(f"libvirt ({self.uri}): cannot read the host's capabilities: {_words(exc)}") \
+                from None
+        memory = int(info[1])
+        try:
+            # getInfo sums the NUMA nodes' memory, which on some hosts is less than the host has
+            # (seen here: 8.5 of 24 GiB); the host's own total is in the memory statistics (KiB).
+            memory = int(conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)["total"]) // 1024
+        except (LibvirtError, KeyError, ValueError):
+            pass
+        try:
+            root = parse_xml(caps, what="libvirt capabilities", max_depth=64)
+        except VMShopError as exc:
+            raise BackendError(f"libvirt ({self.uri}) sent capabilities that cannot be read: {exc}") from None
+        arches: dict[str, set[str]] = {}
+        for arch in root.iterfind("guest/arch"):
+            arches.setdefault(arch.get("name", ""), set()).update(
+                d.get("type", "") for d in arch.iterfind("domain"))
+        limit = None
+        if self.flavor in ("qemu", "kvm"):
+            try:
+                limit = int(conn.getMaxVcpus(self._wanted_domain_type()))
+            except LibvirtError:
+                pass
+        return _HostFacts(memory, int(info[2]), arches, limit)
 
     def _wanted_domain_type(self) -> str:
         if self.flavor == "xen":
@@ -667,13 +697,10 @@ class LibvirtBackend(Backend):
         channel = {"qemu": "virtio-serial", "kvm": "virtio-serial", "xen": "xen-channel"}.get(self.flavor, "")
         note = NOT_EXERCISED.get(self.flavor, "")
         try:
-            memory, cpus, arches = self._host_facts()
+            memory, cpus, arches, vcpu_limit = self._host_facts()
             max_vcpus = self.max_vcpus or cpus
-            if self.flavor in ("qemu", "kvm"):
-                try:
-                    max_vcpus = min(max_vcpus, int(self._connection().getMaxVcpus(self._wanted_domain_type())))
-                except LibvirtError:
-                    pass
+            if vcpu_limit is not None:
+                max_vcpus = min(max_vcpus, vcpu_limit)
         except BackendError as exc:
             reason = f"{exc.message}; {note}" if note else exc.message
             return Capabilities(name=self.name, available=False, reason=reason, networks=networks, channel=channel)
@@ -706,7 +733,7 @@ class LibvirtBackend(Backend):
         with self._probe_lock:
             key = (str(spec.kernel), spec.machine)
             if key not in self._decisions:
-                _, _, arches = self._host_facts()
+                arches = self._host_facts().arches
                 offered = "kvm" in arches.get(spec.arch, set())
                 if not offered:
                     decision = "qemu"
@@ -931,7 +958,7 @@ class LibvirtBackend(Backend):
             if self.flavor in ("qemu", "kvm") and nic.kind == "segment" and (
                     not nic.switch or (not remote and not Path(nic.switch).exists())):
                 raise BackendError(f"VM {spec.vm_id}: the segment's switch {nic.switch} is not running")
-        _, _, arches = self._host_facts()
+        arches = self._host_facts().arches
         if arches and spec.arch not in arches:
             raise BackendError(f"VM {spec.vm_id}: libvirt at {self.uri} runs {', '.join(sorted(arches))}, "
                                f"not {spec.arch}")
