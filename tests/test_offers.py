@@ -293,8 +293,8 @@ def test_the_shop_prices_once_per_class_of_alike_offers_and_ranks_every_plant(
 
 def test_concurrent_creates_on_one_plant_are_priced_with_each_other_in_flight(tmp_path: Path,
                                                                             warehouse_dir: Path) -> None:
-    """Creates priced while others are in flight to the same plant count them as its load, as the plant will:
-    none is declined for exceeding its offer."""
+    """Creates priced while others are in flight to the same plant count them as its load; in whatever order
+    they reach the plant (not always the order priced in), none is declined for exceeding its offer."""
     from concurrent.futures import ThreadPoolExecutor
     plant = start_plant(tmp_path / "p", warehouse_dir, name="p", backend="fake", network="none", capacity_vms=8,
                         backend_options={"boot_seconds": "0.5"}, metrics={"boot_seconds": 20.0})
@@ -311,6 +311,49 @@ def test_concurrent_creates_on_one_plant_are_priced_with_each_other_in_flight(tm
     finally:
         shop.cleanup()
         plant.cleanup()
+
+
+def test_a_shops_own_creates_in_progress_are_not_held_against_its_offer_in_whatever_order_they_arrive(
+        plant: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shop prices its first create with nothing in flight and its second with the first counted; the two can
+    reach the plant in the other order (the shop's registry writes and calls overlap), and the first then finds
+    the second in progress there. That load is the shop's own, counted by the shop: the first is not declined
+    for it. Another shop's create in progress is load the shop could not know of: that still declines."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Event
+
+    from vmshop_common.errors import OfferExceededError
+    plant.records.set_metric("boot_seconds", 20.0)  # a create in progress adds 10 s of load, over the margin
+    request_xml = chain(script("a", "echo a"))
+    offer = offer_from_wire(_wire(offer_fields(plant.offer("https://p:1/"))), "https://p:1/", CatalogCache(), 0.0)
+    priced = Pricing(load_dag(request_xml)).price(offer)  # the first create, nothing in flight
+    assert isinstance(priced, Bid)
+    max_cost = round(priced.cost * 1.25 + 1e-6, 6)  # what the shop accepts with its default margin
+    in_progress, release = Event(), Event()
+    real_start = plant.backend.start
+
+    def start(spec: Any) -> None:
+        if spec.vm_id == "second":  # held in progress (reserved) until the test lets it go on
+            in_progress.set()
+            release.wait(60)
+        real_start(spec)
+
+    monkeypatch.setattr(plant.backend, "start", start)
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(plant.create, request_xml, owner="bob", vm_id="second", shop="shop-a")
+        try:
+            assert in_progress.wait(60)
+            live = plant.estimate(request_xml)
+            assert isinstance(live, Bid) and live.cost > max_cost  # the second's load alone is over the margin
+            with pytest.raises(OfferExceededError):
+                plant.create(request_xml, owner="carol", vm_id="other", shop="shop-b", max_cost=max_cost)
+            made = plant.create(request_xml, owner="bob", vm_id="first", shop="shop-a", max_cost=max_cost)
+            assert made.record.state == "running"
+            assert made.bid.cost == live.cost  # the bid it answers still counts the load it was made under
+        finally:
+            release.set()
+        assert second.result(60).record.state == "running"
+    assert plant.offer().creating == 0 and {vm.vm_id for vm in plant.records.live_vms()} == {"first", "second"}
 
 
 def test_a_plant_pushes_its_new_offer_with_its_notice(tmp_path: Path, warehouse_dir: Path) -> None:

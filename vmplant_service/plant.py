@@ -120,6 +120,7 @@ class Plant:
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
         self._reserved_owners: dict[str, str] = {}  # vm_id -> owner, VMs being created
+        self._reserved_shops: dict[str, str] = {}  # vm_id -> the shop that asked for it, VMs being created
         self._cancelled: set[str] = set()  # VMs being created that a collect cancelled
         #: Told of each guest-agent error ('failed', 'timeout', 'no_answer'), from worker threads (the metrics'
         #: hook; vmplant_service/metrics.py).
@@ -161,10 +162,11 @@ class Plant:
             return f"this plant is busy: it is making {creating} VMs at once, its limit"
         return None
 
-    def estimate_dag(self, dag: Dag) -> Bid | Decline:
+    def estimate_dag(self, dag: Dag, besides_shop: str = "") -> Bid | Decline:
         """The bid for ``dag`` with this plant's live state: :func:`vmshop_common.offers.price` of the plant's
-        own offer (the code a shop prices offers with), with its live step records and data store."""
-        offer = self._snapshot({})
+        own offer (the code a shop prices offers with), with its live step records and data store.
+        ``besides_shop``: leave that shop's creates in progress here out of the load (see :meth:`create`)."""
+        offer = self._snapshot({}, besides_shop=besides_shop)
         return price(dag, match_request(dag, offer.catalog.images), offer, has_data=self._has_data,
                      history=self.records, check_full=False)
 
@@ -221,13 +223,16 @@ class Plant:
         except OSError:
             return frozenset()
 
-    def _snapshot(self, steps: dict[str, float], plant_url: str = "") -> Offer:
-        """This plant's live state as an (unversioned) offer, with ``steps`` for its step costs."""
+    def _snapshot(self, steps: dict[str, float], plant_url: str = "", besides_shop: str = "") -> Offer:
+        """This plant's live state as an (unversioned) offer, with ``steps`` for its step costs; ``besides_shop``:
+        the creates in progress that this shop asked for are left out of its ``creating``."""
         metric = self.records.metric
         with self._lock:
             live_vms = self.records.live_vms()
             live = len({r.vm_id for r in live_vms} | set(self._reserved))
             creating = len(self._reserved)
+            if besides_shop:
+                creating -= sum(shop == besides_shop for shop in self._reserved_shops.values())
             used = sum(r.memory for r in live_vms if r.vm_id not in self._reserved) + sum(self._reserved.values())
         infos = self.warehouse.images
         booted = {name: seconds for name in infos if (seconds := metric(f"boot_seconds:{name}")) is not None}
@@ -262,7 +267,15 @@ class Plant:
         only it may later tell the plant the VM is unwanted. ``max_cost``: the
         most the shop accepts (it chose this plant by its offer, plus its
         margin); the plant re-prices with its live state and declines
-        (OfferExceededError) when its cost is higher.
+        (OfferExceededError) when its cost is higher. That check leaves out the
+        load of the asking shop's own creates in progress here: the shop counts
+        them itself (each create it prices counts those in flight before it),
+        but they reach this plant in any order (the shop's registry writes,
+        its connections and this plant's threads overlap), so the first one it
+        priced may find the later ones here already. What the check catches is
+        what the shop could not know: this plant's costs, or other callers'
+        creates, grown behind its offer. (Shops that share one identity count
+        as one shop here.)
         """
         dag = load_dag(dag_xml)
         check_static_addresses(dag, None)
@@ -272,15 +285,18 @@ class Plant:
                 raise NoSuchImageError(estimate.reason)
             raise DeclinedError(f"this plant cannot make the VM: {estimate.reason}")
         if max_cost is not None and estimate.cost > max_cost:
-            raise OfferExceededError(f"this plant's cost for the VM is now {estimate.cost:g} s, more than the "
-                                     f"{max_cost:g} s the shop accepts from its offer")
+            checked = self.estimate_dag(dag, besides_shop=shop) if shop else estimate
+            cost = checked.cost if isinstance(checked, Bid) else estimate.cost
+            if cost > max_cost:
+                raise OfferExceededError(f"this plant's cost for the VM is now {cost:g} s, more than the "
+                                         f"{max_cost:g} s the shop accepts from its offer")
         info = self.warehouse.get(estimate.image)
         flat = flatten(dag, {name: image.dag for name, image in self.warehouse.images.items()})
         hardware = flat.start.hardware  # type: ignore[union-attr]
         vm_id = vm_id or uuid.uuid4().hex[:12]
         if not VM_ID.match(vm_id):
             raise DeclinedError(f"'{vm_id}' is not a valid VM id", [Problem("bad VM id", None, None)])
-        self._reserve(vm_id, hardware.memory, owner)
+        self._reserve(vm_id, hardware.memory, owner, shop)
         paths = self._paths(vm_id)
         try:
             return self._build(vm_id, dag, flat, estimate, info, owner, paths, shop)
@@ -304,6 +320,7 @@ class Plant:
             with self._lock:
                 self._reserved.pop(vm_id, None)
                 self._reserved_owners.pop(vm_id, None)
+                self._reserved_shops.pop(vm_id, None)
                 self._cancelled.discard(vm_id)
             self.release_segments()
 
@@ -318,7 +335,7 @@ class Plant:
         if vm_id in self._cancelled:
             raise CreateCancelled(vm_id)
 
-    def _reserve(self, vm_id: str, memory: int, owner: str) -> None:
+    def _reserve(self, vm_id: str, memory: int, owner: str, shop: str = "") -> None:
         with self._lock:
             # A VM being created is both reserved and (once recorded) live: count it once.
             live = [r for r in self.records.live_vms() if r.vm_id not in self._reserved]
@@ -341,6 +358,7 @@ class Plant:
                     f"{memory} MiB asked, {self.config.capacity_memory - used} MiB of guest memory free")
             self._reserved[vm_id] = memory
             self._reserved_owners[vm_id] = owner
+            self._reserved_shops[vm_id] = shop
 
     def _guest_gone(self, vm_id: str) -> bool:
         """True only when the backend is sure the guest has stopped or crashed.

@@ -415,7 +415,10 @@ class Shop:
         """Ask ``bid``'s plant to create; its ``made`` answer, or None (the reason added to ``attempts``).
 
         The create counts as in flight to that plant from now (in the reactor turn that priced it), so that the
-        creates priced after it see the plant's load as the plant will."""
+        creates priced after it count it as the plant's load. They may reach the plant in another order than
+        they were priced in (the registry writes before each call finish in any order, and so do the calls):
+        the plant leaves this shop's own creates in progress out of its check against the offer
+        (vmplant_service.plant.Plant.create), so that order does not matter."""
         inflight = self.offers.inflight
         inflight[bid.plant] = inflight.get(bid.plant, 0) + 1
         try:
