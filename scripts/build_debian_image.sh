@@ -153,14 +153,31 @@ TMP=$(mktemp -d "$WAREHOUSE/.$IMAGE_NAME.build.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 ROOT=$TMP/root
 
-# in_root COMMAND...: run COMMAND in the image (chroot), with /proc, /sys, /dev
-# and the package cache mounted in a mount namespace of its own (gone with it).
+# in_root COMMAND...: run COMMAND in the image (chroot), with /proc, /sys, a
+# /dev of its own and the package cache mounted in a mount namespace of its
+# own (gone with it).  The image's /dev is a tmpfs with new nodes, never the
+# host's /dev: with the host's bound there, udev's and systemd's postinst
+# scripts gave the host's /dev/kvm the image's group "kvm" (a gid that is
+# another group on the host), which closed it to libvirt-qemu; libvirtd then
+# found its QEMU capabilities stale on every call and probed QEMU again each
+# time, and the suite's libvirt tests crawled (a define took minutes).
 in_root() {
 	unshare --mount --propagation private --fork -- /bin/sh -ec '
 		root=$1 debs=$2; shift 2
 		mount -t proc proc "$root/proc"
 		mount -t sysfs sysfs "$root/sys"
-		mount --rbind /dev "$root/dev"
+		mount -t tmpfs -o mode=0755,nosuid,size=16m vmshop-dev "$root/dev"
+		for node in null:3 zero:5 full:7 random:8 urandom:9; do
+			mknod -m 0666 "$root/dev/${node%%:*}" c 1 "${node#*:}"
+		done
+		mknod -m 0666 "$root/dev/tty" c 5 0
+		mkdir "$root/dev/pts" "$root/dev/shm"
+		mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$root/dev/pts"
+		ln -s pts/ptmx "$root/dev/ptmx"
+		ln -s /proc/self/fd "$root/dev/fd"
+		ln -s /proc/self/fd/0 "$root/dev/stdin"
+		ln -s /proc/self/fd/1 "$root/dev/stdout"
+		ln -s /proc/self/fd/2 "$root/dev/stderr"
 		mkdir -p "$root/var/cache/apt/archives"
 		mount --bind "$debs" "$root/var/cache/apt/archives"
 		exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \

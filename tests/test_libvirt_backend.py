@@ -11,9 +11,11 @@ the backend says so.
 from __future__ import annotations
 
 import functools
+import grp
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -266,6 +268,23 @@ def test_defaults() -> None:
     remote = LibvirtBackend({"uri": "qemu+ssh://root@kvmhost/system"})
     assert remote.dac_label == "daemon"  # a remote daemon runs QEMU as its own user
     assert not remote.xml_options.pass_fds  # and cannot take descriptors
+
+
+def test_dev_kvm_stays_open_to_libvirt_qemu_after_the_images_are_built() -> None:
+    """setup_libvirt.sh gives /dev/kvm to group kvm, 0660, with libvirt-qemu in it; nothing after it may undo that.
+
+    .ci/run builds the Debian image after that step. Its chroot once had the host's /dev bound in, and the
+    image's udev and systemd scripts gave the host's /dev/kvm the image's gid for "kvm" (another group on the
+    host): libvirtd then found its QEMU capabilities stale on every call and probed QEMU again each time
+    (the libvirt tests took minutes per define).
+    """
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("this host has no /dev/kvm")
+    info = os.stat("/dev/kvm")
+    group = grp.getgrgid(info.st_gid)
+    assert (group.gr_name, stat.S_IMODE(info.st_mode)) == ("kvm", 0o660), (group.gr_name, oct(info.st_mode))
+    qemu_user = pwd.getpwnam("libvirt-qemu")
+    assert "libvirt-qemu" in group.gr_mem or qemu_user.pw_gid == info.st_gid
 
 
 def test_unreachable_daemon_is_unavailable_with_the_reason() -> None:
