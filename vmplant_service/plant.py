@@ -40,28 +40,33 @@ from typing import Any
 
 from vmshop_common.cost import Bid, CostModel, Decline
 from vmshop_common.dag import Action, Dag, MountAction, NetworkAction
-from vmshop_common.dagxml import dag_to_xml, load_dag
+from vmshop_common.dagxml import dag_to_xml, load_dag, step_to_xml
 from vmshop_common.errors import (
     ActionFailedError,
     BackendError,
     CapacityExhaustedError,
     DeclinedError,
+    ImageExistsError,
+    ImageInUseError,
     NoSuchImageError,
     NoSuchVMError,
     NotSupportedError,
     Problem,
+    VMBusyError,
     VMShopError,
 )
 from vmshop_common.matching import flatten
 from vmshop_common.rules import check_static_addresses
 
 from .agent.qga import GuestAgent
+from .agent.transport import AgentError
 from .backends.base import Backend, Capabilities, GuestSpec, Nic, VMState
 from .backends.console import console_tail
 from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
 from .ippool import IPPool
+from .publish import PublishedImage, Publisher, check_image_name, published_steps
 from .records import PlantRecords, VMRecord
 from .seed import SeedNic, hostname_for, write_seed
 from .segment import OwnerSegments, mac_for, segment_name
@@ -80,6 +85,12 @@ STOP_TIMEOUT = 20.0
 #: Seconds a collect waits for a create it cancelled to stop (the create's longest uninterruptible step is a
 #: backend's start, bounded by its own start timeout).
 CANCEL_WAIT = 90.0
+#: Seconds the guest's agent may take to freeze (or thaw) its file systems for a publish.
+FREEZE_TIMEOUT = 30.0
+#: Seconds the backend may take to pause (or resume) a guest for a publish.
+PAUSE_TIMEOUT = 30.0
+#: States of a VM whose create, configure or collect runs: it cannot be published now.
+BUSY_STATES = ("creating", "booting", "configuring", "collecting")
 
 
 class CreateCancelled(Exception):
@@ -117,14 +128,17 @@ class Plant:
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
         self._reserved_owners: dict[str, str] = {}  # vm_id -> owner, VMs being created
+        self._reserved_images: dict[str, str] = {}  # vm_id -> the image it is cloned from, VMs being created
         self._cancelled: set[str] = set()  # VMs being created that a collect cancelled
+        self._publishing: dict[str, str] = {}  # vm_id -> the image name it is being published as
+        self.publisher = Publisher(warehouse, config.name)
         #: Told of each guest-agent error ('failed', 'timeout', 'no_answer'), from worker threads (the metrics'
         #: hook; vmplant_service/metrics.py).
         self.on_agent_error: Callable[[str], None] | None = None
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        for sub in ("overlays", "run", "seeds"):
+        for sub in ("overlays", "run", "seeds", "publishing"):
             (self.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.state_dir / sub, 0o700)
 
@@ -140,11 +154,12 @@ class Plant:
         # A busy plant is slower: every VM being created now competes for the CPU while it boots.
         return round(len(self._reserved) * (self.records.metric("boot_seconds") or 5.0) / 2, 6)
 
-    def estimate(self, dag_xml: str) -> Bid | Decline:
-        """A bid for the DAG, or a decline with the reason. Invalid DAGs (and static addresses) raise."""
+    def estimate(self, dag_xml: str, owner: str = "") -> Bid | Decline:
+        """A bid for the DAG (of a VM ``owner`` would own: the images it may use are the public ones and its
+        own), or a decline with the reason. Invalid DAGs (and static addresses) raise."""
         dag = load_dag(dag_xml)
         check_static_addresses(dag, None)
-        result = self.estimate_dag(dag)
+        result = self.estimate_dag(dag, owner)
         if isinstance(result, Bid):
             full = self._full()
             if full:
@@ -166,8 +181,10 @@ class Plant:
             return f"this plant is busy: it is making {creating} VMs at once, its limit"
         return None
 
-    def estimate_dag(self, dag: Dag) -> Bid | Decline:
-        infos = self.warehouse.images
+    def estimate_dag(self, dag: Dag, owner: str = "") -> Bid | Decline:
+        """The bid for ``dag`` among the images ``owner`` may use (another owner's private images are not even
+        named: to this request they do not exist)."""
+        infos = self.warehouse.visible(owner)
         images = [info.cached_image() for info in infos.values()]
         try:
             flat = flatten(dag, {image.name: image.dag for image in images})
@@ -254,18 +271,19 @@ class Plant:
         """
         dag = load_dag(dag_xml)
         check_static_addresses(dag, None)
-        estimate = self.estimate_dag(dag)
+        estimate = self.estimate_dag(dag, owner)
         if isinstance(estimate, Decline):
             if estimate.reason.startswith("no cached image is named"):
                 raise NoSuchImageError(estimate.reason)
             raise DeclinedError(f"this plant cannot make the VM: {estimate.reason}")
-        info = self.warehouse.get(estimate.image)
-        flat = flatten(dag, {name: image.dag for name, image in self.warehouse.images.items()})
+        visible = self.warehouse.visible(owner)
+        info = visible[estimate.image]
+        flat = flatten(dag, {name: image.dag for name, image in visible.items()})
         hardware = flat.start.hardware  # type: ignore[union-attr]
         vm_id = vm_id or uuid.uuid4().hex[:12]
         if not VM_ID.match(vm_id):
             raise DeclinedError(f"'{vm_id}' is not a valid VM id", [Problem("bad VM id", None, None)])
-        self._reserve(vm_id, hardware.memory, owner)
+        self._reserve(vm_id, hardware.memory, owner, info.name)
         paths = self._paths(vm_id)
         try:
             return self._build(vm_id, dag, flat, estimate, info, owner, paths, shop)
@@ -289,6 +307,7 @@ class Plant:
             with self._lock:
                 self._reserved.pop(vm_id, None)
                 self._reserved_owners.pop(vm_id, None)
+                self._reserved_images.pop(vm_id, None)
                 self._cancelled.discard(vm_id)
             self.release_segments()
 
@@ -303,7 +322,7 @@ class Plant:
         if vm_id in self._cancelled:
             raise CreateCancelled(vm_id)
 
-    def _reserve(self, vm_id: str, memory: int, owner: str) -> None:
+    def _reserve(self, vm_id: str, memory: int, owner: str, image: str = "") -> None:
         with self._lock:
             # A VM being created is both reserved and (once recorded) live: count it once.
             live = [r for r in self.records.live_vms() if r.vm_id not in self._reserved]
@@ -324,8 +343,11 @@ class Plant:
             if used + memory > self.config.capacity_memory:
                 raise CapacityExhaustedError(
                     f"{memory} MiB asked, {self.config.capacity_memory - used} MiB of guest memory free")
+            if image and image not in self.warehouse.images:
+                raise NoSuchImageError(f"image '{image}' was unpublished meanwhile")
             self._reserved[vm_id] = memory
             self._reserved_owners[vm_id] = owner
+            self._reserved_images[vm_id] = image
 
     def _guest_gone(self, vm_id: str) -> bool:
         """True only when the backend is sure the guest has stopped or crashed.
@@ -458,7 +480,7 @@ class Plant:
             result = channel.run(f"{number:04d}-{node_id}", action, context, alive=going)
             self.records.add_action_run(vm_id=vm_id, node_id=node_id, digest=_digest(action), kind=action.kind,
                                         started=started, seconds=result.elapsed, status=result.status,
-                                        output=result.output, ok=result.ok)
+                                        output=result.output, ok=result.ok, step=step_to_xml(action))
             results.append(result)
             if result.error is not None:
                 self._agent_error("timeout" if result.timed_out else "failed")
@@ -491,6 +513,8 @@ class Plant:
         order = [n for n in dag.topological_order() if isinstance(dag.nodes[n], Action)]
         with self._lock:
             record = self.records.get_vm(vm_id)
+            if vm_id in self._publishing:
+                raise VMBusyError(f"VM {vm_id} is being published; configure it once that is done")
             if record.state != "running":
                 raise NotSupportedError(f"VM {vm_id} is {record.state}; only a running VM can be configured")
             self.records.update_vm(vm_id, state="configuring")
@@ -619,6 +643,111 @@ class Plant:
             except Exception:  # noqa: BLE001 - reclaiming goes on whatever one step does
                 log.exception("reclaiming %s of VM %s failed", label, vm_id)
 
+    # Publish, unpublish ---------------------------------------------------------
+    def publish(self, vm_id: str, name: str, owner: str = "", public: bool = False) -> PublishedImage:
+        """Make VM ``vm_id``'s disk the new cached image ``name`` (:mod:`.publish`), owned by the VM's owner.
+
+        ``owner`` (when given: the shop passes the caller's VM owner) must be
+        the VM's, else NoSuchVMError exactly as for a VM that does not exist.
+        Faults, each leaving everything as it was: ImageNameInvalidError,
+        NoSuchVMError, VMBusyError (its create, a configure, a collect or
+        another publish runs), NotSupportedError (a VM that is not running,
+        or that cannot be published, or a backend that cannot pause),
+        ImageExistsError, DiskFullError. A public image needs a public base.
+        The VM runs on afterwards (paused for the copy only).
+        """
+        name = check_image_name(name)
+        caps = self.backend.capabilities()
+        if not caps.publish:
+            raise NotSupportedError(f"backend {caps.name} cannot publish VMs: it cannot pause a guest with its disk "
+                                    "flushed")
+        with self._lock:
+            record = self.records.get_vm(vm_id)
+            if owner and record.owner != owner:
+                raise NoSuchVMError(f"no VM has the id '{vm_id}'")
+            if vm_id in self._publishing or record.state in BUSY_STATES or vm_id in self._reserved:
+                raise VMBusyError(f"VM {vm_id} is {'being published' if vm_id in self._publishing else record.state};"
+                                  " publish it once that is done")
+            if record.state != "running":
+                raise NotSupportedError(f"VM {vm_id} is {record.state}; only a running VM can be published")
+            if name in self.warehouse.images or name in self._publishing.values():
+                raise ImageExistsError(f"this plant's warehouse has an image named '{name}' already")
+            self._publishing[vm_id] = name
+        try:
+            base = self.warehouse.images.get(record.image)
+            if base is None:
+                raise NoSuchImageError(f"VM {vm_id}'s image '{record.image}' is no longer in this plant's warehouse")
+            if public and not self.warehouse.visible("").get(base.name):
+                raise NotSupportedError(f"VM {vm_id}'s image '{base.name}' is private: an image made from it cannot "
+                                        "be public")
+            steps = published_steps(self.records.action_runs(vm_id), vm_id)
+            return self.publisher.make(name, record.owner, public, base, Path(record.overlay), steps, record.memory,
+                                       record.vcpus, record.disk, lambda work: self._quiesced(vm_id, work))
+        finally:
+            with self._lock:
+                self._publishing.pop(vm_id, None)
+
+    def _quiesced(self, vm_id: str, work: Callable[[], None]) -> None:
+        """Run ``work`` while VM ``vm_id``'s disk is still and consistent: its file systems frozen by its agent and
+        the guest paused with its disk flushed (backend rule 11); it runs and is thawed again afterwards, whatever
+        failed. A guest that is not there (stopped) is not touched: its disk is at rest."""
+        if self.backend.state(vm_id) in (VMState.STOPPED, VMState.CRASHED):
+            work()
+            return
+        marker = self.state_dir / "publishing" / vm_id  # a restart thaws the guest of a publish it cut short
+        marker.touch(mode=0o600)
+        agent = GuestAgent(self.backend.agent(vm_id))
+        try:
+            try:
+                frozen = agent.fsfreeze_freeze(FREEZE_TIMEOUT)
+            except AgentError as exc:
+                raise BackendError(f"VM {vm_id}'s agent did not freeze its file systems ({exc}): the VM was not "
+                                   "published") from None
+            log.info("VM %s: %d file system(s) frozen for a publish", vm_id, frozen)
+            self.backend.pause(vm_id, PAUSE_TIMEOUT)
+            try:
+                work()
+            finally:
+                self.backend.resume(vm_id, PAUSE_TIMEOUT)
+        finally:
+            self._thaw(vm_id, agent)
+            marker.unlink(missing_ok=True)
+
+    def _thaw(self, vm_id: str, agent: GuestAgent) -> None:
+        """Thaw the guest's file systems (nothing if none is frozen); a failure is logged, never raised."""
+        try:
+            agent.fsfreeze_thaw(FREEZE_TIMEOUT)
+        except AgentError as exc:
+            log.error("VM %s: its agent did not thaw its file systems after a publish: %s", vm_id, exc)
+
+    def unpublish(self, name: str, owner: str = "") -> str:
+        """Remove the published image ``name`` (its index entry, then its files); returns its name.
+
+        ``owner`` (when given) must be the image's owner, else NoSuchImageError
+        exactly as for an image that does not exist (another owner's private
+        image does not exist to this caller). ImageInUseError while a live VM
+        was cloned from it or another image starts from it;
+        NotSupportedError for an installer's image.
+        """
+        name = check_image_name(name)
+        with self._lock:
+            info = self.warehouse.images.get(name)
+            if info is None or (owner and info.owner != owner):
+                raise NoSuchImageError(f"the warehouse has no image named '{name}'")
+            if info.owner is None:
+                raise NotSupportedError(f"image '{name}' is the installer's, not a published one: it is removed by "
+                                        "hand (from index.txt)")
+            users = sorted({r.vm_id for r in self.records.live_vms() if r.image == name}
+                           | {vm_id for vm_id, image in self._reserved_images.items() if image == name})
+            children = sorted(n for n, i in self.warehouse.images.items() if i.parent == name)
+            if users or children:
+                what = ([f"VM {vm}" for vm in users] + [f"image {child}" for child in children])[:5]
+                raise ImageInUseError(f"image '{name}' is still the base of {', '.join(what)}: collect those VMs "
+                                      "(and unpublish those images) first")
+            self.publisher.remove(info)
+        log.info("unpublished image %s (owner %s)", name, info.owner)
+        return name
+
     # Start-up -----------------------------------------------------------------
     def recover(self) -> dict[str, list[str]]:
         """Reconcile records with the guests that really run (after a plant restart; ``docs/consistency.md``).
@@ -659,6 +788,7 @@ class Plant:
         if self.pool is not None:
             self.pool.reconcile(set(adopted))
         self.release_segments()
+        self._finish_publishes(set(adopted))
         live = set(adopted)
         for sub, suffix in (("overlays", ".qcow2"), ("run", ""), ("seeds", ".iso")):
             for leftover in (self.state_dir / sub).iterdir():
@@ -668,6 +798,19 @@ class Plant:
                     else:
                         leftover.unlink(missing_ok=True)
         return {"adopted": adopted, "failed": failed, "collected": collected}
+
+    def _finish_publishes(self, adopted: set[str]) -> None:
+        """After a restart: thaw the guests of publishes it cut short (the backend resumed them when it adopted
+        them), and remove what those publishes left in the warehouse."""
+        for marker in (self.state_dir / "publishing").iterdir():
+            if marker.name in adopted:
+                try:
+                    self._thaw(marker.name, GuestAgent(self.backend.agent(marker.name)))
+                except VMShopError as exc:
+                    log.warning("VM %s: no thaw after a publish cut short: %s", marker.name, exc)
+            marker.unlink(missing_ok=True)
+        self.publisher.sweep()
+        self.warehouse.sweep_index_leftovers()
 
     def info(self) -> dict[str, object]:
         caps = self.backend.capabilities()
@@ -681,7 +824,7 @@ class Plant:
             "capacity_vms": self.config.capacity_vms, "running_vms": len(live),
             "capacity_memory": self.config.capacity_memory, "free_memory": self.config.capacity_memory - used,
             "free_addresses": self.pool.free_count() if self.pool is not None else 0,
-            "images": sorted(self.warehouse.images), "architectures": list(caps.architectures),
+            "images": sorted(self.warehouse.visible("")), "architectures": list(caps.architectures),
             "clone_seconds": self.records.metric("clone_seconds"), "boot_seconds": self.records.metric("boot_seconds"),
             "max_memory": caps.max_memory, "max_vcpus": caps.max_vcpus, "networks": list(caps.networks),
             "channel": caps.channel,

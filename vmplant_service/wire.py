@@ -15,6 +15,7 @@ from vmshop_common.cost import Bid, Decline
 from vmshop_common.soap.fastxml import spyne_record
 
 from .channel import ActionResult
+from .publish import PublishedImage
 from .records import VMRecord
 
 TNS = "urn:vmshop:vmplant:1"
@@ -112,6 +113,23 @@ class PlantInfo(ComplexModel):
     max_vcpus = Integer
     networks = _many(Unicode)
     channel = Unicode
+
+
+class Image(ComplexModel):
+    """A published image: its name, owner, whether it is public, its base, the steps it embodies, its disk's bytes."""
+
+    __namespace__ = TNS
+    name = Unicode
+    owner = Unicode
+    public = Boolean
+    base = Unicode
+    steps = _many(Unicode)
+    size = Integer
+
+
+def image_out(image: PublishedImage) -> Image:
+    return spyne_record(Image, name=image.name, owner=image.owner, public=image.public, base=image.base,
+                        steps=list(image.steps), size=image.size)
 
 
 def estimate_out(plant: str, result: Bid | Decline) -> Estimate:

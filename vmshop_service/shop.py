@@ -41,6 +41,7 @@ from vmshop_common.dagxml import load_dag
 from vmshop_common.errors import (
     DeclinedError,
     NoPlantError,
+    NoSuchImageError,
     NoSuchPlantError,
     NoSuchVMError,
     NotAuthorizedError,
@@ -48,8 +49,10 @@ from vmshop_common.errors import (
     PlantGoneError,
     Problem,
     RegistryUnavailableError,
+    VMBusyError,
     VMShopError,
 )
+from vmshop_common.imagename import check_image_name
 from vmshop_common.rules import check_static_addresses
 from vmshop_common.soap.fastxml import spyne_record
 from vmshop_common.soap.faults import from_fault
@@ -71,6 +74,7 @@ from .wire import (
     EndpointReference,
     Estimate,
     PlantStatus,
+    PublishedImage,
     VMInfo,
 )
 
@@ -193,8 +197,9 @@ class Shop:
             return self.pool.run(functools.partial(work, *args, **kwargs), what=getattr(work, "__name__", None))
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args, **kwargs)
 
-    def _call_for_bids(self, dag_xml: str) -> defer.Deferred[list[BidResult]]:
-        """Every plant's bid (:func:`call_for_bids`); its round's duration told to :attr:`observe_bid_round`."""
+    def _call_for_bids(self, dag_xml: str, owner: str) -> defer.Deferred[list[BidResult]]:
+        """Every plant's bid (:func:`call_for_bids`) for a VM of ``owner``; its round's duration told to
+        :attr:`observe_bid_round`."""
         started = time.monotonic()
 
         def observed(bids: list[BidResult]) -> list[BidResult]:
@@ -202,13 +207,13 @@ class Shop:
                 self.observe_bid_round(time.monotonic() - started)
             return bids
 
-        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout).addCallback(observed)
+        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, owner=owner).addCallback(observed)
 
     # Estimate -----------------------------------------------------------------
     @defer.inlineCallbacks
     def estimate(self, caller: Identity, dag_xml: str) -> Any:
         yield self._in_thread(load_new_vm_dag, dag_xml)
-        bids = yield self._call_for_bids(dag_xml)
+        bids = yield self._call_for_bids(dag_xml, caller.name)  # what a VM of the caller's would be made from
         ranked = rank(bids)
         best = ranked[0] if ranked else None
         return spyne_record(Estimate, plant=best.plant if best else None, cost=best.cost if best else None,
@@ -261,7 +266,7 @@ class Shop:
 
     @defer.inlineCallbacks
     def _place(self, key: str, dag_xml: str, owner: str) -> Any:
-        bids = yield self._call_for_bids(dag_xml)
+        bids = yield self._call_for_bids(dag_xml, owner)
         attempts: list[str] = []
         for bid in rank(bids):
             self._still_wanted(key)
@@ -436,6 +441,74 @@ class Shop:
             yield self.enforce_leases()
             updated = yield self._in_thread(self.registry.get, entry.vm_id)
         return self.vm_out(updated)
+
+    # Images -------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def publish(self, caller: Identity, reference: Any, image: str, public: bool) -> Any:
+        """Publish the caller's VM as image ``image`` on the VM's plant (:mod:`vmplant_service.publish`).
+
+        Only the VM's owner (or an admin) may: anyone else is told there is no
+        such VM. The image belongs to the VM's owner; ``public`` (it serves
+        every owner) is for admins only.
+        """
+        check_image_name(image)
+        if public:
+            authz.require(caller, (authz.ADMIN,), "publish a public image")
+        entry = yield self._entry(caller, reference)
+        if entry.state in CREATING_STATES or entry.vm_id in self._collecting:
+            raise VMBusyError(f"VM {entry.vm_id} is {entry.state}; publish it once that is done")
+        if entry.state != "running":
+            raise NotSupportedError(f"VM {entry.vm_id} is {entry.state}; only a running VM can be published")
+        handle = self._plant_of(entry)
+        try:
+            made = yield handle.client.call_with_timeout(self.config.create_timeout, "publishVM",
+                                                         vm_id=entry.plant_vm_id, image=image, owner=entry.owner,
+                                                         public=bool(public))
+        except zeep.exceptions.Fault as fault:
+            raise from_fault(fault) from None
+        except Exception as exc:  # noqa: BLE001
+            raise PlantGoneError(f"plant {entry.plant} holding VM {entry.vm_id} does not answer: "
+                                 f"{describe_failure(exc)[1]}") from None
+        log.info("VM %s published as image %s on %s (owner %s)", entry.vm_id, made.name, entry.plant, made.owner)
+        return spyne_record(PublishedImage, name=made.name, plant=entry.plant, owner=made.owner, public=made.public,
+                            base=made.base, steps=list(made.steps or []), size=made.size)
+
+    @defer.inlineCallbacks
+    def unpublish(self, caller: Identity, image: str) -> Any:
+        """Remove the caller's published image ``image`` from every plant that has it; the plants' addresses.
+
+        A user removes only its own images (another owner's do not exist to
+        it: ``Client.NoSuchImage``); an admin any published image. A plant
+        keeps an image while a VM or another image uses it as a base
+        (``Client.ImageInUse``).
+        """
+        authz.require(caller, authz.VM_ROLES, "unpublish images")
+        check_image_name(image)
+        owner = "" if caller.is_admin else caller.name
+        handles = list(self.plants.all())
+        answers = yield defer.DeferredList(
+            [handle.client.call_with_timeout(self.config.call_timeout, "unpublishImage", image=image, owner=owner)
+             for handle in handles], consumeErrors=True)
+        removed: list[str] = []
+        refusals: list[VMShopError] = []
+        silent: list[str] = []
+        for handle, (ok, result) in zip(handles, answers, strict=True):
+            if ok:
+                removed.append(handle.url)
+            elif result.check(zeep.exceptions.Fault):
+                problem = from_fault(result.value)
+                if not isinstance(problem, NoSuchImageError):
+                    refusals.append(problem)
+            else:
+                silent.append(f"{handle.url}: {describe_failure(result.value)[1]}")
+        if removed:
+            return removed
+        if refusals:
+            raise refusals[0]
+        if silent:
+            raise PlantGoneError(f"no plant that answered has an image named '{image}'; these did not answer: "
+                                 + "; ".join(silent))
+        raise NoSuchImageError(f"no plant has an image named '{image}'")
 
     # Queries ------------------------------------------------------------------
     @defer.inlineCallbacks

@@ -127,3 +127,17 @@ class PlantStatus(ComplexModel):
     images = _many(Unicode)
     last_error = Unicode
     last_seen = Double
+
+
+class PublishedImage(ComplexModel):
+    """An image a publish made: its name and plant, its owner, whether it is public, its base, the steps it
+    embodies (in the order the VM ran them) and its disk's bytes (its changes over its base)."""
+
+    __namespace__ = TNS
+    name = Unicode
+    plant = Unicode
+    owner = Unicode
+    public = Boolean
+    base = Unicode
+    steps = _many(Unicode)
+    size = Integer
