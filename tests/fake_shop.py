@@ -33,6 +33,10 @@ Behaviour tests can rely on:
   the caller's VMs (an admin's: all), ``owner`` is the caller's unless an
   admin names another, ``reloadPlants`` is for admins, ``plantChanged`` for
   the plant itself or an admin.
+- ``publish`` keeps the image in :attr:`FakeShop.images` (its steps: the
+  VM's, its owner: the VM's; a name in use, ``tiny`` included, is
+  ``Client.ImageExists``; ``public`` is for admins); ``unpublish`` removes
+  the caller's own (anyone else's: ``Client.NoSuchImage``).
 
 Serve it with :func:`serve_fake_shop` (mutual TLS with the session's PKI,
 its authorisation file mapping the test identities).
@@ -62,13 +66,16 @@ from vmshop_common.dagxml import load_dag
 from vmshop_common.errors import (
     ActionFailedError,
     DeclinedError,
+    ImageExistsError,
     NoPlantError,
+    NoSuchImageError,
     NoSuchPlantError,
     NoSuchVMError,
     NotAuthorizedError,
     NotSupportedError,
     VMShopError,
 )
+from vmshop_common.imagename import check_image_name
 from vmshop_service import wire
 from vmshop_service.query import Term, parse_query
 from vmshop_service.registry import Registry, VMEntry
@@ -110,6 +117,7 @@ class FakeShop:
         self.plant_list: list[wire.PlantStatus] = default_plants()
         self.reloads = 0
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.images: dict[str, wire.PublishedImage] = {}  # published images, by name
         self._numbers = itertools.count(1)
 
     # Helpers ------------------------------------------------------------------------------------------
@@ -271,6 +279,30 @@ class FakeShop:
 
     def resource_query(self, caller: Identity, vm: Any, xpath: str) -> list[str]:
         return query_resource_properties(self._entry(caller, vm), xpath, time.time())
+
+    def publish(self, caller: Identity, vm: Any, image: str, public: bool) -> wire.PublishedImage:
+        check_image_name(image)
+        if public:
+            authz.require(caller, (authz.ADMIN,), "publish a public image")
+        entry = self._entry(caller, vm)
+        if entry.state != "running":
+            raise NotSupportedError(f"VM {entry.vm_id} is {entry.state}; only a running VM can be published")
+        if image in self.images or image == IMAGE:
+            raise ImageExistsError(f"this plant's warehouse has an image named '{image}' already")
+        steps = [step for step in entry.steps if step != "start"]
+        made = wire.PublishedImage(name=image, plant=entry.plant, owner=entry.owner, is_public=public,
+                                   base=entry.image, steps=steps, size=65536 * (len(steps) + 1))
+        self.images[image] = made
+        return made
+
+    def unpublish(self, caller: Identity, image: str) -> list[str]:
+        authz.require(caller, authz.VM_ROLES, "unpublish images")
+        check_image_name(image)
+        made = self.images.get(image)
+        if made is None or not authz.may_manage(caller, made.owner):
+            raise NoSuchImageError(f"no plant has an image named '{image}'")
+        del self.images[image]
+        return [PLANT_UP]
 
     def plants_list(self, caller: Identity) -> list[wire.PlantStatus]:
         return list(self.plant_list)

@@ -21,7 +21,12 @@ Guarantees:
   (``docs/consistency.md``);
 - a collect that arrives while the VM is being created cancels the create:
   the create stops at its next step, reclaims everything, and the VM ends
-  ``collected`` (it never runs unwanted).
+  ``collected`` (it never runs unwanted);
+- a VM is published (:meth:`Plant.publish`, :mod:`.publish`) only while it
+  runs and no create, configure or other publish of it does, and a
+  configure waits for its publish; bids and creates use only the images
+  their owner may see (:meth:`~.warehouse.Warehouse.visible`), and an image
+  is unpublished only when no VM being made or live uses it as a base.
 """
 
 from __future__ import annotations
@@ -144,8 +149,17 @@ class Plant:
 
     # Costs ------------------------------------------------------------------
     def cost_model(self) -> CostModel:
-        booted = {name: seconds for name in self.warehouse.images
+        images = self.warehouse.images
+        booted = {name: seconds for name in images
                   if (seconds := self.records.metric(f"boot_seconds:{name}")) is not None}
+        for name in images:  # an image not booted here yet boots as the image it was published from
+            parent = images[name].parent
+            for _ in range(len(images)):
+                if name in booted or parent is None or parent not in images:
+                    break
+                if parent in booted:
+                    booted[name] = booted[parent]
+                parent = images[parent].parent
         return CostModel(clone_seconds=self.records.metric("clone_seconds") or 0.05,
                          boot_seconds=self.records.metric("boot_seconds") or 5.0,
                          history=self.records, image_boot_seconds=booted)

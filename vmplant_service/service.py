@@ -174,12 +174,12 @@ class VMPlantService(ServiceBase):
                       what=f"collectVM {vm_id!r}")
 
     @rpc(VmId, ImageName, Unicode(max_len=256), Boolean, _returns=Image)
-    def publishVM(ctx, vm_id: str, image: str, owner: str | None, public: bool | None):  # noqa: N802, N805
+    def publishVM(ctx, vm_id: str, image: str, owner: str | None, is_public: bool | None):  # noqa: N802, N805
         """Make the VM's disk a new cached image named ``image`` (its changes over its base; its steps as the
-        image's DAG), owned by the VM's owner; ``owner``, when given, must be that owner. ``public``: it serves
+        image's DAG), owned by the VM's owner; ``owner``, when given, must be that owner. ``is_public``: it serves
         every owner (the shop lets only admins ask)."""
         rt = _runtime(ctx)
-        return rt.run(lambda: image_out(rt.plant.publish(vm_id, image, owner or "", bool(public))), changes=True,
+        return rt.run(lambda: image_out(rt.plant.publish(vm_id, image, owner or "", bool(is_public))), changes=True,
                       deadline=PUBLISH_DEADLINE, what=f"publishVM {vm_id!r}")
 
     @rpc(ImageName, Unicode(max_len=256), _returns=Unicode)

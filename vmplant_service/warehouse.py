@@ -16,6 +16,12 @@ through symlinks; the disk's content agrees with its declared format; the
 hardware agrees with the DAG's blank start node; the embedded DAG's start
 node carries no ``<cloud-config>`` (that is a request's, per VM).
 
+An image may carry an ``owner`` (a published image: :mod:`.publish`); it
+then serves only that owner's requests unless it is ``public``
+(:meth:`Warehouse.visible`). The plant edits ``index.txt`` itself only to
+publish and unpublish (:meth:`Warehouse.add_entry`, :meth:`Warehouse.remove_entry`:
+atomic, under a lock).
+
 :meth:`Warehouse.load` reads every entry; a bad entry is reported (index
 line, code, message) and skipped, never fatal for the others. Entries whose
 lineage (a DAG starting from ``<image name="parent">``) names an image the

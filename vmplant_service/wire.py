@@ -121,14 +121,14 @@ class Image(ComplexModel):
     __namespace__ = TNS
     name = Unicode
     owner = Unicode
-    public = Boolean
+    is_public = Boolean
     base = Unicode
     steps = _many(Unicode)
     size = Integer
 
 
 def image_out(image: PublishedImage) -> Image:
-    return spyne_record(Image, name=image.name, owner=image.owner, public=image.public, base=image.base,
+    return spyne_record(Image, name=image.name, owner=image.owner, is_public=image.public, base=image.base,
                         steps=list(image.steps), size=image.size)
 
 

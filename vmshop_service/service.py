@@ -166,10 +166,11 @@ class VMShopService(ServiceBase):
         return _call(ctx, "resource_query", vm, xpath)
 
     @rpc(Epr, Unicode(min_occurs=1, nillable=False, max_len=256), Boolean, _returns=PublishedImage)
-    def publishVM(ctx, vm, image, public):  # noqa: N802, N805
+    def publishVM(ctx, vm, image, is_public):  # noqa: N802, N805
         """Make the VM's disk a new cached image named ``image`` on its plant: its changes over its base, with the
-        steps it ran as the image's DAG. The image serves only the VM's owner unless ``public`` (admins only)."""
-        return _call(ctx, "publish", vm, image, bool(public))
+        steps it ran as the image's DAG. The image serves only the VM's owner unless ``is_public`` (admins
+        only; not ``public``, a keyword of Java and C#, whose WSDL tools refuse it as a parameter name)."""
+        return _call(ctx, "publish", vm, image, bool(is_public))
 
     @rpc(Unicode(min_occurs=1, nillable=False, max_len=256), _returns=Strings)
     def unpublishImage(ctx, image):  # noqa: N802, N805

@@ -463,15 +463,15 @@ class Shop:
         try:
             made = yield handle.client.call_with_timeout(self.config.create_timeout, "publishVM",
                                                          vm_id=entry.plant_vm_id, image=image, owner=entry.owner,
-                                                         public=bool(public))
+                                                         is_public=bool(public))
         except zeep.exceptions.Fault as fault:
             raise from_fault(fault) from None
         except Exception as exc:  # noqa: BLE001
             raise PlantGoneError(f"plant {entry.plant} holding VM {entry.vm_id} does not answer: "
                                  f"{describe_failure(exc)[1]}") from None
         log.info("VM %s published as image %s on %s (owner %s)", entry.vm_id, made.name, entry.plant, made.owner)
-        return spyne_record(PublishedImage, name=made.name, plant=entry.plant, owner=made.owner, public=made.public,
-                            base=made.base, steps=list(made.steps or []), size=made.size)
+        return spyne_record(PublishedImage, name=made.name, plant=entry.plant, owner=made.owner,
+                            is_public=made.is_public, base=made.base, steps=list(made.steps or []), size=made.size)
 
     @defer.inlineCallbacks
     def unpublish(self, caller: Identity, image: str) -> Any:

@@ -137,7 +137,7 @@ class PublishedImage(ComplexModel):
     name = Unicode
     plant = Unicode
     owner = Unicode
-    public = Boolean
+    is_public = Boolean
     base = Unicode
     steps = _many(Unicode)
     size = Integer
