@@ -8,13 +8,15 @@ test PKI's: alice and bob (users), admin.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zeep.exceptions
-from servers import ServerProcess, fault_code, host_port, start_plant, start_shop
+from servers import ServerProcess, fault_code, host_port, start_plant, start_shop, wait_for
 
 from vmshop_common.dagxml import DAG_NS
 
@@ -140,3 +142,53 @@ def test_a_name_in_use_and_a_vm_that_is_not_running(site: dict[str, ServerProces
     assert code == "Client.NotSupported"
     code, _ = refused(site["p1"].service_as("alice").publishVM, vm_id=vm.plant_vm_id, image="direct")
     assert code == "Client.NotAuthorized"  # a user never reaches a plant
+
+
+def test_a_plant_killed_in_the_middle_of_a_publish_lists_no_half_image(
+        tmp_path: Path, warehouse_dir: Path) -> None:
+    """SIGKILL while the guest is paused for the copy: after the restart the index lists no new image, nothing of
+    the publish is left in the warehouse, and the VM runs again (resumed, thawed) and can be published."""
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    index = warehouse / "index.txt"
+    index.write_text(f"{(warehouse_dir / 'tiny' / 'image.xml').resolve()}\n")
+    plant = start_plant(tmp_path / "plant", warehouse, name="killed", backend="fake", network="none",
+                        backend_options={"pause_seconds": "60"})
+    try:
+        vm = plant.service.createVM(dag=dag(*APP), owner="alice", vm_id="victim").vm
+        caller = plant.client(timeout=120, keep=False).create_service(plant.binding, plant.url)
+        outcome: list[Any] = []
+        worker = threading.Thread(target=lambda: outcome.append(_try(caller.publishVM, vm_id=vm.vm_id,
+                                                                     image="half", owner="alice")))
+        worker.start()
+        marker = plant.state_dir / "publishing" / vm.vm_id
+        wait_for(marker.exists, 30, "the publish to pause the guest")
+        published = warehouse / "published" / "killed"
+        assert [p.name for p in published.iterdir() if ".partial-" in p.name]  # the copy was under way
+        plant.stop(signal.SIGKILL)
+        worker.join(60)
+        assert outcome and isinstance(outcome[0], Exception)
+        assert index.read_text().splitlines() == [str((warehouse_dir / "tiny" / "image.xml").resolve())]
+        plant.start()
+        plant.client()
+        assert list(published.iterdir()) == [] and not marker.exists()
+        assert plant.service.describeVM(vm_id=vm.vm_id).state == "running"
+        assert "half" not in (plant.service.plantInfo().images or [])
+        plant.stop()
+        # Once paused for a moment only, the same VM publishes.
+        config = tmp_path / "plant" / "configuration_vmplant.xml"
+        config.write_text(config.read_text().replace('value="60"', 'value="0"'))
+        plant.start()
+        plant.client()
+        made = plant.service.publishVM(vm_id=vm.vm_id, image="half", owner="alice")
+        assert made.name == "half" and made.steps == ["s1", "s2"]
+        assert len(index.read_text().splitlines()) == 2
+    finally:
+        plant.cleanup()
+
+
+def _try(call: Any, **kwargs: Any) -> Any:
+    try:
+        return call(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+        return exc

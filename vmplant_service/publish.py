@@ -50,7 +50,7 @@ from vmshop_common.dagxml import DAG_ROOT, dag_to_element, step_from_xml
 from vmshop_common.errors import BackendError, DiskFullError, ImageExistsError, NotSupportedError
 from vmshop_common.imagename import IMAGE_NAME, check_image_name
 
-from .clone import image_info, qemu_img
+from .clone import qemu_img
 from .records import MAX_RUNS_PER_VM, ActionRun
 from .warehouse import IMAGE_NS, ImageInfo, Warehouse, fsync_directory, load_image_config
 
@@ -205,7 +205,10 @@ class Publisher:
         final = self.root / name
         if name in self.warehouse.images or final.exists():
             raise ImageExistsError(f"this plant's warehouse has an image named '{name}' already")
-        used = int(image_info(overlay, "qcow2").get("actual-size", 0) or 0)  # type: ignore[call-overload]
+        try:  # the bytes the overlay holds (not qemu-img info: the VM's QEMU holds the overlay locked)
+            used = overlay.stat().st_blocks * 512
+        except OSError as exc:
+            raise BackendError(f"the VM's disk {overlay.name} cannot be read: {exc.strerror or exc}") from None
         free = self.free_space(self.root)
         if free < used + RESERVE_BYTES:
             raise DiskFullError(f"the warehouse has {free // 2**20} MiB free; the image needs about "

@@ -21,7 +21,8 @@ Actions never run, here or anywhere on the host.
 
 Options: ``boot_seconds`` (default 0.05), ``max_memory`` (MiB, default
 65536), ``max_vcpus`` (default 64), ``architectures`` (comma-separated,
-default ``x86_64``).
+default ``x86_64``), ``pause_seconds`` (how long ``pause`` takes once the
+guest is paused, default 0: a publish a test wants to kill midway).
 
 Subclasses each inject one failure (:class:`FailingStartBackend`) or delay
 (:class:`SlowBidBackend`).
@@ -88,6 +89,7 @@ class FakeBackend(Backend):
             self.boot_seconds = float(options.get("boot_seconds", "0.05"))
             self.max_memory = int(options.get("max_memory", "65536"))
             self.max_vcpus = int(options.get("max_vcpus", "64"))
+            self.pause_seconds = float(options.get("pause_seconds", "0"))
         except ValueError as exc:
             raise ConfigurationError(f"fake backend: a numeric option is not a number: {exc}") from None
         self.architectures = tuple(a.strip() for a in options.get("architectures", "x86_64").split(",") if a.strip())
@@ -241,6 +243,8 @@ class FakeBackend(Backend):
         if vm is None or self._file_state(vm) not in LIVE:
             raise BackendError(f"VM {vm_id} is not running under this backend")
         self._write_state(vm, "paused")
+        if self.pause_seconds:
+            time.sleep(self.pause_seconds)
 
     def resume(self, vm_id: str, timeout: float = 30.0) -> None:
         vm = self._vms.get(vm_id)
