@@ -279,3 +279,45 @@ def test_an_image_name_is_never_a_path(plant: Plant, tmp_path: Path) -> None:
     image = plant.publish(vm_id, "a..b", owner=ALICE)
     info: Any = plant.warehouse.get(image.name)
     assert info.config_path.parent.parent == plant.publisher.root
+
+
+def test_a_backend_that_cannot_pause_cannot_publish(plant: Plant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UML's capabilities say publish False (its pause is the base class's NotSupportedError)."""
+    from dataclasses import replace
+
+    vm_id = made(plant)
+    caps = replace(plant.backend.capabilities(), name="uml", publish=False)
+    monkeypatch.setattr(plant.backend, "capabilities", lambda: caps)
+    before = warehouse_state(plant)
+    with pytest.raises(NotSupportedError, match="cannot publish"):
+        plant.publish(vm_id, "on-uml", owner=ALICE)
+    assert warehouse_state(plant) == before and plant.backend.state(vm_id) == VMState.RUNNING
+
+
+def test_the_disk_filling_up_while_the_guest_is_still_is_a_full_disk(plant: Plant) -> None:
+    """The room is checked again once the guest is paused: what it wrote meanwhile counts."""
+    vm_id = made(plant)
+    checks: list[int] = []
+
+    def free(path: Path) -> int:
+        checks.append(1)
+        return 2**40 if len(checks) == 1 else 1024
+
+    plant.publisher.free_space = free
+    before = warehouse_state(plant)
+    with pytest.raises(DiskFullError):
+        plant.publish(vm_id, "grew", owner=ALICE)
+    assert len(checks) == 2 and warehouse_state(plant) == before
+    assert plant.backend.state(vm_id) == VMState.RUNNING
+    agent = plant.backend._vms[vm_id].agent  # type: ignore[attr-defined]
+    assert agent is not None and agent.frozen is False
+
+
+def test_step_ids_that_are_not_node_ids_are_renamed() -> None:
+    from vmplant_service.publish import image_dag
+    from vmshop_common.dag import ScriptAction
+
+    steps = [("tiny:os", ScriptAction("x", body="a")), ("base", ScriptAction("y", body="b")),
+             ("run", ScriptAction("z", body="c")), ("run", ScriptAction("w", body="d"))]
+    dag = image_dag("tiny", steps)
+    assert dag.topological_order() == ["base", "step1", "base-2", "run", "run-2"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -60,6 +61,8 @@ PUBLISHED = "published"
 PARTIAL = ".partial-"
 DISK_FILE = "disk.qcow2"
 CONFIG_FILE = "image.xml"
+#: A DAG node id (xsd/vmdag-1.1.xsd's NodeId): a step keeps its id in the image's DAG where it is one.
+NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 #: Bytes a publish leaves free in the warehouse's file system beyond the new disk's size.
 RESERVE_BYTES = 64 * 1024 * 1024
 #: Seconds qemu-img may take to copy a VM's changes.
@@ -111,7 +114,7 @@ def image_dag(base: str, steps: Sequence[tuple[str, Action]]) -> Dag:
     edges: list[Edge] = []
     previous = "base"
     for number, (node_id, action) in enumerate(steps, start=1):
-        wanted = node_id if IMAGE_NAME.fullmatch(node_id) and len(node_id) <= 60 else f"step{number}"
+        wanted = node_id if NODE_ID.fullmatch(node_id) and len(node_id) <= 60 else f"step{number}"
         new_id, suffix = wanted, 1
         while new_id in nodes:
             suffix += 1
@@ -205,19 +208,17 @@ class Publisher:
         final = self.root / name
         if name in self.warehouse.images or final.exists():
             raise ImageExistsError(f"this plant's warehouse has an image named '{name}' already")
-        try:  # the bytes the overlay holds (not qemu-img info: the VM's QEMU holds the overlay locked)
-            used = overlay.stat().st_blocks * 512
-        except OSError as exc:
-            raise BackendError(f"the VM's disk {overlay.name} cannot be read: {exc.strerror or exc}") from None
-        free = self.free_space(self.root)
-        if free < used + RESERVE_BYTES:
-            raise DiskFullError(f"the warehouse has {free // 2**20} MiB free; the image needs about "
-                                f"{(used + RESERVE_BYTES) // 2**20} MiB (its changes and a reserve)")
+        self._check_room(overlay)
         partial = self.root / f".{name}{PARTIAL}{uuid.uuid4().hex[:12]}"
         partial.mkdir(mode=0o755)
         try:
             disk = partial / DISK_FILE
-            quiesced(lambda: copy_changes(overlay, base, disk))
+
+            def copy() -> None:
+                self._check_room(overlay)  # again, once the guest is still: it may have written more since
+                copy_changes(overlay, base, disk)
+
+            quiesced(copy)
             os.chmod(disk, 0o644)  # the hypervisor's user reads the chain of the clones made from it
             fsync_file(disk)
             dag = image_dag(base.name, steps)
@@ -251,6 +252,17 @@ class Publisher:
                  size)
         return PublishedImage(name=name, owner=owner, public=public, base=base.name,
                               steps=tuple(dag.topological_order()[1:]), size=size)
+
+    def _check_room(self, overlay: Path) -> None:
+        """DiskFullError unless the warehouse's file system has room for the overlay's bytes and the reserve."""
+        try:  # the bytes the overlay holds (not qemu-img info: the VM's QEMU holds the overlay locked)
+            used = overlay.stat().st_blocks * 512
+        except OSError as exc:
+            raise BackendError(f"the VM's disk {overlay.name} cannot be read: {exc.strerror or exc}") from None
+        free = self.free_space(self.root)
+        if free < used + RESERVE_BYTES:
+            raise DiskFullError(f"the warehouse has {free // 2**20} MiB free; the image needs about "
+                                f"{(used + RESERVE_BYTES) // 2**20} MiB (its changes and a reserve)")
 
     def remove(self, info: ImageInfo) -> None:
         """Take a published image out of the index, then delete its directory (NotSupportedError for an image this
