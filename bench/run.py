@@ -17,6 +17,8 @@ Rows (names for ``--only``; numbers work too):
 12. ``queries``    a selective query over 100,000 and 1,000,000 VMs at the server, on SQLite and on PostgreSQL
 13. ``shops``      2 and 4 shops on one PostgreSQL registry under a mixed create/query/collect load
                    (bench/rows_registry.py)
+14. ``publish``    create from the base vs from a published image (3 actions of ~1 s left vs none); the time to
+                   publish a VM with 64 MiB of changes (bench/rows_images.py)
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.
@@ -45,9 +47,10 @@ from pathlib import Path
 import common
 from common import Context, Row, log
 from rows import ROWS as BASE_ROWS
+from rows_images import ROWS as IMAGE_ROWS
 from rows_registry import ROWS as REGISTRY_ROWS
 
-ROWS = {**BASE_ROWS, **REGISTRY_ROWS}
+ROWS = {**BASE_ROWS, **REGISTRY_ROWS, **IMAGE_ROWS}
 
 BENCH = Path(__file__).resolve().parent
 
