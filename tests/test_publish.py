@@ -321,3 +321,30 @@ def test_step_ids_that_are_not_node_ids_are_renamed() -> None:
              ("run", ScriptAction("z", body="c")), ("run", ScriptAction("w", body="d"))]
     dag = image_dag("tiny", steps)
     assert dag.topological_order() == ["base", "step1", "base-2", "run", "run-2"]
+
+
+def test_an_admin_makes_an_image_public_and_private_again(plant: Plant) -> None:
+    plant.publish(made(plant), "app", owner=ALICE)
+    request = pf.chain(*STEPS, MORE)
+    assert plant.estimate(request, owner=BOB).image == pf.IMAGE  # type: ignore[union-attr]
+    shown = plant.set_public("app", True)
+    assert shown.public and shown.owner == ALICE and shown.steps == ("a", "b", "c") and shown.base == pf.IMAGE
+    info = plant.warehouse.get("app")
+    assert info.public and 'public="true"' in info.config_path.read_text()
+    assert plant.estimate(request, owner=BOB).image == "app"  # type: ignore[union-attr]
+    assert "app" in plant.info()["images"]  # type: ignore[operator]
+    # A public image's base must stay public; an image made from a private one cannot be public.
+    plant.create(pf.chain(*STEPS, MORE, pf.script("d"), start=pf.image_start(name="app")), owner=ALICE, vm_id="v2")
+    plant.publish("v2", "app-plus", owner=ALICE, public=True)
+    with pytest.raises(NotSupportedError, match="app-plus"):
+        plant.set_public("app", False)
+    plant.set_public("app-plus", False)
+    assert plant.set_public("app", False).public is False
+    with pytest.raises(NotSupportedError, match="private image 'app'"):
+        plant.set_public("app-plus", True)
+    assert plant.estimate(request, owner=BOB).image == pf.IMAGE  # type: ignore[union-attr]
+    with pytest.raises(NotSupportedError, match="installer"):
+        plant.set_public(pf.IMAGE, False)
+    with pytest.raises(NoSuchImageError):
+        plant.set_public("nothing", True)
+    assert not [p for p in plant.publisher.root.rglob("*.tmp")]

@@ -114,6 +114,15 @@ def test_another_owner_cannot_see_or_use_a_private_image(site: dict[str, ServerP
     assert public.owner == "alice" and public.is_public is True
     assert bob.estimateCost(dag=dag(*APP)).image == "for-everyone"
     assert "for-everyone" in site["p1"].service.plantInfo().images
+    # Made public afterwards, by an admin only; and private again.
+    code, _ = refused(alice.setImagePublic, image="alice-secret", is_public=True)
+    assert code == "Client.NotAuthorized"
+    assert admin.setImagePublic(image="alice-secret", is_public=True) == [site["p1"].url]
+    assert "alice-secret" in site["p1"].service.plantInfo().images
+    assert admin.setImagePublic(image="alice-secret", is_public=False) == [site["p1"].url]
+    assert "alice-secret" not in site["p1"].service.plantInfo().images
+    code, _ = refused(admin.setImagePublic, image="no-such-image", is_public=True)
+    assert code == "Client.NoSuchImage"
     alice.collectVM(vm=vm.epr)
     assert admin.unpublishImage(image="for-everyone") == [site["p1"].url]
     assert alice.unpublishImage(image="alice-secret") == [site["p1"].url]

@@ -71,7 +71,7 @@ from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
 from .ippool import IPPool
-from .publish import PublishedImage, Publisher, check_image_name, published_steps
+from .publish import PublishedImage, Publisher, check_image_name, described, published_steps
 from .records import PlantRecords, VMRecord
 from .seed import SeedNic, hostname_for, write_seed
 from .segment import OwnerSegments, mac_for, segment_name
@@ -761,6 +761,29 @@ class Plant:
             self.publisher.remove(info)
         log.info("unpublished image %s (owner %s)", name, info.owner)
         return name
+
+    def set_public(self, name: str, public: bool) -> PublishedImage:
+        """Make the published image ``name`` public (it then serves every owner) or private again (admins ask,
+        through their shop). An image whose base is private cannot be public; one that a public image starts
+        from cannot be private (both would leave a public image that names a private one)."""
+        name = check_image_name(name)
+        with self._lock:
+            info = self.warehouse.images.get(name)
+            if info is None:
+                raise NoSuchImageError(f"the warehouse has no image named '{name}'")
+            if info.owner is None:
+                raise NotSupportedError(f"image '{name}' is the installer's: it serves everyone already")
+            images = self.warehouse.images
+            if public and info.parent is not None and not images[info.parent].public:
+                raise NotSupportedError(f"image '{name}' starts from the private image '{info.parent}': it cannot "
+                                        "be public")
+            children = sorted(n for n, i in images.items() if i.parent == name and i.public and i.owner is not None)
+            if not public and children:
+                raise NotSupportedError(f"the public image '{children[0]}' starts from image '{name}': it cannot "
+                                        "be private")
+            if info.public != public:
+                self.publisher.set_public(info, public)
+            return described(self.warehouse.get(name))
 
     # Start-up -----------------------------------------------------------------
     def recover(self) -> dict[str, list[str]]:

@@ -50,6 +50,7 @@ from vmshop_common.dag import Action, Dag, Edge, ImageStart, MountAction, Networ
 from vmshop_common.dagxml import DAG_ROOT, dag_to_element, step_from_xml
 from vmshop_common.errors import BackendError, DiskFullError, ImageExistsError, NotSupportedError
 from vmshop_common.imagename import IMAGE_NAME, check_image_name
+from vmshop_common.xmlload import parse_xml_file
 
 from .clone import qemu_img
 from .records import MAX_RUNS_PER_VM, ActionRun
@@ -79,6 +80,13 @@ class PublishedImage:
     base: str
     steps: tuple[str, ...]
     size: int
+
+
+def described(info: ImageInfo) -> PublishedImage:
+    """What a published image is, as a publish answers it."""
+    order = info.dag.topological_order()
+    return PublishedImage(name=info.name, owner=info.owner or "", public=info.public, base=info.parent or "",
+                          steps=tuple(n for n in order if n != info.dag.start.id), size=info.disk.stat().st_size)
 
 
 def published_steps(runs: Sequence[ActionRun], vm_id: str) -> list[tuple[str, Action]]:
@@ -264,14 +272,42 @@ class Publisher:
             raise DiskFullError(f"the warehouse has {free // 2**20} MiB free; the image needs about "
                                 f"{(used + RESERVE_BYTES) // 2**20} MiB (its changes and a reserve)")
 
+    def set_public(self, info: ImageInfo, public: bool) -> None:
+        """Rewrite a published image's file with ``public`` (atomically: a temporary file, fsynced and renamed
+        over it) and reload the warehouse; NotSupportedError for an image this plant did not publish."""
+        directory = self._own(info)
+        root = parse_xml_file(info.config_path, what=f"image configuration {info.config_path}",
+                              expected_root=f"{{{IMAGE_NS}}}image")
+        if public:
+            root.set("public", "true")
+        elif "public" in root.attrib:
+            del root.attrib["public"]
+        tmp = directory / f".{CONFIG_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, directory / CONFIG_FILE)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_directory(directory)
+        self.warehouse.load()
+
+    def _own(self, info: ImageInfo) -> Path:
+        """The directory of an image this plant published; NotSupportedError for any other."""
+        directory = info.config_path.parent
+        if directory.parent != self.root:
+            raise NotSupportedError(f"image '{info.name}' was not published by this plant: it is the installer's "
+                                    "(its file and index.txt are edited by hand)")
+        return directory
+
     def remove(self, info: ImageInfo) -> None:
         """Take a published image out of the index, then delete its directory (NotSupportedError for an image this
         plant did not publish: the installer's are removed by hand)."""
-        directory = info.config_path.parent
-        if directory.parent != self.root:
-            raise NotSupportedError(f"image '{info.name}' was not published by this plant: it is the installer's to "
-                                    "remove (from index.txt)")
-        self._withdraw(directory)
+        self._withdraw(self._own(info))
 
     def _withdraw(self, directory: Path) -> None:
         try:

@@ -190,6 +190,14 @@ class VMPlantService(ServiceBase):
         return rt.run(lambda: rt.plant.unpublish(image, owner or ""), changes=True, deadline=COLLECT_DEADLINE,
                       what=f"unpublishImage {image!r}")
 
+    @rpc(ImageName, Boolean(min_occurs=1, nillable=False), _returns=Image)
+    def setImagePublic(ctx, image: str, is_public: bool):  # noqa: N802, N805
+        """Make a published image public (it serves every owner) or private again (the shop lets only admins
+        ask)."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: image_out(rt.plant.set_public(image, bool(is_public))), changes=True,
+                      what=f"setImagePublic {image!r}")
+
     @rpc(_returns=PlantInfo)
     def plantInfo(ctx):  # noqa: N802, N805
         """Backend, capacity, free memory and addresses, cached images, measured costs."""

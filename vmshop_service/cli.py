@@ -17,6 +17,7 @@ Usage::
     publish VM IMAGE [--public]   make the VM's disk a cached image named IMAGE (its changes,
                                   its steps); --public (admins): it serves every owner
     unpublish IMAGE               remove your published image (once no VM uses it as a base)
+    public IMAGE yes|no           (admins) a published image serves every owner, or its own only
     plants [--reload]             the shop's plants and their health
     validate FILE...              check DAG files against the language (offline)
 
@@ -430,6 +431,16 @@ def cmd_unpublish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_public(args: argparse.Namespace) -> int:
+    public = args.setting == "yes"
+    with _client(args) as client:
+        plants = client.set_image_public(args.image, public)
+    _emit(args, {"image": args.image, "public": public, "plants": plants},
+          lambda: f"{display.cell(args.image)}: {'public' if public else 'private to its owner'} on "
+          f"{', '.join(display.cell(p) for p in plants)}")
+    return EXIT_OK
+
+
 def cmd_lease(args: argparse.Namespace) -> int:
     termination = None if args.duration is None else time.time() + args.duration
     with _client(args) as client:
@@ -543,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     unpublish = commands.add_parser("unpublish", parents=[common], help="remove a published image")
     unpublish.add_argument("image", metavar="IMAGE", help="the image's name")
     unpublish.set_defaults(handler=cmd_unpublish)
+
+    public = commands.add_parser("public", parents=[common], help="make a published image public or private (admins)")
+    public.add_argument("image", metavar="IMAGE", help="the image's name")
+    public.add_argument("setting", choices=("yes", "no"), help="yes: it serves every owner; no: its owner only")
+    public.set_defaults(handler=cmd_public)
 
     plants = commands.add_parser("plants", parents=[common], help="the shop's plants and their health")
     plants.add_argument("--reload", action="store_true", help="make the shop re-read its plant list first")

@@ -608,6 +608,11 @@ class VMShopClient:
         """unpublishImage: remove the caller's published image from every plant that has it; those plants."""
         return _strings(self._call("unpublishImage", image=image))
 
+    def set_image_public(self, image: str, public: bool) -> list[str]:
+        """setImagePublic (admins): make the published image serve every owner, or its owner only again; the
+        plants that have it."""
+        return _strings(self._call("setImagePublic", image=image, is_public=public))
+
     def plants(self) -> list[PlantHealth]:
         """listPlants: the plants the shop knows, with their health."""
         return [_plant(p) for p in _list(self._call("listPlants"))]

@@ -76,6 +76,8 @@ class ShopOperations(Protocol):
 
     def unpublish(self, caller: Identity, image: str, /) -> Answer[list[str]]: ...
 
+    def set_image_public(self, caller: Identity, image: str, public: bool, /) -> Answer[list[str]]: ...
+
     def plants_list(self, caller: Identity, /) -> Answer[list[PlantStatus]]: ...
 
     def reload_plants(self, caller: Identity, /) -> Answer[list[PlantStatus]]: ...
@@ -86,7 +88,7 @@ class ShopOperations(Protocol):
 #: The operation names of :class:`ShopOperations` (what ``_call`` may be asked to run).
 SHOP_OPERATIONS = ("create", "estimate", "configure", "query", "describe", "collect", "set_termination",
                    "resource_document", "resource_property", "resource_query", "publish", "unpublish",
-                   "plants_list", "reload_plants", "plant_changed")
+                   "set_image_public", "plants_list", "reload_plants", "plant_changed")
 
 
 def _shop(ctx: Any) -> ShopOperations:
@@ -177,6 +179,12 @@ class VMShopService(ServiceBase):
         """Remove the caller's published image from every plant that has it (once no VM or image uses it as a
         base); the addresses of those plants."""
         return _call(ctx, "unpublish", image)
+
+    @rpc(Unicode(min_occurs=1, nillable=False, max_len=256), Boolean(min_occurs=1, nillable=False), _returns=Strings)
+    def setImagePublic(ctx, image, is_public):  # noqa: N802, N805
+        """Make a published image public (it serves every owner's requests) or private again, on every plant that
+        has it (admins only); the addresses of those plants."""
+        return _call(ctx, "set_image_public", image, bool(is_public))
 
     @rpc(_returns=PlantStatus.customize(max_occurs="unbounded"))
     def listPlants(ctx):  # noqa: N802, N805

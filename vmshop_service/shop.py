@@ -485,24 +485,42 @@ class Shop:
         authz.require(caller, authz.VM_ROLES, "unpublish images")
         check_image_name(image)
         owner = "" if caller.is_admin else caller.name
+        done = yield self._on_every_plant("unpublishImage", image=image, owner=owner)
+        return done
+
+    @defer.inlineCallbacks
+    def set_image_public(self, caller: Identity, image: str, public: bool) -> Any:
+        """Make the published image ``image`` public (it serves every owner) or private again, on every plant
+        that has it (admins only); the plants' addresses."""
+        authz.require(caller, (authz.ADMIN,), "make images public or private")
+        check_image_name(image)
+        done = yield self._on_every_plant("setImagePublic", image=image, is_public=bool(public))
+        return done
+
+    @defer.inlineCallbacks
+    def _on_every_plant(self, operation: str, **arguments: Any) -> Any:
+        """Ask every plant to do ``operation`` on ``arguments['image']``; the addresses of those that did. When
+        none did: the first refusal other than Client.NoSuchImage, else PlantGoneError if a plant did not answer,
+        else NoSuchImageError."""
+        image = arguments["image"]
         handles = list(self.plants.all())
         answers = yield defer.DeferredList(
-            [handle.client.call_with_timeout(self.config.call_timeout, "unpublishImage", image=image, owner=owner)
-             for handle in handles], consumeErrors=True)
-        removed: list[str] = []
+            [handle.client.call_with_timeout(self.config.call_timeout, operation, **arguments) for handle in handles],
+            consumeErrors=True)
+        done: list[str] = []
         refusals: list[VMShopError] = []
         silent: list[str] = []
         for handle, (ok, result) in zip(handles, answers, strict=True):
             if ok:
-                removed.append(handle.url)
+                done.append(handle.url)
             elif result.check(zeep.exceptions.Fault):
                 problem = from_fault(result.value)
                 if not isinstance(problem, NoSuchImageError):
                     refusals.append(problem)
             else:
                 silent.append(f"{handle.url}: {describe_failure(result.value)[1]}")
-        if removed:
-            return removed
+        if done:
+            return done
         if refusals:
             raise refusals[0]
         if silent:
