@@ -348,3 +348,23 @@ def test_an_admin_makes_an_image_public_and_private_again(plant: Plant) -> None:
     with pytest.raises(NoSuchImageError):
         plant.set_public("nothing", True)
     assert not [p for p in plant.publisher.root.rglob("*.tmp")]
+
+
+def test_a_pause_that_fails_still_resumes_the_guest(plant: Plant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause that stopped the guest and then failed (a QMP answer lost) is resumed all the same, and thawed."""
+    vm_id = made(plant)
+    real_pause = plant.backend.pause
+
+    def pause_then_fail(vm: str, timeout: float = 30.0) -> None:
+        real_pause(vm, timeout)
+        raise BackendError("QMP stop: no answer")
+
+    monkeypatch.setattr(plant.backend, "pause", pause_then_fail)
+    before = warehouse_state(plant)
+    with pytest.raises(BackendError, match="no answer"):
+        plant.publish(vm_id, "unpaused", owner=ALICE)
+    assert warehouse_state(plant) == before
+    assert plant.backend.state(vm_id) == VMState.RUNNING
+    agent = plant.backend._vms[vm_id].agent  # type: ignore[attr-defined]
+    assert agent is not None and agent.frozen is False
+    assert not list((plant.state_dir / "publishing").iterdir())

@@ -708,9 +708,9 @@ class Plant:
         if self.backend.state(vm_id) in (VMState.STOPPED, VMState.CRASHED):
             work()
             return
+        agent = GuestAgent(self.backend.agent(vm_id))
         marker = self.state_dir / "publishing" / vm_id  # a restart thaws the guest of a publish it cut short
         marker.touch(mode=0o600)
-        agent = GuestAgent(self.backend.agent(vm_id))
         try:
             try:
                 frozen = agent.fsfreeze_freeze(FREEZE_TIMEOUT)
@@ -718,14 +718,26 @@ class Plant:
                 raise BackendError(f"VM {vm_id}'s agent did not freeze its file systems ({exc}): the VM was not "
                                    "published") from None
             log.info("VM %s: %d file system(s) frozen for a publish", vm_id, frozen)
-            self.backend.pause(vm_id, PAUSE_TIMEOUT)
             try:
+                self.backend.pause(vm_id, PAUSE_TIMEOUT)
                 work()
             finally:
-                self.backend.resume(vm_id, PAUSE_TIMEOUT)
+                self._resume(vm_id)  # also after a pause that failed: it may have stopped the guest all the same
         finally:
             self._thaw(vm_id, agent)
             marker.unlink(missing_ok=True)
+
+    def _resume(self, vm_id: str) -> None:
+        """Let a guest paused for a publish run on (a second try after a failed one; BackendError if it failed)."""
+        for attempt in (1, 2):
+            try:
+                self.backend.resume(vm_id, PAUSE_TIMEOUT)
+                return
+            except BackendError as exc:
+                log.error("VM %s: resuming it after a publish failed (attempt %d): %s", vm_id, attempt, exc)
+                if attempt == 2:
+                    raise BackendError(f"VM {vm_id} could not be resumed after the copy: {exc.message}") from None
+                time.sleep(1.0)
 
     def _thaw(self, vm_id: str, agent: GuestAgent) -> None:
         """Thaw the guest's file systems (nothing if none is frozen); a failure is logged, never raised."""
