@@ -235,6 +235,7 @@ def test_a_restart_sweeps_what_a_killed_publish_left(built: tuple[Plant, pf.Plan
     partial = root / f".half{PARTIAL}0123"
     partial.mkdir()
     (partial / "disk.qcow2").write_bytes(b"half")
+    (root / "kept" / ".image.xml.0123abcd.tmp").write_text("<half")  # a set_public killed before its rename
     unlisted = root / "renamed-not-listed"  # killed between the rename and the index
     unlisted.mkdir()
     (unlisted / "image.xml").write_text("<image/>")
@@ -244,6 +245,7 @@ def test_a_restart_sweeps_what_a_killed_publish_left(built: tuple[Plant, pf.Plan
     restarted = pf.restart_plant(plant, parts)
     assert restarted.recover()["adopted"] == [vm_id]
     assert sorted(p.name for p in root.iterdir()) == ["kept"]
+    assert sorted(p.name for p in (root / "kept").iterdir()) == ["disk.qcow2", "image.xml"]
     assert "kept" in restarted.warehouse.images
     assert restarted.backend.state(vm_id) == VMState.RUNNING
     assert not list((restarted.state_dir / "publishing").iterdir())

@@ -335,6 +335,10 @@ class Publisher:
             if PARTIAL in entry.name or (entry.resolve() not in listed and entry not in indexed):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
+                continue
+            for leftover in entry.glob(f".{CONFIG_FILE}.*.tmp"):  # a set_public cut short
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
         if removed:
             log.warning("removed %d leftover(s) of publishes a crash cut short: %s", len(removed),
                         ", ".join(p.name for p in removed))
