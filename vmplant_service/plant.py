@@ -64,7 +64,6 @@ from vmshop_common.matching import flatten
 from vmshop_common.rules import check_static_addresses
 
 from .agent.qga import GuestAgent
-from .agent.transport import AgentError
 from .backends.base import Backend, Capabilities, GuestSpec, Nic, VMState
 from .backends.console import console_tail
 from .channel import ActionContext, ActionResult, Channel
@@ -72,6 +71,7 @@ from .clone import make_overlay
 from .config import PlantConfig
 from .ippool import IPPool
 from .publish import PublishedImage, Publisher, check_image_name, described, published_steps
+from .quiesce import quiesced, thaw_cut_short
 from .records import PlantRecords, VMRecord
 from .seed import SeedNic, hostname_for, write_seed
 from .segment import OwnerSegments, mac_for, segment_name
@@ -90,10 +90,6 @@ STOP_TIMEOUT = 20.0
 #: Seconds a collect waits for a create it cancelled to stop (the create's longest uninterruptible step is a
 #: backend's start, bounded by its own start timeout).
 CANCEL_WAIT = 90.0
-#: Seconds the guest's agent may take to freeze (or thaw) its file systems for a publish.
-FREEZE_TIMEOUT = 30.0
-#: Seconds the backend may take to pause (or resume) a guest for a publish.
-PAUSE_TIMEOUT = 30.0
 #: States of a VM whose create, configure or collect runs: it cannot be published now.
 BUSY_STATES = ("creating", "booting", "configuring", "collecting")
 
@@ -696,55 +692,11 @@ class Plant:
                                         "be public")
             steps = published_steps(self.records.action_runs(vm_id), vm_id)
             return self.publisher.make(name, record.owner, public, base, Path(record.overlay), steps, record.memory,
-                                       record.vcpus, record.disk, lambda work: self._quiesced(vm_id, work))
+                                       record.vcpus, record.disk,
+                                       lambda work: quiesced(self.backend, vm_id, self.state_dir / "publishing", work))
         finally:
             with self._lock:
                 self._publishing.pop(vm_id, None)
-
-    def _quiesced(self, vm_id: str, work: Callable[[], None]) -> None:
-        """Run ``work`` while VM ``vm_id``'s disk is still and consistent: its file systems frozen by its agent and
-        the guest paused with its disk flushed (backend rule 11); it runs and is thawed again afterwards, whatever
-        failed. A guest that is not there (stopped) is not touched: its disk is at rest."""
-        if self.backend.state(vm_id) in (VMState.STOPPED, VMState.CRASHED):
-            work()
-            return
-        agent = GuestAgent(self.backend.agent(vm_id))
-        marker = self.state_dir / "publishing" / vm_id  # a restart thaws the guest of a publish it cut short
-        marker.touch(mode=0o600)
-        try:
-            try:
-                frozen = agent.fsfreeze_freeze(FREEZE_TIMEOUT)
-            except AgentError as exc:
-                raise BackendError(f"VM {vm_id}'s agent did not freeze its file systems ({exc}): the VM was not "
-                                   "published") from None
-            log.info("VM %s: %d file system(s) frozen for a publish", vm_id, frozen)
-            try:
-                self.backend.pause(vm_id, PAUSE_TIMEOUT)
-                work()
-            finally:
-                self._resume(vm_id)  # also after a pause that failed: it may have stopped the guest all the same
-        finally:
-            self._thaw(vm_id, agent)
-            marker.unlink(missing_ok=True)
-
-    def _resume(self, vm_id: str) -> None:
-        """Let a guest paused for a publish run on (a second try after a failed one; BackendError if it failed)."""
-        for attempt in (1, 2):
-            try:
-                self.backend.resume(vm_id, PAUSE_TIMEOUT)
-                return
-            except BackendError as exc:
-                log.error("VM %s: resuming it after a publish failed (attempt %d): %s", vm_id, attempt, exc)
-                if attempt == 2:
-                    raise BackendError(f"VM {vm_id} could not be resumed after the copy: {exc.message}") from None
-                time.sleep(1.0)
-
-    def _thaw(self, vm_id: str, agent: GuestAgent) -> None:
-        """Thaw the guest's file systems (nothing if none is frozen); a failure is logged, never raised."""
-        try:
-            agent.fsfreeze_thaw(FREEZE_TIMEOUT)
-        except AgentError as exc:
-            log.error("VM %s: its agent did not thaw its file systems after a publish: %s", vm_id, exc)
 
     def unpublish(self, name: str, owner: str = "") -> str:
         """Remove the published image ``name`` (its index entry, then its files); returns its name.
@@ -851,13 +803,7 @@ class Plant:
     def _finish_publishes(self, adopted: set[str]) -> None:
         """After a restart: thaw the guests of publishes it cut short (the backend resumed them when it adopted
         them), and remove what those publishes left in the warehouse."""
-        for marker in (self.state_dir / "publishing").iterdir():
-            if marker.name in adopted:
-                try:
-                    self._thaw(marker.name, GuestAgent(self.backend.agent(marker.name)))
-                except VMShopError as exc:
-                    log.warning("VM %s: no thaw after a publish cut short: %s", marker.name, exc)
-            marker.unlink(missing_ok=True)
+        thaw_cut_short(self.backend, self.state_dir / "publishing", adopted)
         self.publisher.sweep()
         self.warehouse.sweep_index_leftovers()
 

@@ -30,8 +30,9 @@ from vmshop_common.soap.faults import failure_to_fault, to_fault
 from vmshop_common.threads import ThreadPoolService
 
 from .notify import ShopNotifier
-from .plant import BOOT_TIMEOUT, FREEZE_TIMEOUT, PAUSE_TIMEOUT, Plant
+from .plant import BOOT_TIMEOUT, Plant
 from .publish import CONVERT_TIMEOUT
+from .quiesce import FREEZE_TIMEOUT, PAUSE_TIMEOUT
 from .wire import (
     ActionRun,
     CreateResult,
