@@ -293,6 +293,7 @@ def test_a_backend_that_cannot_pause_cannot_publish(plant: Plant, monkeypatch: p
     before = warehouse_state(plant)
     with pytest.raises(NotSupportedError, match="cannot publish"):
         plant.publish(vm_id, "on-uml", owner=ALICE)
+    assert plant.info()["publish"] is False
     assert warehouse_state(plant) == before and plant.backend.state(vm_id) == VMState.RUNNING
 
 

@@ -822,7 +822,7 @@ class Plant:
             "images": sorted(self.warehouse.visible("")), "architectures": list(caps.architectures),
             "clone_seconds": self.records.metric("clone_seconds"), "boot_seconds": self.records.metric("boot_seconds"),
             "max_memory": caps.max_memory, "max_vcpus": caps.max_vcpus, "networks": list(caps.networks),
-            "channel": caps.channel,
+            "channel": caps.channel, "publish": caps.publish,
         }
 
 

@@ -113,6 +113,7 @@ class PlantInfo(ComplexModel):
     max_vcpus = Integer
     networks = _many(Unicode)
     channel = Unicode
+    publish = Boolean  # its backend can publish VMs as images (it can pause a guest with its disk flushed)
 
 
 class Image(ComplexModel):
