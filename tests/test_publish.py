@@ -371,3 +371,29 @@ def test_a_pause_that_fails_still_resumes_the_guest(plant: Plant, monkeypatch: p
     agent = plant.backend._vms[vm_id].agent  # type: ignore[attr-defined]
     assert agent is not None and agent.frozen is False
     assert not list((plant.state_dir / "publishing").iterdir())
+
+
+def test_publishes_at_once_each_list_their_image(built: tuple[Plant, pf.PlantParts]) -> None:
+    """Four VMs published at once: every image is listed, the index holds each once, no temporary file is left."""
+    import threading
+
+    plant, _ = built
+    vm_ids = [made(plant, f"c{n}", steps=[pf.script(f"only{n}", f"echo {n}")]) for n in range(4)]
+    errors: list[BaseException] = []
+
+    def publish(vm_id: str) -> None:
+        try:
+            plant.publish(vm_id, f"img-{vm_id}", owner=ALICE)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(vm_id,)) for vm_id in vm_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert sorted(n for n in plant.warehouse.images if n.startswith("img-")) == [f"img-{v}" for v in vm_ids]
+    lines = index_lines(plant)
+    assert len(lines) == len(set(lines)) == 5
+    assert not list(plant.warehouse.directory.glob(".index.txt.tmp.*"))
