@@ -13,6 +13,8 @@ file), so what the row publishes never reaches the shared warehouse.
 
 from __future__ import annotations
 
+from xml.sax.saxutils import escape
+
 import common
 from common import Context, Row, at_most, log, median, sec, spread, timed, x
 
@@ -25,7 +27,8 @@ BIG = "dd if=/dev/urandom of=/big bs=1M count=64 2>/dev/null && sync && ls -l /b
 
 
 def _dag(*bodies: str) -> str:
-    nodes = "".join(f'<script id="s{n}" timeout="120">{body}</script>' for n, body in enumerate(bodies, start=1))
+    nodes = "".join(f'<script id="s{n}" timeout="120">{escape(body)}</script>'
+                    for n, body in enumerate(bodies, start=1))
     ids = ["start"] + [f"s{n}" for n in range(1, len(bodies) + 1)]
     edges = "".join(f'<edge from="{a}" to="{b}"/>' for a, b in zip(ids, ids[1:], strict=False))
     return f'<vm xmlns="{DAG_NS}"><nodes><image id="start" name="tiny"/>{nodes}</nodes><edges>{edges}</edges></vm>'

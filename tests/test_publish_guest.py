@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import pytest
 import zeep.exceptions
@@ -34,7 +35,7 @@ CHECK = "cat /srv/app/origin /srv/app/settings"
 
 
 def dag(*bodies: str, image: str = "tiny") -> str:
-    nodes = "".join(f'<script id="s{n}" timeout="60">{body}</script>' for n, body in enumerate(bodies, start=1))
+    nodes = "".join(f'<script id="s{n}" timeout="60">{escape(body)}</script>' for n, body in enumerate(bodies, start=1))
     ids = ["start"] + [f"s{n}" for n in range(1, len(bodies) + 1)]
     edges = "".join(f'<edge from="{a}" to="{b}"/>' for a, b in zip(ids, ids[1:], strict=False))
     return (f'<vm xmlns="{DAG_NS}"><nodes><image id="start" name="{image}"/>{nodes}</nodes>'
@@ -49,7 +50,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Itera
     (warehouse / "index.txt").write_text(f"{(warehouse_dir / 'tiny' / 'image.xml').resolve()}\n")
     made: dict[str, ServerProcess] = {}
     try:
-        made["plant"] = start_plant(base / "plant", warehouse, capacity_vms=2, network="none")
+        made["plant"] = start_plant(base / "plant", warehouse, capacity_vms=3, network="none")
         made["shop"] = start_shop(base / "shop", [host_port(made["plant"])])
         yield made
     finally:
