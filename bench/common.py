@@ -114,19 +114,21 @@ def remove_tree(path: Path) -> None:
 
 def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend: str = "qemu", network: str = "vde",
                  capacity_vms: int = 4, capacity_memory: int = 2048, pool_count: int = 8,
-                 start_timeout: float = 300.0, client: bool = True, insecure: bool = False) -> servers.ServerProcess:
+                 start_timeout: float = 300.0, client: bool = True, insecure: bool = False,
+                 warehouse: Path | None = None) -> servers.ServerProcess:
     """tests/servers.py's start_plant, with a longer start deadline (many plants start at once on 2 cores).
 
     Registers the plant's cleanup (the server, its guests, its switch) at once. Its shop list is
     empty: the shops of a run find out by asking, as the rows measure. Mutual TLS with the test PKI
-    (tests/pki.py), as in production; ``insecure``: plain HTTP on loopback.
+    (tests/pki.py), as in production; ``insecure``: plain HTTP on loopback. ``warehouse``: its own (default:
+    the shared one, which a row that publishes must not use).
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vmshop_addresses.txt").write_text("# no shop is told of changes in a benchmark run\n")
     state = directory / "state"
     config = directory / "configuration_vmplant.xml"
     args = [sys.executable, str(ROOT / "scripts" / "configure_vmplant.py"), "--yes", "--name", name,
-            "--port", "0", "--warehouse", str(WAREHOUSE), "--state-dir", str(state), "--backend", backend,
+            "--port", "0", "--warehouse", str(warehouse or WAREHOUSE), "--state-dir", str(state), "--backend", backend,
             "--network", network, "--capacity-vms", str(capacity_vms), "--capacity-memory", str(capacity_memory),
             "--pool-count", str(pool_count), "--shops-file", str(directory / "vmshop_addresses.txt"),
             "--output", str(config)]

@@ -21,6 +21,8 @@ Rows (names for ``--only``; numbers work too):
                    estimate round trips in offers mode (14a, 14b), 100 creates' placement (14c), the shop's memory
                    (14e), the farm's RSS per plant (14f); the same bid rounds in live mode up to 256 plants (15)
                    (printed as 12 and 13 before renumbering)
+16. ``publish``    create from the base vs from a published image (3 actions of ~1 s left vs none); the time to
+                   publish a VM with 64 MiB of changes (bench/rows_images.py)
 
 Servers speak mutual TLS with a test PKI made for the run (tests/pki.py), as
 in production, except where a row says it compares without.
@@ -49,9 +51,10 @@ from pathlib import Path
 import common
 from common import Context, Row, log
 from rows import ROWS as BASE_ROWS
+from rows_images import ROWS as IMAGE_ROWS
 from rows_registry import ROWS as REGISTRY_ROWS
 
-ROWS = {**BASE_ROWS, **REGISTRY_ROWS}
+ROWS = {**BASE_ROWS, **REGISTRY_ROWS, **IMAGE_ROWS}
 
 BENCH = Path(__file__).resolve().parent
 

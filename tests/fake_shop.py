@@ -34,6 +34,11 @@ Behaviour tests can rely on:
   admin names another, ``reloadPlants`` is for admins, ``plantChanged`` for
   the plant itself or an admin (a pushed offer is validated and kept in
   ``offers``).
+- ``publish`` keeps the image in :attr:`FakeShop.images` (its steps: the
+  VM's, its owner: the VM's; a name in use, ``tiny`` included, is
+  ``Client.ImageExists``; ``public`` is for admins); ``unpublish`` removes
+  the caller's own (anyone else's: ``Client.NoSuchImage``); ``set_image_public``
+  (admins) flips an image's ``is_public``.
 
 Serve it with :func:`serve_fake_shop` (mutual TLS with the session's PKI,
 its authorisation file mapping the test identities).
@@ -63,13 +68,16 @@ from vmshop_common.dagxml import load_dag
 from vmshop_common.errors import (
     ActionFailedError,
     DeclinedError,
+    ImageExistsError,
     NoPlantError,
+    NoSuchImageError,
     NoSuchPlantError,
     NoSuchVMError,
     NotAuthorizedError,
     NotSupportedError,
     VMShopError,
 )
+from vmshop_common.imagename import check_image_name
 from vmshop_common.offers import CatalogCache, Offer, offer_from_wire
 from vmshop_service import wire
 from vmshop_service.query import Term, parse_query
@@ -114,6 +122,7 @@ class FakeShop:
         self.plant_list: list[wire.PlantStatus] = default_plants()
         self.reloads = 0
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.images: dict[str, wire.PublishedImage] = {}  # published images, by name
         self._numbers = itertools.count(1)
 
     # Helpers ------------------------------------------------------------------------------------------
@@ -275,6 +284,39 @@ class FakeShop:
 
     def resource_query(self, caller: Identity, vm: Any, xpath: str) -> list[str]:
         return query_resource_properties(self._entry(caller, vm), xpath, time.time())
+
+    def publish(self, caller: Identity, vm: Any, image: str, public: bool) -> wire.PublishedImage:
+        check_image_name(image)
+        if public:
+            authz.require(caller, (authz.ADMIN,), "publish a public image")
+        entry = self._entry(caller, vm)
+        if entry.state != "running":
+            raise NotSupportedError(f"VM {entry.vm_id} is {entry.state}; only a running VM can be published")
+        if image in self.images or image == IMAGE:
+            raise ImageExistsError(f"this plant's warehouse has an image named '{image}' already")
+        steps = [step for step in entry.steps if step != "start"]
+        made = wire.PublishedImage(name=image, plant=entry.plant, owner=entry.owner, is_public=public,
+                                   base=entry.image, steps=steps, size=65536 * (len(steps) + 1))
+        self.images[image] = made
+        return made
+
+    def unpublish(self, caller: Identity, image: str) -> list[str]:
+        authz.require(caller, authz.VM_ROLES, "unpublish images")
+        check_image_name(image)
+        made = self.images.get(image)
+        if made is None or not authz.may_manage(caller, made.owner):
+            raise NoSuchImageError(f"no plant has an image named '{image}'")
+        del self.images[image]
+        return [PLANT_UP]
+
+    def set_image_public(self, caller: Identity, image: str, public: bool) -> list[str]:
+        authz.require(caller, (authz.ADMIN,), "make images public or private")
+        check_image_name(image)
+        made = self.images.get(image)
+        if made is None:
+            raise NoSuchImageError(f"no plant has an image named '{image}'")
+        made.is_public = public
+        return [PLANT_UP]
 
     def plants_list(self, caller: Identity) -> list[wire.PlantStatus]:
         return list(self.plant_list)

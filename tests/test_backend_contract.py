@@ -24,7 +24,7 @@ from vmplant_service.backends.base import Backend, GuestSpec, Nic, VMState
 from vmplant_service.channel import MAX_OUTPUT, ActionContext, ActionResult, Channel
 from vmplant_service.segment import mac_for
 from vmshop_common.dag import ScriptAction
-from vmshop_common.errors import BackendError, ConfigurationError
+from vmshop_common.errors import BackendError, ConfigurationError, NotSupportedError
 
 #: Seconds a guest may take to boot to its agent (TCG on a loaded 2-core host included).
 BOOT_TIMEOUT = 120.0
@@ -271,6 +271,40 @@ class TestContract:
             backend.start(spec)
         assert files_in(spec.run_dir) == [] and leftovers(spec) == []
         assert spec.vm_id not in backend.running()
+
+    def test_pause_and_resume(self, pool: GuestPool, case: Case, options: dict[str, str]) -> None:
+        """Rule 11: a backend that can publish pauses a guest (its disk still) and resumes it; a paused guest that a
+        new instance adopts (a plant restart cut a publish short) is resumed; the others say they cannot."""
+        spec, channel = pool.running()
+        if not pool.backend.capabilities().publish:
+            with pytest.raises(NotSupportedError):
+                pool.backend.pause(spec.vm_id, 10)
+            assert pool.backend.state(spec.vm_id) == VMState.RUNNING
+            return
+        with pytest.raises(BackendError):
+            pool.backend.pause("never-heard-of", 5)
+        disk = Path(spec.disk)
+        pool.backend.pause(spec.vm_id, 10)
+        try:
+            assert pool.backend.state(spec.vm_id) == VMState.PAUSED
+            assert spec.vm_id in pool.backend.running()
+            before = disk.read_bytes()
+            time.sleep(0.5)
+            assert disk.read_bytes() == before, "the disk changed while the guest was paused"
+        finally:
+            pool.backend.resume(spec.vm_id, 10)
+        assert pool.backend.state(spec.vm_id) == VMState.RUNNING
+        pool.backend.resume(spec.vm_id, 10)  # again: nothing to do
+        assert run(channel, "echo resumed", "resumed").status == 0
+        pool.backend.pause(spec.vm_id, 10)
+        restarted = load_backend(case.name, options)
+        try:
+            assert restarted.adopt(spec) is True
+            assert restarted.state(spec.vm_id) == VMState.RUNNING
+        finally:
+            restarted.close()
+        assert pool.backend.adopt(spec) is True
+        assert run(channel_of(pool.backend, spec), "echo running", "running").status == 0
 
     def test_stop(self, pool: GuestPool, case: Case, options: dict[str, str]) -> None:
         spec, _ = pool.take()

@@ -319,6 +319,30 @@ def test_plants(run, shop: fake_shop.FakeShop) -> None:
     assert run("plants") == (cli.EXIT_OK, "the shop knows no plants\n", "")
 
 
+def test_publish_and_unpublish(run, shop: fake_shop.FakeShop) -> None:
+    status, out, err = run("publish", "vm-alice", "alices-app")
+    assert (status, err) == (cli.EXIT_OK, "")
+    assert re.fullmatch(r"vm-alice: published as image alices-app on 127\.0\.0\.1:9001 \(private to alice, base tiny, "
+                        r"\d+ step\(s\): [a-z, ]+; \d+ bytes\)\n", out), out
+    status, out, _ = run("publish", "vm-bob", "bobs-app", "--public", "--json")
+    assert status == cli.EXIT_OK
+    assert {k: json.loads(out)[k] for k in ("name", "owner", "public")} == {"name": "bobs-app", "owner": "bob",
+                                                                           "public": True}
+    status, _, err = run("publish", "vm-alice", "alices-app")
+    assert status == cli.EXIT_INVALID and err.startswith("vmshop: [Client.ImageExists]")
+    status, _, err = run("publish", "vm-alice", "../etc")
+    assert status == cli.EXIT_INVALID and err.startswith("vmshop: [Client.ImageNameInvalid]")
+    assert run("public", "alices-app", "yes") == (cli.EXIT_OK, "alices-app: public on 127.0.0.1:9001\n", "")
+    assert shop.images["alices-app"].is_public is True
+    assert run("public", "alices-app", "maybe")[0] == cli.EXIT_USAGE
+    assert run("unpublish", "alices-app") == (cli.EXIT_OK, "alices-app: unpublished from 127.0.0.1:9001\n", "")
+    status, out, _ = run("unpublish", "bobs-app", "--json")
+    assert json.loads(out) == {"image": "bobs-app", "plants": [fake_shop.PLANT_UP]}
+    status, _, err = run("unpublish", "alices-app")
+    assert status == cli.EXIT_INVALID and err.startswith("vmshop: [Client.NoSuchImage]")
+    assert shop.images == {}
+
+
 # The shop's address, options, internal errors ---------------------------------------------------------------------
 
 

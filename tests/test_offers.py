@@ -428,3 +428,38 @@ def test_an_offers_guest_traits_are_checked() -> None:
 
 DAG_IMAGE = (f'<vm xmlns="{DAG_NS}"><nodes><blank id="hw" memory="64" vcpus="1" disk="1" arch="x86_64"/>'
              '<script id="os">#vmshop-os: x</script></nodes><edges><edge from="hw" to="os"/></edges></vm>')
+
+
+def test_an_offer_names_private_images_owners_and_is_priced_for_the_requests_owner(plant: Any) -> None:
+    """A published private image is in the offer with its owner; the shop prices each owner's request against
+    the public images and that owner's own (what the plant bids for that owner), never naming another's."""
+    plant.create(chain(script("a", "echo a"), script("b", "echo b")), owner="alice", vm_id="v1")
+    plant.publish("v1", "alices-app", owner="alice")
+    plant.create(chain(script("a", "echo a"), script("b", "echo b"), script("c", "echo c")), owner="alice",
+                 vm_id="v2")
+    plant.publish("v2", "alices-app-plus", owner="alice")
+    offer = offer_from_wire(_wire(offer_fields(plant.offer("https://p:1/"))), "https://p:1/", CatalogCache(), 0.0)
+    assert offer.catalog.owners == {"alices-app": "alice", "alices-app-plus": "alice"}
+    assert {i.name for i in offer.catalog.for_owner("bob").images} == {IMAGE}
+    assert offer.catalog.for_owner("").images == offer.catalog.for_owner("bob").images
+    requests = [chain(script("a", "echo a"), script("b", "echo b"), script("c", "echo c"), script("d", "echo d")),
+                chain(script("x"), start=image_start(name="alices-app")),
+                chain(script("x"), start=image_start(name="alices-app-plus"))]
+    for request_xml in requests:
+        for owner in ("alice", "bob", ""):
+            at_shop = Pricing(load_dag(request_xml), owner=owner).price(offer)
+            at_plant = plant.estimate(request_xml, owner=owner)
+            assert type(at_shop) is type(at_plant), (owner, at_shop, at_plant)
+            if isinstance(at_plant, Bid):
+                assert (at_shop.cost, at_shop.image, at_shop.remaining) == \
+                    (at_plant.cost, at_plant.image, at_plant.remaining)
+            else:
+                assert isinstance(at_shop, Decline) and at_shop.reason == at_plant.reason
+            if owner != "alice" and request_xml is requests[0]:  # (a request that names it gets its name back)
+                assert "alices-app" not in repr(at_shop)
+    assert Pricing(load_dag(requests[0]), owner="alice").price(offer).image == "alices-app-plus"  # type: ignore[union-attr]
+    # One matching per owner's view; the same view for every offer with that catalog.
+    cache = CatalogCache()
+    fields = offer_fields(plant.offer())
+    twins = [offer_from_wire(_wire(fields), f"https://p{i}:1/", cache, 0.0) for i in range(3)]
+    assert twins[0].catalog.for_owner("alice") is twins[2].catalog.for_owner("alice")

@@ -42,7 +42,7 @@ def vm(vm_id: str = "vm1", state: str = "booting", created: float = 10.0, **extr
 def test_schema_and_durability_settings(tmp_path: Path) -> None:
     path = tmp_path / "r.sqlite3"
     with PlantRecords(path) as records:
-        assert records.schema_version == 2
+        assert records.schema_version == 3
         db = records._conn()
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -73,7 +73,7 @@ def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
                        "VALUES (?, ?, 'tiny', 128, 1, 1, 'x86_64', 1, 1)", (vm_id, state))
     db.close()
     with PlantRecords(path) as records:
-        assert records.schema_version == 2
+        assert records.schema_version == 3
         assert records.get_vm("ran").made is True and records.get_vm("half").made is False
         assert records.get_vm("ran").shop == ""
         records.update_vm("half", made=True, shop="shop1")

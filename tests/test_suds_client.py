@@ -147,7 +147,7 @@ def reference(client: Client, shop: ServerProcess, key: str) -> Any:
 
 def test_suds_reads_every_operation_of_the_wsdl(client: Client, shop: ServerProcess) -> None:
     methods = client.wsdl.services[0].ports[0].methods
-    assert set(methods) == wsdl_operations() and len(methods) == 14
+    assert set(methods) == wsdl_operations() and len(methods) == 17
     assert client.service.createVM.method.location == "https://localhost:8080/"  # the WSDL's placeholder
     assert client.options.location == shop.url  # what suds sends to
     epr = client.factory.create("ns0:EndpointReference")
@@ -220,6 +220,16 @@ def test_every_operation_through_suds(client: Client, answered: AnsweredOperatio
     assert field(client.service.setTerminationTime(epr, None), "termination") is None  # suds omits it: no lease
     assert field(client.service.describeVM(epr), "termination") is None
 
+    image = client.service.publishVM(epr, "suds-image")  # is_public left out: a private image
+    assert (image.name, image.plant, image.owner, image.is_public, image.base) == (
+        "suds-image", cheap, "suds-alice", False, "tiny")
+    assert list(image.steps) == SAMPLE_STEPS + ["run"] and image.size > 0
+    assert list(client.service.setImagePublic("suds-image", True)) == [cheap]
+    assert "suds-image" in plants["cheap"].service.plantInfo().images
+    assert list(client.service.unpublishImage("suds-image")) == [cheap]  # an admin removes anyone's image
+    with pytest.raises(WebFault) as info:
+        client.service.unpublishImage("suds-image")
+    assert fault_code(info) == "Client.NoSuchImage"
     destroyed = client.service.destroy(epr)
     assert (destroyed.vm_id, destroyed.state) == ("suds-1", "collected") and destroyed.collected is not None
     assert plants["cheap"].service.describeVM(vm_id="suds-1").state == "collected"

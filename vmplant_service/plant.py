@@ -21,7 +21,12 @@ Guarantees:
   (``docs/consistency.md``);
 - a collect that arrives while the VM is being created cancels the create:
   the create stops at its next step, reclaims everything, and the VM ends
-  ``collected`` (it never runs unwanted).
+  ``collected`` (it never runs unwanted);
+- a VM is published (:meth:`Plant.publish`, :mod:`.publish`) only while it
+  runs and no create, configure or other publish of it does, and a
+  configure waits for its publish; bids and creates use only the images
+  their owner may see (:meth:`~.warehouse.Warehouse.visible`), and an image
+  is unpublished only when no VM being made or live uses it as a base.
 """
 
 from __future__ import annotations
@@ -40,17 +45,20 @@ from typing import Any
 
 from vmshop_common.cost import Bid, Decline, match_request
 from vmshop_common.dag import Action, Dag, MountAction, NetworkAction
-from vmshop_common.dagxml import dag_to_xml, load_dag
+from vmshop_common.dagxml import dag_to_xml, load_dag, step_to_xml
 from vmshop_common.errors import (
     ActionFailedError,
     BackendError,
     CapacityExhaustedError,
     DeclinedError,
+    ImageExistsError,
+    ImageInUseError,
     NoSuchImageError,
     NoSuchVMError,
     NotSupportedError,
     OfferExceededError,
     Problem,
+    VMBusyError,
     VMShopError,
 )
 from vmshop_common.guest import GuestTraits, unfit
@@ -65,6 +73,8 @@ from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
 from .ippool import IPPool
+from .publish import PublishedImage, Publisher, check_image_name, described, published_steps
+from .quiesce import quiesced, thaw_cut_short
 from .records import PlantRecords, VMRecord
 from .seed import SeedNic, hostname_for, write_seed
 from .segment import OwnerSegments, mac_for, segment_name
@@ -74,6 +84,8 @@ log = logging.getLogger(__name__)
 
 VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LIVE_STATES = ("creating", "booting", "configuring", "running", "collecting")
+#: Owners whose catalogs (:meth:`Plant.catalog`) a plant keeps, besides recomputing any other's.
+CATALOGS_KEPT = 256
 #: Seconds a guest may take from QEMU's start to its agent's first word.
 BOOT_TIMEOUT = 180.0
 #: Seconds cloud-init may take, once the agent answered, to finish a first boot (its user data included).
@@ -83,6 +95,8 @@ STOP_TIMEOUT = 20.0
 #: Seconds a collect waits for a create it cancelled to stop (the create's longest uninterruptible step is a
 #: backend's start, bounded by its own start timeout).
 CANCEL_WAIT = 90.0
+#: States of a VM whose create, configure or collect runs: it cannot be published now.
+BUSY_STATES = ("creating", "booting", "configuring", "collecting")
 
 
 class CreateCancelled(Exception):
@@ -121,26 +135,30 @@ class Plant:
         self._reserved: dict[str, int] = {}  # vm_id -> MiB, VMs being created
         self._reserved_owners: dict[str, str] = {}  # vm_id -> owner, VMs being created
         self._reserved_shops: dict[str, str] = {}  # vm_id -> the shop that asked for it, VMs being created
+        self._reserved_images: dict[str, str] = {}  # vm_id -> the image it is cloned from, VMs being created
         self._cancelled: set[str] = set()  # VMs being created that a collect cancelled
+        self._publishing: dict[str, str] = {}  # vm_id -> the image name it is being published as
+        self.publisher = Publisher(warehouse, config.name)
         #: Told of each guest-agent error ('failed', 'timeout', 'no_answer'), from worker threads (the metrics'
         #: hook; vmplant_service/metrics.py).
         self.on_agent_error: Callable[[str], None] | None = None
-        self._catalog: tuple[Any, Catalog] | None = None
+        self._catalogs: dict[str | None, tuple[Any, Catalog]] = {}  # owner -> (its images, their catalog)
         self._offer_content: Any = None
         self._offer_version = 0
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        for sub in ("overlays", "run", "seeds"):
+        for sub in ("overlays", "run", "seeds", "publishing"):
             (self.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.state_dir / sub, 0o700)
 
     # Costs ------------------------------------------------------------------
-    def estimate(self, dag_xml: str) -> Bid | Decline:
-        """A bid for the DAG, or a decline with the reason. Invalid DAGs (and static addresses) raise."""
+    def estimate(self, dag_xml: str, owner: str = "") -> Bid | Decline:
+        """A bid for the DAG (of a VM ``owner`` would own: the images it may use are the public ones and its
+        own), or a decline with the reason. Invalid DAGs (and static addresses) raise."""
         dag = load_dag(dag_xml)
         check_static_addresses(dag, None)
-        result = self.estimate_dag(dag)
+        result = self.estimate_dag(dag, owner)
         if isinstance(result, Bid):
             full = self._full()
             if full:
@@ -162,11 +180,13 @@ class Plant:
             return f"this plant is busy: it is making {creating} VMs at once, its limit"
         return None
 
-    def estimate_dag(self, dag: Dag, besides_shop: str = "") -> Bid | Decline:
+    def estimate_dag(self, dag: Dag, owner: str = "", besides_shop: str = "") -> Bid | Decline:
         """The bid for ``dag`` with this plant's live state: :func:`vmshop_common.offers.price` of the plant's
-        own offer (the code a shop prices offers with), with its live step records and data store.
-        ``besides_shop``: leave that shop's creates in progress here out of the load (see :meth:`create`)."""
-        offer = self._snapshot({}, besides_shop=besides_shop)
+        own offer (the code a shop prices offers with), with its live step records and data store, among the
+        images ``owner`` may use (another owner's private images are not even named: to this request they do not
+        exist). ``besides_shop``: leave that shop's creates in progress here out of the load (see
+        :meth:`create`)."""
+        offer = self._snapshot({}, besides_shop=besides_shop, owner=owner)
         return price(dag, match_request(dag, offer.catalog.images), offer, has_data=self._has_data,
                      history=self.records, check_full=False)
 
@@ -201,17 +221,23 @@ class Plant:
                      datastore=config.datastore is not None, kernel_limit=caps.kernel_limit,
                      seed_disk=caps.seed_disk)
 
-    def catalog(self) -> Catalog:
-        """The warehouse's images as an offer's catalog (kept while the warehouse's images are the same)."""
-        images = self.warehouse.images
+    def catalog(self, owner: str | None = None) -> Catalog:
+        """The images ``owner`` may use (:meth:`~.warehouse.Warehouse.visible`) as an offer's catalog, kept while
+        those images are the same. ``None``: every image, each private one with its owner (what the offer holds:
+        a shop prices a request of an owner against :meth:`Catalog.for_owner`)."""
+        images = self.warehouse.images if owner is None else self.warehouse.visible(owner)
         key = tuple((name, id(info)) for name, info in sorted(images.items()))
-        cached = self._catalog
+        cached = self._catalogs.get(owner)
         if cached is not None and cached[0] == key:
             return cached[1]
         cached_images = tuple(info.cached_image() for _, info in sorted(images.items()))
-        digest = catalog_digest((image.name, dag_to_xml(image.dag), image.hardware) for image in cached_images)
-        catalog = Catalog(cached_images, digest)
-        self._catalog = (key, catalog)
+        owners = {name: info.owner for name, info in images.items() if not info.public and info.owner}
+        digest = catalog_digest(((image.name, dag_to_xml(image.dag), image.hardware) for image in cached_images),
+                                owners)
+        catalog = Catalog(cached_images, digest, owners)
+        if owner not in self._catalogs and len(self._catalogs) >= CATALOGS_KEPT:
+            self._catalogs.pop(next(iter(self._catalogs)))
+        self._catalogs[owner] = (key, catalog)
         return catalog
 
     def _datasets(self) -> frozenset[str]:
@@ -223,9 +249,11 @@ class Plant:
         except OSError:
             return frozenset()
 
-    def _snapshot(self, steps: dict[str, float], plant_url: str = "", besides_shop: str = "") -> Offer:
+    def _snapshot(self, steps: dict[str, float], plant_url: str = "", besides_shop: str = "",
+                  owner: str | None = None) -> Offer:
         """This plant's live state as an (unversioned) offer, with ``steps`` for its step costs; ``besides_shop``:
-        the creates in progress that this shop asked for are left out of its ``creating``."""
+        the creates in progress that this shop asked for are left out of its ``creating``; its catalog:
+        :meth:`catalog` of ``owner``."""
         metric = self.records.metric
         with self._lock:
             live_vms = self.records.live_vms()
@@ -234,14 +262,29 @@ class Plant:
             if besides_shop:
                 creating -= sum(shop == besides_shop for shop in self._reserved_shops.values())
             used = sum(r.memory for r in live_vms if r.vm_id not in self._reserved) + sum(self._reserved.values())
-        infos = self.warehouse.images
-        booted = {name: seconds for name in infos if (seconds := metric(f"boot_seconds:{name}")) is not None}
+        infos = self.warehouse.images if owner is None else self.warehouse.visible(owner)
+        booted = self._booted(infos)
         guests = {name: info.guest for name, info in infos.items() if info.guest != GuestTraits()}
-        return Offer(plant=plant_url or self.config.name, version=0, issued=self.clock(), catalog=self.catalog(),
+        return Offer(plant=plant_url or self.config.name, version=0, issued=self.clock(), catalog=self.catalog(owner),
                      terms=self.terms(), steps=steps, clone_seconds=metric("clone_seconds") or 0.05,
                      boot_seconds=metric("boot_seconds") or 5.0, live=live, creating=creating,
                      free_memory=self.config.capacity_memory - used, datasets=self._datasets(),
                      image_boot_seconds=booted, guests=guests)
+
+    def _booted(self, infos: dict[str, ImageInfo]) -> dict[str, float]:
+        """Each image's measured boot seconds; an image not booted here yet boots as the image it was published
+        from (its nearest booted ancestor)."""
+        metric = self.records.metric
+        booted = {name: seconds for name in infos if (seconds := metric(f"boot_seconds:{name}")) is not None}
+        for name in infos:
+            parent = infos[name].parent
+            for _ in range(len(infos)):
+                if name in booted or parent is None or parent not in infos:
+                    break
+                if parent in booted:
+                    booted[name] = booted[parent]
+                parent = infos[parent].parent
+        return booted
 
     def offer(self, plant_url: str = "") -> Offer:
         """This plant's offer now: what its bids depend on (blocking: reads the records). Its version grows
@@ -279,24 +322,25 @@ class Plant:
         """
         dag = load_dag(dag_xml)
         check_static_addresses(dag, None)
-        estimate = self.estimate_dag(dag)
+        estimate = self.estimate_dag(dag, owner)
         if isinstance(estimate, Decline):
             if estimate.reason.startswith("no cached image is named"):
                 raise NoSuchImageError(estimate.reason)
             raise DeclinedError(f"this plant cannot make the VM: {estimate.reason}")
         if max_cost is not None and estimate.cost > max_cost:
-            checked = self.estimate_dag(dag, besides_shop=shop) if shop else estimate
+            checked = self.estimate_dag(dag, owner, besides_shop=shop) if shop else estimate
             cost = checked.cost if isinstance(checked, Bid) else estimate.cost
             if cost > max_cost:
                 raise OfferExceededError(f"this plant's cost for the VM is now {cost:g} s, more than the "
                                          f"{max_cost:g} s the shop accepts from its offer")
-        info = self.warehouse.get(estimate.image)
-        flat = flatten(dag, {name: image.dag for name, image in self.warehouse.images.items()})
+        visible = self.warehouse.visible(owner)
+        info = visible[estimate.image]
+        flat = flatten(dag, {name: image.dag for name, image in visible.items()})
         hardware = flat.start.hardware  # type: ignore[union-attr]
         vm_id = vm_id or uuid.uuid4().hex[:12]
         if not VM_ID.match(vm_id):
             raise DeclinedError(f"'{vm_id}' is not a valid VM id", [Problem("bad VM id", None, None)])
-        self._reserve(vm_id, hardware.memory, owner, shop)
+        self._reserve(vm_id, hardware.memory, owner, shop, info.name)
         paths = self._paths(vm_id)
         try:
             return self._build(vm_id, dag, flat, estimate, info, owner, paths, shop)
@@ -321,6 +365,7 @@ class Plant:
                 self._reserved.pop(vm_id, None)
                 self._reserved_owners.pop(vm_id, None)
                 self._reserved_shops.pop(vm_id, None)
+                self._reserved_images.pop(vm_id, None)
                 self._cancelled.discard(vm_id)
             self.release_segments()
 
@@ -335,7 +380,7 @@ class Plant:
         if vm_id in self._cancelled:
             raise CreateCancelled(vm_id)
 
-    def _reserve(self, vm_id: str, memory: int, owner: str, shop: str = "") -> None:
+    def _reserve(self, vm_id: str, memory: int, owner: str, shop: str = "", image: str = "") -> None:
         with self._lock:
             # A VM being created is both reserved and (once recorded) live: count it once.
             live = [r for r in self.records.live_vms() if r.vm_id not in self._reserved]
@@ -356,9 +401,12 @@ class Plant:
             if used + memory > self.config.capacity_memory:
                 raise CapacityExhaustedError(
                     f"{memory} MiB asked, {self.config.capacity_memory - used} MiB of guest memory free")
+            if image and image not in self.warehouse.images:
+                raise NoSuchImageError(f"image '{image}' was unpublished meanwhile")
             self._reserved[vm_id] = memory
             self._reserved_owners[vm_id] = owner
             self._reserved_shops[vm_id] = shop
+            self._reserved_images[vm_id] = image
 
     def _guest_gone(self, vm_id: str) -> bool:
         """True only when the backend is sure the guest has stopped or crashed.
@@ -491,7 +539,7 @@ class Plant:
             result = channel.run(f"{number:04d}-{node_id}", action, context, alive=going)
             self.records.add_action_run(vm_id=vm_id, node_id=node_id, digest=_digest(action), kind=action.kind,
                                         started=started, seconds=result.elapsed, status=result.status,
-                                        output=result.output, ok=result.ok)
+                                        output=result.output, ok=result.ok, step=step_to_xml(action))
             results.append(result)
             if result.error is not None:
                 self._agent_error("timeout" if result.timed_out else "failed")
@@ -524,6 +572,8 @@ class Plant:
         order = [n for n in dag.topological_order() if isinstance(dag.nodes[n], Action)]
         with self._lock:
             record = self.records.get_vm(vm_id)
+            if vm_id in self._publishing:
+                raise VMBusyError(f"VM {vm_id} is being published; configure it once that is done")
             if record.state != "running":
                 raise NotSupportedError(f"VM {vm_id} is {record.state}; only a running VM can be configured")
             self.records.update_vm(vm_id, state="configuring")
@@ -652,6 +702,102 @@ class Plant:
             except Exception:  # noqa: BLE001 - reclaiming goes on whatever one step does
                 log.exception("reclaiming %s of VM %s failed", label, vm_id)
 
+    # Publish, unpublish ---------------------------------------------------------
+    def publish(self, vm_id: str, name: str, owner: str = "", public: bool = False) -> PublishedImage:
+        """Make VM ``vm_id``'s disk the new cached image ``name`` (:mod:`.publish`), owned by the VM's owner.
+
+        ``owner`` (when given: the shop passes the caller's VM owner) must be
+        the VM's, else NoSuchVMError exactly as for a VM that does not exist.
+        Faults, each leaving everything as it was: ImageNameInvalidError,
+        NoSuchVMError, VMBusyError (its create, a configure, a collect or
+        another publish runs), NotSupportedError (a VM that is not running,
+        or that cannot be published, or a backend that cannot pause),
+        ImageExistsError, DiskFullError. A public image needs a public base.
+        The VM runs on afterwards (paused for the copy only).
+        """
+        name = check_image_name(name)
+        caps = self.backend.capabilities()
+        if not caps.publish:
+            raise NotSupportedError(f"backend {caps.name} cannot publish VMs: it cannot pause a guest with its disk "
+                                    "flushed")
+        with self._lock:
+            record = self.records.get_vm(vm_id)
+            if owner and record.owner != owner:
+                raise NoSuchVMError(f"no VM has the id '{vm_id}'")
+            if vm_id in self._publishing or record.state in BUSY_STATES or vm_id in self._reserved:
+                raise VMBusyError(f"VM {vm_id} is {'being published' if vm_id in self._publishing else record.state};"
+                                  " publish it once that is done")
+            if record.state != "running":
+                raise NotSupportedError(f"VM {vm_id} is {record.state}; only a running VM can be published")
+            if name in self.warehouse.images or name in self._publishing.values():
+                raise ImageExistsError(f"this plant's warehouse has an image named '{name}' already")
+            self._publishing[vm_id] = name
+        try:
+            base = self.warehouse.images.get(record.image)
+            if base is None:
+                raise NoSuchImageError(f"VM {vm_id}'s image '{record.image}' is no longer in this plant's warehouse")
+            if public and not self.warehouse.visible("").get(base.name):
+                raise NotSupportedError(f"VM {vm_id}'s image '{base.name}' is private: an image made from it cannot "
+                                        "be public")
+            steps = published_steps(self.records.action_runs(vm_id), vm_id)
+            return self.publisher.make(name, record.owner, public, base, Path(record.overlay), steps, record.memory,
+                                       record.vcpus, record.disk,
+                                       lambda work: quiesced(self.backend, vm_id, self.state_dir / "publishing", work))
+        finally:
+            with self._lock:
+                self._publishing.pop(vm_id, None)
+
+    def unpublish(self, name: str, owner: str = "") -> str:
+        """Remove the published image ``name`` (its index entry, then its files); returns its name.
+
+        ``owner`` (when given) must be the image's owner, else NoSuchImageError
+        exactly as for an image that does not exist (another owner's private
+        image does not exist to this caller). ImageInUseError while a live VM
+        was cloned from it or another image starts from it;
+        NotSupportedError for an installer's image.
+        """
+        name = check_image_name(name)
+        with self._lock:
+            info = self.warehouse.images.get(name)
+            if info is None or (owner and info.owner != owner):
+                raise NoSuchImageError(f"the warehouse has no image named '{name}'")
+            if info.owner is None:
+                raise NotSupportedError(f"image '{name}' is the installer's, not a published one: it is removed by "
+                                        "hand (from index.txt)")
+            users = sorted({r.vm_id for r in self.records.live_vms() if r.image == name}
+                           | {vm_id for vm_id, image in self._reserved_images.items() if image == name})
+            children = sorted(n for n, i in self.warehouse.images.items() if i.parent == name)
+            if users or children:
+                what = ([f"VM {vm}" for vm in users] + [f"image {child}" for child in children])[:5]
+                raise ImageInUseError(f"image '{name}' is still the base of {', '.join(what)}: collect those VMs "
+                                      "(and unpublish those images) first")
+            self.publisher.remove(info)
+        log.info("unpublished image %s (owner %s)", name, info.owner)
+        return name
+
+    def set_public(self, name: str, public: bool) -> PublishedImage:
+        """Make the published image ``name`` public (it then serves every owner) or private again (admins ask,
+        through their shop). An image whose base is private cannot be public; one that a public image starts
+        from cannot be private (both would leave a public image that names a private one)."""
+        name = check_image_name(name)
+        with self._lock:
+            info = self.warehouse.images.get(name)
+            if info is None:
+                raise NoSuchImageError(f"the warehouse has no image named '{name}'")
+            if info.owner is None:
+                raise NotSupportedError(f"image '{name}' is the installer's: it serves everyone already")
+            images = self.warehouse.images
+            if public and info.parent is not None and not images[info.parent].public:
+                raise NotSupportedError(f"image '{name}' starts from the private image '{info.parent}': it cannot "
+                                        "be public")
+            children = sorted(n for n, i in images.items() if i.parent == name and i.public and i.owner is not None)
+            if not public and children:
+                raise NotSupportedError(f"the public image '{children[0]}' starts from image '{name}': it cannot "
+                                        "be private")
+            if info.public != public:
+                self.publisher.set_public(info, public)
+            return described(self.warehouse.get(name))
+
     # Start-up -----------------------------------------------------------------
     def recover(self) -> dict[str, list[str]]:
         """Reconcile records with the guests that really run (after a plant restart; ``docs/consistency.md``).
@@ -692,6 +838,7 @@ class Plant:
         if self.pool is not None:
             self.pool.reconcile(set(adopted))
         self.release_segments()
+        self._finish_publishes(set(adopted))
         live = set(adopted)
         for sub, suffix in (("overlays", ".qcow2"), ("run", ""), ("seeds", ".iso")):
             for leftover in (self.state_dir / sub).iterdir():
@@ -701,6 +848,13 @@ class Plant:
                     else:
                         leftover.unlink(missing_ok=True)
         return {"adopted": adopted, "failed": failed, "collected": collected}
+
+    def _finish_publishes(self, adopted: set[str]) -> None:
+        """After a restart: thaw the guests of publishes it cut short (the backend resumed them when it adopted
+        them), and remove what those publishes left in the warehouse."""
+        thaw_cut_short(self.backend, self.state_dir / "publishing", adopted)
+        self.publisher.sweep()
+        self.warehouse.sweep_index_leftovers()
 
     def info(self) -> dict[str, object]:
         caps = self.backend.capabilities()
@@ -714,10 +868,10 @@ class Plant:
             "capacity_vms": self.config.capacity_vms, "running_vms": len(live),
             "capacity_memory": self.config.capacity_memory, "free_memory": self.config.capacity_memory - used,
             "free_addresses": self.pool.free_count() if self.pool is not None else 0,
-            "images": sorted(self.warehouse.images), "architectures": list(caps.architectures),
+            "images": sorted(self.warehouse.visible("")), "architectures": list(caps.architectures),
             "clone_seconds": self.records.metric("clone_seconds"), "boot_seconds": self.records.metric("boot_seconds"),
             "max_memory": caps.max_memory, "max_vcpus": caps.max_vcpus, "networks": list(caps.networks),
-            "channel": caps.channel,
+            "channel": caps.channel, "publish": caps.publish,
         }
 
 

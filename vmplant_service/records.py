@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -29,13 +30,16 @@ from typing import Any
 
 from vmshop_common.errors import ConfigurationError, DeclinedError, NoSuchVMError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Schema changes, applied in order to an older database (version -> statements that make it that version).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE vms ADD COLUMN made INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE vms ADD COLUMN shop TEXT NOT NULL DEFAULT ''",
         # A VM that ever ran had finished its create.
         "UPDATE vms SET made = 1 WHERE state IN ('running', 'collecting', 'collected')"),
+    # The step each run ran (dagxml.step_to_xml), so that a publish can write the steps a VM ran into an image's
+    # DAG; runs recorded before have none, and their VMs cannot be published.
+    3: ("ALTER TABLE action_runs ADD COLUMN step TEXT NOT NULL DEFAULT ''",),
 }
 HISTORY_RUNS = 5
 MAX_OUTPUT_BYTES = 64 * 1024
@@ -79,7 +83,8 @@ CREATE TABLE IF NOT EXISTS action_runs (
     seconds REAL NOT NULL,
     status INTEGER,
     output TEXT NOT NULL DEFAULT '',
-    ok INTEGER NOT NULL
+    ok INTEGER NOT NULL,
+    step TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS action_runs_digest ON action_runs(digest);
 CREATE INDEX IF NOT EXISTS action_runs_vm ON action_runs(vm_id);
@@ -139,6 +144,8 @@ class ActionRun:
     status: int | None
     output: str
     ok: bool
+    #: The step it ran, as :func:`vmshop_common.dagxml.step_to_xml` writes it ('' in runs recorded before schema 3).
+    step: str = ""
 
 
 def truncate_output(output: str, limit: int = MAX_OUTPUT_BYTES) -> str:
@@ -194,7 +201,8 @@ class PlantRecords:
                 else:
                     for target in range(version + 1, SCHEMA_VERSION + 1):
                         for statement in _MIGRATIONS[target]:
-                            db.execute(statement)
+                            if not _column_exists_already(db, statement):
+                                db.execute(statement)
                         db.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
                 db.execute("COMMIT")
             except BaseException:
@@ -297,17 +305,18 @@ class PlantRecords:
 
     # Action runs -------------------------------------------------------------
     def add_action_run(self, vm_id: str, node_id: str, digest: str, kind: str, started: float, seconds: float,
-                       status: int | None, output: str, ok: bool) -> int:
-        """Record one run of an action (its output cut to 64 KiB); returns the run's id.
+                       status: int | None, output: str, ok: bool, step: str = "") -> int:
+        """Record one run of an action (its output cut to 64 KiB; ``step``: the action as
+        :func:`~vmshop_common.dagxml.step_to_xml` writes it); returns the run's id.
 
         A VM keeps its latest :data:`MAX_RUNS_PER_VM` runs: configuring a VM
         over and over cannot grow the records without bound.
         """
         cursor = self._write(
-            "INSERT INTO action_runs (vm_id, node_id, digest, kind, started, seconds, status, output, ok) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO action_runs (vm_id, node_id, digest, kind, started, seconds, status, output, ok, step) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (vm_id, node_id, digest, kind, float(started), float(seconds), status, truncate_output(output or ""),
-             1 if ok else 0))
+             1 if ok else 0, step))
         assert cursor.lastrowid is not None
         run_id = int(cursor.lastrowid)
         if run_id % 64 == 0:  # now and then is enough to keep the bound within 64 rows
@@ -324,7 +333,7 @@ class PlantRecords:
         rows = self._read("SELECT * FROM action_runs WHERE vm_id = ? ORDER BY id", (vm_id,))
         return [ActionRun(id=row["id"], vm_id=row["vm_id"], node_id=row["node_id"], digest=row["digest"],
                           kind=row["kind"], started=row["started"], seconds=row["seconds"], status=row["status"],
-                          output=row["output"], ok=bool(row["ok"])) for row in rows]
+                          output=row["output"], ok=bool(row["ok"]), step=row["step"]) for row in rows]
 
     def expected_seconds(self, digest: str) -> float | None:
         """Mean seconds of the last 5 successful runs of the step ``digest``; None if it never succeeded here."""
@@ -366,6 +375,19 @@ class PlantRecords:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ADD_COLUMN = re.compile(r"^ALTER TABLE (\w+) ADD COLUMN (\w+) ")
+
+
+def _column_exists_already(db: sqlite3.Connection, statement: str) -> bool:
+    """Whether ``statement`` adds a column that the table has (made by this version's schema: a table that did
+    not exist before the migration began)."""
+    added = _ADD_COLUMN.match(statement)
+    if added is None:
+        return False
+    table, column = added.groups()
+    return any(row[1] == column for row in db.execute(f"PRAGMA table_info({table})"))
 
 
 def _check_state(state: object) -> None:

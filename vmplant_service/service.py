@@ -6,8 +6,8 @@ guest or SQLite. Each kind of work has a stated deadline, after which its
 request is answered ``Server.DeadlineExceeded`` (:mod:`vmshop_common.threads`;
 the plant's own bounds end the work first, the deadline is the backstop):
 a read (estimate, describe, list, plant info) :data:`READ_DEADLINE`; a collect
-:data:`COLLECT_DEADLINE`; a create the boot timeout plus the plant's
-``dag-seconds`` plus :data:`SLACK`; a configure ``dag-seconds`` plus
+(and an unpublish) :data:`COLLECT_DEADLINE`; a publish :data:`PUBLISH_DEADLINE`;
+a create the boot timeout plus the plant's ``dag-seconds`` plus :data:`SLACK`; a configure ``dag-seconds`` plus
 :data:`SLACK`. Failures become SOAP faults with the project's stable
 codes (:mod:`vmshop_common.soap.faults`). Only identities with the ``shop``
 or ``admin`` role are served (:func:`_runtime`, see :mod:`vmshop_common.authz`).
@@ -33,14 +33,18 @@ from vmshop_common.threads import ThreadPoolService
 
 from .notify import ShopNotifier
 from .plant import BOOT_TIMEOUT, Plant
+from .publish import CONVERT_TIMEOUT
+from .quiesce import FREEZE_TIMEOUT, PAUSE_TIMEOUT
 from .wire import (
     ActionRun,
     CreateResult,
     Estimate,
+    Image,
     Offer,
     PlantInfo,
     VMInfo,
     estimate_out,
+    image_out,
     info_out,
     run_out,
     vm_out,
@@ -55,6 +59,8 @@ READ_DEADLINE = 60.0
 COLLECT_DEADLINE = 300.0
 #: Seconds added to a create's or configure's own bounds for what surrounds them (clone, records, reclaiming).
 SLACK = 300.0
+#: Seconds a publish may hold a thread: freezing, pausing, copying, resuming and thawing, and slack.
+PUBLISH_DEADLINE = 2 * FREEZE_TIMEOUT + 2 * PAUSE_TIMEOUT + CONVERT_TIMEOUT + SLACK
 
 
 class PlantRuntime:
@@ -116,16 +122,21 @@ def _runtime(ctx: Any) -> PlantRuntime:
 
 Dag = Unicode(max_len=MAX_DAG_CHARS, min_occurs=1, nillable=False)
 VmId = Unicode(max_len=64, min_occurs=1, nillable=False)
+#: An image name travels as any text (up to 256 characters): the plant answers Client.ImageNameInvalid for one
+#: that is not a name, with its own words, instead of a schema error.
+ImageName = Unicode(max_len=256, min_occurs=1, nillable=False)
 
 
 class VMPlantService(ServiceBase):
     """The five operations for one host, plus describe, list and plant info."""
 
-    @rpc(Dag, _returns=Estimate)
-    def estimateCost(ctx, dag: str):  # noqa: N802, N805
-        """Bid for making the VM the DAG describes: cost and breakdown, or a decline with the reason."""
+    @rpc(Dag, Unicode(max_len=256), _returns=Estimate)
+    def estimateCost(ctx, dag: str, owner: str | None):  # noqa: N802, N805
+        """Bid for making the VM the DAG describes for ``owner`` (who may use the public images and its own):
+        cost and breakdown, or a decline with the reason."""
         rt = _runtime(ctx)
-        return rt.run(lambda: estimate_out(rt.plant.config.name, rt.plant.estimate(dag)), what="estimateCost")
+        return rt.run(lambda: estimate_out(rt.plant.config.name, rt.plant.estimate(dag, owner or "")),
+                      what="estimateCost")
 
     @rpc(Dag, Unicode(max_len=256), Unicode(max_len=64), Double, _returns=CreateResult)
     def createVM(ctx, dag: str, owner: str | None, vm_id: str | None, max_cost: float | None):  # noqa: N802, N805
@@ -179,6 +190,31 @@ class VMPlantService(ServiceBase):
         """The plant's offer: its catalog, measured costs, load and terms, versioned (what a shop prices with)."""
         rt = _runtime(ctx)
         return rt.run(lambda: spyne_record(Offer, **_offer_records(rt.offer_fields())), what="getOffer")
+
+    @rpc(VmId, ImageName, Unicode(max_len=256), Boolean, _returns=Image)
+    def publishVM(ctx, vm_id: str, image: str, owner: str | None, is_public: bool | None):  # noqa: N802, N805
+        """Make the VM's disk a new cached image named ``image`` (its changes over its base; its steps as the
+        image's DAG), owned by the VM's owner; ``owner``, when given, must be that owner. ``is_public``: it serves
+        every owner (the shop lets only admins ask)."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: image_out(rt.plant.publish(vm_id, image, owner or "", bool(is_public))), changes=True,
+                      deadline=PUBLISH_DEADLINE, what=f"publishVM {vm_id!r}")
+
+    @rpc(ImageName, Unicode(max_len=256), _returns=Unicode)
+    def unpublishImage(ctx, image: str, owner: str | None):  # noqa: N802, N805
+        """Remove a published image once no VM or image uses it as a base; ``owner``, when given, must be its
+        owner. Answers the image's name."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: rt.plant.unpublish(image, owner or ""), changes=True, deadline=COLLECT_DEADLINE,
+                      what=f"unpublishImage {image!r}")
+
+    @rpc(ImageName, Boolean(min_occurs=1, nillable=False), _returns=Image)
+    def setImagePublic(ctx, image: str, is_public: bool):  # noqa: N802, N805
+        """Make a published image public (it serves every owner) or private again (the shop lets only admins
+        ask)."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: image_out(rt.plant.set_public(image, bool(is_public))), changes=True,
+                      what=f"setImagePublic {image!r}")
 
     @rpc(_returns=PlantInfo)
     def plantInfo(ctx):  # noqa: N802, N805

@@ -16,6 +16,12 @@ through symlinks; the disk's content agrees with its declared format; the
 hardware agrees with the DAG's blank start node; the embedded DAG's start
 node carries no ``<cloud-config>`` (that is a request's, per VM).
 
+An image may carry an ``owner`` (a published image: :mod:`.publish`); it
+then serves only that owner's requests unless it is ``public``
+(:meth:`Warehouse.visible`). The plant edits ``index.txt`` itself only to
+publish and unpublish (:meth:`Warehouse.add_entry`, :meth:`Warehouse.remove_entry`:
+atomic, under a lock).
+
 :meth:`Warehouse.load` reads every entry; a bad entry is reported (index
 line, code, message) and skipped, never fatal for the others. Entries whose
 lineage (a DAG starting from ``<image name="parent">``) names an image the
@@ -25,9 +31,13 @@ at once, so readers see either the old or the new warehouse.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import threading
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +60,9 @@ IMAGE_NS = "urn:vmshop:image:1"
 IMAGE_ROOT = f"{{{IMAGE_NS}}}image"
 IMAGE_XSD = "vmimage-1.1.xsd"
 INDEX_NAME = "index.txt"
+#: The lock file that serialises edits of index.txt, and the prefix of an edit's temporary file.
+INDEX_LOCK = "index.lock"
+INDEX_TMP_PREFIX = ".index.txt.tmp."
 DISK_FORMATS = ("qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -74,6 +87,20 @@ class ImageInfo:
     dag: Dag = field(hash=False)
     description: str | None = None
     guest: GuestTraits = GuestTraits()
+    #: The identity that published it (None: the installer's image, which serves everyone).
+    owner: str | None = None
+    #: Whether it serves every owner's requests (always True for an installer's image).
+    public: bool = True
+
+    def visible_to(self, owner: str) -> bool:
+        """Whether ``owner``'s requests may use this image (and see its name)."""
+        return self.public or (bool(owner) and owner == self.owner)
+
+    @property
+    def parent(self) -> str | None:
+        """The image its lineage starts from (its DAG's ``<image name>``), or None for a blank start."""
+        start = self.dag.start
+        return None if isinstance(start, BlankStart) else start.name
 
     def cached_image(self) -> CachedImage:
         """What matching and the cost model need of this image."""
@@ -92,6 +119,15 @@ class WarehouseProblem:
     def __str__(self) -> str:
         where = f"{INDEX_NAME} line {self.line}" if self.line is not None else INDEX_NAME
         return f"{where}: {self.path}: {self.message} [{self.code}]"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_image_config(path: str | Path) -> ImageInfo:
@@ -152,9 +188,11 @@ def load_image_config(path: str | Path) -> ImageInfo:
         kernel=guest_el.get("kernel", "own"), data_share=guest_el.get("data-share", "9p"))
     description_el = _child(root, "description")
     description = (description_el.text or "").strip() if description_el is not None else None
+    owner = root.get("owner")
+    public = owner is None or root.get("public", "false") in ("true", "1")
     return ImageInfo(name=root.get("name"), config_path=real, disk=disk, disk_format=disk_format, kernel=kernel,
                      initrd=initrd, cmdline=cmdline, machine=machine, hardware=hardware, dag=dag,
-                     description=description, guest=guest)
+                     description=description, guest=guest, owner=owner, public=public)
 
 
 def _child(root: etree._Element, local: str) -> etree._Element | None:
@@ -258,6 +296,77 @@ class Warehouse:
     def cached_images(self) -> list[CachedImage]:
         """Every image as matching sees it, in name order."""
         return [info.cached_image() for _, info in sorted(self._images.items())]
+
+    def visible(self, owner: str) -> dict[str, ImageInfo]:
+        """Name -> image, for the images ``owner``'s requests may use: the public ones and ``owner``'s own.
+
+        Closed under lineage: an image whose parent ``owner`` may not see is
+        left out too, so nothing derived from the set (a bid, a decline's
+        reasons) ever names another owner's private image. ``owner`` '' sees
+        the public images only.
+        """
+        images = {name: info for name, info in self._images.items() if info.visible_to(owner)}
+        changed = True
+        while changed:
+            changed = False
+            for name, info in list(images.items()):
+                if info.parent is not None and info.parent not in images:
+                    del images[name]
+                    changed = True
+        return images
+
+    # Editing the index (publish, unpublish) -----------------------------------------
+    def add_entry(self, config_path: Path) -> None:
+        """List ``config_path`` in index.txt (atomically: see :meth:`_edit_index`) and reload."""
+        entry = str(config_path)
+        self._edit_index(lambda lines: [*lines, entry] if entry not in (line.strip() for line in lines) else lines)
+
+    def remove_entry(self, config_path: Path) -> None:
+        """Take ``config_path`` out of index.txt (atomically) and reload; nothing if it is not listed."""
+        entry = str(config_path)
+        self._edit_index(lambda lines: [line for line in lines if line.strip() != entry])
+
+    def _edit_index(self, edit: Callable[[list[str]], list[str]]) -> None:
+        """Rewrite index.txt as ``edit`` says, under an exclusive lock of ``index.lock`` (other plants sharing the
+        warehouse edit it too), through a temporary file that is written, fsynced and renamed over the index
+        (then the directory is fsynced): a reader, or a restart after a crash, sees the old index or the new,
+        never half of one. The warehouse is then reloaded."""
+        lock_fd = os.open(self.directory / INDEX_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                old = self.index_path.read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                old = []
+            new = edit(old)
+            tmp = self.directory / f"{INDEX_TMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write("".join(f"{line}\n" for line in new))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, self.index_path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_directory(self.directory)
+        finally:
+            os.close(lock_fd)  # releases the lock
+        self.load()
+
+    def sweep_index_leftovers(self) -> list[Path]:
+        """Remove temporary index files a crash left behind (older than a minute: another plant sharing the
+        warehouse may be writing one now); their paths."""
+        removed = []
+        for leftover in self.directory.glob(f"{INDEX_TMP_PREFIX}*"):
+            try:
+                if leftover.is_file() and time.time() - leftover.stat().st_mtime > 60:
+                    leftover.unlink()
+                    removed.append(leftover)
+            except OSError:
+                pass
+        return removed
 
     def load(self) -> list[WarehouseProblem]:
         """Re-read index.txt and every entry; returns (and keeps) the problems of the skipped entries.

@@ -16,6 +16,7 @@ from vmshop_common.soap.fastxml import spyne_record
 from vmshop_common.soap.offer_wire import offer_type
 
 from .channel import ActionResult
+from .publish import PublishedImage
 from .records import VMRecord
 
 TNS = "urn:vmshop:vmplant:1"
@@ -113,6 +114,24 @@ class PlantInfo(ComplexModel):
     max_vcpus = Integer
     networks = _many(Unicode)
     channel = Unicode
+    publish = Boolean  # its backend can publish VMs as images (it can pause a guest with its disk flushed)
+
+
+class Image(ComplexModel):
+    """A published image: its name, owner, whether it is public, its base, the steps it embodies, its disk's bytes."""
+
+    __namespace__ = TNS
+    name = Unicode
+    owner = Unicode
+    is_public = Boolean
+    base = Unicode
+    steps = _many(Unicode)
+    size = Integer
+
+
+def image_out(image: PublishedImage) -> Image:
+    return spyne_record(Image, name=image.name, owner=image.owner, is_public=image.public, base=image.base,
+                        steps=list(image.steps), size=image.size)
 
 
 Offer = offer_type(TNS)

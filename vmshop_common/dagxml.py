@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from .dag import (
     Node,
     ScriptAction,
 )
-from .errors import Problem, SchemaInvalidError
+from .errors import DagInvalidError, Problem, SchemaInvalidError
 from .rules import check_dag
 from .steps import normalise_text
 from .xmlload import parse_xml
@@ -289,3 +290,30 @@ def _decimal(value: float | None) -> str | None:
     if value is None:
         return None
     return format(Decimal(repr(value)).normalize(), "f")
+
+
+#: The node id a step gets in :func:`step_to_xml`'s document (a step's identity never includes its id).
+STEP_ID = "step"
+
+
+def step_to_xml(action: Action) -> str:
+    """One action as a small ``<vm>`` document of its own (a blank start and the action, as ``step``).
+
+    What a plant records of each action it ran, so that it can later write
+    the steps a VM ran into an image's DAG (:func:`step_from_xml` reads it
+    back). The step's digest (:func:`~vmshop_common.steps.step_digest`) is
+    unchanged by the round trip.
+    """
+    dag = Dag(nodes={"start": BlankStart("start"), STEP_ID: replace(action, id=STEP_ID)},
+              edges=[Edge("start", STEP_ID)])
+    return dag_to_xml(dag)
+
+
+def step_from_xml(text: str) -> Action:
+    """The action a :func:`step_to_xml` document holds (validated as any DAG is); DagInvalidError if it holds
+    none."""
+    dag = load_dag(text, what="a recorded step")
+    node = dag.nodes.get(STEP_ID)
+    if not isinstance(node, Action):
+        raise DagInvalidError("a recorded step holds no action")
+    return node

@@ -139,6 +139,30 @@ class AddressNotLeasedError(VMShopError):
     CODE = "Client.AddressNotLeased"
 
 
+class ImageExistsError(VMShopError):
+    """A publish names an image that the plant's warehouse already has (or is making)."""
+
+    CODE = "Client.ImageExists"
+
+
+class ImageNameInvalidError(VMShopError):
+    """A publish names an image with a name that is not ``[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}``."""
+
+    CODE = "Client.ImageNameInvalid"
+
+
+class VMBusyError(VMShopError):
+    """The VM is in the middle of other work (being created, configured, published or collected)."""
+
+    CODE = "Client.VMBusy"
+
+
+class ImageInUseError(VMShopError):
+    """An unpublish names an image that a live VM or another image still uses as its base."""
+
+    CODE = "Client.ImageInUse"
+
+
 # Who is calling ---------------------------------------------
 
 
@@ -279,6 +303,12 @@ class BackendError(VMShopError):
     CODE = "Server.BackendError"
 
 
+class DiskFullError(VMShopError):
+    """The plant's warehouse has not the room a new image needs."""
+
+    CODE = "Server.DiskFull"
+
+
 class NoPlantError(VMShopError):
     """No plant could create the VM."""
 
@@ -313,12 +343,13 @@ class ConfigurationError(VMShopError):
 ALL_ERRORS: tuple[type[VMShopError], ...] = (
     XMLSyntaxError, DoctypeRefusedError, DocumentTooLargeError, WrongRootError, SchemaInvalidError,
     DagInvalidError, NoSuchImageError, NoSuchVMError, NoSuchPlantError, QueryInvalidError, NotSupportedError,
-    DeclinedError, AddressNotLeasedError, CredentialsError, AuthenticationFailedError, NotAuthorizedError,
+    DeclinedError, AddressNotLeasedError, ImageExistsError, ImageNameInvalidError, VMBusyError, ImageInUseError,
+    CredentialsError, AuthenticationFailedError, NotAuthorizedError,
     QuotaExceededError, VersionMismatchError, NotAnEnvelopeError, NoBodyError, ExtraBodyError, HeaderMisplacedError,
     StrayContentError, NoOperationError, ExtraOperationError, ShuttingDownError, BusyError, DeadlineExceededError,
     RegistryUnavailableError,
-    CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError, NoPlantError, PlantGoneError,
-    OfferInvalidError, OfferExceededError, ConfigurationError,
+    CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError, DiskFullError, NoPlantError,
+    PlantGoneError, OfferInvalidError, OfferExceededError, ConfigurationError,
 )
 ERROR_BY_CODE: dict[str, type[VMShopError]] = {cls.CODE: cls for cls in ALL_ERRORS}
 

@@ -16,6 +16,12 @@ against an offer gets what the plant would have said then.
 Matching depends only on the catalog: :class:`Pricing` matches a request
 once per distinct catalog (by digest), however many plants publish it.
 
+A catalog names each private (published, not public) image's owner: a
+request is priced against :meth:`Catalog.for_owner`, the public images and
+its owner's own, closed under lineage, so no bid and no decline ever names
+another owner's private image (the rule of
+:meth:`vmplant_service.warehouse.Warehouse.visible`).
+
 An offer is hostile input until :func:`offer_from_wire` accepted it:
 bounded counts and sizes, finite non-negative figures, every image DAG
 loaded by the hardened DAG loader, the catalog's digest computed here (never
@@ -30,11 +36,11 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .cost import Bid, CostModel, Decline, Matched, match_request, pass_over
-from .dag import Action, Dag, Hardware, MountAction, NetworkAction
+from .dag import Action, Dag, Hardware, ImageStart, MountAction, NetworkAction
 from .errors import NoSuchImageError, OfferInvalidError, VMShopError
 from .guest import AGENTS, CONTEXTUALIZATIONS, DATA_SHARES, KERNELS, GuestTraits, unfit
 from .matching import CachedImage, flatten
@@ -49,6 +55,8 @@ MAX_COUNT = 10_000_000
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: Owners' views of one catalog (:meth:`Catalog.for_owner`) kept.
+MAX_VIEWS = 1024
 
 
 @dataclass(frozen=True)
@@ -131,22 +139,58 @@ def load_seconds(creating: int, boot_seconds: float) -> float:
 
 @dataclass(frozen=True)
 class Catalog:
-    """A plant's cached images as matching sees them; ``digest`` identifies the content (computed, not sent)."""
+    """A plant's cached images as matching sees them; ``digest`` identifies the content (computed, not sent).
+
+    ``owners``: the owner of each private image (an image not named serves everyone).
+    """
 
     images: tuple[CachedImage, ...]
     digest: str
+    owners: Mapping[str, str] = field(default_factory=dict)
+    _views: dict[str, Catalog] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def lineages(self) -> dict[str, Dag]:
         return {image.name: image.dag for image in self.images}
 
+    def for_owner(self, owner: str) -> Catalog:
+        """The images a request of ``owner`` may use: the public ones and ``owner``'s own, less any whose parent
+        it may not use ('' : the public ones). The catalog itself when it has no private image."""
+        if not self.owners:
+            return self
+        view = self._views.get(owner)
+        if view is not None:
+            return view
+        kept = {image.name: image for image in self.images
+                if self.owners.get(image.name) in (None, owner) and (owner or image.name not in self.owners)}
+        changed = True
+        while changed:
+            changed = False
+            for name, image in list(kept.items()):
+                parent = image.dag.start.name if isinstance(image.dag.start, ImageStart) else None
+                if parent is not None and parent not in kept:
+                    del kept[name]
+                    changed = True
+        digest = hashlib.sha256(f"{self.digest}\0{owner}".encode("utf-8", "surrogatepass")).hexdigest()
+        view = Catalog(tuple(kept.values()), digest,
+                       {name: who for name, who in self.owners.items() if name in kept})
+        if len(self._views) >= MAX_VIEWS:
+            self._views.pop(next(iter(self._views)))
+        self._views[owner] = view
+        return view
 
-def catalog_digest(entries: Iterable[tuple[str, str, Hardware]]) -> str:
-    """The digest of a catalog: (name, embodied DAG XML, hardware) per image, in name order."""
+
+def catalog_digest(entries: Iterable[tuple[str, str, Hardware]], owners: Mapping[str, str] | None = None) -> str:
+    """The digest of a catalog: (name, embodied DAG XML, hardware, and a private image's owner) per image, in
+    name order."""
+    owners = owners or {}
     digest = hashlib.sha256()
     for name, dag_xml, hw in sorted(entries, key=lambda entry: entry[0]):
-        for part in (name, dag_xml, str(hw.memory), str(hw.vcpus), str(hw.disk), hw.arch):
-            data = part.encode("utf-8")
+        parts = [name, dag_xml, str(hw.memory), str(hw.vcpus), str(hw.disk), hw.arch]
+        if name in owners:
+            parts += ["owner", owners[name]]
+        for part in parts:
+            data = part.encode("utf-8", "surrogatepass")
             digest.update(len(data).to_bytes(8, "big") + data)
     return digest.hexdigest()
 
@@ -269,10 +313,12 @@ def _flat_or_none(request: Dag, catalog: Catalog) -> Dag | None:
 class Pricing:
     """One request priced against many offers: matched once per distinct catalog."""
 
-    def __init__(self, request: Dag, matched: dict[str, Matched | Decline] | None = None) -> None:
+    def __init__(self, request: Dag, matched: dict[str, Matched | Decline] | None = None, owner: str = "") -> None:
         """``matched``: matchings of this very request by catalog digest, kept from an earlier pricing (a
-        matching depends only on the request and the catalog)."""
+        matching depends only on the request and the catalog). ``owner``: whose VM the request would make (it is
+        priced against :meth:`Catalog.for_owner`)."""
         self.request = request
+        self.owner = owner
         self._matched: dict[str, Matched | Decline] = {} if matched is None else matched
         self._memo: dict[Any, Any] = {}
 
@@ -283,8 +329,11 @@ class Pricing:
         return found
 
     def price(self, offer: Offer, extra_creating: int = 0) -> Bid | Decline:
-        matched = self.matched(offer.catalog)
-        memo = self._memo.setdefault(offer.catalog.digest, {})  # a flattened request is a catalog's own
+        catalog = offer.catalog.for_owner(self.owner)
+        if catalog is not offer.catalog:
+            offer = replace(offer, catalog=catalog)
+        matched = self.matched(catalog)
+        memo = self._memo.setdefault(catalog.digest, {})  # a flattened request is a catalog's own
         # The price depends on the offer only through these: offers equal in them share one answer.
         steps = tuple(offer.steps.get(d) for d in matched.digests.values()) if isinstance(matched, Matched) else ()
         key = ("price", id(offer.terms), id(offer.datasets), offer.clone_seconds, offer.boot_seconds,
@@ -319,10 +368,11 @@ class CatalogCache:
             self._interned.clear()
         return self._interned.setdefault(value if key is None else key, value)
 
-    def get(self, entries: list[tuple[str, str, Hardware]]) -> Catalog:
+    def get(self, entries: list[tuple[str, str, Hardware]], owners: Mapping[str, str] | None = None) -> Catalog:
         from .dagxml import load_dag
 
-        digest = catalog_digest(entries)
+        owners = dict(owners or {})
+        digest = catalog_digest(entries, owners)
         catalog = self._catalogs.get(digest)
         if catalog is not None:
             return catalog
@@ -333,7 +383,7 @@ class CatalogCache:
             except VMShopError as exc:
                 raise OfferInvalidError(f"image '{name}': {exc.message}") from None
             images.append(CachedImage(name=name, dag=dag, hardware=hardware))
-        catalog = Catalog(tuple(images), digest)
+        catalog = Catalog(tuple(images), digest, owners)
         if len(self._catalogs) >= self.limit:
             self._catalogs.pop(next(iter(self._catalogs)))
         self._catalogs[digest] = catalog
@@ -400,6 +450,7 @@ def offer_from_wire(data: Any, plant: str, catalogs: CatalogCache, received: flo
     names: set[str] = set()
     boots: dict[str, float] = {}
     guests: dict[str, GuestTraits] = {}
+    owners: dict[str, str] = {}
     for image in _many(getattr(data, "images", None), "images", MAX_IMAGES):
         name = _text(getattr(image, "name", None), "image name", 128)
         if not NAME.match(name) or name in names:
@@ -413,6 +464,9 @@ def offer_from_wire(data: Any, plant: str, catalogs: CatalogCache, received: flo
                             disk=_number(getattr(image, "disk", None), "image disk", integer=True, limit=MAX_COUNT),
                             arch=arch)
         entries.append((name, dag_xml, hardware))
+        owner = _text(getattr(image, "owner", None), f"image '{name}' owner", 256)
+        if owner:
+            owners[name] = owner
         boot = getattr(image, "boot_seconds", None)
         if boot is not None:
             boots[name] = _number(boot, f"image '{name}' boot seconds")
@@ -454,7 +508,7 @@ def offer_from_wire(data: Any, plant: str, catalogs: CatalogCache, received: flo
                   network=bool(getattr(data, "network", False)), datastore=bool(getattr(data, "datastore", False)),
                   kernel_limit=_text(getattr(data, "kernel_limit", None), "kernel limit", 1024),
                   seed_disk=bool(getattr(data, "seed_disk", True) is not False))
-    return Offer(plant=plant, version=version, issued=issued, catalog=catalogs.get(entries),
+    return Offer(plant=plant, version=version, issued=issued, catalog=catalogs.get(entries, owners),
                  terms=catalogs.intern(terms), steps=catalogs.intern(steps, ("steps", tuple(sorted(steps.items())))),
                  clone_seconds=_number(getattr(data, "clone_seconds", None), "clone seconds"),
                  boot_seconds=_number(getattr(data, "boot_seconds", None), "boot seconds"),

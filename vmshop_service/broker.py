@@ -45,16 +45,17 @@ class BidResult:
 
 def call_for_bids(directory: PlantDirectory, dag_xml: str, timeout: float,
                   clock: Callable[[], float] = time.monotonic,
-                  handles: Sequence[PlantHandle] | None = None) -> defer.Deferred[list[BidResult]]:
-    """Every plant's (or every one of ``handles``') answer to ``estimateCost``, asked concurrently; never fails."""
+                  handles: Sequence[PlantHandle] | None = None, owner: str = "") -> defer.Deferred[list[BidResult]]:
+    """Every plant's (or every one of ``handles``') answer to ``estimateCost`` for a VM ``owner`` would own
+    (plants bid with the public images and that owner's own), asked concurrently; never fails."""
     asked = directory.all() if handles is None else handles
-    return defer.gatherResults([_ask(directory, handle, dag_xml, timeout, clock) for handle in asked])
+    return defer.gatherResults([_ask(directory, handle, dag_xml, timeout, clock, owner) for handle in asked])
 
 
 def _ask(directory: PlantDirectory, handle: PlantHandle, dag_xml: str, timeout: float,
-         clock: Callable[[], float]) -> defer.Deferred[BidResult]:
+         clock: Callable[[], float], owner: str = "") -> defer.Deferred[BidResult]:
     started = clock()
-    d = handle.client.call_with_timeout(timeout, "estimateCost", dag=dag_xml)
+    d = handle.client.call_with_timeout(timeout, "estimateCost", dag=dag_xml, owner=owner or None)
 
     def answered(estimate: Any) -> BidResult:
         directory.mark(handle, True)

@@ -14,6 +14,10 @@ Usage::
                                   a VM; or its WSRF resource properties
     collect VM                    destroy the VM (its record stays)
     lease VM DURATION|none        the VM is collected DURATION from now; none: never
+    publish VM IMAGE [--public]   make the VM's disk a cached image named IMAGE (its changes,
+                                  its steps); --public (admins): it serves every owner
+    unpublish IMAGE               remove your published image (once no VM uses it as a base)
+    public IMAGE yes|no           (admins) a published image serves every owner, or its own only
     plants [--reload]             the shop's plants and their health
     validate FILE...              check DAG files against the language (offline)
 
@@ -408,6 +412,35 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        image = client.publish(args.vm, args.image, args.public)
+    serves = "public" if image.public else f"private to {display.cell(image.owner or '?')}"
+    _emit(args, image, lambda: f"{display.cell(args.vm)}: published as image {display.cell(image.name)} on "
+          f"{display.cell(image.plant or '?')} ({serves}, base {display.cell(image.base or '?')}, "
+          f"{len(image.steps)} step(s): {', '.join(display.cell(step) for step in image.steps) or 'none'}; "
+          f"{image.size or 0} bytes)")
+    return EXIT_OK
+
+
+def cmd_unpublish(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        plants = client.unpublish(args.image)
+    _emit(args, {"image": args.image, "plants": plants},
+          lambda: f"{display.cell(args.image)}: unpublished from {', '.join(display.cell(p) for p in plants)}")
+    return EXIT_OK
+
+
+def cmd_public(args: argparse.Namespace) -> int:
+    public = args.setting == "yes"
+    with _client(args) as client:
+        plants = client.set_image_public(args.image, public)
+    _emit(args, {"image": args.image, "public": public, "plants": plants},
+          lambda: f"{display.cell(args.image)}: {'public' if public else 'private to its owner'} on "
+          f"{', '.join(display.cell(p) for p in plants)}")
+    return EXIT_OK
+
+
 def cmd_lease(args: argparse.Namespace) -> int:
     termination = None if args.duration is None else time.time() + args.duration
     with _client(args) as client:
@@ -511,6 +544,21 @@ def build_parser() -> argparse.ArgumentParser:
     lease_cmd.add_argument("duration", type=parse_lease, metavar="DURATION|none",
                            help="from now (90, 30m, 2h, 1d); none: never")
     lease_cmd.set_defaults(handler=cmd_lease)
+
+    publish = commands.add_parser("publish", parents=[common], help="make a VM's disk a new cached image")
+    publish.add_argument("vm", metavar="VM", help="the VM's key")
+    publish.add_argument("image", metavar="IMAGE", help="the new image's name (unique on its plant)")
+    publish.add_argument("--public", action="store_true", help="serve every owner's requests (admins only)")
+    publish.set_defaults(handler=cmd_publish)
+
+    unpublish = commands.add_parser("unpublish", parents=[common], help="remove a published image")
+    unpublish.add_argument("image", metavar="IMAGE", help="the image's name")
+    unpublish.set_defaults(handler=cmd_unpublish)
+
+    public = commands.add_parser("public", parents=[common], help="make a published image public or private (admins)")
+    public.add_argument("image", metavar="IMAGE", help="the image's name")
+    public.add_argument("setting", choices=("yes", "no"), help="yes: it serves every owner; no: its owner only")
+    public.set_defaults(handler=cmd_public)
 
     plants = commands.add_parser("plants", parents=[common], help="the shop's plants and their health")
     plants.add_argument("--reload", action="store_true", help="make the shop re-read its plant list first")

@@ -264,6 +264,20 @@ class PlantHealth:
     last_seen: float | None
 
 
+@dataclass(frozen=True)
+class PublishedImage:
+    """An image a publish made: its name and plant, its owner, whether it is public, its base, the steps it
+    embodies and its disk's bytes."""
+
+    name: str
+    plant: str | None
+    owner: str | None
+    public: bool
+    base: str | None
+    steps: list[str]
+    size: int | None
+
+
 VMRef = VM | EndpointRef | str
 
 
@@ -582,6 +596,23 @@ class VMShopClient:
         """WSRF QueryResourceProperties: an XPath 1.0 expression over the document (prefix ``rp``)."""
         return _strings(self._call("queryResourceProperties", vm=self._epr(vm), xpath=xpath))
 
+    def publish(self, vm: VMRef, image: str, public: bool = False) -> PublishedImage:
+        """publishVM: make the VM's disk a new cached image named ``image`` on its plant (its changes over its
+        base, the steps it ran as the image's DAG); ``public`` (admins only): it serves every owner."""
+        got = self._call("publishVM", vm=self._epr(vm), image=image, is_public=public)
+        return PublishedImage(name=_str(got, "name") or image, plant=_str(got, "plant"), owner=_str(got, "owner"),
+                              public=bool(_get(got, "is_public")), base=_str(got, "base"),
+                              steps=_strings(_get(got, "steps")), size=_int(got, "size"))
+
+    def unpublish(self, image: str) -> list[str]:
+        """unpublishImage: remove the caller's published image from every plant that has it; those plants."""
+        return _strings(self._call("unpublishImage", image=image))
+
+    def set_image_public(self, image: str, public: bool) -> list[str]:
+        """setImagePublic (admins): make the published image serve every owner, or its owner only again; the
+        plants that have it."""
+        return _strings(self._call("setImagePublic", image=image, is_public=public))
+
     def plants(self) -> list[PlantHealth]:
         """listPlants: the plants the shop knows, with their health."""
         return [_plant(p) for p in _list(self._call("listPlants"))]
@@ -606,6 +637,7 @@ __all__ = [
     "EndpointRef",
     "Estimate",
     "PlantHealth",
+    "PublishedImage",
     "RequestInvalidError",
     "ShopUnreachableError",
     "VM",

@@ -218,16 +218,17 @@ class OfferBook:
         return True
 
     # Pricing --------------------------------------------------------------------
-    def price(self, dag: Dag, handles: Iterable[PlantHandle]) -> Priced:
-        """``dag`` priced from the offers of ``handles``' plants: once per class of alike offers (a plant with
-        creates of this shop in flight is priced on its own, with them counted); the plants with no offer are
-        :attr:`Priced.unpriced` (to ask live)."""
+    def price(self, dag: Dag, handles: Iterable[PlantHandle], owner: str = "") -> Priced:
+        """``dag`` (a VM ``owner`` would own: priced against the public images and ``owner``'s own) priced from
+        the offers of ``handles``' plants: once per class of alike offers (a plant with creates of this shop in
+        flight is priced on its own, with them counted); the plants with no offer are :attr:`Priced.unpriced`
+        (to ask live)."""
         kept = self._matchings.get(id(dag))
         if kept is None or kept[0] is not dag:
             kept = self._matchings[id(dag)] = (dag, {})
             while len(self._matchings) > MATCHINGS:
                 self._matchings.popitem(last=False)
-        pricing = Pricing(dag, kept[1])
+        pricing = Pricing(dag, kept[1], owner)
         handles = list(handles)
         listed = {handle.url for handle in handles}
         unpriced = [handle for handle in handles if handle.url not in self.offers]

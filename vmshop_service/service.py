@@ -24,7 +24,7 @@ from vmshop_common.authz import Identity
 from vmshop_common.errors import AuthenticationFailedError
 from vmshop_common.soap.faults import failure_to_fault
 
-from .wire import ActionRun, CreateResult, EndpointReference, Estimate, Offer, PlantStatus, VMInfo
+from .wire import ActionRun, CreateResult, EndpointReference, Estimate, Offer, PlantStatus, PublishedImage, VMInfo
 
 APP_NAME = "VMShop"
 MAX_DAG_CHARS = 1024 * 1024
@@ -72,6 +72,12 @@ class ShopOperations(Protocol):
 
     def resource_query(self, caller: Identity, vm: Any, xpath: str, /) -> Answer[list[str]]: ...
 
+    def publish(self, caller: Identity, vm: Any, image: str, public: bool, /) -> Answer[PublishedImage]: ...
+
+    def unpublish(self, caller: Identity, image: str, /) -> Answer[list[str]]: ...
+
+    def set_image_public(self, caller: Identity, image: str, public: bool, /) -> Answer[list[str]]: ...
+
     def plants_list(self, caller: Identity, /) -> Answer[list[PlantStatus]]: ...
 
     def reload_plants(self, caller: Identity, /) -> Answer[list[PlantStatus]]: ...
@@ -81,8 +87,8 @@ class ShopOperations(Protocol):
 
 #: The operation names of :class:`ShopOperations` (what ``_call`` may be asked to run).
 SHOP_OPERATIONS = ("create", "estimate", "configure", "query", "describe", "collect", "set_termination",
-                   "resource_document", "resource_property", "resource_query", "plants_list", "reload_plants",
-                   "plant_changed")
+                   "resource_document", "resource_property", "resource_query", "publish", "unpublish",
+                   "set_image_public", "plants_list", "reload_plants", "plant_changed")
 
 
 def _shop(ctx: Any) -> ShopOperations:
@@ -162,6 +168,25 @@ class VMShopService(ServiceBase):
     def queryResourceProperties(ctx, vm, xpath):  # noqa: N802, N805
         """WSRF QueryResourceProperties: an XPath 1.0 expression over the document (prefix rp)."""
         return _call(ctx, "resource_query", vm, xpath)
+
+    @rpc(Epr, Unicode(min_occurs=1, nillable=False, max_len=256), Boolean, _returns=PublishedImage)
+    def publishVM(ctx, vm, image, is_public):  # noqa: N802, N805
+        """Make the VM's disk a new cached image named ``image`` on its plant: its changes over its base, with the
+        steps it ran as the image's DAG. The image serves only the VM's owner unless ``is_public`` (admins
+        only; not ``public``, a keyword of Java and C#, whose WSDL tools refuse it as a parameter name)."""
+        return _call(ctx, "publish", vm, image, bool(is_public))
+
+    @rpc(Unicode(min_occurs=1, nillable=False, max_len=256), _returns=Strings)
+    def unpublishImage(ctx, image):  # noqa: N802, N805
+        """Remove the caller's published image from every plant that has it (once no VM or image uses it as a
+        base); the addresses of those plants."""
+        return _call(ctx, "unpublish", image)
+
+    @rpc(Unicode(min_occurs=1, nillable=False, max_len=256), Boolean(min_occurs=1, nillable=False), _returns=Strings)
+    def setImagePublic(ctx, image, is_public):  # noqa: N802, N805
+        """Make a published image public (it serves every owner's requests) or private again, on every plant that
+        has it (admins only); the addresses of those plants."""
+        return _call(ctx, "set_image_public", image, bool(is_public))
 
     @rpc(_returns=PlantStatus.customize(max_occurs="unbounded"))
     def listPlants(ctx):  # noqa: N802, N805

@@ -45,6 +45,7 @@ from vmshop_common.dagxml import load_dag
 from vmshop_common.errors import (
     DeclinedError,
     NoPlantError,
+    NoSuchImageError,
     NoSuchPlantError,
     NoSuchVMError,
     NotAuthorizedError,
@@ -54,8 +55,10 @@ from vmshop_common.errors import (
     PlantGoneError,
     Problem,
     RegistryUnavailableError,
+    VMBusyError,
     VMShopError,
 )
+from vmshop_common.imagename import check_image_name
 from vmshop_common.rules import check_static_addresses
 from vmshop_common.soap.fastxml import spyne_record
 from vmshop_common.soap.faults import from_fault
@@ -78,6 +81,7 @@ from .wire import (
     EndpointReference,
     Estimate,
     PlantStatus,
+    PublishedImage,
     VMInfo,
 )
 
@@ -252,7 +256,8 @@ class Shop:
     def estimate(self, caller: Identity, dag_xml: str) -> Any:
         dag = yield self._new_vm_dag(dag_xml)
         started = time.monotonic()
-        bids = yield self._bids(dag, dag_xml)
+        owner = caller.name  # what a VM of the caller's would be made from
+        bids = yield self._bids(dag, dag_xml, owner=owner)
         best = bids.head[0] if bids.head else None
         took = round(time.monotonic() - started, 6)
         return spyne_record(Estimate, plant=best.plant if best else None, cost=best.cost if best else None,
@@ -261,8 +266,8 @@ class Shop:
                             bids=[_bid_out(b, b is best) for b in bids.shown], seconds=took,
                             mode="live" if self.live_bids else "offers", omitted=bids.omitted or None)
 
-    def _bids(self, dag: Any, dag_xml: str, handles: list[Any] | None = None,
-              live: bool = False) -> defer.Deferred[BidRound]:
+    def _bids(self, dag: Any, dag_xml: str, handles: list[Any] | None = None, live: bool = False,
+              owner: str = "") -> defer.Deferred[BidRound]:
         """The bids of the plants (or of ``handles``): priced here from their offers, the plants with no offer
         asked live; every plant asked live in live mode or with ``live``. The round's duration is told to
         :attr:`observe_bid_round` (the metrics' hook)."""
@@ -273,15 +278,16 @@ class Shop:
                 self.observe_bid_round(time.monotonic() - started)
             return bids
 
-        return self._bid_round(dag, dag_xml, handles, live).addCallback(observed)
+        return self._bid_round(dag, dag_xml, handles, live, owner).addCallback(observed)
 
-    def _bid_round(self, dag: Any, dag_xml: str, handles: list[Any] | None,
-                   live: bool) -> defer.Deferred[BidRound]:
+    def _bid_round(self, dag: Any, dag_xml: str, handles: list[Any] | None, live: bool,
+                   owner: str) -> defer.Deferred[BidRound]:
         handles = self.plants.all() if handles is None else handles
         if self.live_bids or live:
-            return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=handles).addCallback(
+            return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=handles,
+                                 owner=owner).addCallback(
                 lambda answers: BidRound(shown=answers, head=rank(answers)))
-        priced = self.offers.price(dag, handles)
+        priced = self.offers.price(dag, handles, owner)
         ranked = priced.ranked()
         top = list(itertools.islice(ranked, SHOWN_BIDS))
         declines = list(itertools.islice(priced.declines(), SHOWN_BIDS))
@@ -294,8 +300,8 @@ class Shop:
 
         if not priced.unpriced:
             return defer.succeed(with_live([]))
-        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=priced.unpriced).addCallback(
-            with_live)
+        return call_for_bids(self.plants, dag_xml, self.config.bid_timeout, handles=priced.unpriced,
+                             owner=owner).addCallback(with_live)
 
     # Create -------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -348,7 +354,7 @@ class Shop:
         priced from offers and each re-prices at its create (declining above its offer plus the margin); when
         none of them made the VM, the plants whose offers declined are asked live, once. ``started``: when the
         create began (its placement time runs from there to asking the first plant)."""
-        bids = yield self._bids(dag, dag_xml)
+        bids = yield self._bids(dag, dag_xml, owner=owner)
         attempts: list[str] = []
         tried: set[str] = set()
         timing: dict[str, float] = {}
@@ -379,7 +385,7 @@ class Shop:
             if not again:
                 break
             self._still_wanted(key)
-            live = yield self._bids(dag, dag_xml, again, live=True)
+            live = yield self._bids(dag, dag_xml, again, live=True, owner=owner)
             asked = {b.plant for b in live.shown}
             shown = [b for b in shown if b.plant not in asked] + live.shown
             candidates = iter(live.head)
@@ -610,6 +616,96 @@ class Shop:
             yield self.enforce_leases()
             updated = yield self._in_thread(self.registry.get, entry.vm_id)
         return self.vm_out(updated)
+
+    # Images -------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def publish(self, caller: Identity, reference: Any, image: str, public: bool) -> Any:
+        """Publish the caller's VM as image ``image`` on the VM's plant (:mod:`vmplant_service.publish`).
+
+        Only the VM's owner (or an admin) may: anyone else is told there is no
+        such VM. The image belongs to the VM's owner; ``public`` (it serves
+        every owner) is for admins only.
+        """
+        check_image_name(image)
+        if public:
+            authz.require(caller, (authz.ADMIN,), "publish a public image")
+        entry = yield self._entry(caller, reference)
+        if entry.state in CREATING_STATES or entry.vm_id in self._collecting:
+            raise VMBusyError(f"VM {entry.vm_id} is {entry.state}; publish it once that is done")
+        if entry.state != "running":
+            raise NotSupportedError(f"VM {entry.vm_id} is {entry.state}; only a running VM can be published")
+        handle = self._plant_of(entry)
+        try:
+            made = yield handle.client.call_with_timeout(self.config.create_timeout, "publishVM",
+                                                         vm_id=entry.plant_vm_id, image=image, owner=entry.owner,
+                                                         is_public=bool(public))
+        except zeep.exceptions.Fault as fault:
+            raise from_fault(fault) from None
+        except Exception as exc:  # noqa: BLE001
+            raise PlantGoneError(f"plant {entry.plant} holding VM {entry.vm_id} does not answer: "
+                                 f"{describe_failure(exc)[1]}") from None
+        log.info("VM %s published as image %s on %s (owner %s)", entry.vm_id, made.name, entry.plant, made.owner)
+        if not self.live_bids:
+            yield self.offers.pull(handle)  # its offer with the image: the caller's next bids match it
+        return spyne_record(PublishedImage, name=made.name, plant=entry.plant, owner=made.owner,
+                            is_public=made.is_public, base=made.base, steps=list(made.steps or []), size=made.size)
+
+    @defer.inlineCallbacks
+    def unpublish(self, caller: Identity, image: str) -> Any:
+        """Remove the caller's published image ``image`` from every plant that has it; the plants' addresses.
+
+        A user removes only its own images (another owner's do not exist to
+        it: ``Client.NoSuchImage``); an admin any published image. A plant
+        keeps an image while a VM or another image uses it as a base
+        (``Client.ImageInUse``).
+        """
+        authz.require(caller, authz.VM_ROLES, "unpublish images")
+        check_image_name(image)
+        owner = "" if caller.is_admin else caller.name
+        done = yield self._on_every_plant("unpublishImage", image=image, owner=owner)
+        return done
+
+    @defer.inlineCallbacks
+    def set_image_public(self, caller: Identity, image: str, public: bool) -> Any:
+        """Make the published image ``image`` public (it serves every owner) or private again, on every plant
+        that has it (admins only); the plants' addresses."""
+        authz.require(caller, (authz.ADMIN,), "make images public or private")
+        check_image_name(image)
+        done = yield self._on_every_plant("setImagePublic", image=image, is_public=bool(public))
+        return done
+
+    @defer.inlineCallbacks
+    def _on_every_plant(self, operation: str, **arguments: Any) -> Any:
+        """Ask every plant to do ``operation`` on ``arguments['image']``; the addresses of those that did. When
+        none did: the first refusal other than Client.NoSuchImage, else PlantGoneError if a plant did not answer,
+        else NoSuchImageError."""
+        image = arguments["image"]
+        handles = list(self.plants.all())
+        answers = yield defer.DeferredList(
+            [handle.client.call_with_timeout(self.config.call_timeout, operation, **arguments) for handle in handles],
+            consumeErrors=True)
+        done: list[str] = []
+        refusals: list[VMShopError] = []
+        silent: list[str] = []
+        for handle, (ok, result) in zip(handles, answers, strict=True):
+            if ok:
+                done.append(handle.url)
+            elif result.check(zeep.exceptions.Fault):
+                problem = from_fault(result.value)
+                if not isinstance(problem, NoSuchImageError):
+                    refusals.append(problem)
+            else:
+                silent.append(f"{handle.url}: {describe_failure(result.value)[1]}")
+        if done:
+            if not self.live_bids:  # their offers now, without (or with) the image
+                yield defer.gatherResults([self.offers.pull(handle) for handle in handles if handle.url in done])
+            return done
+        if refusals:
+            raise refusals[0]
+        if silent:
+            raise PlantGoneError(f"no plant that answered has an image named '{image}'; these did not answer: "
+                                 + "; ".join(silent))
+        raise NoSuchImageError(f"no plant has an image named '{image}'")
 
     # Queries ------------------------------------------------------------------
     @defer.inlineCallbacks

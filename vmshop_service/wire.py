@@ -141,3 +141,17 @@ class PlantStatus(ComplexModel):
 
 
 Offer = offer_type(TNS)
+
+
+class PublishedImage(ComplexModel):
+    """An image a publish made: its name and plant, its owner, whether it is public, its base, the steps it
+    embodies (in the order the VM ran them) and its disk's bytes (its changes over its base)."""
+
+    __namespace__ = TNS
+    name = Unicode
+    plant = Unicode
+    owner = Unicode
+    is_public = Boolean
+    base = Unicode
+    steps = _many(Unicode)
+    size = Integer

@@ -13,6 +13,7 @@ Commands used (qemu-ga 7.2's QAPI schema, qga/qapi-schema.json):
   and ``guest-exec-status`` (``exited``, ``exitcode``/``signal``, base64
   ``out-data``, ``out-truncated``);
 - ``guest-file-open``/``guest-file-write``/``guest-file-close``;
+- ``guest-fsfreeze-freeze``/``-thaw``/``-status`` (a publish quiesces the guest's file systems);
 - ``guest-shutdown`` (``mode``: powerdown).
 """
 
@@ -162,6 +163,23 @@ class GuestAgent:
                                        max(_left_or_zero(deadline, self.clock), 1.0))
             except AgentError:
                 pass  # the write's own error (if any) is what the caller hears
+
+    def fsfreeze_freeze(self, timeout: float = EXCHANGE_TIMEOUT) -> int:
+        """Freeze the guest's file systems (each is synced first); how many the guest says it froze."""
+        answer = self.transport.command("guest-fsfreeze-freeze", None, timeout)
+        return _int(answer, "guest-fsfreeze-freeze count", 0, 2**16)
+
+    def fsfreeze_thaw(self, timeout: float = EXCHANGE_TIMEOUT) -> int:
+        """Thaw the guest's file systems (nothing when none is frozen); how many the guest says it thawed."""
+        answer = self.transport.command("guest-fsfreeze-thaw", None, timeout)
+        return _int(answer, "guest-fsfreeze-thaw count", 0, 2**16)
+
+    def fsfreeze_status(self, timeout: float = EXCHANGE_TIMEOUT) -> str:
+        """'thawed' or 'frozen', as the guest says."""
+        answer = self.transport.command("guest-fsfreeze-status", None, timeout)
+        if answer not in ("thawed", "frozen"):
+            raise AgentError("the agent's answer to guest-fsfreeze-status is neither 'thawed' nor 'frozen'")
+        return str(answer)
 
     def shutdown(self, timeout: float = EXCHANGE_TIMEOUT) -> None:
         """Ask the guest to power down. qemu-ga sends no answer to guest-shutdown: silence means it was sent."""

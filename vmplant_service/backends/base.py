@@ -35,7 +35,8 @@ Rules every backend keeps (the contract tests in
    Before a process is killed its identity is checked (pids get reused).
 5. ``adopt(spec)`` re-attaches to a VM a previous plant process started
    (after a plant restart): it returns True if the guest is still running
-   (and the backend now controls it again), False if it is gone or does
+   (and the backend now controls it again; a guest left paused by rule 11's
+   ``pause``, a publish the restart cut short, is resumed first), False if it is gone or does
    not answer (the plant then reclaims what the VM held, calling
    ``destroy``). Either way the backend remembers the spec, so that
    ``destroy`` can kill a hypervisor process that lives on unanswering.
@@ -60,6 +61,16 @@ Rules every backend keeps (the contract tests in
     ``BackendError`` before anything is made; it is never written, moved or
     chowned (the plant removes it).
 
+11. ``pause(vm_id, timeout)`` stops the guest's CPUs and returns once
+    every write the guest made has reached the VM's disk file (the
+    hypervisor drained and flushed its block layer): until ``resume`` the
+    disk file does not change, so the plant may read it (a publish).
+    ``resume(vm_id, timeout)`` lets a paused guest run on; it is safe to
+    repeat and does nothing for a guest that is not paused. Both have
+    deadlines and raise BackendError for a VM the backend does not control
+    or a hypervisor that fails. A backend whose ``capabilities().publish``
+    is False keeps the base class's methods, which raise NotSupportedError.
+
 A backend is built as ``Backend(options)`` from the plant configuration's
 string options; an option it cannot use raises ``ConfigurationError``.
 Every wait inside a backend has a deadline: no method blocks forever.
@@ -71,6 +82,8 @@ import abc
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vmshop_common.errors import NotSupportedError
 
 from ..agent.transport import AgentTransport
 
@@ -145,7 +158,8 @@ class Capabilities:
     image's own kernel ('' when it can: a virtual machine), so images that
     need theirs (``<guest kernel="own">``) are declined; ``seed_disk``
     whether it attaches a seed disk (rule 10), which images with cloud-init
-    need.
+    need; ``publish`` whether its VMs can be published as images (rule 11:
+    it can pause a guest with its disk flushed).
     """
 
     name: str
@@ -159,6 +173,7 @@ class Capabilities:
     channel: str = ""
     kernel_limit: str = ""
     seed_disk: bool = True
+    publish: bool = False
 
 
 class Backend(abc.ABC):
@@ -200,6 +215,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def agent(self, vm_id: str) -> AgentTransport:
         """The stream to the guest's agent (rule 8)."""
+
+    def pause(self, vm_id: str, timeout: float = 30.0) -> None:
+        """Stop the guest with its disk flushed (rule 11); here: not supported."""
+        raise NotSupportedError(f"backend {self.name} cannot pause a guest, so its VMs cannot be published")
+
+    def resume(self, vm_id: str, timeout: float = 30.0) -> None:
+        """Let a paused guest run on (rule 11); here: not supported."""
+        raise NotSupportedError(f"backend {self.name} cannot pause or resume a guest")
 
     def close(self) -> None:
         """Release the backend's own resources (VMs are left as they are)."""

@@ -21,7 +21,8 @@ Actions never run, here or anywhere on the host.
 
 Options: ``boot_seconds`` (default 0.05), ``max_memory`` (MiB, default
 65536), ``max_vcpus`` (default 64), ``architectures`` (comma-separated,
-default ``x86_64``).
+default ``x86_64``), ``pause_seconds`` (how long ``pause`` takes once the
+guest is paused, default 0: a publish a test wants to kill midway).
 
 Subclasses each inject one failure (:class:`FailingStartBackend`) or delay
 (:class:`SlowBidBackend`).
@@ -50,6 +51,8 @@ FAKE_STATES: dict[str, VMState] = {
     "stopped": VMState.STOPPED,
     "crashed": VMState.CRASHED,
 }
+#: The fake guest's states in which it is there (its agent serves; a paused one is resumed, never booted again).
+LIVE = ("running", "paused")
 NIC_KINDS = ("user", "segment")
 STATE_FILE = "fake.json"
 AGENT_SOCKET = "qga.sock"
@@ -86,6 +89,7 @@ class FakeBackend(Backend):
             self.boot_seconds = float(options.get("boot_seconds", "0.05"))
             self.max_memory = int(options.get("max_memory", "65536"))
             self.max_vcpus = int(options.get("max_vcpus", "64"))
+            self.pause_seconds = float(options.get("pause_seconds", "0"))
         except ValueError as exc:
             raise ConfigurationError(f"fake backend: a numeric option is not a number: {exc}") from None
         self.architectures = tuple(a.strip() for a in options.get("architectures", "x86_64").split(",") if a.strip())
@@ -97,7 +101,7 @@ class FakeBackend(Backend):
     def capabilities(self) -> Capabilities:
         return Capabilities(name=self.name, available=True, accelerator="none", architectures=self.architectures,
                             max_memory=self.max_memory, max_vcpus=self.max_vcpus, networks=NIC_KINDS,
-                            channel="fake")
+                            channel="fake", publish=True)
 
     # Starting -------------------------------------------------------------------
     def start(self, spec: GuestSpec) -> None:
@@ -222,7 +226,7 @@ class FakeBackend(Backend):
             self._ended.discard(spec.vm_id)
         if old is not None:
             self._halt(old)  # this instance's earlier agent of the VM (the new one replaces it)
-        if self._file_state(vm) != "running":
+        if self._file_state(vm) not in LIVE:  # (a guest left paused by a cut-short publish is resumed)
             return False
         self._write_state(vm, "running")  # this backend owns it now: the old agent thread stops
         self._run_agent(vm, boot=False)
@@ -231,7 +235,23 @@ class FakeBackend(Backend):
     def running(self) -> list[str]:
         with self._lock:
             vms = list(self._vms.items())
-        return sorted(vm_id for vm_id, vm in vms if self._file_state(vm) == "running")
+        return sorted(vm_id for vm_id, vm in vms if self._file_state(vm) in LIVE)
+
+    def pause(self, vm_id: str, timeout: float = 30.0) -> None:
+        """The guest's state becomes paused (the disk is the overlay qemu-img made: nothing to flush)."""
+        vm = self._vms.get(vm_id)
+        if vm is None or self._file_state(vm) not in LIVE:
+            raise BackendError(f"VM {vm_id} is not running under this backend")
+        self._write_state(vm, "paused")
+        if self.pause_seconds:
+            time.sleep(self.pause_seconds)
+
+    def resume(self, vm_id: str, timeout: float = 30.0) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is None or self._file_state(vm) not in LIVE:
+            raise BackendError(f"VM {vm_id} is not running under this backend")
+        if self._file_state(vm) == "paused":
+            self._write_state(vm, "running")
 
     def ex_crash(self, vm_id: str) -> None:
         """Make the guest die at once (its state becomes CRASHED; its agent answers no more)."""
@@ -253,7 +273,7 @@ class FakeBackend(Backend):
 
     def _owns(self, vm: _FakeVM) -> bool:
         data = _read_state(vm.state_file)
-        return data.get("state") == "running" and data.get("owner") == self.token
+        return data.get("state") in LIVE and data.get("owner") == self.token
 
     def _halt(self, vm: _FakeVM) -> None:
         vm.stop.set()

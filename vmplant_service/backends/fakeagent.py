@@ -19,6 +19,9 @@ cloud-init guest would answer it: with no ``seed`` the guest has no
 cloud-init (status 124, no result); with one, a NoCloud result read from the
 seed, whose errors list holds ``FAKE_CLOUD_INIT_ERROR`` if its user data does.
 
+``guest-fsfreeze-*`` freeze and thaw one pretended file system, and refuse
+to freeze in a guest that was given the file :data:`NO_FREEZE`.
+
 One thread serves one client at a time, as QEMU's chardev does. Commands
 before ``ready_at`` (the end of the fake boot) are held, as a real guest's
 port holds them until its agent starts.
@@ -41,6 +44,8 @@ from typing import Any
 
 STATUS_MARKER = re.compile(r"FAKE_STATUS=(\d+)")
 SLEEP_MARKER = re.compile(r"FAKE_SLEEP=(\d+(?:\.\d+)?)")
+#: A file that, once a guest was given it, makes its guest-fsfreeze-freeze fail.
+NO_FREEZE = "/etc/vmshop-fake-no-fsfreeze"
 POLL = 0.02
 MAX_LINE = 4 * 1024 * 1024
 
@@ -69,6 +74,8 @@ class FakeAgent:
         self._files: dict[int, tuple[str, bytearray]] = {}
         self._written: dict[str, bytes] = {}
         self._next = 1000
+        #: Whether the guest's (one, pretended) file system is frozen (guest-fsfreeze-*).
+        self.frozen = False
         self.path.unlink(missing_ok=True)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(str(self.path))
@@ -189,7 +196,24 @@ class FakeAgent:
             self._written[path] = bytes(data)
             del self._files[arguments["handle"]]
             return {}
+        if command in ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status"):
+            return self._fsfreeze(command)
         raise _Refused(f"The command {command} has not been found")
+
+    def _fsfreeze(self, command: str) -> Any:
+        """One file system, frozen and thawed as qemu-ga does it; a guest that was given the file
+        :data:`NO_FREEZE` (a ``file`` action) refuses to freeze, as a guest whose agent blocks the command does."""
+        if command == "guest-fsfreeze-status":
+            return "frozen" if self.frozen else "thawed"
+        if command == "guest-fsfreeze-thaw":
+            thawed, self.frozen = int(self.frozen), False
+            return thawed
+        if NO_FREEZE in self._written:
+            raise _Refused("Command guest-fsfreeze-freeze has been disabled")
+        if self.frozen:
+            raise _Refused("The command guest-fsfreeze-freeze has been disabled: file systems are frozen already")
+        self.frozen = True
+        return 1
 
     def _file(self, arguments: dict[str, Any]) -> tuple[str, bytearray]:
         entry = self._files.get(arguments.get("handle", -1))

@@ -713,7 +713,7 @@ class LibvirtBackend(Backend):
         return Capabilities(
             name=self.name, available=available, reason=reason, accelerator=self._known_accelerator(),
             architectures=architectures, max_memory=int(memory * self.memory_fraction), max_vcpus=max_vcpus,
-            networks=networks, channel=channel)
+            networks=networks, channel=channel, publish=self.flavor in ("qemu", "kvm"))
 
     def _known_accelerator(self) -> str:
         if self.flavor in ("xen", "esx"):
@@ -1113,13 +1113,56 @@ class LibvirtBackend(Backend):
             domain = self._lookup(spec.vm_id)
             if domain is None or not self._ours(domain, spec):
                 return False
-            running = translate_state(int(domain.state()[0])) == VMState.RUNNING
+            state = int(domain.state()[0])
+            if state == libvirt.VIR_DOMAIN_PAUSED and self.flavor in ("qemu", "kvm"):
+                log.info("VM %s was left paused (a publish a plant restart cut short): resumed", spec.vm_id)
+                domain.resume()
+                state = int(domain.state()[0])
+            running = translate_state(state) == VMState.RUNNING
         except (BackendError, LibvirtError) as exc:
             log.warning("VM %s: cannot adopt it through libvirt: %s", spec.vm_id, exc)
             return False
         if running and is_local(self.uri) and self.flavor in ("qemu", "kvm"):
             self.consoles.keep(spec.vm_id, console_socket(spec), console_path(spec))
         return running
+
+    def pause(self, vm_id: str, timeout: float = 30.0) -> None:
+        """``virDomainSuspend``: for QEMU domains QMP ``stop``, which drains and flushes the disks (rule 11)."""
+        if self.flavor not in ("qemu", "kvm"):
+            super().pause(vm_id, timeout)
+        domain, vm = self._domain_of(vm_id)
+        with vm.lock:
+            try:
+                domain.suspend()
+                state = int(domain.state()[0])
+            except LibvirtError as exc:
+                raise BackendError(f"libvirt ({self.uri}): cannot pause {domain_name(vm_id)}: {_words(exc)}") \
+                    from None
+        if state != libvirt.VIR_DOMAIN_PAUSED:
+            raise BackendError(f"VM {vm_id} did not pause (libvirt state {state})")
+
+    def resume(self, vm_id: str, timeout: float = 30.0) -> None:
+        if self.flavor not in ("qemu", "kvm"):
+            super().resume(vm_id, timeout)
+        domain, vm = self._domain_of(vm_id)
+        with vm.lock:
+            try:
+                if int(domain.state()[0]) == libvirt.VIR_DOMAIN_PAUSED:
+                    domain.resume()
+            except LibvirtError as exc:
+                if _no_domain(exc):
+                    return
+                raise BackendError(f"libvirt ({self.uri}): cannot resume {domain_name(vm_id)}: {_words(exc)}") \
+                    from None
+
+    def _domain_of(self, vm_id: str) -> tuple[Any, Any]:
+        """The libvirt domain of a VM this backend controls, and its bookkeeping; BackendError if there is none."""
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        domain = self._lookup(vm_id) if vm is not None else None
+        if vm is None or domain is None or not self._ours(domain, vm.spec):
+            raise BackendError(f"VM {vm_id} is not running under this backend")
+        return domain, vm
 
     def running(self) -> list[str]:
         with self._lock:

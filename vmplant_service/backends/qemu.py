@@ -309,7 +309,7 @@ class QemuBackend(Backend):
             reason="" if binary is not None else f"{self.binary} is not installed",
             accelerator=self._known_accelerator() if binary is not None else "",
             architectures=ARCHITECTURES, networks=NIC_KINDS, channel="virtio-serial",
-            max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=self.max_vcpus)
+            max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=self.max_vcpus, publish=True)
 
     # Accelerator ---------------------------------------------------------------------
     @property
@@ -565,6 +565,33 @@ class QemuBackend(Backend):
             log.warning("VM %s is still there (power-down asked, %g s allowed): killing it", vm_id, timeout)
             self._kill(vm.paths)
 
+    def pause(self, vm_id: str, timeout: float = 30.0) -> None:
+        """QMP ``stop``: QEMU stops the vCPUs, drains every in-flight request and flushes its block layer (qcow2's
+        metadata caches included) before it answers, so the overlay file is whole and still until ``cont``."""
+        vm = self._controlled(vm_id)
+        with vm.lock, QMPClient(vm.paths.qmp, min(self.qmp_timeout * 4, max(timeout, 0.1))) as qmp:
+            qmp.execute("stop")
+            status = str(qmp.execute("query-status").get("status", ""))
+        if translate_status(status) != VMState.PAUSED:
+            raise BackendError(f"VM {vm_id} did not pause (QEMU says it is {status[:40]!r})")
+
+    def resume(self, vm_id: str, timeout: float = 30.0) -> None:
+        """QMP ``cont`` for a guest QEMU holds paused (``stop``); nothing for one that runs or is gone."""
+        vm = self._controlled(vm_id)
+        if qemu_pid(vm.paths) is None:
+            return
+        with vm.lock, QMPClient(vm.paths.qmp, min(self.qmp_timeout, max(timeout, 0.1))) as qmp:
+            status = str(qmp.execute("query-status").get("status", ""))
+            if status == "paused":
+                qmp.execute("cont")
+
+    def _controlled(self, vm_id: str) -> _VM:
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        if vm is None or qemu_pid(vm.paths) is None:
+            raise BackendError(f"VM {vm_id} is not running under this backend")
+        return vm
+
     def destroy(self, vm_id: str) -> None:
         with self._lock:
             vm = self._vms.get(vm_id)
@@ -592,7 +619,8 @@ class QemuBackend(Backend):
             raise BackendError(f"QEMU (pid {pid}) of {paths.run_dir} survived SIGKILL for {KILL_WAIT:g} s")
 
     def adopt(self, spec: GuestSpec) -> bool:
-        """Re-attach to the QEMU whose pidfile is in ``spec.run_dir``; True only if its guest is running.
+        """Re-attach to the QEMU whose pidfile is in ``spec.run_dir``; True only if its guest is running (a guest
+        left paused, by a publish a plant restart cut short, is resumed first).
 
         The VM is tracked even when this returns False, so that ``destroy``
         can still kill a QEMU that lives on but no longer answers QMP.
@@ -610,6 +638,10 @@ class QemuBackend(Backend):
         try:
             with vm.lock, QMPClient(paths.qmp, self.qmp_timeout) as qmp:
                 status = qmp.execute("query-status").get("status", "")
+                if status == "paused":  # paused by a publish (rule 11) that the plant's restart cut short
+                    log.info("VM %s was left paused: resumed", spec.vm_id)
+                    qmp.execute("cont")
+                    status = qmp.execute("query-status").get("status", "")
         except QMPError as exc:
             log.warning("VM %s: QEMU runs but does not answer QMP: %s", spec.vm_id, exc)
             return False

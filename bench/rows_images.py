@@ -1,0 +1,105 @@
+"""Benchmark rows of images that grow with use (issue 14, part 1: publish).
+
+14. ``publish``: "publish pays off": a DAG of the tiny image plus 3 script
+    actions of about 1 s each, created from the base image, against the same
+    create once a VM made from it was published (0 actions left), through a
+    real shop and a real qemu plant, medians; and "publish time": publishing
+    a running VM holding 64 MiB of changes (random bytes, which no copy can
+    skip), from the request to the answer.
+
+The plant has a warehouse of its own (its index lists the real tiny image's
+file), so what the row publishes never reaches the shared warehouse.
+"""
+
+from __future__ import annotations
+
+from xml.sax.saxutils import escape
+
+import common
+from common import Context, Row, at_most, log, median, sec, spread, timed, x
+
+from vmshop_common.dagxml import DAG_NS
+
+#: The 3 steps of about 1 s each.
+STEPS = ("sleep 1; echo one > /srv-one", "sleep 1; echo two > /srv-two", "sleep 1; echo three > /srv-three")
+#: 64 MiB of random bytes written to the guest's disk (then synced).
+BIG = "dd if=/dev/urandom of=/big bs=1M count=64 2>/dev/null && sync && ls -l /big"
+
+
+def _dag(*bodies: str) -> str:
+    nodes = "".join(f'<script id="s{n}" timeout="120">{escape(body)}</script>'
+                    for n, body in enumerate(bodies, start=1))
+    ids = ["start"] + [f"s{n}" for n in range(1, len(bodies) + 1)]
+    edges = "".join(f'<edge from="{a}" to="{b}"/>' for a, b in zip(ids, ids[1:], strict=False))
+    return f'<vm xmlns="{DAG_NS}"><nodes><image id="start" name="tiny"/>{nodes}</nodes><edges>{edges}</edges></vm>'
+
+
+def row_publish(ctx: Context) -> list[Row]:
+    directory = ctx.directory("publish")
+    warehouse = directory / "warehouse"
+    warehouse.mkdir()
+    (warehouse / "index.txt").write_text(f"{(common.WAREHOUSE / 'tiny' / 'image.xml').resolve()}\n")
+    log("publish: starting a qemu plant (its own warehouse) and a shop")
+    plant = common.launch_plant(ctx, directory / "plant", network="none", capacity_vms=3, warehouse=warehouse)
+    shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(plant)])
+    request = _dag(*STEPS)
+
+    def create(expect_image: str, expect_runs: int) -> float:
+        seconds, made = timed(lambda: shop.service.createVM(dag=request, owner="bench"))
+        try:
+            if made.vm.image != expect_image or len(made.runs or []) != expect_runs:
+                raise RuntimeError(f"created from {made.vm.image} with {len(made.runs or [])} actions run; "
+                                   f"expected {expect_image} with {expect_runs}")
+        finally:
+            shop.service.collectVM(vm=made.vm.epr)
+        return seconds
+
+    common.settle()
+    log("publish: warm-up create (kernel and image in the page cache)")
+    create("tiny", 3)
+    source = shop.service.createVM(dag=request, owner="bench").vm
+    publish_seconds, image = timed(lambda: shop.service.publishVM(vm=source.epr, image="bench-app"))
+    shop.service.collectVM(vm=source.epr)
+    from_base, from_image = [], []
+    for i in range(ctx.n(3, 1)):
+        order = [("base", from_base), ("image", from_image)]
+        for name, into in order if i % 2 == 0 else order[::-1]:
+            common.settle()
+            log(f"publish: round {i + 1}: create from the {name}")
+            if name == "base":
+                # The published image serves this owner; another owner's request is made from the base.
+                seconds, made = timed(lambda: shop.service_as("alice").createVM(dag=request))
+                try:
+                    if made.vm.image != "tiny" or len(made.runs or []) != 3:
+                        raise RuntimeError(f"alice's create used {made.vm.image}")
+                finally:
+                    shop.service_as("alice").collectVM(vm=made.vm.epr)
+                into.append(seconds)
+            else:
+                into.append(create("bench-app", 0))
+    log("publish: a VM with 64 MiB of changes")
+    big = shop.service.createVM(dag=_dag(BIG), owner="bench").vm
+    big_seconds, big_image = timed(lambda: shop.service.publishVM(vm=big.epr, image="bench-big"))
+    shop.service.collectVM(vm=big.epr)
+    for name in ("bench-app", "bench-big"):
+        shop.service.unpublishImage(image=name)
+    base, published = median(from_base), median(from_image)
+    return [
+        Row("16a", "Publish pays off: create through the shop of tiny + 3 script actions of ~1 s each, from the base "
+                   "image (another owner's request) vs from the image published from such a VM (0 actions left), "
+                   "medians",
+            f"from the base: {sec(base)}; from the published image: {sec(published)}", x(published / base),
+            "<= 0.5x", at_most(published / base, 0.5, x),
+            [f"from the base {spread(from_base, sec)}; from the image {spread(from_image, sec)}; the published "
+             f"image held {image.size / 2**20:.1f} MiB of changes (publish took {sec(publish_seconds)})"]),
+        Row("16b", "Publish time: publishVM through the shop of a running VM holding 64 MiB of changes (random "
+                   "bytes): freeze, pause, qemu-img convert -B, resume, thaw, index",
+            f"{sec(big_seconds)} for {big_image.size / 2**20:.1f} MiB", "-", "(state it)", "info",
+            ["the guest is paused only for the copy; its file systems are frozen from before the pause to after "
+             "the resume"]),
+    ]
+
+
+ROWS = {
+    "publish": ("16", row_publish),
+}
