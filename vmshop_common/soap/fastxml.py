@@ -44,6 +44,7 @@ from vmshop_common.soap import compat  # noqa: F401  (before spyne)
 
 # isort: split
 from lxml import etree
+from spyne import BODY_STYLE_WRAPPED
 from spyne.const.xml import DEFAULT_NS
 from spyne.model import ComplexModelBase, SimpleModel, Unicode
 from spyne.model.binary import ByteArray, File
@@ -70,9 +71,9 @@ class _Member:
         return _original(self.cls)
 
 
-#: A member as the text path writes it: attribute, opening tag, closing tag, converter, record plan, record
-#: class, required, many, whether its text may need escaping.
-_TextMember = tuple[str, str, str, "Callable[[Any], str] | None", "_Plan | None", type, bool, bool, bool]
+#: A member as the text path writes it: attribute, opening tag, closing tag, empty element, converter, record
+#: plan, record class, required, many, whether its text may need escaping.
+_TextMember = tuple[str, str, str, str, "Callable[[Any], str] | None", "_Plan | None", type, bool, bool, bool]
 
 
 @dataclass
@@ -91,6 +92,8 @@ class _Fallback(Exception):
     """The text path cannot write this value exactly: the element path does."""
 
 
+#: Characters XML 1.0 does not allow (lxml refuses them as text; the element path then raises as before).
+_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 #: What text content must escape to be parsed back to the same string (``\r`` would be read as ``\n``).
 _SPECIAL = re.compile("[&<>\r]")
 _ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"}
@@ -128,6 +131,7 @@ class FastSoap11(Soap11):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._plans: dict[Any, _Plan | None] = {}
         self._spaces: dict[Any, tuple[str, ...] | None] = {}
+        self._frames: dict[Any, tuple[str, str, str, str, str, str] | None] = {}
 
     # --- compiling -------------------------------------------------------------------------------
 
@@ -218,6 +222,91 @@ class FastSoap11(Soap11):  # type: ignore[misc]
             return lambda value: str(bool(value)).lower()
         return generic
 
+    # --- a whole answer as text --------------------------------------------------------------------
+
+    def serialize(self, ctx: Any, message: Any) -> Any:
+        """Spyne's ``Soap11.serialize``; an answer whose body the text path writes is made as bytes here (in
+        ``ctx.out_string``, ``ctx.out_document`` left ``None``) without building its tree at all."""
+        if message is self.RESPONSE and self._answer_as_text(ctx):
+            return None
+        return super().serialize(ctx, message)
+
+    def create_out_string(self, ctx: Any, charset: Any = None) -> None:
+        if ctx.out_document is None and ctx.out_string is not None:
+            return  # made by serialize
+        super().create_out_string(ctx, charset)
+
+    def _answer_as_text(self, ctx: Any) -> bool:
+        """Write the answer's envelope as bytes if the text path writes its body exactly (see the module)."""
+        descriptor = ctx.descriptor
+        if (ctx.out_error is not None or descriptor is None or descriptor.body_style is not BODY_STYLE_WRAPPED
+                or self.pretty_print or str(self.encoding).lower().replace("-", "") != "utf8"
+                or not self.xml_declaration or (ctx.out_header is not None and descriptor.out_header is not None)):
+            return False
+        cls = descriptor.out_message
+        plan = self._plan(cls)
+        if plan is None or not plan.listing:
+            return False
+        frame = self._frame(cls)
+        if frame is None:
+            return False
+        head, opening, closing, empty, tail, prefix = frame
+        self.event_manager.fire_event("before_serialize", ctx)
+        inst = cls()
+        attrs = self.get_cls_attrs(cls)
+        values = iter(ctx.out_object)
+        for key in cls._type_info:
+            inst._safe_set(key, next(values, None), cls, attrs)
+        uri = cls.get_namespace()
+        out = [head, opening]
+        try:
+            self._text(plan, inst, {uri: prefix}, (prefix,), out)
+            if len(out) == 2:
+                out[1] = empty
+            else:
+                out.append(closing)
+            out.append(tail)
+            data = "".join(out).encode("utf-8")
+        except Exception:  # noqa: BLE001 - Spyne's path (and the element path) write it or refuse it
+            return False
+        ctx.out_document = None
+        ctx.out_string = [data]
+        self.event_manager.fire_event("after_serialize", ctx)
+        return True
+
+    def _frame(self, cls: Any) -> tuple[str, str, str, str, str, str] | None:
+        """The answer's text around the members of ``cls`` as Spyne writes it with no member: what comes before
+        the wrapper element, its opening, closing and empty forms, what comes after, and its prefix (every
+        member's namespace must be the wrapper's); ``None`` where that does not hold. Made once per class by
+        Spyne's own steps."""
+        if cls in self._frames:
+            return self._frames[cls]
+        self._frames[cls] = None
+        attrs = self.get_cls_attrs(cls)
+        plan = self._plan(cls)
+        uri = cls.get_namespace()
+        spaces = self._namespaces(plan) if plan is not None else None
+        if (attrs.sub_name is not None or attrs.sub_ns is not None or not uri or plan is None
+                or spaces is None or set(spaces) - {uri}):
+            return None
+        envelope = etree.Element(f"{{{self.ns_soap_env}}}Envelope", nsmap=self.app.interface.nsmap)
+        body = etree.Element(f"{{{self.ns_soap_env}}}Body")
+        etree.SubElement(body, f"{{{uri}}}{cls.get_type_name()}")
+        envelope.append(body)
+        if self.cleanup_namespaces:
+            etree.cleanup_namespaces(envelope)
+        wrapper = envelope[0][0]
+        prefix = wrapper.prefix
+        text = etree.tostring(envelope, encoding=self.encoding, xml_declaration=True).decode("utf-8")
+        empty = f"<{prefix}:{cls.get_type_name()}/>"
+        if not prefix or text.count(empty) != 1:
+            return None
+        head, tail = text.split(empty)
+        name = f"{prefix}:{cls.get_type_name()}"
+        frame = (head, f"<{name}>", f"</{name}>", empty, tail, prefix)
+        self._frames[cls] = frame
+        return frame
+
     # --- writing ---------------------------------------------------------------------------------
 
     def to_parent(self, ctx: Any, cls: Any, inst: Any, parent: Any, ns: Any, *args: Any, **kwargs: Any) -> Any:
@@ -303,7 +392,8 @@ class FastSoap11(Soap11):  # type: ignore[misc]
                 uri, _, local = member.tag[1:].partition("}")
                 qualified = f"{mine[uri]}:{local}"
                 escape = member.convert is not None and issubclass(member.cls, Unicode)
-                members.append((member.attr, f"<{qualified}>", f"</{qualified}>", member.convert, member.plan,
+                members.append((member.attr, f"<{qualified}>", f"</{qualified}>", f"<{qualified}/>", member.convert,
+                                member.plan,
                                 member.record, member.required, member.many,
                                 escape))
             plan.texts[key] = members
@@ -314,7 +404,8 @@ class FastSoap11(Soap11):  # type: ignore[misc]
         would give a value to Spyne (nil, a default, a value to convert first) or write an empty string
         (lxml writes ``<a></a>`` for ``''`` and ``<a/>`` for no text; parsed back, both are ``<a/>``)."""
         append = out.append
-        for attr, opening, closing, convert, sub, record, required, many, escape in self._text_members(plan, mine, key):
+        for attr, opening, closing, empty, convert, sub, record, required, many, escape in \
+                self._text_members(plan, mine, key):
             value = getattr(inst, attr, None)
             if value is None:
                 if required:
@@ -325,13 +416,20 @@ class FastSoap11(Soap11):  # type: ignore[misc]
                     text = convert(item)
                     if not text:
                         raise _Fallback
-                    if escape and _SPECIAL.search(text) is not None:
-                        text = _SPECIAL.sub(_escape, text)
+                    if escape:
+                        if _INVALID.search(text) is not None:
+                            raise _Fallback
+                        if _SPECIAL.search(text) is not None:
+                            text = _SPECIAL.sub(_escape, text)
                     append(opening + text + closing)
                 elif sub is not None and isinstance(item, record):
                     append(opening)
+                    mark = len(out)
                     self._text(sub, item, mine, key, out)
-                    append(closing)
+                    if len(out) == mark:  # no member: lxml writes <a/>
+                        out[-1] = empty
+                    else:
+                        append(closing)
                 else:
                     raise _Fallback
 
