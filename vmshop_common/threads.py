@@ -84,9 +84,9 @@ class _Workers:
     def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None], work: Callable[..., Any],  # noqa: N802
                                  *args: Any, **kwargs: Any) -> None:
         with self._lock:
-            self._queue.put((on_result, work, args, kwargs))
             self._queued += 1
-            self._grow()
+            self._grow()  # a thread started now waits for the work on the queue
+        self._queue.put((on_result, work, args, kwargs))  # not under the lock: the woken thread takes it next
 
     def _grow(self) -> None:  # with the lock held
         while self.started and self._queued > self._idle and len(self._threads) < self.max:
