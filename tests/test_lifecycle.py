@@ -210,6 +210,39 @@ def test_the_pool_answers_results_and_failures(rt: soap_harness.ReactorThread) -
         rt.call(pool.stopService)
 
 
+def test_a_burst_gets_a_thread_per_work_up_to_the_size_and_no_more(rt: soap_harness.ReactorThread) -> None:
+    """Works submitted at once run at once while threads remain (none waits behind a busy one), never more than
+    the size at a time; threads are reused afterwards."""
+    pool, _ = started_pool(rt, 3)
+    gate = threading.Barrier(3, timeout=10)
+    running, most, lock = [0], [0], threading.Lock()
+
+    def work() -> str:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            gate.wait()  # all three must run at once, or this times out
+        except threading.BrokenBarrierError:
+            pass
+        with lock:
+            running[0] -= 1
+        return threading.current_thread().name
+
+    try:
+        ds = rt.call(lambda: [pool.run(work) for _ in range(6)])  # two rounds of three
+        deadline = time.monotonic() + 20
+        while not all(d.called for d in ds):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        names = [d.result for d in ds]
+        assert most[0] == 3 and not gate.broken and len(set(names)) == 3
+        assert len(pool.pool._threads) == 3
+    finally:
+        rt.call(pool.stopService)
+    assert not pool.pool._threads
+
+
 def test_work_past_its_deadline_is_answered_and_its_thread_is_replaced_meanwhile(
         rt: soap_harness.ReactorThread) -> None:
     pool, _ = started_pool(rt, 1, deadline=0.3)

@@ -25,6 +25,7 @@ the reactor thread. The rules here make sure no request and no stop ever waits o
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from .errors import BusyError, DeadlineExceededError, ShuttingDownError
 
@@ -52,16 +52,82 @@ class Grace(Protocol):
         """A Deferred that fires when the grace is over."""
 
 
-def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    thread = threading.Thread(*args, **kwargs)
-    thread.daemon = True
-    return thread
+class _Workers:
+    """Up to ``max`` daemon threads taking work from one queue (what :class:`ThreadPoolService` runs on).
 
+    Twisted's ``ThreadPool`` hands each work through a coordinator and a queue per worker, with about
+    three times the locking of this; a request that reads the registry pays that hand-off twice per call.
+    A thread is started when work arrives and no idle thread is waiting for it, up to ``max``; threads
+    above ``max`` (after :meth:`adjustPoolsize` lowered it) end when they next look for work.
+    ``callInThreadWithCallback`` calls ``on_result(ok, result_or_failure)`` in the worker thread, as
+    Twisted's does.
+    """
 
-class _DaemonThreadPool(ThreadPool):
-    """Twisted's thread pool with daemon threads: the interpreter never waits for them at exit."""
+    def __init__(self, maxthreads: int, name: str) -> None:
+        self.max = maxthreads
+        self.name = name
+        self.started = False
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._idle = 0  # threads waiting on the queue
+        self._queued = 0  # works in the queue not yet taken
 
-    threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]  # noqa: N815 - Twisted's name
+    def start(self) -> None:
+        self.started = True
+
+    def adjustPoolsize(self, maxthreads: int) -> None:  # noqa: N802 - Twisted's name
+        with self._lock:
+            self.max = maxthreads
+            self._grow()
+
+    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None], work: Callable[..., Any],  # noqa: N802
+                                 *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self._queued += 1
+            self._grow()  # a thread started now waits for the work on the queue
+        self._queue.put((on_result, work, args, kwargs))  # not under the lock: the woken thread takes it next
+
+    def _grow(self) -> None:  # with the lock held
+        while self.started and self._queued > self._idle and len(self._threads) < self.max:
+            thread = threading.Thread(target=self._serve, name=f"{self.name}-{len(self._threads) + 1}", daemon=True)
+            self._threads.add(thread)
+            self._idle += 1  # counted idle until it takes a work (so it is not started twice for one)
+            thread.start()
+
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        while True:
+            item = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+                if item is None or len(self._threads) > self.max:
+                    self._threads.discard(me)
+                    if item is not None:  # a work taken on the way out goes back for another thread
+                        self._queue.put(item)
+                        self._grow()
+                    return
+                self._queued -= 1
+            on_result, work, args, kwargs = item
+            result: Any
+            try:
+                result, ok = work(*args, **kwargs), True
+            except BaseException:  # noqa: BLE001 - handed to on_result
+                result, ok = Failure(), False
+            on_result(ok, result)
+            del item, on_result, work, args, kwargs, result
+            with self._lock:
+                self._idle += 1
+
+    def stop(self) -> None:
+        """End every thread (call it with no work in progress: idle threads end at once) and wait for them."""
+        with self._lock:
+            self.started = False
+            threads = list(self._threads)
+            for _ in threads:
+                self._queue.put(None)
+        for thread in threads:
+            thread.join(5.0)
 
 
 @dataclass(eq=False)
@@ -94,7 +160,7 @@ class ThreadPoolService(Service):
         self.deadline = deadline
         self.queue = queue
         self.grace = grace
-        self.pool = _DaemonThreadPool(minthreads=0, maxthreads=size, name=name)
+        self.pool = _Workers(size, name)
         self.abandoned: list[str] = []
         self._works: set[_Work] = set()
         self._extra = 0

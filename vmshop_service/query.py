@@ -65,6 +65,7 @@ table, so selective queries are answered from indexes.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -285,6 +286,10 @@ class _Parser:
             self.pos += 1
 
 
+#: How many query texts :func:`parse_query` keeps parsed (at most :data:`MAX_LENGTH` characters each).
+PARSED_QUERIES = 256
+
+
 def parse_query(text: str) -> Query:
     """Parse query text into its terms.
 
@@ -294,6 +299,13 @@ def parse_query(text: str) -> Query:
     """
     if not isinstance(text, str):
         raise QueryInvalidError(f"a query is text, not {type(text).__name__}")
+    return _parsed(str(text))
+
+
+@functools.lru_cache(maxsize=PARSED_QUERIES)
+def _parsed(text: str) -> Query:
+    """The terms of ``text``, kept for the last :data:`PARSED_QUERIES` texts (clients repeat their queries;
+    a :data:`Query` is immutable). A text that does not parse raises each time."""
     return _Parser(text).parse()
 
 

@@ -261,6 +261,7 @@ class Registry:
         self.path = str(path)
         self.clock = clock
         self._lock = threading.RLock()
+        self._known_names: set[str] = set()  # user attribute names seen in attribute_names (insert-only)
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
@@ -607,16 +608,26 @@ class Registry:
 
     def query_sql(self, q: Query | str, limit: int | None = None) -> tuple[str, list[object]]:
         """The SQL statement and parameters :meth:`query` runs (for ``EXPLAIN`` and tests)."""
+        with self._reading() as conn:
+            return self._query_sql(conn, q, limit)
+
+    def _query_sql(self, conn: Any, q: Query | str, limit: int | None) -> tuple[str, list[object]]:
         query = parse_query(q) if isinstance(q, str) else tuple(q)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT):
             raise QueryInvalidError(f"limit must be a non-negative integer of at most {MAX_LIMIT}, not {limit!r}")
-        with self._reading() as conn:
+        known = self._known_names
 
-            def is_user_attribute(name: str) -> bool:
-                return conn.execute("SELECT 1 FROM attribute_names WHERE name = ?", (name,)).fetchone() is not None
+        def is_user_attribute(name: str) -> bool:
+            # attribute_names is insert-only: a name once found stays (and needs no statement again)
+            if name in known:
+                return True
+            if conn.execute("SELECT 1 FROM attribute_names WHERE name = ?", (name,)).fetchone() is None:
+                return False
+            known.add(name)
+            return True
 
-            where, params = compile_query(query, is_user_attribute, column=self._column_sql,
-                                          value_prefix=self._VALUE_PREFIX)
+        where, params = compile_query(query, is_user_attribute, column=self._column_sql,
+                                      value_prefix=self._VALUE_PREFIX)
         sql = f"{_SELECT} WHERE {where} " if query else f"{_SELECT} "
         sql += "ORDER BY +vms.created, vms.vm_id"
         if limit is not None:
@@ -632,8 +643,8 @@ class Registry:
         malformed query, an unknown attribute or a bad limit.
         See :mod:`vmshop_service.query` for the syntax and semantics.
         """
-        sql, params = self.query_sql(q, limit)
         with self._reading() as conn:
+            sql, params = self._query_sql(conn, q, limit)
             rows = conn.execute(sql, params).fetchall()
             return self._rows_to_entries(conn, rows)
 
@@ -735,6 +746,7 @@ class PostgresRegistry(Registry):
         self._pool_size = pool_size
         self._connect_timeout = max(1, int(connect_timeout))
         self._lock = threading.RLock()
+        self._known_names: set[str] = set()  # user attribute names seen in attribute_names (insert-only)
         self._idle: list[Any] = []
         self._closed = False
         self._name_holder: Any = None  # the connection that holds this shop's name (register_shop)

@@ -261,7 +261,7 @@ class Shop:
         best = bids.head[0] if bids.head else None
         took = round(time.monotonic() - started, 6)
         return spyne_record(Estimate, plant=best.plant if best else None, cost=best.cost if best else None,
-                            image=best.image if best else None, items=list(best.items) if best else [],
+                            image=best.image if best else None, items=_items_out(best.items) if best else [],
                             remaining=list(best.remaining) if best else [],
                             bids=[_bid_out(b, b is best) for b in bids.shown], seconds=took,
                             mode="live" if self.live_bids else "offers", omitted=bids.omitted or None)
@@ -960,11 +960,16 @@ class Shop:
                             cost=entry.cost, error=entry.error, steps=list(entry.steps or []), attributes=attributes)
 
 
+def _items_out(items: Any) -> list[CostItem]:
+    """A cost breakdown as wire records (the fast serialiser writes records; other objects take Spyne's slower
+    path, with the same bytes)."""
+    return [spyne_record(CostItem, label=i.label, seconds=i.seconds, source=i.source, node=i.node) for i in items]
+
+
 def _bid_out(bid: BidResult, full: bool = True) -> Bid:
     """One bid on the wire; its cost breakdown only when ``full`` or asked live (offers mode answers for every
     plant: the breakdown of the best is in the answer itself)."""
-    items = [spyne_record(CostItem, label=i.label, seconds=i.seconds, source=i.source, node=i.node)
-             for i in bid.items] if full or bid.source == "live" else []
+    items = _items_out(bid.items) if full or bid.source == "live" else []
     return spyne_record(Bid, plant=bid.plant, status=bid.status, cost=bid.cost, image=bid.image, reason=bid.reason,
                         seconds=bid.seconds, items=items, source=bid.source, offer_age=bid.offer_age,
                         offer_version=bid.offer_version, marked_down=bid.marked_down or None)
