@@ -390,6 +390,7 @@ class Transfers:
         self._fetches: dict[str, Future[None]] = {}
         self._fetch_lock = threading.Lock()
         self._pinned: dict[str, int] = {}
+        self.hashes = HashCache(limit=64)
         self.fetched_count = 0  # images fetched since start (tests, bench)
 
     # Catalogs ------------------------------------------------------------------------------------------------
@@ -457,15 +458,19 @@ class Transfers:
         return measured if measured else self.bandwidth
 
     def offerable(self, local: Mapping[str, ImageInfo]) -> dict[str, tuple[RemoteImage, float]]:
-        """The images a peer holds that ``local`` lacks and whose whole lineage is held here or fetchable, with
-        the seconds fetching what is missing of it would take."""
+        """The images a peer holds that this plant lacks and whose whole lineage is in ``local`` (the images a
+        request may use here) or fetchable, with the seconds fetching what is missing of it would take. A name
+        this plant holds (even as another owner's private image) is never fetched."""
         remote = self._remote
+        held = self.warehouse.images
         rate = self.rate()
         found: dict[str, tuple[RemoteImage, float]] = {}
         for name, image in remote.items():
-            if name in local:
+            if name in held:
                 continue
             missing = self._missing(name, local, remote)
+            if missing is not None and any(n in held for n in missing):
+                continue  # an ancestor's name is taken here by an image this request may not use
             if missing is None:
                 continue
             seconds = sum(remote[n].size for n in missing) / rate
@@ -566,7 +571,7 @@ class Transfers:
         if image.parent is not None:
             if parent is None:
                 raise NoSuchImageError(f"image '{name}' starts from '{image.parent}', which this plant lacks")
-            local_sha = HashCache().sha256(parent.disk)[1]
+            local_sha = self.hashes.sha256(parent.disk)[1]
             if local_sha != document["parent_disk_sha256"]:
                 raise TransferFailedError(f"image '{name}' starts from '{image.parent}', but this plant's "
                                           f"'{image.parent}' is not the peer's (their disks differ)")
