@@ -74,7 +74,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from vmshop_common.authz import ADMIN, PLANT, SHOP
 from vmshop_common.dag import BlankStart, Dag, Hardware
-from vmshop_common.dagxml import DAG_NS, DAG_ROOT, load_embedded_dag, validate_against
+from vmshop_common.dagxml import DAG_NS, DAG_ROOT, dag_to_xml, load_embedded_dag, validate_against
 from vmshop_common.errors import DiskFullError, NoSuchImageError, TransferFailedError, VMShopError
 from vmshop_common.guest import GuestTraits
 from vmshop_common.imagename import IMAGE_NAME
@@ -319,6 +319,8 @@ def parse_image_document(data: bytes, what: str) -> tuple[etree._Element, str, D
     dag_element = next(child for child in root if isinstance(child.tag, str) and child.tag.startswith(f"{{{DAG_NS}}}"))
     if dag_element.tag != DAG_ROOT:
         raise TransferFailedError(f"{what} embodies no <dag>")
+    if root.get("owner") is not None and root.get("public", "false") not in ("true", "1"):
+        raise TransferFailedError(f"{what} is a private image: only public images move between plants")
     dag = load_embedded_dag(dag_element, f"the DAG of {what}")
     hw = root.find(f"{{{IMAGE_NS}}}hardware")
     assert hw is not None
@@ -551,7 +553,10 @@ class Transfers:
                     from None
             return
         try:
-            self._fetch(self._remote[name])
+            image = self._remote.get(name)
+            if image is None:
+                raise NoSuchImageError(f"no peer holds image '{name}' any more")
+            self._fetch(image)
             running.set_result(None)
         except BaseException as exc:
             running.set_exception(exc)
@@ -602,6 +607,10 @@ class Transfers:
                 raise TransferFailedError(f"image '{name}' from {image.peer} does not load: {exc.message}") from None
             if info.name != name or info.parent != image.parent:
                 raise TransferFailedError(f"image '{name}' from {image.peer} names another image or parent")
+            if dag_to_xml(info.dag) != dag_to_xml(image.dag) or info.hardware != image.hardware \
+                    or info.guest != image.guest:
+                raise TransferFailedError(f"image '{name}' from {image.peer} is not the image its catalog described "
+                                          "(its DAG, hardware or guest differ): refused")
             if final.exists():
                 shutil.rmtree(final, ignore_errors=True)  # a leftover no index lists (sweep's, missed)
             os.rename(partial, final)
