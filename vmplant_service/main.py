@@ -64,7 +64,7 @@ from .plant import Plant
 from .records import PlantRecords
 from .segment import OwnerSegments, default_switch_dir
 from .service import APP_NAME, PlantRuntime, VMPlantService
-from .transfer import CATALOG_TIMEOUT, ImagesResource, Transfers
+from .transfer import CATALOG_TIMEOUT, HASH_DEADLINE, ImagesResource, Transfers
 from .warehouse import Warehouse
 from .wire import TNS
 
@@ -174,7 +174,9 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
     site.app.vmplant = runtime
     site.identities = security.identities
     metrics = attach_metrics(site, plant, reactor) if config.metrics else None
-    site.images_resource = ImagesResource(plant.warehouse, site, reactor)
+    site.images_resource = ImagesResource(
+        plant.warehouse, site, reactor,
+        run=lambda work, what: pool.run(work, deadline=HASH_DEADLINE, what=what))
     listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
                             tls=security.credentials, insecure=security.insecure, reactor=reactor)
 

@@ -19,8 +19,9 @@ Serving (:class:`ImagesResource`):
   rule (:mod:`vmshop_common.imagename`) and looked up in the warehouse,
   the role is one of four words, the file is the one the image's
   configuration names;
-- sha256 sums are computed on a thread (within :data:`HASH_DEADLINE`), kept
-  while a file's inode, size and mtime stay the same.
+- catalogs and manifests are made on the plant's thread pool (its queue
+  bounds them; within :data:`HASH_DEADLINE`); sha256 sums are kept while a
+  file's inode, size and mtime stay the same.
 
 Fetching (:class:`Transfers`):
 
@@ -101,11 +102,12 @@ MAX_FILE_BYTES = 1 << 40
 MAX_LINEAGE = 16
 #: Seconds: a catalog read, a manifest read, one whole image's transfer, a create's wait for another's fetch.
 CATALOG_TIMEOUT = 20.0
-MANIFEST_TIMEOUT = 20.0
 IMAGE_TIMEOUT = 1800.0
 FETCH_TIMEOUT = 2 * IMAGE_TIMEOUT
-#: Seconds hashing an image's files may take when serving its manifest.
+#: Seconds hashing an image's files may take when serving its manifest (a first manifest of a large image hashes
+#: it), and a manifest's read may take.
 HASH_DEADLINE = 600.0
+MANIFEST_TIMEOUT = HASH_DEADLINE + 30.0
 #: Seconds qemu-img may take to inspect or rebase a fetched disk.
 QEMU_IMG_TIMEOUT = 60.0
 #: Bytes a fetch leaves free in the warehouse's file system beyond the image.
@@ -191,12 +193,16 @@ class ImagesResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, warehouse: Warehouse, site: Any, reactor: Any, hashes: HashCache | None = None) -> None:
+    def __init__(self, warehouse: Warehouse, site: Any, reactor: Any, hashes: HashCache | None = None,
+                 run: Callable[[Callable[[], Any], str], Any] | None = None) -> None:
+        """``run(work, what)``: a Deferred of ``work()`` done off the reactor (the plant's pool; default: a thread
+        of its own, within HASH_DEADLINE)."""
         super().__init__()
         self.warehouse = warehouse
         self.site = site
         self.reactor = reactor
         self.hashes = hashes or HashCache()
+        self.run = run or (lambda work, what: in_thread(reactor, work, timeout=HASH_DEADLINE, what=what))
 
     def render(self, request: Request) -> bytes | int:
         if request.method not in (b"GET", b"HEAD"):
@@ -235,7 +241,7 @@ class ImagesResource(Resource):
             log.warning("%s was not made: %s", what, failure.getErrorMessage())
             _send(request, 503, b"text/plain; charset=utf-8", f"{what} could not be made\n".encode())
 
-        in_thread(self.reactor, work, timeout=HASH_DEADLINE, what=what).addCallbacks(send, failed)
+        self.run(work, what).addCallbacks(send, failed)
         return NOT_DONE_YET  # type: ignore[no-any-return]
 
     def _refusal(self, request: Request) -> str | None:
