@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import logging
 import shutil
 import ssl
 import subprocess
@@ -313,3 +314,68 @@ def test_a_fetched_disk_is_rebased_onto_the_local_parent(tmp_path: Path, warehou
     from vmshop_common.errors import TransferFailedError
     with pytest.raises(TransferFailedError, match="backing file"):
         transfers._check_disk(disk, None)  # an image with no parent must have no backing file
+
+
+def _transfers(tmp_path: Path, warehouse_dir: Path) -> Any:
+    from vmplant_service.transfer import Transfers
+    from vmplant_service.warehouse import Warehouse
+
+    (tmp_path / "index.txt").write_text(f"{(warehouse_dir / 'tiny' / 'image.xml').resolve()}\n")
+    return Transfers(Warehouse(tmp_path), "p", [], None, None, cache_bytes=0, bandwidth=1.0, in_use=set)
+
+
+def test_concurrent_needs_of_one_image_fetch_it_once(tmp_path: Path, warehouse_dir: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Unit: the second create waits for the first's fetch (never a second fetch), and hears its failure too."""
+    from vmplant_service.transfer import RemoteImage
+    from vmshop_common.dag import Hardware
+    from vmshop_common.dagxml import load_dag
+    from vmshop_common.errors import TransferFailedError
+    from vmshop_common.guest import GuestTraits
+
+    caplog.set_level(logging.INFO, logger="vmplant_service.transfer")
+    transfers = _transfers(tmp_path, warehouse_dir)
+    image = RemoteImage("https://peer/", "wanted", "tiny", 100, load_dag(dag("echo w")), Hardware(128, 1, 1),
+                        GuestTraits())
+    transfers._remote = {"wanted": image}
+    transfers.evict = lambda: []
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_fetch(what: Any) -> None:
+        calls.append(what.name)
+        started.set()
+        assert release.wait(10)
+        raise TransferFailedError("the peer sent garbage: refused")
+
+    transfers._fetch = slow_fetch
+    outcomes: list[str] = []
+
+    def need() -> None:
+        try:
+            transfers.ensure("wanted")
+            outcomes.append("ok")
+        except TransferFailedError as exc:
+            outcomes.append(exc.message)
+
+    first = threading.Thread(target=need)
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=need)
+    second.start()
+    wait_for(lambda: "waiting for the fetch in progress" in caplog.text, timeout=10,
+             what="the second need to wait for the first's fetch")
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert calls == ["wanted"]
+    assert outcomes == ["the peer sent garbage: refused"] * 2
+
+
+def test_a_restart_sweeps_what_fetches_left(tmp_path: Path, warehouse_dir: Path) -> None:
+    transfers = _transfers(tmp_path, warehouse_dir)
+    transfers.root.mkdir(parents=True)
+    (transfers.root / ".img.partial-abc").mkdir()
+    (transfers.root / "unlisted").mkdir()
+    (transfers.root / "unlisted" / "disk").write_bytes(b"x")
+    assert sorted(p.name for p in transfers.sweep()) == [".img.partial-abc", "unlisted"]
+    assert list(transfers.root.iterdir()) == []
