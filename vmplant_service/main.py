@@ -57,6 +57,7 @@ from vmshop_common.tls import Credentials
 
 from .backends import load_backend
 from .config import PlantConfig, load_config
+from .imageserve import HASH_DEADLINE, ImagesResource
 from .ippool import IPPool
 from .metrics import PlantMetrics
 from .notify import ShopNotifier
@@ -64,7 +65,7 @@ from .plant import Plant
 from .records import PlantRecords
 from .segment import OwnerSegments, default_switch_dir
 from .service import APP_NAME, PlantRuntime, VMPlantService
-from .transfer import CATALOG_TIMEOUT, HASH_DEADLINE, ImagesResource, Transfers
+from .transfer import CATALOG_TIMEOUT, Transfers
 from .warehouse import Warehouse
 from .wire import TNS
 

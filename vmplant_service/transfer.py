@@ -1,27 +1,8 @@
-"""Images that move between plants: a plant serves its public images to its peers, and fetches what it lacks.
+"""Images that move between plants: a plant fetches the images it lacks from its peers.
 
-The layout (a plant serves it on its own mutual-TLS listener; a plain HTTPS
-warehouse server may serve the same files)::
-
-    GET /images/catalog          {"images": [{"name", "parent", "size", "config"}, ...]}
-    GET /images/NAME/manifest    {"name", "parent", "parent_disk_sha256", "files": [{"role", "size", "sha256"}]}
-    GET /images/NAME/ROLE        the bytes of one file: config (image.xml), disk, kernel, initrd
-
-Serving (:class:`ImagesResource`):
-
-- only callers whose certificate the plant's authorisation file maps to the
-  ``plant``, ``shop`` or ``admin`` role are answered (403 otherwise);
-- only public images (:meth:`~.warehouse.Warehouse.visible` of no owner:
-  the installer's and the public published ones, closed under lineage) are
-  served; a private image is answered exactly as one that does not exist
-  (404). "Unless owner and plants agree" is not built: public only;
-- no path comes from the request: the name is checked with the image-name
-  rule (:mod:`vmshop_common.imagename`) and looked up in the warehouse,
-  the role is one of four words, the file is the one the image's
-  configuration names;
-- catalogs and manifests are made on the plant's thread pool (its queue
-  bounds them; within :data:`HASH_DEADLINE`); sha256 sums are kept while a
-  file's inode, size and mtime stay the same.
+Peers are plants (which serve their public images: :mod:`.imageserve`, whose
+docstring gives the layout) or plain HTTPS warehouse servers with the same
+layout.
 
 Fetching (:class:`Transfers`):
 
@@ -43,7 +24,10 @@ Fetching (:class:`Transfers`):
   (its declared format; no external data file; a backing file exactly when
   the image has a parent, then rebased onto this plant's parent disk, whose
   sha256 must be the one the manifest names), the configuration is rewritten
-  to name the local files and loaded by the warehouse's own loader, the
+  to name the fetched files only (any element but :data:`KEPT_ELEMENTS` is
+  dropped: a saved state is not fetched, a clone of the image boots), must
+  describe the image the catalog described (the bid was made on that: its
+  DAG, hardware and guest traits), and is loaded by the warehouse's own loader, the
   directory renamed into place, then listed in ``index.txt`` (atomically, the
   commit point). A failure leaves nothing: ``Server.TransferFailed``;
 - fetched images live in ``<warehouse>/fetched/<plant>/NAME/``; past
@@ -70,234 +54,45 @@ from pathlib import Path
 from typing import Any
 
 from lxml import etree
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
-from vmshop_common.authz import ADMIN, PLANT, SHOP
 from vmshop_common.dag import BlankStart, Dag, Hardware
 from vmshop_common.dagxml import DAG_NS, DAG_ROOT, dag_to_xml, load_embedded_dag, validate_against
 from vmshop_common.errors import DiskFullError, NoSuchImageError, TransferFailedError, VMShopError
 from vmshop_common.guest import GuestTraits
 from vmshop_common.imagename import IMAGE_NAME
 from vmshop_common.matching import CachedImage
-from vmshop_common.threads import in_thread
-from vmshop_common.tls import Credentials, describe_tls_failure, peer_subject, requests_tls
+from vmshop_common.tls import Credentials, describe_tls_failure, requests_tls
 from vmshop_common.xmlload import parse_xml
 
 from .clone import qemu_img
+from .imageserve import CHUNK, HASH_DEADLINE, MAX_CONFIG_BYTES, MAX_IMAGES, ROLES, HashCache
 from .warehouse import IMAGE_NS, IMAGE_ROOT, IMAGE_XSD, ImageInfo, Warehouse, fsync_directory, load_image_config
 
 log = logging.getLogger(__name__)
 
-IMAGES_PREFIX = b"/images/"
-ROLES = ("config", "disk", "kernel", "initrd")
 FETCHED = "fetched"
 PARTIAL = ".partial-"
 #: Bounds on what a peer may send.
 MAX_CATALOG_BYTES = 8 * 1024 * 1024
 MAX_MANIFEST_BYTES = 64 * 1024
-MAX_CONFIG_BYTES = 256 * 1024
-MAX_IMAGES = 512
 MAX_FILE_BYTES = 1 << 40
 MAX_LINEAGE = 16
 #: Seconds: a catalog read, a manifest read, one whole image's transfer, a create's wait for another's fetch.
 CATALOG_TIMEOUT = 20.0
 IMAGE_TIMEOUT = 1800.0
 FETCH_TIMEOUT = 2 * IMAGE_TIMEOUT
-#: Seconds hashing an image's files may take when serving its manifest (a first manifest of a large image hashes
-#: it), and a manifest's read may take.
-HASH_DEADLINE = 600.0
+#: Seconds a manifest's read may take (a first manifest of a large image hashes it).
 MANIFEST_TIMEOUT = HASH_DEADLINE + 30.0
 #: Seconds qemu-img may take to inspect or rebase a fetched disk.
 QEMU_IMG_TIMEOUT = 60.0
 #: Bytes a fetch leaves free in the warehouse's file system beyond the image.
 RESERVE_BYTES = 64 * 1024 * 1024
-CHUNK = 1024 * 1024
 RATE_METRIC = "transfer_bytes_per_second"
+#: The elements of a fetched image's configuration that are kept (every other one is dropped: nothing of a peer's
+#: file names a file of this host but the disk, kernel and initrd, which are rewritten to the fetched files).
+KEPT_ELEMENTS = frozenset({"description", "disk", "boot", "hardware", "guest"})
 USED_METRIC = "fetched_used:"
 HEX64 = frozenset("0123456789abcdef")
-
-
-# Hashes ------------------------------------------------------------------------------------------------------
-class HashCache:
-    """sha256 of files, kept while a file's (device, inode, size, mtime) stays the same. Thread-safe."""
-
-    def __init__(self, limit: int = 4096) -> None:
-        self._sums: dict[tuple[str, int, int, int, int], str] = {}
-        self._lock = threading.Lock()
-        self.limit = limit
-
-    def sha256(self, path: Path) -> tuple[int, str]:
-        """(size, sha256 hex) of ``path``."""
-        st = os.stat(path)
-        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        with self._lock:
-            found = self._sums.get(key)
-        if found is None:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while block := handle.read(CHUNK):
-                    digest.update(block)
-            found = digest.hexdigest()
-            with self._lock:
-                if len(self._sums) >= self.limit:
-                    self._sums.pop(next(iter(self._sums)))
-                self._sums[key] = found
-        return st.st_size, found
-
-
-def image_files(info: ImageInfo) -> dict[str, Path]:
-    """The files of an image, by role."""
-    files = {"config": info.config_path, "disk": info.disk}
-    if info.kernel is not None:
-        files["kernel"] = info.kernel
-    if info.initrd is not None:
-        files["initrd"] = info.initrd
-    return files
-
-
-def image_size(info: ImageInfo) -> int:
-    return sum(path.stat().st_size for path in image_files(info).values())
-
-
-def manifest(info: ImageInfo, images: Mapping[str, ImageInfo], hashes: HashCache) -> dict[str, Any]:
-    """The manifest of ``info`` (blocking: hashes its files)."""
-    files = []
-    for role, path in image_files(info).items():
-        size, digest = hashes.sha256(path)
-        files.append({"role": role, "size": size, "sha256": digest})
-    parent = info.parent
-    parent_sha = hashes.sha256(images[parent].disk)[1] if parent is not None and parent in images else None
-    return {"name": info.name, "parent": parent, "parent_disk_sha256": parent_sha, "files": files}
-
-
-def catalog(images: Mapping[str, ImageInfo]) -> dict[str, Any]:
-    """The catalog of ``images`` (blocking: reads their configurations)."""
-    entries = []
-    for name, info in sorted(images.items())[:MAX_IMAGES]:
-        try:
-            config = info.config_path.read_bytes()
-            size = image_size(info)
-        except OSError:
-            continue
-        if len(config) > MAX_CONFIG_BYTES:
-            continue
-        entries.append({"name": name, "parent": info.parent, "size": size,
-                        "config": config.decode("utf-8", "replace")})
-    return {"images": entries}
-
-
-# Serving -----------------------------------------------------------------------------------------------------
-class ImagesResource(Resource):
-    """``GET /images/...`` on the plant's listener (see the module docstring); ``warehouse`` is the plant's."""
-
-    isLeaf = True
-
-    def __init__(self, warehouse: Warehouse, site: Any, reactor: Any, hashes: HashCache | None = None,
-                 run: Callable[[Callable[[], Any], str], Any] | None = None) -> None:
-        """``run(work, what)``: a Deferred of ``work()`` done off the reactor (the plant's pool; default: a thread
-        of its own, within HASH_DEADLINE)."""
-        super().__init__()
-        self.warehouse = warehouse
-        self.site = site
-        self.reactor = reactor
-        self.hashes = hashes or HashCache()
-        self.run = run or (lambda work, what: in_thread(reactor, work, timeout=HASH_DEADLINE, what=what))
-
-    def render(self, request: Request) -> bytes | int:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            return _plain(request, 405, "only GET reads images")
-        refusal = self._refusal(request)
-        if refusal is not None:
-            log.info("image request refused: %s", refusal)
-            return _plain(request, 403, refusal)
-        parts = request.path[len(IMAGES_PREFIX):].split(b"/")
-        try:
-            words = [part.decode("ascii") for part in parts]
-        except UnicodeDecodeError:
-            return _plain(request, 404, "no such image")
-        public = self.warehouse.visible("")
-        if words == ["catalog"]:
-            return self._json(request, lambda: catalog(public), "the catalog")
-        if len(words) != 2 or not IMAGE_NAME.fullmatch(words[0]) or words[1] not in ("manifest", *ROLES):
-            return _plain(request, 404, "no such image resource")
-        info = public.get(words[0])
-        if info is None:
-            return _plain(request, 404, f"this plant serves no public image named '{words[0]}'")
-        if words[1] == "manifest":
-            return self._json(request, lambda: manifest(info, public, self.hashes), f"the manifest of {info.name}")
-        path = image_files(info).get(words[1])
-        if path is None:
-            return _plain(request, 404, f"image '{info.name}' has no {words[1]}")
-        return _send_file(request, path)
-
-    def _json(self, request: Request, work: Callable[[], Any], what: str) -> int:
-        def send(document: Any) -> None:
-            body = json.dumps(document).encode()
-            _send(request, 200, b"application/json", body)
-
-        def failed(failure: Any) -> None:
-            log.warning("%s was not made: %s", what, failure.getErrorMessage())
-            _send(request, 503, b"text/plain; charset=utf-8", f"{what} could not be made\n".encode())
-
-        self.run(work, what).addCallbacks(send, failed)
-        return NOT_DONE_YET  # type: ignore[no-any-return]
-
-    def _refusal(self, request: Request) -> str | None:
-        identities = getattr(self.site, "identities", None)
-        if identities is None:
-            return "this server knows no identities"
-        subject = peer_subject(request.channel.transport) if request.isSecure() else None
-        try:
-            identity = identities.identify(subject)
-        except VMShopError as exc:
-            return f"[{exc.code}] {exc.message}"
-        if not identity.has(PLANT, SHOP, ADMIN):
-            return f"'{identity.name}' is not a plant, shop or admin: only they read this plant's images"
-        return None
-
-
-def _send_file(request: Request, path: Path) -> bytes | int:
-    """Stream the file at ``path`` (a warehouse's, never one a request names) as the answer, with its length."""
-    from twisted.protocols.basic import FileSender
-
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed when the transfer ends
-        size = os.fstat(handle.fileno()).st_size
-    except OSError as exc:
-        return _plain(request, 404, f"the file cannot be read: {exc.strerror}")
-    request.setResponseCode(200)
-    request.setHeader(b"Content-Type", b"application/octet-stream")
-    request.setHeader(b"Content-Length", b"%d" % size)
-    if request.method == b"HEAD":
-        handle.close()
-        return b""
-
-    def ended(_: Any) -> None:
-        handle.close()
-        if not request.finished and not getattr(request, "_disconnected", False):
-            request.finish()
-
-    FileSender().beginFileTransfer(handle, request).addBoth(ended)
-    return NOT_DONE_YET  # type: ignore[no-any-return]
-
-
-def _send(request: Request, status: int, content_type: bytes, body: bytes) -> None:
-    if request.finished or getattr(request, "_disconnected", False):
-        return
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", content_type)
-    request.setHeader(b"Content-Length", b"%d" % len(body))
-    if request.method != b"HEAD":
-        request.write(body)
-    request.finish()
-
-
-def _plain(request: Request, status: int, text: str) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-    return (text + "\n").encode()
 
 
 # What peers hold ---------------------------------------------------------------------------------------------
@@ -749,6 +544,10 @@ class Transfers:
             raise TransferFailedError(f"image '{image.name}': its disk is declared {disk.get('format')} but is "
                                       f"{disk_format}")
         disk.set("file", "disk")
+        for child in list(root):  # anything else naming a host file (a saved state: not fetched) goes
+            if isinstance(child.tag, str) and child.tag.startswith(f"{{{IMAGE_NS}}}") \
+                    and etree.QName(child).localname not in KEPT_ELEMENTS:
+                root.remove(child)
         boot = root.find(f"{{{IMAGE_NS}}}boot")
         if boot is not None:
             for attribute in ("kernel", "initrd"):
@@ -867,5 +666,4 @@ def _qemu_img_json(args: list[str], want_json: bool = True) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-__all__ = ["HashCache", "ImagesResource", "RemoteImage", "Transfers", "catalog", "evictable", "manifest",
-           "remote_images"]
+__all__ = ["RemoteImage", "Transfers", "evictable", "parse_image_document", "remote_images"]
