@@ -54,7 +54,10 @@ def site(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Itera
         p1.service.collectVM(vm_id="source")
         made["p2"] = start_plant(base / "p2", base / "p2-warehouse", name="p2", network="none", capacity_vms=2,
                                  identity="plant2", flags=["--peer", p1.url])
-        made["shop"] = start_shop(base / "shop", [host_port(made["p2"])])
+        made["shop"] = start_shop(base / "shop", [host_port(made["p2"])],
+                                  plant_identities={"plant2": [host_port(made["p2"])]})
+        # p2 tells the shop of its changes (its offer without the fetch, once it holds the image).
+        (made["p2"].directory / "vmshop_addresses.txt").write_text(f"{host_port(made['shop'])}\n")
         yield made
     finally:
         for server in made.values():
@@ -73,6 +76,9 @@ def test_a_create_fetches_the_peers_image_and_the_next_one_clones_it(site: dict[
     assert [run.node for run in first.runs] == ["s2"] and "made on p1" in first.runs[0].output
     p2 = site["p2"]
     assert p2.output().count("fetched image shared-app from") == 1
+    # p2's new offer (told to the shop) holds the image: the shop prices it without the fetch.
+    wait_for(lambda: "transfer" not in {item.source for item in alice.estimateCost(dag=wanted).items}, timeout=30,
+             what="the shop to hear p2's offer with the image held")
     second = alice.createVM(dag=wanted, vm_key="second")
     assert (second.plant, second.vm.image) == (site["p2"].url, "shared-app")
     assert "made on p1" in second.runs[0].output
