@@ -134,10 +134,13 @@ def site(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Itera
         copy_image(p1, "app", "oversized", tree, lie={"disk": {"size": 1000}})
         copy_image(p1, "app", "badsize", tree, lie={"config": {"size": 10}})
         copy_image(p1, "app", "swapped", tree)  # its catalog describes another DAG than the image it serves
+        copy_image(p1, "app", "inflated", tree)  # its catalog says it is far smaller than it is
         catalog = json.loads((tree / "images" / "catalog").read_text())
         for entry in catalog["images"]:
             if entry["name"] == "swapped":
                 entry["config"] = entry["config"].replace("echo swapped", "echo promised")
+            if entry["name"] == "inflated":
+                entry["size"] = 1000
         (tree / "images" / "catalog").write_text(json.dumps(catalog))
         mirror = Mirror(tree)
         made["mirror"] = mirror
@@ -242,7 +245,8 @@ def test_two_creates_fetch_once_and_the_image_is_the_same(site: dict[str, Any]) 
 
 
 @pytest.mark.parametrize(("image", "words"), [("lying", "sha256"), ("oversized", "longer than"),
-                                              ("badsize", "longer than"), ("swapped", "catalog described")])
+                                              ("badsize", "longer than"), ("swapped", "catalog described"),
+                                              ("inflated", "larger")])
 def test_a_corrupted_transfer_is_refused_and_changes_nothing(site: dict[str, Any], image: str, words: str) -> None:
     p2 = site["p2"]
     wait_for(lambda: p2.service.estimateCost(dag=dag("echo more", image=image), owner="").image == image,

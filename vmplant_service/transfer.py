@@ -373,6 +373,9 @@ class Transfers:
         document = self._manifest(image)
         files = {entry["role"]: entry for entry in document["files"]}
         total = sum(entry["size"] for entry in files.values())
+        if total > image.size:
+            raise TransferFailedError(f"image '{name}' from {image.peer} is larger ({total} bytes) than its catalog "
+                                      f"said ({image.size} bytes; what the bid was priced on): refused")
         parent = self.warehouse.images.get(image.parent) if image.parent else None
         if image.parent is not None:
             if parent is None:
