@@ -115,13 +115,15 @@ def remove_tree(path: Path) -> None:
 def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend: str = "qemu", network: str = "vde",
                  capacity_vms: int = 4, capacity_memory: int = 2048, pool_count: int = 8,
                  start_timeout: float = 300.0, client: bool = True, insecure: bool = False,
-                 warehouse: Path | None = None) -> servers.ServerProcess:
+                 warehouse: Path | None = None, identity: str = "plant", flags: list[str] | None = None,
+                 mapfile_extra: list[str] | None = None) -> servers.ServerProcess:
     """tests/servers.py's start_plant, with a longer start deadline (many plants start at once on 2 cores).
 
     Registers the plant's cleanup (the server, its guests, its switch) at once. Its shop list is
     empty: the shops of a run find out by asking, as the rows measure. Mutual TLS with the test PKI
     (tests/pki.py), as in production; ``insecure``: plain HTTP on loopback. ``warehouse``: its own (default:
-    the shared one, which a row that publishes must not use).
+    the shared one, which a row that publishes must not use). ``identity``: the certificate it presents;
+    ``flags``: more configure flags; ``mapfile_extra``: more lines of its authorisation file (its peers).
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vmshop_addresses.txt").write_text("# no shop is told of changes in a benchmark run\n")
@@ -133,8 +135,9 @@ def launch_plant(ctx: Context, directory: Path, *, name: str = "plant1", backend
             "--pool-count", str(pool_count), "--shops-file", str(directory / "vmshop_addresses.txt"),
             "--output", str(config)]
     pki = servers.test_pki()
-    mapfile = pki.plant_mapfile(directory / "vmplant-mapfile")
-    args += ["--insecure"] if insecure else pki.tls_flags("plant") + ["--authorization", str(mapfile)]
+    mapfile = pki.plant_mapfile(directory / "vmplant-mapfile", mapfile_extra)
+    args += ["--insecure"] if insecure else pki.tls_flags(identity) + ["--authorization", str(mapfile)]
+    args += list(flags or [])
     subprocess.run(args, check=True, capture_output=True, cwd=str(directory), timeout=start_timeout)
     plant = servers.ServerProcess(directory=directory, config=config, state_dir=state, log=directory / "plant.log",
                                   mapfile=mapfile)

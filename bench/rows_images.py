@@ -6,6 +6,12 @@
     real shop and a real qemu plant, medians; and "publish time": publishing
     a running VM holding 64 MiB of changes (random bytes, which no copy can
     skip), from the request to the answer.
+18. ``transfer``: "images move between plants": a shop whose only plant (p2)
+    lacks a public image that its peer p1 published; the first create needs
+    the image fetched from p1 (over mutual TLS, checked, stored), the second
+    clones it at clone speed: both through the shop, against the same create
+    through another shop whose only plant is p1 (which held the image from
+    the start).
 
 The plant has a warehouse of its own (its index lists the real tiny image's
 file), so what the row publishes never reaches the shared warehouse.
@@ -13,6 +19,7 @@ file), so what the row publishes never reaches the shared warehouse.
 
 from __future__ import annotations
 
+import json
 from xml.sax.saxutils import escape
 
 import common
@@ -100,6 +107,83 @@ def row_publish(ctx: Context) -> list[Row]:
     ]
 
 
+def row_transfer(ctx: Context) -> list[Row]:
+    directory = ctx.directory("transfer")
+    tiny = (common.WAREHOUSE / "tiny" / "image.xml").resolve()
+    warehouses = {}
+    for name in ("p1", "p2"):
+        warehouses[name] = directory / f"{name}-warehouse"
+        warehouses[name].mkdir()
+        (warehouses[name] / "index.txt").write_text(f"{tiny}\n")
+    pki = common.servers.test_pki()
+    log("transfer: starting p1 (holds the image) and p2 (its peer), qemu")
+    p1 = common.launch_plant(ctx, directory / "p1", name="p1", network="none", capacity_vms=3,
+                             warehouse=warehouses["p1"], mapfile_extra=[f'"{pki.subject("plant2")}" plant2 plant'])
+    steps = [f'<script id="s1" timeout="120" cost="30">{escape(STEPS[0])}</script>']
+    base_dag = (f'<vm xmlns="{DAG_NS}"><nodes><image id="start" name="tiny"/>{steps[0]}</nodes>'
+                '<edges><edge from="start" to="s1"/></edges></vm>')
+    source = p1.service.createVM(dag=base_dag, owner="bench", vm_id=None, max_cost=None)
+    image = p1.service.publishVM(vm_id=source.vm.vm_id, image="bench-shared", owner="bench", is_public=True)
+    p1.service.collectVM(vm_id=source.vm.vm_id)
+    p2 = common.launch_plant(ctx, directory / "p2", name="p2", network="none", capacity_vms=3,
+                             warehouse=warehouses["p2"], identity="plant2", flags=["--peer", p1.url])
+    shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(p2)])
+    holder = common.launch_shop(ctx, directory / "shop-p1", [common.servers.host_port(p1)])
+    request = (f'<vm xmlns="{DAG_NS}"><nodes><image id="start" name="tiny"/>{steps[0]}'
+               '<script id="s2" timeout="60">echo two</script></nodes>'
+               '<edges><edge from="start" to="s1"/><edge from="s1" to="s2"/></edges></vm>')
+    for each in (shop, holder):
+        common.servers.wait_for(lambda s=each: s.service.estimateCost(dag=request).image == "bench-shared",
+                                timeout=120, what="the shops to price their plant's offer with p1's image")
+
+    def create(service: object, **extra: object) -> tuple[float, object]:
+        seconds, made = timed(lambda: service.createVM(dag=request, **extra))  # type: ignore[attr-defined]
+        return seconds, made
+
+    common.settle()
+    log("transfer: warm-up create through a shop of p1 (kernel and image in the page cache)")
+    _, warm = create(holder.service, owner="bench")
+    holder.service.collectVM(vm=warm.vm.epr)
+    common.settle()
+    log("transfer: first create through the shop of p2 (p2 fetches the image)")
+    first_seconds, first = create(shop.service, owner="bench")
+    chosen = next((b for b in first.bids or [] if b.plant == first.plant), None)
+    fetch_items = [i for i in (chosen.items or [] if chosen is not None else []) if i.source == "transfer"]
+    shop.service.collectVM(vm=first.vm.epr)
+    if first.vm.image != "bench-shared":
+        raise RuntimeError(f"the first create used {first.vm.image}, not bench-shared")
+    held, fetched = [], []
+    for i in range(ctx.n(3, 1)):
+        order = [("the plant that held it", holder, held), ("the plant that fetched it", shop, fetched)]
+        for name, where, into in order if i % 2 == 0 else order[::-1]:
+            common.settle()
+            log(f"transfer: round {i + 1}: create on {name}")
+            seconds, made = create(where.service, owner="bench")
+            where.service.collectVM(vm=made.vm.epr)
+            if made.vm.image != "bench-shared":
+                raise RuntimeError(f"a create on {name} used {made.vm.image}, not bench-shared")
+            into.append(seconds)
+    local_seconds, second_seconds = median(held), median(fetched)
+    fetches = p2.output().count("fetched image bench-shared from")
+    if fetches != 1:
+        raise RuntimeError(f"p2 fetched the image {fetches} times")
+    moved = json.loads((warehouses["p2"] / "fetched" / "p2" / "bench-shared" / "manifest.json").read_text())
+    size = sum(f["size"] for f in moved["files"])
+    return [
+        Row("18", "Images move between plants: create through the shop on a plant that lacks a public image its "
+                  "peer published (tiny + 1 step, 1 step left): the first create fetches it over mutual TLS; later "
+                  "creates clone it, against the same create through a shop of the plant that held it",
+            f"first (fetch + clone + boot + 1 step) {sec(first_seconds)}; then, medians: on the plant that fetched "
+            f"it {sec(second_seconds)}, on the plant that held it {sec(local_seconds)}",
+            x(second_seconds / local_seconds), "later creates at clone speed (<= 1.25x the holder's)",
+            at_most(second_seconds / local_seconds, 1.25, x),
+            [f"the fetch moved {size / 2**20:.1f} MiB (disk {image.size / 2**20:.1f} MiB plus kernel, initrd, "
+             f"image file); the bid priced it at {sum(i.seconds for i in fetch_items):.2f} s; fetched-plant creates "
+             f"{spread(fetched, sec)}, holder creates {spread(held, sec)}; p2 fetched once"]),
+    ]
+
+
 ROWS = {
     "publish": ("16", row_publish),
+    "transfer": ("18", row_transfer),
 }

@@ -36,9 +36,12 @@ from typing import Any, TextIO
 
 from vmplant_service.config import (
     CONFIG_FILE,
+    DEFAULT_BANDWIDTH_MIB,
+    DEFAULT_CACHE_MIB,
     DEFAULT_CAPACITY_MEMORY,
     DEFAULT_CAPACITY_VMS,
     DEFAULT_CREATES,
+    DEFAULT_PEERS_REFRESH,
     DEFAULT_PORT,
     DEFAULT_QUEUE,
     DEFAULT_THREADS,
@@ -104,6 +107,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="serve no Prometheus metrics (default: at /metrics, for the admin role)")
     add("--metrics-refresh", type=float, default=DEFAULT_REFRESH,
         help=f"seconds between two reads of the VM records' counts for the metrics (default {DEFAULT_REFRESH:g})")
+    add("--peer", action="append", default=[], metavar="URL",
+        help="a plant (or warehouse server) whose public images this plant may fetch (repeatable)")
+    add("--cache-size", type=int, default=DEFAULT_CACHE_MIB,
+        help=f"MiB the images fetched from peers may hold; the least recently used go past it "
+             f"(default {DEFAULT_CACHE_MIB})")
+    add("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_MIB,
+        help=f"MiB/s a transfer is estimated at until one was measured (default {DEFAULT_BANDWIDTH_MIB:g})")
+    add("--peers-refresh", type=float, default=DEFAULT_PEERS_REFRESH,
+        help=f"seconds between two reads of the peers' catalogs (default {DEFAULT_PEERS_REFRESH:g})")
     add_security_flags(parser, "plant")
     add("--output", "-o", default=CONFIG_FILE, help=f"the file to write (default ./{CONFIG_FILE})")
     add("--yes", "-y", action="store_true", help="take the defaults for everything not given; ask nothing")
@@ -234,7 +246,8 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
                        datastore=datastore, shops_file=shops_file, watch_interval=args.watch_interval,
                        threads=args.threads, queue=args.queue, max_creates=args.max_creates,
                        shutdown_grace=args.shutdown_grace, security=security, metrics=args.metrics,
-                       metrics_refresh=args.metrics_refresh)
+                       metrics_refresh=args.metrics_refresh, peers=tuple(_url(p) for p in args.peer),
+                       cache_mib=args.cache_size, bandwidth_mib=args.bandwidth, peers_refresh=args.peers_refresh)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,

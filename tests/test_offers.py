@@ -463,3 +463,33 @@ def test_an_offer_names_private_images_owners_and_is_priced_for_the_requests_own
     fields = offer_fields(plant.offer())
     twins = [offer_from_wire(_wire(fields), f"https://p{i}:1/", cache, 0.0) for i in range(3)]
     assert twins[0].catalog.for_owner("alice") is twins[2].catalog.for_owner("alice")
+
+
+def test_an_image_a_peer_holds_is_priced_with_its_transfer_by_plant_and_shop_alike(plant: Any) -> None:
+    """The plant bids with an image it must fetch (its transfer seconds in the breakdown and in its offer); a shop
+    pricing the offer from the wire gets the very same bid."""
+    from vmplant_service.transfer import RemoteImage
+    from vmshop_common.guest import GuestTraits
+
+    local = plant.warehouse.get(IMAGE)
+    remote = RemoteImage(peer="https://peer:1/", name="fetchable", parent=IMAGE, size=10 * 2**20,
+                         dag=load_dag(chain(script("a", "echo a"), start=image_start())), hardware=local.hardware,
+                         guest=GuestTraits())
+    plant._fetchable = lambda images: {"fetchable": (remote, 3.5)}
+    plant._catalogs.clear()
+    request = chain(script("a", "echo a"), script("b", "echo b"))
+    at_plant = plant.estimate(request)
+    assert isinstance(at_plant, Bid) and at_plant.image == "fetchable" and at_plant.remaining == ("b",)
+    assert [(i.label, i.seconds, i.source) for i in at_plant.items if i.source == "transfer"] == \
+        [("fetch fetchable", 3.5, "transfer")]
+    fields = offer_fields(plant.offer("https://p:1/"))
+    assert {i["name"]: i["transfer_seconds"] for i in fields["images"]} == {IMAGE: None, "fetchable": 3.5}
+    offer = offer_from_wire(_wire(fields), "https://p:1/", CatalogCache(), 0.0)
+    at_shop = Pricing(load_dag(request)).price(offer)
+    assert isinstance(at_shop, Bid)
+    assert (at_shop.cost, at_shop.image, at_shop.remaining, at_shop.items) == \
+        (at_plant.cost, at_plant.image, at_plant.remaining, at_plant.items)
+    # Dearer to fetch than to run the step: the plant's own image wins.
+    plant._fetchable = lambda images: {"fetchable": (remote, 60.0)}
+    plant._catalogs.clear()
+    assert plant.estimate(request).image == IMAGE

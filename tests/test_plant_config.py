@@ -285,3 +285,30 @@ def test_tls_files_are_checked_before_writing(script: ModuleType, tmp_path: Path
                "--tls-ca", str(pki.ca))[0] == 1
     assert "does not match the certificate" in capsys.readouterr().err
     assert not (tmp_path / "configuration_vmplant.xml").exists()
+
+
+def test_peers_round_trip_and_plain_http_peers_refused_with_tls(tmp_path: Path) -> None:
+    peers = ('<peers cache="100" bandwidth="12.5" refresh="30"><peer url="https://p2.example.org:8090/"/>'
+             '<peer url="https://warehouse.example.org/site/"/></peers></vmplant>')
+    config = load_config(write(tmp_path, WITH_TLS.replace("</vmplant>", peers)))
+    assert config.peers == ("https://p2.example.org:8090/", "https://warehouse.example.org/site/")
+    assert (config.cache_mib, config.bandwidth_mib, config.peers_refresh) == (100, 12.5, 30.0)
+    assert load_config(write_config(config, tmp_path / "again.xml")) == config
+    plain = WITH_TLS.replace("</vmplant>", '<peers><peer url="http://p2.example.org:8090/"/></peers></vmplant>')
+    with pytest.raises(ConfigurationError, match="https only"):
+        load_config(write(tmp_path, plain, "plain.xml"))
+    with pytest.raises(SchemaInvalidError):
+        load_config(write(tmp_path, WITH_TLS.replace("</vmplant>", '<peers bandwidth="0"/></vmplant>'), "z.xml"))
+    defaults = load_config(write(tmp_path, WITH_TLS, "d.xml"))
+    assert (defaults.peers, defaults.cache_mib, defaults.bandwidth_mib) == ((), 4096, 50.0)
+
+
+def test_peer_flags(script: ModuleType, tmp_path: Path, pki: TestPki) -> None:
+    status, out = run(script, tmp_path, "--yes", "--warehouse", "wh", "--state-dir", "st", "--network", "none",
+                      "--output", "conf/plant.xml", *pki.tls_flags("plant"), "--authorization", "conf/mapfile",
+                      "--peer", "https://127.0.0.1:8091/", "--peer", "https://127.0.0.1:8092/",
+                      "--cache-size", "512", "--bandwidth", "20", "--peers-refresh", "15")
+    assert status == 0, out
+    config = load_config(tmp_path / "conf" / "plant.xml")
+    assert config.peers == ("https://127.0.0.1:8091/", "https://127.0.0.1:8092/")
+    assert (config.cache_mib, config.bandwidth_mib, config.peers_refresh) == (512, 20.0, 15.0)

@@ -341,6 +341,7 @@ STABLE_CODES = {
     "ActionFailedError": "Server.ActionFailed",
     "BackendError": "Server.BackendError",
     "DiskFullError": "Server.DiskFull",
+    "TransferFailedError": "Server.TransferFailed",
     "NoPlantError": "Server.NoPlantAvailable",
     "PlantGoneError": "Server.PlantGone",
     "OfferInvalidError": "Client.OfferInvalid",

@@ -50,6 +50,13 @@ DEFAULT_THREADS = 64
 DEFAULT_QUEUE = 64
 DEFAULT_CREATES = 8
 RECORDS_FILE = "records.sqlite3"
+#: Images fetched from peers (``<peers>``): MiB the fetched images may hold in all before the least recently used
+#: are evicted, the bandwidth (MiB/s) a transfer is estimated at before one was measured, seconds between two
+#: reads of the peers' catalogs.
+DEFAULT_CACHE_MIB = 4096
+DEFAULT_BANDWIDTH_MIB = 50.0
+DEFAULT_PEERS_REFRESH = 60.0
+MAX_PEERS = 32
 _WILDCARDS = ("0.0.0.0", "::", "")
 
 
@@ -90,6 +97,12 @@ class PlantConfig:
     security: ServerSecurity = ServerSecurity()
     metrics: bool = True  # Prometheus metrics at /metrics (admin role; vmshop_common/metrics.py)
     metrics_refresh: float = DEFAULT_REFRESH
+    #: Where images a request needs may be fetched from (plants' URLs, or warehouse servers' with the same layout:
+    #: vmplant_service/transfer.py), and the cache of fetched images.
+    peers: tuple[str, ...] = ()
+    cache_mib: int = DEFAULT_CACHE_MIB
+    bandwidth_mib: float = DEFAULT_BANDWIDTH_MIB
+    peers_refresh: float = DEFAULT_PEERS_REFRESH
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -179,6 +192,17 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
     limits = element("limits")
     work = element("work")
     metrics = element("metrics")
+    peers_el = element("peers")
+    peers: list[str] = []
+    if peers_el is not None:
+        for peer in peers_el.iterchildren(f"{{{CONFIG_NS}}}peer"):
+            parts = urlsplit(peer.get("url"))
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise fail(f"the peer URL '{peer.get('url')}' is not an http(s) URL with a host", peer)
+            if parts.scheme == "http" and not security.insecure:
+                raise fail(f"the peer URL '{peer.get('url')}' is plain http: a plant with TLS fetches images over "
+                           "https only", peer)
+            peers.append(peer.get("url"))
 
     def limit(name: str, default: int, of: etree._Element | None = limits) -> int:
         return int(of.get(name)) if of is not None and of.get(name) is not None else default
@@ -201,6 +225,12 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
         queue=limit("queue", DEFAULT_QUEUE, work), max_creates=limit("creates", DEFAULT_CREATES, work),
         metrics=metrics is None or metrics.get("enabled", "true") in ("true", "1"),
         metrics_refresh=float(metrics.get("refresh", DEFAULT_REFRESH)) if metrics is not None else DEFAULT_REFRESH,
+        peers=tuple(peers),
+        cache_mib=int(peers_el.get("cache", DEFAULT_CACHE_MIB)) if peers_el is not None else DEFAULT_CACHE_MIB,
+        bandwidth_mib=(float(peers_el.get("bandwidth", DEFAULT_BANDWIDTH_MIB)) if peers_el is not None
+                       else DEFAULT_BANDWIDTH_MIB),
+        peers_refresh=(float(peers_el.get("refresh", DEFAULT_PEERS_REFRESH)) if peers_el is not None
+                       else DEFAULT_PEERS_REFRESH),
         security=security, source=source)
 
 
@@ -255,6 +285,12 @@ def config_to_xml(config: PlantConfig) -> str:
         add("limits", **limits)
     if (config.threads, config.queue, config.max_creates) != (DEFAULT_THREADS, DEFAULT_QUEUE, DEFAULT_CREATES):
         add("work", threads=config.threads, queue=config.queue, creates=config.max_creates)
+    if config.peers or (config.cache_mib, config.bandwidth_mib, config.peers_refresh) != (
+            DEFAULT_CACHE_MIB, DEFAULT_BANDWIDTH_MIB, DEFAULT_PEERS_REFRESH):
+        peers = add("peers", cache=config.cache_mib, bandwidth=f"{config.bandwidth_mib:g}",
+                    refresh=f"{config.peers_refresh:g}")
+        for peer in config.peers:
+            etree.SubElement(peers, f"{{{ns}}}peer", {"url": peer})
     etree.indent(root, space="  ")
     body = etree.tostring(root, encoding="unicode")
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'

@@ -9,7 +9,11 @@ thread pool every request's work runs on (each kind of work within its
 stated deadline, :mod:`vmplant_service.service`), the notifier of its shops,
 the watch of the running guests, the metrics' refresh (with ``<metrics>``:
 the records' counts read on the pool; see :mod:`vmplant_service.metrics`),
-and the listener (last: nothing is served before the rest runs): over TLS
+the reading of its peers' catalogs (with ``<peers>``: at once, then every
+``<peers refresh>`` seconds, on the pool; :mod:`vmplant_service.transfer`),
+and the listener (last: nothing is served before the rest runs; it also
+serves the plant's public images at ``/images/`` to plants, shops and
+admins): over TLS
 with its certificate (also presented to the shops it notifies), taking calls only from the identities its authorisation
 file gives the shop or admin role; or, configured insecure, plain HTTP on
 loopback.
@@ -49,9 +53,11 @@ from vmshop_common.servermain import server_main
 from vmshop_common.soap.listener import SoapListener
 from vmshop_common.soap.server import SoapSite, build_site
 from vmshop_common.threads import ThreadPoolService, in_thread
+from vmshop_common.tls import Credentials
 
 from .backends import load_backend
 from .config import PlantConfig, load_config
+from .imageserve import HASH_DEADLINE, ImagesResource
 from .ippool import IPPool
 from .metrics import PlantMetrics
 from .notify import ShopNotifier
@@ -59,6 +65,7 @@ from .plant import Plant
 from .records import PlantRecords
 from .segment import OwnerSegments, default_switch_dir
 from .service import APP_NAME, PlantRuntime, VMPlantService
+from .transfer import CATALOG_TIMEOUT, Transfers
 from .warehouse import Warehouse
 from .wire import TNS
 
@@ -73,8 +80,9 @@ CLOSE_DEADLINE = 10.0
 WATCH_DEADLINE = 300.0
 
 
-def build_plant(config: PlantConfig) -> Plant:
-    """Every part of the plant, from its configuration (nothing listens yet)."""
+def build_plant(config: PlantConfig, credentials: Credentials | None = None) -> Plant:
+    """Every part of the plant, from its configuration (nothing listens yet); with ``<peers>``, what fetches
+    images from them, presenting ``credentials`` (the plant's own)."""
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     # Backend options come from the configuration only: the accelerator probe's cache, for one,
@@ -91,7 +99,17 @@ def build_plant(config: PlantConfig) -> Plant:
             raise ConfigurationError("network mode vde needs an ip file (<network ipfile=...>)")
         pool = IPPool(Path(config.ip_file))
         segments = OwnerSegments(Path(config.switch_dir) if config.switch_dir else default_switch_dir(state))
-    return Plant(config, backend, records, warehouse, pool, segments)
+    plant = Plant(config, backend, records, warehouse, pool, segments)
+    if config.peers:
+        def in_use() -> set[str]:  # called under the plant's lock
+            return {r.image for r in plant.records.live_vms()} | set(plant._reserved_images.values())
+
+        transfers = Transfers(warehouse, config.name, config.peers, credentials, records,
+                              cache_bytes=config.cache_mib * 2**20, bandwidth=config.bandwidth_mib * 2**20,
+                              in_use=in_use, lock=plant._lock)
+        transfers.sweep()
+        plant.attach_peers(transfers)
+    return plant
 
 
 class NotifierService(Service):
@@ -141,7 +159,7 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
     if config.security.insecure and not is_loopback(host):
         raise ConfigurationError(f"insecure (plain HTTP) is refused on {host}: only on a loopback address")
     security = start_security(config.security, "plant")
-    plant = build_plant(config)
+    plant = build_plant(config, security.credentials)
     report = plant.recover()
     if any(report.values()):
         log.info("recovered: adopted %s, failed %s, collected %s", report["adopted"], report["failed"],
@@ -157,6 +175,9 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
     site.app.vmplant = runtime
     site.identities = security.identities
     metrics = attach_metrics(site, plant, reactor) if config.metrics else None
+    site.images_resource = ImagesResource(
+        plant.warehouse, site, reactor,
+        run=lambda work, what: pool.run(work, deadline=HASH_DEADLINE, what=what))
     listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
                             tls=security.credentials, insecure=security.insecure, reactor=reactor)
 
@@ -176,6 +197,8 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
                                 metrics.refresher(lambda read: pool.run(read, what="the metrics' counts")).run,
                                 name="metrics refresh", shutdown=shutdown, now=True, clock=reactor)]
                     if metrics is not None else []),
+                  *([RoundTimer(config.peers_refresh, lambda: _peers_round(runtime), name="peers' catalogs",
+                                shutdown=shutdown, now=True, clock=reactor)] if plant.transfers is not None else []),
                   listener):
         child.setServiceParent(root)
     return PlantServer(root, plant, runtime, listener, pool, security, metrics)
@@ -216,6 +239,25 @@ def shop_urls(config: PlantConfig) -> list[str]:
     """The endpoint URLs of the shops in the plant's shop list (ConfigurationError if it is bad): https, or
     http for an insecure plant."""
     return [url(config.security.scheme, h, p) for h, p in config.shops()]
+
+
+def _peers_round(runtime: PlantRuntime) -> Deferred[Any]:
+    """One read of the peers' catalogs (on the plant's pool, each peer within its deadline); the shops hear of
+    this plant's offer when what it could fetch changed."""
+    transfers = runtime.plant.transfers
+    assert transfers is not None
+    before = {name: image.size for name, image in transfers.remote.items()}
+
+    def read() -> bool:
+        transfers.refresh()
+        return {name: image.size for name, image in transfers.remote.items()} != before
+
+    def told(changed: bool) -> None:
+        if changed and runtime.notifier is not None:
+            runtime.notifier.changed()
+
+    deadline = CATALOG_TIMEOUT * (len(transfers.peers) + 1)
+    return runtime.pool.run(read, deadline=deadline, what="reading the peers' catalogs").addCallback(told)
 
 
 def _watch_round(runtime: PlantRuntime) -> Deferred[Any]:

@@ -26,7 +26,11 @@ Guarantees:
   runs and no create, configure or other publish of it does, and a
   configure waits for its publish; bids and creates use only the images
   their owner may see (:meth:`~.warehouse.Warehouse.visible`), and an image
-  is unpublished only when no VM being made or live uses it as a base.
+  is unpublished only when no VM being made or live uses it as a base;
+- an image a peer holds and this plant lacks (:mod:`.transfer`) is bid
+  for with its fetch's seconds, and a create that needs it fetches it
+  (and its missing lineage) first, once however many creates need it; the
+  images a create fetched are kept from eviction until it ends.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from .quiesce import quiesced, thaw_cut_short
 from .records import PlantRecords, VMRecord
 from .seed import SeedNic, hostname_for, write_seed
 from .segment import OwnerSegments, mac_for, segment_name
+from .transfer import Transfers
 from .warehouse import ImageInfo, Warehouse
 
 log = logging.getLogger(__name__)
@@ -139,6 +144,8 @@ class Plant:
         self._cancelled: set[str] = set()  # VMs being created that a collect cancelled
         self._publishing: dict[str, str] = {}  # vm_id -> the image name it is being published as
         self.publisher = Publisher(warehouse, config.name)
+        #: Where images this plant lacks are fetched from (None: no peers; :meth:`attach_peers`).
+        self.transfers: Transfers | None = None
         #: Told of each guest-agent error ('failed', 'timeout', 'no_answer'), from worker threads (the metrics'
         #: hook; vmplant_service/metrics.py).
         self.on_agent_error: Callable[[str], None] | None = None
@@ -226,11 +233,15 @@ class Plant:
         those images are the same. ``None``: every image, each private one with its owner (what the offer holds:
         a shop prices a request of an owner against :meth:`Catalog.for_owner`)."""
         images = self.warehouse.images if owner is None else self.warehouse.visible(owner)
-        key = tuple((name, id(info)) for name, info in sorted(images.items()))
+        remote = self._fetchable(images)
+        key = (tuple((name, id(info)) for name, info in sorted(images.items())),
+               tuple((name, id(image)) for name, (image, _) in sorted(remote.items())))
         cached = self._catalogs.get(owner)
         if cached is not None and cached[0] == key:
             return cached[1]
-        cached_images = tuple(info.cached_image() for _, info in sorted(images.items()))
+        every = {**{name: image.cached_image() for name, (image, _) in remote.items()},
+                 **{name: info.cached_image() for name, info in images.items()}}
+        cached_images = tuple(image for _, image in sorted(every.items()))
         owners = {name: info.owner for name, info in images.items() if not info.public and info.owner}
         digest = catalog_digest(((image.name, dag_to_xml(image.dag), image.hardware) for image in cached_images),
                                 owners)
@@ -239,6 +250,18 @@ class Plant:
             self._catalogs.pop(next(iter(self._catalogs)))
         self._catalogs[owner] = (key, catalog)
         return catalog
+
+    def _fetchable(self, images: dict[str, ImageInfo]) -> dict[str, Any]:
+        """The images peers hold that ``images`` lacks and this plant could fetch (name -> (RemoteImage,
+        seconds)); none without peers."""
+        if self.transfers is None:
+            return {}
+        return self.transfers.offerable(images)
+
+    def attach_peers(self, transfers: Transfers) -> None:
+        """Fetch the images this plant lacks from ``transfers``' peers (see :mod:`.transfer`)."""
+        self.transfers = transfers
+        self._catalogs.clear()
 
     def _datasets(self) -> frozenset[str]:
         store = self.config.datastore
@@ -263,27 +286,31 @@ class Plant:
                 creating -= sum(shop == besides_shop for shop in self._reserved_shops.values())
             used = sum(r.memory for r in live_vms if r.vm_id not in self._reserved) + sum(self._reserved.values())
         infos = self.warehouse.images if owner is None else self.warehouse.visible(owner)
-        booted = self._booted(infos)
+        remote = self._fetchable(infos)
+        booted = self._booted({name: info.parent for name, info in infos.items()}
+                              | {name: image.parent for name, (image, _) in remote.items()})
         guests = {name: info.guest for name, info in infos.items() if info.guest != GuestTraits()}
+        guests.update({name: image.guest for name, (image, _) in remote.items() if image.guest != GuestTraits()})
         return Offer(plant=plant_url or self.config.name, version=0, issued=self.clock(), catalog=self.catalog(owner),
                      terms=self.terms(), steps=steps, clone_seconds=metric("clone_seconds") or 0.05,
                      boot_seconds=metric("boot_seconds") or 5.0, live=live, creating=creating,
                      free_memory=self.config.capacity_memory - used, datasets=self._datasets(),
-                     image_boot_seconds=booted, guests=guests)
+                     image_boot_seconds=booted, guests=guests,
+                     transfer_seconds={name: seconds for name, (_, seconds) in remote.items()})
 
-    def _booted(self, infos: dict[str, ImageInfo]) -> dict[str, float]:
-        """Each image's measured boot seconds; an image not booted here yet boots as the image it was published
-        from (its nearest booted ancestor)."""
+    def _booted(self, parents: dict[str, str | None]) -> dict[str, float]:
+        """Each image's measured boot seconds (``parents``: each image's parent); an image not booted here yet
+        boots as the image it was published from (its nearest booted ancestor)."""
         metric = self.records.metric
-        booted = {name: seconds for name in infos if (seconds := metric(f"boot_seconds:{name}")) is not None}
-        for name in infos:
-            parent = infos[name].parent
-            for _ in range(len(infos)):
-                if name in booted or parent is None or parent not in infos:
+        booted = {name: seconds for name in parents if (seconds := metric(f"boot_seconds:{name}")) is not None}
+        for name in parents:
+            parent = parents[name]
+            for _ in range(len(parents)):
+                if name in booted or parent is None or parent not in parents:
                     break
                 if parent in booted:
                     booted[name] = booted[parent]
-                parent = infos[parent].parent
+                parent = parents[parent]
         return booted
 
     def offer(self, plant_url: str = "") -> Offer:
@@ -293,7 +320,8 @@ class Plant:
         live, creating = offer.live, offer.creating
         content = (offer.catalog.digest, offer.terms, tuple(sorted(offer.steps.items())), offer.clone_seconds,
                    offer.boot_seconds, tuple(sorted(offer.image_boot_seconds.items())),
-                   tuple(sorted(offer.guests.items())), live, creating, offer.free_memory, offer.datasets)
+                   tuple(sorted(offer.guests.items())), tuple(sorted(offer.transfer_seconds.items())), live, creating,
+                   offer.free_memory, offer.datasets)
         with self._lock:
             if content != self._offer_content:
                 self._offer_content = content
@@ -333,6 +361,20 @@ class Plant:
             if cost > max_cost:
                 raise OfferExceededError(f"this plant's cost for the VM is now {cost:g} s, more than the "
                                          f"{max_cost:g} s the shop accepts from its offer")
+        pinned: list[str] = []
+        if self.transfers is not None:
+            pinned = self.transfers.pin(self.transfers.lineage(estimate.image))
+        try:
+            if estimate.image not in self.warehouse.images and self.transfers is not None:
+                self.transfers.ensure(estimate.image)  # fetched, with its lineage, once (TransferFailedError)
+            elif self.transfers is not None:
+                self.transfers.touch(estimate.image)
+            return self._create(dag, estimate, owner, vm_id, shop)
+        finally:
+            if self.transfers is not None:
+                self.transfers.unpin(pinned)
+
+    def _create(self, dag: Dag, estimate: Bid, owner: str, vm_id: str | None, shop: str) -> CreateResult:
         visible = self.warehouse.visible(owner)
         info = visible[estimate.image]
         flat = flatten(dag, {name: image.dag for name, image in visible.items()})

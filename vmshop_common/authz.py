@@ -49,7 +49,9 @@ Shop:
 * ``plantChanged``: a ``plant`` identity that lists the notice's plant
   address, or ``admin``.
 
-Plant: every operation needs ``shop`` or ``admin``.
+Plant: every operation needs ``shop`` or ``admin``; its public images
+(``/images/``, :mod:`vmplant_service.transfer`) are read by ``plant``,
+``shop`` or ``admin``.
 
 A server listening ``insecure`` (plain HTTP, loopback only) has no
 certificates to go by: every caller is :data:`ANONYMOUS`, which has every

@@ -5,7 +5,10 @@ seconds + a load term. An action's expected seconds come, in this order of
 preference, from the plant's history of measured runs of that step
 (``history``), from the DAG's ``cost`` hint, or from ``default_seconds``.
 The boot cost is the image's own measured boot (``image_boot_seconds``: a
-Debian cloud image boots far slower than tiny), else ``boot_seconds``.
+Debian cloud image boots far slower than tiny), else ``boot_seconds``. An
+image the plant must first fetch from a peer (``transfer_seconds``: the
+seconds that fetch takes, measured or estimated by the plant) costs that
+too, as a 'transfer' item.
 Among the images that can serve a request, the bid uses the one whose
 boot and remaining actions cost least (ties: the one that embodies more
 steps, then the name); images the plant cannot run (``unfit``, with the
@@ -38,7 +41,7 @@ class StepHistory(Protocol):
 class CostItem:
     """One term of a bid: what it is for, its seconds, and where the figure came from.
 
-    ``source`` is one of 'clone', 'boot', 'history', 'hint', 'default', 'load'.
+    ``source`` is one of 'clone', 'transfer', 'boot', 'history', 'hint', 'default', 'load'.
     """
 
     label: str
@@ -82,6 +85,8 @@ class CostModel:
     default_seconds: float = DEFAULT_ACTION_SECONDS
     history: StepHistory | None = None
     image_boot_seconds: Mapping[str, float] = field(default_factory=dict)
+    #: Seconds fetching each image a peer holds (and this plant lacks) takes; images not named are here.
+    transfer_seconds: Mapping[str, float] = field(default_factory=dict)
 
     def boot_of(self, image: str) -> float:
         """The boot seconds of ``image``: its own measurement, else the plant's."""
@@ -119,13 +124,17 @@ class CostModel:
         for match in matched.matches:
             items = [self.action_item(flat.nodes[node_id], digests.get(node_id))  # type: ignore[arg-type]
                      for node_id in match.remaining]
-            seconds = sum(item.seconds for item in items) + self.boot_of(match.image)
+            seconds = (sum(item.seconds for item in items) + self.boot_of(match.image)
+                       + self.transfer_seconds.get(match.image, 0.0))
             key = (seconds, -len(match.matched), match.image)
             if best is None or key < best:
                 best, chosen = key, (match, items)
         assert chosen is not None
         match, items = chosen
         terms = [CostItem(f"clone {match.image}", self.clone_seconds, "clone")]
+        transfer = self.transfer_seconds.get(match.image)
+        if transfer is not None:
+            terms.insert(0, CostItem(f"fetch {match.image}", transfer, "transfer"))
         boot = self.boot_of(match.image)
         if boot:
             terms.append(CostItem("boot", boot, "boot"))

@@ -309,6 +309,13 @@ class DiskFullError(VMShopError):
     CODE = "Server.DiskFull"
 
 
+class TransferFailedError(VMShopError):
+    """An image could not be fetched from a peer: unreachable, refused, or its bytes are not what its manifest
+    says (size or sha256); nothing of it is kept."""
+
+    CODE = "Server.TransferFailed"
+
+
 class NoPlantError(VMShopError):
     """No plant could create the VM."""
 
@@ -348,8 +355,8 @@ ALL_ERRORS: tuple[type[VMShopError], ...] = (
     QuotaExceededError, VersionMismatchError, NotAnEnvelopeError, NoBodyError, ExtraBodyError, HeaderMisplacedError,
     StrayContentError, NoOperationError, ExtraOperationError, ShuttingDownError, BusyError, DeadlineExceededError,
     RegistryUnavailableError,
-    CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError, DiskFullError, NoPlantError,
-    PlantGoneError, OfferInvalidError, OfferExceededError, ConfigurationError,
+    CapacityExhaustedError, PoolExhaustedError, ActionFailedError, BackendError, DiskFullError, TransferFailedError,
+    NoPlantError, PlantGoneError, OfferInvalidError, OfferExceededError, ConfigurationError,
 )
 ERROR_BY_CODE: dict[str, type[VMShopError]] = {cls.CODE: cls for cls in ALL_ERRORS}
 

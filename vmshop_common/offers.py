@@ -6,7 +6,9 @@ function of the request and of a few facts about the plant: its catalog
 digests and lineage), its measured step, clone and boot seconds (each
 image's own boot where measured), each image's ``<guest>`` traits, its
 load, and its terms (backend capabilities, among them whether it can boot
-an image's own kernel or attach a seed disk, capacity and limits): an image
+an image's own kernel or attach a seed disk, capacity and limits), and the
+images it lacks but can fetch from a peer, each with the seconds that
+fetch takes (``transfer_seconds``; the catalog lists them): an image
 the plant cannot run for a request (:func:`vmshop_common.guest.unfit`) is
 passed over, by the plant and the shop alike. An
 :class:`Offer` is those facts, versioned. :func:`price` is the bid, and the
@@ -221,6 +223,8 @@ class Offer:
     image_boot_seconds: Mapping[str, float] = field(default_factory=dict)
     #: Each image's ``<guest>`` traits (images not named have the defaults), for :func:`vmshop_common.guest.unfit`.
     guests: Mapping[str, GuestTraits] = field(default_factory=dict)
+    #: The images of the catalog the plant must first fetch from a peer, with the seconds that takes.
+    transfer_seconds: Mapping[str, float] = field(default_factory=dict)
 
     def expected_seconds(self, digest: str) -> float | None:
         return self.steps.get(digest)
@@ -266,7 +270,7 @@ def price(request: Dag, matched: Matched | Decline, offer: Offer, *, extra_creat
     creating = max(offer.creating, extra_creating)
     model = CostModel(clone_seconds=offer.clone_seconds, boot_seconds=offer.boot_seconds,
                       history=history if history is not None else offer,
-                      image_boot_seconds=offer.image_boot_seconds)
+                      image_boot_seconds=offer.image_boot_seconds, transfer_seconds=offer.transfer_seconds)
     bid = model.price(fit, load_seconds(creating, offer.boot_seconds))
     flat = matched.flat
     key = ("too long", id(terms), bid.remaining)
@@ -300,7 +304,8 @@ def pricing_key(offer: Offer) -> tuple[Any, ...]:
     """What :func:`price` depends on in an offer (besides a pricer's own creates in flight): offers with equal
     keys get equal prices. Terms, data sets and step costs count by identity (a CatalogCache interns them)."""
     return (offer.catalog.digest, id(offer.terms), id(offer.datasets), id(offer.steps), offer.clone_seconds,
-            offer.boot_seconds, id(offer.image_boot_seconds), id(offer.guests), offer.live, offer.creating)
+            offer.boot_seconds, id(offer.image_boot_seconds), id(offer.guests), id(offer.transfer_seconds), offer.live,
+            offer.creating)
 
 
 def _flat_or_none(request: Dag, catalog: Catalog) -> Dag | None:
@@ -337,7 +342,8 @@ class Pricing:
         # The price depends on the offer only through these: offers equal in them share one answer.
         steps = tuple(offer.steps.get(d) for d in matched.digests.values()) if isinstance(matched, Matched) else ()
         key = ("price", id(offer.terms), id(offer.datasets), offer.clone_seconds, offer.boot_seconds,
-               id(offer.image_boot_seconds), id(offer.guests), offer.live, offer.creating, extra_creating, steps)
+               id(offer.image_boot_seconds), id(offer.guests), id(offer.transfer_seconds), offer.live,
+               offer.creating, extra_creating, steps)
         found = memo.get(key)
         if found is None:
             found = memo[key] = (offer.terms, offer.datasets,
@@ -449,6 +455,7 @@ def offer_from_wire(data: Any, plant: str, catalogs: CatalogCache, received: flo
     entries: list[tuple[str, str, Hardware]] = []
     names: set[str] = set()
     boots: dict[str, float] = {}
+    transfers: dict[str, float] = {}
     guests: dict[str, GuestTraits] = {}
     owners: dict[str, str] = {}
     for image in _many(getattr(data, "images", None), "images", MAX_IMAGES):
@@ -470,6 +477,9 @@ def offer_from_wire(data: Any, plant: str, catalogs: CatalogCache, received: flo
         boot = getattr(image, "boot_seconds", None)
         if boot is not None:
             boots[name] = _number(boot, f"image '{name}' boot seconds")
+        transfer = getattr(image, "transfer_seconds", None)
+        if transfer is not None:
+            transfers[name] = _number(transfer, f"image '{name}' transfer seconds")
         guest = GuestTraits(agent=_choice(getattr(image, "agent", None), f"image '{name}' agent", AGENTS, 32),
                             contextualization=_choice(getattr(image, "contextualization", None),
                                                       f"image '{name}' contextualization", CONTEXTUALIZATIONS),
@@ -519,7 +529,8 @@ def offer_from_wire(data: Any, plant: str, catalogs: CatalogCache, received: flo
                                      integer=True, limit=2**40),
                  datasets=catalogs.intern(datasets), received=received,
                  image_boot_seconds=catalogs.intern(boots, ("boots", tuple(sorted(boots.items())))),
-                 guests=catalogs.intern(guests, ("guests", tuple(sorted(guests.items())))))
+                 guests=catalogs.intern(guests, ("guests", tuple(sorted(guests.items())))),
+                 transfer_seconds=catalogs.intern(transfers, ("transfers", tuple(sorted(transfers.items())))))
 
 
 __all__ = ["Catalog", "CatalogCache", "Offer", "Pricing", "Terms", "catalog_digest", "full", "image_unfitness",

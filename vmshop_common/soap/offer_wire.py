@@ -20,7 +20,8 @@ def offer_type(tns: str) -> Any:
     image: Any = type("OfferImage", (ComplexModel,), {
         "__namespace__": tns, "name": Unicode, "dag": Unicode, "memory": Integer, "vcpus": Integer,
         "disk": Integer, "arch": Unicode, "boot_seconds": Double, "agent": Unicode, "contextualization": Unicode,
-        "kernel": Unicode, "data_share": Unicode, "owner": Unicode})
+        "kernel": Unicode, "data_share": Unicode, "owner": Unicode,
+        "transfer_seconds": Double})
     step: Any = type("StepCost", (ComplexModel,), {"__namespace__": tns, "digest": Unicode, "seconds": Double})
     return type("Offer", (ComplexModel,), {
         "__namespace__": tns,
@@ -49,7 +50,8 @@ def offer_fields(offer: Any) -> dict[str, Any]:
         return {"name": i.name, "dag": dag_to_xml(i.dag), "memory": i.hardware.memory, "vcpus": i.hardware.vcpus,
                 "disk": i.hardware.disk, "arch": i.hardware.arch, "boot_seconds": offer.image_boot_seconds.get(i.name),
                 "agent": guest.agent, "contextualization": guest.contextualization, "kernel": guest.kernel,
-                "data_share": guest.data_share, "owner": offer.catalog.owners.get(i.name)}
+                "data_share": guest.data_share, "owner": offer.catalog.owners.get(i.name),
+                "transfer_seconds": offer.transfer_seconds.get(i.name)}
 
     return {
         "plant": offer.plant, "version": offer.version, "issued": offer.issued,

@@ -413,9 +413,15 @@ class SoapSite(LimitedSite):
     """What answers ``/metrics`` (a :class:`vmshop_common.metrics.MetricsResource`); ``None``: that path is SOAP
     like any other."""
 
+    images_resource: Any = None
+    """What answers ``/images/...`` (a plant's :class:`vmplant_service.transfer.ImagesResource`); ``None``: that
+    path is SOAP like any other."""
+
     def getResourceFor(self, request: Request) -> Any:  # noqa: N802 - Twisted's name
         if self.metrics_resource is not None and request.path == METRICS_PATH:
             return self.metrics_resource
+        if self.images_resource is not None and request.path.startswith(b"/images/"):
+            return self.images_resource
         return super().getResourceFor(request)
 
     @property
