@@ -88,11 +88,18 @@ def test_command_line(tmp_path: Path) -> None:
     assert netdevs == ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:18080-:80", "user,id=net1,restrict=on",
                        "vde,id=net2,sock=/run/sw.ctl"]
     assert all("restrict=on" in n for n in netdevs if n.startswith("user,"))
-    assert option_values(command, "-device")[3:] == [
+    # A VM generation id (pc and q35): a clone restored from a saved state gets a new one (its kernel reseeds).
+    assert option_values(command, "-device")[2] == "vmgenid,id=vmgenid0"
+    assert "-incoming" not in command
+    assert option_values(command, "-device")[4:] == [
         "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile=",
         "virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02,romfile=",
         "virtio-net-pci,netdev=net2,mac=52:54:00:00:00:03,romfile="]
     assert option_values(command, "-qmp") == [f"unix:{paths.qmp},server=on,wait=off"]
+    # Restoring a saved state: QEMU waits paused for it (migrate-incoming fd:, given over QMP), never boots.
+    restoring = qemu_command(spec, "/usr/bin/qemu-system-x86_64", "tcg", runas="vmshop-qemu", incoming=True)
+    assert option_values(restoring, "-incoming") == ["defer"] and "-S" in restoring
+    assert [a for a in restoring if a not in ("-incoming", "defer", "-S")] == command
     assert option_values(command, "-pidfile") == [str(paths.pidfile)]
     assert option_values(command, "-serial") == ["chardev:con0"]
     for flag in ("-nodefaults", "-no-reboot", "-no-user-config"):
