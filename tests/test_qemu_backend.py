@@ -244,6 +244,41 @@ def test_qmp_errors_are_backend_errors(tmp_path: Path) -> None:
         mute.close()
 
 
+def test_qmp_passes_a_file_descriptor_with_a_command(tmp_path: Path) -> None:
+    """getfd: the state file the plant opened reaches QEMU as a descriptor (SCM_RIGHTS), never as a path."""
+    path = str(tmp_path / "fd.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    received: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            for _ in range(2):
+                data, fds, _, _ = socket.recv_fds(conn, 65536, 4)
+                request = json.loads(data.splitlines()[0])
+                for fd in fds:
+                    with os.fdopen(fd, "rb") as handle:
+                        received.append(handle.read())
+                conn.sendall(json.dumps({"return": {}, "id": request["id"]}).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    state = tmp_path / "state.bin"
+    state.write_bytes(b"machine state")
+    fd = os.open(state, os.O_RDONLY)
+    try:
+        with QMPClient(path, timeout=5) as qmp:
+            assert qmp.execute("getfd", {"fdname": "vmshop-state"}, fds=(fd,)) == {}
+    finally:
+        os.close(fd)
+        thread.join(5)
+        server.close()
+    assert received == [b"machine state"]
+
+
 def test_qmp_waits_while_the_listen_backlog_is_full(tmp_path: Path) -> None:
     """QEMU listens with a backlog of one: a full backlog is "busy" (EAGAIN), not a dead guest."""
     path = str(tmp_path / "busy.sock")
