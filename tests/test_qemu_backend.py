@@ -70,7 +70,8 @@ def test_command_line(tmp_path: Path) -> None:
     assert option_values(command, "-m") == ["128M"] and option_values(command, "-smp") == ["2"]
     assert option_values(command, "-kernel") == [str(tmp_path / "vmlinux")]
     assert option_values(command, "-append") == ["console=ttyS0 quiet"]
-    assert option_values(command, "-drive") == [f"file={tmp_path / 'disk.qcow2'},if=virtio,format=qcow2,cache=unsafe"]
+    assert option_values(command, "-drive") == [
+        f"file={tmp_path / 'disk.qcow2'},file.auto-read-only=off,if=virtio,format=qcow2,cache=unsafe"]
     # No writable share at all: the data share is read-only; the channel is the agent's virtio-serial port.
     assert option_values(command, "-fsdev") == [
         f"local,id=data,path={tmp_path / 'data'},security_model=none,readonly=on"]

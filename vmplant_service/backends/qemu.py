@@ -214,7 +214,12 @@ def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str
             command += ["-initrd", str(Path(spec.initrd).absolute())]
         if spec.cmdline:
             command += ["-append", spec.cmdline]
-    command += ["-drive", f"file={Path(spec.disk).absolute()},if=virtio,format=qcow2,cache={disk_cache}"]
+    # file.auto-read-only=off: the overlay's file stays open read-write while a saved state is written or loaded.
+    # With -drive's default (on), QEMU reopens the file BY PATH, read-only, when a migration inactivates the disk
+    # (and read-write when it is activated again), which QEMU, by then the runas user, may not do in the plant's
+    # 0700 directory: the save (or a restore) failed with "bdrv_inactivate_all() failed (-1)" (measured, 7.2).
+    command += ["-drive", f"file={Path(spec.disk).absolute()},file.auto-read-only=off,if=virtio,format=qcow2,"
+                          f"cache={disk_cache}"]
     if spec.seed is not None:
         # The cloud-init seed: a second virtio disk, read-only (QEMU opens it read-only, as root, before -runas).
         command += ["-drive", f"file={Path(spec.seed).absolute()},if=virtio,format=raw,readonly=on"]
