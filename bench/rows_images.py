@@ -119,9 +119,13 @@ def row_resume(ctx: Context) -> list[Row]:
     plant = common.launch_plant(ctx, directory / "plant", network="vde", capacity_vms=3, warehouse=warehouse)
     shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(plant)])
     common.settle()
-    log("resume: a VM published twice: with its running state, and its disk alone")
+    log("resume: a VM published twice: its disk alone, then (one empty step later) with its running state")
     source = shop.service.createVM(dag=_dag("echo ready > /srv-ready && sync"), owner="bench").vm
     shop.service.publishVM(vm=source.epr, image="bench-disk")
+    # One more (empty) step, so that a request for either image matches that image alone.
+    shop.service.configureVM(vm=source.epr, dag=_dag("true"))
+    common.servers.wait_for(lambda: shop.service.describeVM(vm=source.epr).state == "running", 30,
+                            "the VM running again")
     save_seconds, saved = timed(lambda: shop.service.publishVM(vm=source.epr, image="bench-saved", with_state=True))
     shop.service.collectVM(vm=source.epr)
     if not saved.with_state:
