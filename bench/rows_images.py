@@ -1,4 +1,4 @@
-"""Benchmark rows of images that grow with use (issue 14, part 1: publish).
+"""Benchmark rows of images that grow with use (issue 14, parts 1 and 2: publish, resume).
 
 14. ``publish``: "publish pays off": a DAG of the tiny image plus 3 script
     actions of about 1 s each, created from the base image, against the same
@@ -12,6 +12,12 @@
     clones it at clone speed: both through the shop, against the same create
     through another shop whose only plant is p1 (which held the image from
     the start).
+
+17. ``resume``: a create through the shop from an image published with its
+    running state (it resumes, then its identity is reset through its
+    agent), against a create of the same image published without its state
+    (a bare boot until the agent answers), both with no action left,
+    medians.
 
 The plant has a warehouse of its own (its index lists the real tiny image's
 file), so what the row publishes never reaches the shared warehouse.
@@ -107,6 +113,63 @@ def row_publish(ctx: Context) -> list[Row]:
     ]
 
 
+def _image_only(image: str) -> str:
+    return f'<vm xmlns="{DAG_NS}"><nodes><image id="start" name="{image}"/></nodes><edges/></vm>'
+
+
+def row_resume(ctx: Context) -> list[Row]:
+    directory = ctx.directory("resume")
+    warehouse = directory / "warehouse"
+    warehouse.mkdir()
+    (warehouse / "index.txt").write_text(f"{(common.WAREHOUSE / 'tiny' / 'image.xml').resolve()}\n")
+    log("resume: starting a qemu plant (its own warehouse, owners' segments) and a shop")
+    plant = common.launch_plant(ctx, directory / "plant", network="vde", capacity_vms=3, warehouse=warehouse)
+    shop = common.launch_shop(ctx, directory / "shop", [common.servers.host_port(plant)])
+    common.settle()
+    log("resume: a VM published twice: its disk alone, then (one empty step later) with its running state")
+    source = shop.service.createVM(dag=_dag("echo ready > /srv-ready && sync"), owner="bench").vm
+    shop.service.publishVM(vm=source.epr, image="bench-disk")
+    # One more (empty) step, so that a request for either image matches that image alone.
+    shop.service.configureVM(vm=source.epr, dag=_dag("true"))
+    common.servers.wait_for(lambda: shop.service.describeVM(vm=source.epr).state == "running", 30,
+                            "the VM running again")
+    save_seconds, saved = timed(lambda: shop.service.publishVM(vm=source.epr, image="bench-saved", with_state=True))
+    shop.service.collectVM(vm=source.epr)
+    if not saved.with_state:
+        raise RuntimeError("the image was published without its state")
+
+    def create(image: str) -> float:
+        seconds, made = timed(lambda: shop.service.createVM(dag=_image_only(image), owner="bench"))
+        try:
+            if made.vm.image != image:
+                raise RuntimeError(f"created from {made.vm.image}, not {image}")
+        finally:
+            shop.service.collectVM(vm=made.vm.epr)
+        return seconds
+
+    log("resume: warm-up creates (kernel, image and state in the page cache)")
+    create("bench-disk")
+    create("bench-saved")
+    booted, resumed = [], []
+    for i in range(ctx.n(5, 2)):
+        order = [("bench-disk", booted), ("bench-saved", resumed)]
+        for image, into in order if i % 2 == 0 else order[::-1]:
+            common.settle()
+            log(f"resume: round {i + 1}: create from {image}")
+            into.append(create(image))
+    for name in ("bench-saved", "bench-disk"):
+        shop.service.unpublishImage(image=name)
+    boot, resume = median(booted), median(resumed)
+    return [
+        Row("17", "Resume: create through the shop of the tiny image from a saved running state (restore, then the "
+                  "identity reset: thaw, entropy, clock, MACs, address, host name) vs a bare boot of the same image "
+                  "until its agent answers, no actions, medians",
+            f"boot: {sec(boot)}; resume: {sec(resume)}", x(resume / boot), "<= 0.3x", at_most(resume / boot, 0.3, x),
+            [f"boot {spread(booted, sec)}; resume {spread(resumed, sec)}; publishing with the state took "
+             f"{sec(save_seconds)} ({ctx.accelerator})"]),
+    ]
+
+
 def row_transfer(ctx: Context) -> list[Row]:
     directory = ctx.directory("transfer")
     tiny = (common.WAREHOUSE / "tiny" / "image.xml").resolve()
@@ -185,5 +248,6 @@ def row_transfer(ctx: Context) -> list[Row]:
 
 ROWS = {
     "publish": ("16", row_publish),
+    "resume": ("17", row_resume),
     "transfer": ("18", row_transfer),
 }

@@ -285,7 +285,8 @@ class FakeShop:
     def resource_query(self, caller: Identity, vm: Any, xpath: str) -> list[str]:
         return query_resource_properties(self._entry(caller, vm), xpath, time.time())
 
-    def publish(self, caller: Identity, vm: Any, image: str, public: bool) -> wire.PublishedImage:
+    def publish(self, caller: Identity, vm: Any, image: str, public: bool,
+                with_state: bool = False) -> wire.PublishedImage:
         check_image_name(image)
         if public:
             authz.require(caller, (authz.ADMIN,), "publish a public image")
@@ -296,7 +297,8 @@ class FakeShop:
             raise ImageExistsError(f"this plant's warehouse has an image named '{image}' already")
         steps = [step for step in entry.steps if step != "start"]
         made = wire.PublishedImage(name=image, plant=entry.plant, owner=entry.owner, is_public=public,
-                                   base=entry.image, steps=steps, size=65536 * (len(steps) + 1))
+                                   base=entry.image, steps=steps, size=65536 * (len(steps) + 1),
+                                   with_state=with_state)
         self.images[image] = made
         return made
 

@@ -7,6 +7,8 @@ was stopped or destroyed, so the whole class boots two per real backend.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from vmplant_service.agent.qga import GuestAgent
 from vmplant_service.backends import BACKENDS, backend_class, load_backend
 from vmplant_service.backends.base import Backend, GuestSpec, Nic, VMState
 from vmplant_service.channel import MAX_OUTPUT, ActionContext, ActionResult, Channel
+from vmplant_service.clone import make_overlay
 from vmplant_service.segment import mac_for
 from vmshop_common.dag import ScriptAction
 from vmshop_common.errors import BackendError, ConfigurationError, NotSupportedError
@@ -174,6 +177,51 @@ class TestContract:
         assert {"user", "segment"} <= set(caps.networks)
         assert caps.max_memory >= 128 and caps.max_vcpus >= 1
         assert caps.channel
+
+    def test_saved_states(self, backend: Backend, pool: GuestPool, tmp_path: Path) -> None:
+        """Rule 12: a backend that resumes saves a paused guest's state into a file the caller opened, lets the
+        guest run on, and starts a clone from that state (an overlay of the saved disk); one that cannot says so
+        in its capabilities and refuses each call."""
+        if not backend.capabilities().resume:
+            spec = pool.new_spec()
+            for call in (lambda: backend.machine_model(spec), lambda: backend.save_state(spec.vm_id, 0),
+                         lambda: backend.restore(spec, 0)):
+                with pytest.raises(NotSupportedError):
+                    call()
+            return
+        spec, channel = pool.running()
+        model = backend.machine_model(spec)
+        assert backend.machine_model(replace(spec, memory=spec.memory * 2)) != model
+        state = tmp_path / "state.bin"
+        backend.pause(spec.vm_id)
+        try:
+            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                backend.save_state(spec.vm_id, fd, 60)
+            finally:
+                os.close(fd)
+            saved_disk = tmp_path / "saved.qcow2"  # the disk of that instant (the guest is still paused)
+            shutil.copyfile(spec.disk, saved_disk)
+        finally:
+            backend.resume(spec.vm_id)
+        assert backend.state(spec.vm_id) == VMState.RUNNING
+        channel.agent.ping(10)  # the source runs on
+        clone = pool.new_spec()
+        assert backend.machine_model(clone) == model
+        if pool.specs.image is not None:  # (the fake's disks are empty files)
+            Path(clone.disk).unlink()
+            make_overlay(saved_disk, "qcow2", Path(clone.disk))
+        fd = os.open(state, os.O_RDONLY)
+        try:
+            backend.restore(clone, fd, 60)
+        finally:
+            os.close(fd)
+        try:
+            assert backend.state(clone.vm_id) == VMState.RUNNING
+            channel_of(backend, clone).wait_agent(30)
+        finally:
+            backend.destroy(clone.vm_id)
+        assert leftovers(clone) == []
 
     def test_start_runs_and_agent_is_ready(self, pool: GuestPool) -> None:
         spec, channel = pool.running()

@@ -343,6 +343,15 @@ def test_publish_and_unpublish(run, shop: fake_shop.FakeShop) -> None:
     assert shop.images == {}
 
 
+def test_publish_with_state(run, shop: fake_shop.FakeShop) -> None:
+    status, out, err = run("publish", "vm-alice", "alices-saved", "--with-state")
+    assert (status, err) == (cli.EXIT_OK, "")
+    assert out.endswith("bytes; with its running state: clones resume)\n"), out
+    assert shop.images["alices-saved"].with_state is True
+    status, out, _ = run("publish", "vm-bob", "bobs-app", "--json")
+    assert status == cli.EXIT_OK and json.loads(out)["with_state"] is False
+
+
 # The shop's address, options, internal errors ---------------------------------------------------------------------
 
 

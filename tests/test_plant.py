@@ -843,6 +843,7 @@ def test_info(plant: Plant) -> None:
         "free_addresses": 4, "images": [pf.IMAGE], "architectures": ["x86_64"],
         "clone_seconds": None, "boot_seconds": None,
         "max_memory": 65536, "max_vcpus": 64, "networks": ["user", "segment"], "channel": "fake", "publish": True,
+        "resume": True,
     }
     plant.create(pf.chain(pf.script("a"), start=pf.image_start(memory=256)), vm_id="i1")
     info = plant.info()

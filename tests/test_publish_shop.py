@@ -201,3 +201,21 @@ def _try(call: Any, **kwargs: Any) -> Any:
         return call(**kwargs)
     except Exception as exc:  # noqa: BLE001 - the test looks at what it was
         return exc
+
+
+def test_publish_with_state_then_clones_resume_and_are_priced_so(site: dict[str, ServerProcess]) -> None:
+    alice = site["shop"].service_as("alice")
+    first = alice.createVM(dag=dag(*APP), vm_key="alice-stateful")
+    image = alice.publishVM(vm=first.vm.epr, image="alice-saved", with_state=True)
+    assert (image.name, image.plant, image.with_state) == ("alice-saved", first.plant, True)
+    wanted = dag("echo resumed", image="alice-saved")
+    estimate = alice.estimateCost(dag=wanted)
+    # The shop prices with the plant's offer: the image's boot figure there is its resume seconds (not resumed
+    # yet: a share of its base's boot), well under the plant's boot.
+    boots = [item.seconds for item in estimate.items if item.source == "boot"]
+    assert estimate.image == "alice-saved" and len(boots) == 1 and boots[0] < 1.0
+    clone = alice.createVM(dag=wanted, vm_key="alice-resumed")
+    assert clone.vm.image == "alice-saved" and [run.ok for run in clone.runs] == [True]
+    alice.collectVM(vm=clone.vm.epr)
+    assert alice.unpublishImage(image="alice-saved") == [first.plant]
+    alice.collectVM(vm=first.vm.epr)

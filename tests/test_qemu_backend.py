@@ -70,7 +70,8 @@ def test_command_line(tmp_path: Path) -> None:
     assert option_values(command, "-m") == ["128M"] and option_values(command, "-smp") == ["2"]
     assert option_values(command, "-kernel") == [str(tmp_path / "vmlinux")]
     assert option_values(command, "-append") == ["console=ttyS0 quiet"]
-    assert option_values(command, "-drive") == [f"file={tmp_path / 'disk.qcow2'},if=virtio,format=qcow2,cache=unsafe"]
+    assert option_values(command, "-drive") == [
+        f"file={tmp_path / 'disk.qcow2'},file.auto-read-only=off,if=virtio,format=qcow2,cache=unsafe"]
     # No writable share at all: the data share is read-only; the channel is the agent's virtio-serial port.
     assert option_values(command, "-fsdev") == [
         f"local,id=data,path={tmp_path / 'data'},security_model=none,readonly=on"]
@@ -88,11 +89,18 @@ def test_command_line(tmp_path: Path) -> None:
     assert netdevs == ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:18080-:80", "user,id=net1,restrict=on",
                        "vde,id=net2,sock=/run/sw.ctl"]
     assert all("restrict=on" in n for n in netdevs if n.startswith("user,"))
-    assert option_values(command, "-device")[3:] == [
+    # A VM generation id (pc and q35): a clone restored from a saved state gets a new one (its kernel reseeds).
+    assert option_values(command, "-device")[2] == "vmgenid,id=vmgenid0"
+    assert "-incoming" not in command
+    assert option_values(command, "-device")[4:] == [
         "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile=",
         "virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02,romfile=",
         "virtio-net-pci,netdev=net2,mac=52:54:00:00:00:03,romfile="]
     assert option_values(command, "-qmp") == [f"unix:{paths.qmp},server=on,wait=off"]
+    # Restoring a saved state: QEMU waits paused for it (migrate-incoming fd:, given over QMP), never boots.
+    restoring = qemu_command(spec, "/usr/bin/qemu-system-x86_64", "tcg", runas="vmshop-qemu", incoming=True)
+    assert option_values(restoring, "-incoming") == ["defer"] and "-S" in restoring
+    assert [a for a in restoring if a not in ("-incoming", "defer", "-S")] == command
     assert option_values(command, "-pidfile") == [str(paths.pidfile)]
     assert option_values(command, "-serial") == ["chardev:con0"]
     for flag in ("-nodefaults", "-no-reboot", "-no-user-config"):
@@ -235,6 +243,41 @@ def test_qmp_errors_are_backend_errors(tmp_path: Path) -> None:
         assert time.monotonic() - started < 2
     finally:
         mute.close()
+
+
+def test_qmp_passes_a_file_descriptor_with_a_command(tmp_path: Path) -> None:
+    """getfd: the state file the plant opened reaches QEMU as a descriptor (SCM_RIGHTS), never as a path."""
+    path = str(tmp_path / "fd.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    received: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            for _ in range(2):
+                data, fds, _, _ = socket.recv_fds(conn, 65536, 4)
+                request = json.loads(data.splitlines()[0])
+                for fd in fds:
+                    with os.fdopen(fd, "rb") as handle:
+                        received.append(handle.read())
+                conn.sendall(json.dumps({"return": {}, "id": request["id"]}).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    state = tmp_path / "state.bin"
+    state.write_bytes(b"machine state")
+    fd = os.open(state, os.O_RDONLY)
+    try:
+        with QMPClient(path, timeout=5) as qmp:
+            assert qmp.execute("getfd", {"fdname": "vmshop-state"}, fds=(fd,)) == {}
+    finally:
+        os.close(fd)
+        thread.join(5)
+        server.close()
+    assert received == [b"machine state"]
 
 
 def test_qmp_waits_while_the_listen_backlog_is_full(tmp_path: Path) -> None:

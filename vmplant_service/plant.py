@@ -27,6 +27,12 @@ Guarantees:
   configure waits for its publish; bids and creates use only the images
   their owner may see (:meth:`~.warehouse.Warehouse.visible`), and an image
   is unpublished only when no VM being made or live uses it as a base;
+- a clone of an image with a saved running state (publish ``with_state``)
+  resumes from it instead of booting, when the backend can resume and the
+  clone's machine is the saved one's (:meth:`Plant._resumable`), else it
+  boots from the image's disk; a resumed clone gets its own identity
+  (:meth:`Plant._reset_identity`: file systems thawed, fresh entropy, the
+  clock, its own MACs, pool address and host name) before any action runs;
 - an image a peer holds and this plant lacks (:mod:`.transfer`) is bid
   for with its fetch's seconds, and a create that needs it fetches it
   (and its missing lineage) first, once however many creates need it; the
@@ -42,7 +48,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,13 +77,14 @@ from vmshop_common.offers import Catalog, Offer, Terms, catalog_digest, price, t
 from vmshop_common.rules import check_static_addresses
 
 from .agent.qga import GuestAgent
+from .agent.transport import AgentError
 from .backends.base import Backend, Capabilities, GuestSpec, Nic, VMState
 from .backends.console import console_tail
 from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
 from .ippool import IPPool
-from .publish import PublishedImage, Publisher, check_image_name, described, published_steps
+from .publish import PublishedImage, Publisher, SavedState, check_image_name, described, published_steps
 from .quiesce import quiesced, thaw_cut_short
 from .records import PlantRecords, VMRecord
 from .seed import SeedNic, hostname_for, write_seed
@@ -100,6 +107,15 @@ STOP_TIMEOUT = 20.0
 #: Seconds a collect waits for a create it cancelled to stop (the create's longest uninterruptible step is a
 #: backend's start, bounded by its own start timeout).
 CANCEL_WAIT = 90.0
+#: Seconds a backend may take to save a paused guest's machine state (publish with_state), and to restore one.
+SAVE_TIMEOUT = 120.0
+RESTORE_TIMEOUT = 120.0
+#: A resume is bid at this share of the image's boot seconds before this plant measured one (of that image, or any).
+RESUME_GUESS = 0.25
+#: Seconds the identity reset of a resumed clone may take in all (the guest's agent answers within them).
+IDENTITY_TIMEOUT = 60.0
+#: Random bytes from the host written into a resumed clone's /dev/urandom.
+ENTROPY_BYTES = 64
 #: States of a VM whose create, configure or collect runs: it cannot be published now.
 BUSY_STATES = ("creating", "booting", "configuring", "collecting")
 
@@ -288,7 +304,8 @@ class Plant:
         infos = self.warehouse.images if owner is None else self.warehouse.visible(owner)
         remote = self._fetchable(infos)
         booted = self._booted({name: info.parent for name, info in infos.items()}
-                              | {name: image.parent for name, (image, _) in remote.items()})
+                              | {name: image.parent for name, (image, _) in remote.items()},
+                              [name for name, info in infos.items() if info.state is not None])
         guests = {name: info.guest for name, info in infos.items() if info.guest != GuestTraits()}
         guests.update({name: image.guest for name, (image, _) in remote.items() if image.guest != GuestTraits()})
         return Offer(plant=plant_url or self.config.name, version=0, issued=self.clock(), catalog=self.catalog(owner),
@@ -298,9 +315,11 @@ class Plant:
                      image_boot_seconds=booted, guests=guests,
                      transfer_seconds={name: seconds for name, (_, seconds) in remote.items()})
 
-    def _booted(self, parents: dict[str, str | None]) -> dict[str, float]:
+    def _booted(self, parents: dict[str, str | None], stateful: Iterable[str] = ()) -> dict[str, float]:
         """Each image's measured boot seconds (``parents``: each image's parent); an image not booted here yet
-        boots as the image it was published from (its nearest booted ancestor)."""
+        boots as the image it was published from (its nearest booted ancestor). An image with a saved state
+        (``stateful``), on a backend that resumes, costs its measured resume seconds instead (the figure the offer
+        carries as that image's boot seconds)."""
         metric = self.records.metric
         booted = {name: seconds for name in parents if (seconds := metric(f"boot_seconds:{name}")) is not None}
         for name in parents:
@@ -311,6 +330,16 @@ class Plant:
                 if parent in booted:
                     booted[name] = booted[parent]
                 parent = parents[parent]
+        stateful = list(stateful)
+        if stateful and self.backend.capabilities().resume:
+            # An image with a saved state resumes here instead of booting: bid with its measured resume seconds,
+            # else this plant's for any image, else a share of its boot.
+            resumed = metric("resume_seconds")
+            boot = metric("boot_seconds") or 5.0
+            for name in stateful:
+                seconds = metric(f"resume_seconds:{name}")
+                booted[name] = (seconds if seconds is not None else resumed if resumed is not None
+                                else round(RESUME_GUESS * booted.get(name, boot), 6))
         return booted
 
     def offer(self, plant_url: str = "") -> Offer:
@@ -485,23 +514,33 @@ class Plant:
         self.records.add_vm(record)
         self._go_on(vm_id)
         started = time.monotonic()
-        self.backend.start(spec)
+        resumed = self._resumable(info, spec, hardware) and self._restore(spec, info, paths, hardware)
+        if not resumed:
+            self.backend.start(spec)
         self._go_on(vm_id)
         channel = self._channel(vm_id)
         going = lambda: not self._guest_gone(vm_id) and vm_id not in self._cancelled  # noqa: E731
         try:
-            channel.wait_agent(BOOT_TIMEOUT, alive=going)
+            channel.wait_agent(RESTORE_TIMEOUT if resumed else BOOT_TIMEOUT, alive=going)
         except BackendError:
             if going():  # the guest runs and its agent never answered (not a guest that stopped or a collect)
                 self._agent_error("no_answer")
             raise
-        if info.guest.cloud_init:
+        if resumed:
             self._go_on(vm_id)
-            source = channel.wait_cloud_init(CLOUD_INIT_TIMEOUT, alive=going)
-            log.info("VM %s: cloud-init finished its first boot (%s)", vm_id, source)
-        booted = time.monotonic() - started
-        self._remember("boot_seconds", booted)
-        self._remember(f"boot_seconds:{info.name}", booted)
+            self._reset_identity(vm_id, channel, spec, info, flat, address, going)
+            seconds = time.monotonic() - started
+            self._remember("resume_seconds", seconds)
+            self._remember(f"resume_seconds:{info.name}", seconds)
+            log.info("VM %s resumed from image %s's saved state in %.2f s", vm_id, info.name, seconds)
+        else:
+            if info.guest.cloud_init:
+                self._go_on(vm_id)
+                source = channel.wait_cloud_init(CLOUD_INIT_TIMEOUT, alive=going)
+                log.info("VM %s: cloud-init finished its first boot (%s)", vm_id, source)
+            booted = time.monotonic() - started
+            self._remember("boot_seconds", booted)
+            self._remember(f"boot_seconds:{info.name}", booted)
         self._go_on(vm_id)
         self.records.update_vm(vm_id, state="configuring")
         results = self._run_actions(vm_id, flat, list(bid.remaining), channel, record, going)
@@ -509,6 +548,94 @@ class Plant:
             self._go_on(vm_id)
             self.records.update_vm(vm_id, state="running", made=True)
         return CreateResult(self.records.get_vm(vm_id), bid, tuple(results))
+
+    def _resumable(self, info: ImageInfo, spec: GuestSpec, hardware: Any) -> bool:
+        """Whether a clone of ``info`` (run as ``spec``, with the request's ``hardware``) resumes from the image's
+        saved state: it has one, the backend can resume, and the clone's machine is the saved one (its memory,
+        vCPUs and disk size, and the backend's machine model). Otherwise it boots from the image's disk."""
+        if info.state is None or not self.backend.capabilities().resume:
+            return False
+        if (hardware.memory, hardware.vcpus, hardware.disk) != (info.hardware.memory, info.hardware.vcpus,
+                                                                info.hardware.disk):
+            log.info("VM %s boots: its hardware differs from image %s's saved machine", spec.vm_id, info.name)
+            return False
+        try:
+            model = self.backend.machine_model(spec)
+        except VMShopError as exc:
+            log.warning("VM %s boots: no machine model for it (%s)", spec.vm_id, exc)
+            return False
+        if model != info.state_model:
+            log.info("VM %s boots: its machine (%s) is not image %s's saved one (%s)", spec.vm_id, model, info.name,
+                     info.state_model)
+            return False
+        return True
+
+    def _restore(self, spec: GuestSpec, info: ImageInfo, paths: dict[str, Path], hardware: Any) -> bool:
+        """Start ``spec`` from ``info``'s saved state (the plant opens the file and hands the backend its
+        descriptor: the hypervisor never gets a path). False when that failed: the backend then left nothing
+        running, and the clone boots instead from a fresh overlay (a restore never let the guest write)."""
+        assert info.state is not None
+        try:
+            fd = os.open(info.state, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("VM %s boots: image %s's saved state cannot be opened: %s", spec.vm_id, info.name, exc)
+            return False
+        try:
+            self.backend.restore(spec, fd, RESTORE_TIMEOUT)
+            return True
+        except BackendError as exc:
+            log.warning("VM %s boots: restoring image %s's saved state failed: %s", spec.vm_id, info.name, exc)
+        finally:
+            os.close(fd)
+        paths["overlay"].unlink(missing_ok=True)
+        make_overlay(info.disk, info.disk_format, paths["overlay"],
+                     hardware.disk if hardware.disk > info.hardware.disk else None)
+        return False
+
+    def _reset_identity(self, vm_id: str, channel: Channel, spec: GuestSpec, info: ImageInfo, flat: Dag,
+                        address: str | None, going: Callable[[], bool]) -> None:
+        """Give a clone resumed from a saved state its own identity, through its agent, before any action runs:
+        thaw its file systems (frozen when the state was saved), write :data:`ENTROPY_BYTES` random bytes of the
+        host's into its /dev/urandom, set its clock, give each NIC its own MAC (the saved guest's are in the state)
+        and the segment NIC its pool address, and set its host name. Every value comes from the plant, never from
+        the guest; what the guest answers is bounded (the agent client) and the whole reset has a deadline
+        (:data:`IDENTITY_TIMEOUT`). ActionFailedError when the guest does not comply."""
+        agent = channel.agent
+        deadline = time.monotonic() + IDENTITY_TIMEOUT
+
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ActionFailedError(f"VM {vm_id}: its identity was not reset within {IDENTITY_TIMEOUT:g} s")
+            return remaining
+
+        try:
+            agent.fsfreeze_thaw(min(left(), 30.0))
+            agent.write_file("/dev/urandom", os.urandom(ENTROPY_BYTES), timeout=min(left(), 30.0))
+            agent.set_time(time.time_ns(), min(left(), 30.0))
+        except AgentError as exc:
+            if not going():
+                raise BackendError(f"VM {vm_id}'s guest stopped while its identity was reset") from None
+            raise ActionFailedError(f"VM {vm_id}: its agent did not reset its identity: {exc}") from None
+        names = [node.hostname for node_id in flat.topological_order()
+                 if isinstance(node := flat.nodes[node_id], NetworkAction) and node.hostname]
+        hostname = names[0] if names else hostname_for(vm_id)
+        pairs = [f"{old}={nic.mac}" for old, nic in zip(info.state_macs, spec.nics, strict=False)]
+        segment = _segment_mac(spec) if address is not None else None
+        prefix = self.pool.prefix if self.pool is not None else 24
+        args = ["-c", IDENTITY_PROGRAM, "vmshop-identity", hostname, segment or "",
+                f"{address}/{prefix}" if segment else "", *pairs]
+        try:
+            status, _ = agent.run("/bin/sh", args, None, deadline, 4096, going, 0.5)
+        except AgentError as exc:
+            if not going():
+                raise BackendError(f"VM {vm_id}'s guest stopped while its identity was reset") from None
+            raise ActionFailedError(f"VM {vm_id}: its agent did not reset its identity: {exc}") from None
+        if status.exitcode != 0:
+            words = status.output[:400].decode("utf-8", "replace").strip()
+            raise ActionFailedError(f"VM {vm_id}: resetting its identity failed (status {status.exitcode}): {words}")
+        log.info("VM %s: identity reset (host name %s, %d MAC(s)%s)", vm_id, hostname, len(pairs),
+                 f", address {address}" if segment else "")
 
     def _spec(self, vm_id: str, info: ImageInfo, memory: int, vcpus: int, paths: dict[str, Path],
               owner: str) -> GuestSpec:
@@ -745,7 +872,8 @@ class Plant:
                 log.exception("reclaiming %s of VM %s failed", label, vm_id)
 
     # Publish, unpublish ---------------------------------------------------------
-    def publish(self, vm_id: str, name: str, owner: str = "", public: bool = False) -> PublishedImage:
+    def publish(self, vm_id: str, name: str, owner: str = "", public: bool = False,
+                with_state: bool = False) -> PublishedImage:
         """Make VM ``vm_id``'s disk the new cached image ``name`` (:mod:`.publish`), owned by the VM's owner.
 
         ``owner`` (when given: the shop passes the caller's VM owner) must be
@@ -756,12 +884,20 @@ class Plant:
         or that cannot be published, or a backend that cannot pause),
         ImageExistsError, DiskFullError. A public image needs a public base.
         The VM runs on afterwards (paused for the copy only).
+
+        ``with_state``: the image also carries the guest's running state,
+        saved in the same pause (backend rule 12), so its clones resume
+        instead of booting; NotSupportedError from a backend that cannot
+        save one.
         """
         name = check_image_name(name)
         caps = self.backend.capabilities()
         if not caps.publish:
             raise NotSupportedError(f"backend {caps.name} cannot publish VMs: it cannot pause a guest with its disk "
                                     "flushed")
+        if with_state and not caps.resume:
+            raise NotSupportedError(f"backend {caps.name} cannot save a guest's running state: publish without "
+                                    "with_state")
         with self._lock:
             record = self.records.get_vm(vm_id)
             if owner and record.owner != owner:
@@ -782,9 +918,19 @@ class Plant:
                 raise NotSupportedError(f"VM {vm_id}'s image '{base.name}' is private: an image made from it cannot "
                                         "be public")
             steps = published_steps(self.records.action_runs(vm_id), vm_id)
+            save_state = None
+            if with_state:
+                spec = self._spec(vm_id, base, record.memory, record.vcpus, self._paths(vm_id), record.owner)
+                saved = SavedState(self.backend.machine_model(spec), tuple(nic.mac for nic in spec.nics))
+
+                def save_state(fd: int) -> SavedState:
+                    self.backend.save_state(vm_id, fd, SAVE_TIMEOUT)
+                    return saved
+
             return self.publisher.make(name, record.owner, public, base, Path(record.overlay), steps, record.memory,
                                        record.vcpus, record.disk,
-                                       lambda work: quiesced(self.backend, vm_id, self.state_dir / "publishing", work))
+                                       lambda work: quiesced(self.backend, vm_id, self.state_dir / "publishing", work),
+                                       save_state)
         finally:
             with self._lock:
                 self._publishing.pop(vm_id, None)
@@ -913,8 +1059,30 @@ class Plant:
             "images": sorted(self.warehouse.visible("")), "architectures": list(caps.architectures),
             "clone_seconds": self.records.metric("clone_seconds"), "boot_seconds": self.records.metric("boot_seconds"),
             "max_memory": caps.max_memory, "max_vcpus": caps.max_vcpus, "networks": list(caps.networks),
-            "channel": caps.channel, "publish": caps.publish,
+            "channel": caps.channel, "publish": caps.publish, "resume": caps.resume,
         }
+
+
+#: The guest program of an identity reset (POSIX sh, busybox and Debian alike). $1 host name, $2 the segment NIC's
+#: (new) MAC or '', $3 its address/prefix or '', then OLD=NEW MAC pairs: each NIC with the saved guest's MAC OLD
+#: gets the clone's own MAC NEW (virtio-net tells the device: the hypervisor's NIC then uses it too).
+IDENTITY_PROGRAM = """\
+name=$1; seg=$2; addr=$3; shift 3
+for pair in "$@"; do
+  old=${pair%%=*}; new=${pair#*=}; dev=
+  for n in /sys/class/net/*; do [ "$(cat "$n/address")" = "$old" ] && dev=${n##*/}; done
+  [ -n "$dev" ] || { echo "no NIC with MAC $old"; exit 3; }
+  ip link set dev "$dev" address "$new" || { echo "$dev kept MAC $old"; exit 3; }
+done
+if [ -n "$seg" ] && [ -n "$addr" ]; then
+  dev=
+  for n in /sys/class/net/*; do [ "$(cat "$n/address")" = "$seg" ] && dev=${n##*/}; done
+  [ -n "$dev" ] || { echo "no NIC with MAC $seg"; exit 4; }
+  ip link set "$dev" up && ip addr flush dev "$dev" && ip addr add "$addr" dev "$dev" || exit 4
+fi
+echo "$name" >/etc/hostname && hostname "$name" || exit 5
+echo "identity: $name"
+"""
 
 
 def _digest(action: Action) -> str:

@@ -19,6 +19,15 @@ through its agent (``guest-fsfreeze-freeze``), then the backend pauses it
 with its disk flushed (backend rule 11); afterwards it is resumed and
 thawed, always, whatever failed, each step within a deadline.
 
+With ``with_state`` (:meth:`Publisher.make`'s ``save_state``) the image
+also carries the guest's running state, ``state.bin`` beside the disk,
+saved by the backend (rule 12: QEMU migrates the paused machine into a
+file the plant opened) in the same pause as the disk's copy, so the two
+belong to one instant; ``<state model macs>`` say what machine it can be
+restored into and the MACs the saved guest had. The guest's file systems
+are frozen in that state: a clone resumed from it is thawed first
+(:meth:`vmplant_service.plant.Plant._reset_identity`).
+
 Crash safety: the image is made in a partial directory (``.<name>.partial-*``),
 each file fsynced, checked by the same loader the warehouse uses, renamed
 into place, and only then listed in ``index.txt`` (atomically: the
@@ -34,6 +43,7 @@ describes), one whose steps were recorded before steps were kept.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -61,6 +71,7 @@ log = logging.getLogger(__name__)
 PUBLISHED = "published"
 PARTIAL = ".partial-"
 DISK_FILE = "disk.qcow2"
+STATE_FILE = "state.bin"
 CONFIG_FILE = "image.xml"
 #: A DAG node id (xsd/vmdag-1.1.xsd's NodeId): a step keeps its id in the image's DAG where it is one.
 NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
@@ -72,7 +83,8 @@ CONVERT_TIMEOUT = 600.0
 
 @dataclass(frozen=True)
 class PublishedImage:
-    """What a publish made: the image, its owner, whether it is public, its base, its steps and its disk's size."""
+    """What a publish made: the image, its owner, whether it is public, its base, its steps and its disk's size;
+    ``with_state``: it carries a saved running state."""
 
     name: str
     owner: str
@@ -80,13 +92,23 @@ class PublishedImage:
     base: str
     steps: tuple[str, ...]
     size: int
+    with_state: bool = False
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """What a backend said of a state it saved: the machine model it restores into, the saved guest's MACs."""
+
+    model: str
+    macs: tuple[str, ...]
 
 
 def described(info: ImageInfo) -> PublishedImage:
     """What a published image is, as a publish answers it."""
     order = info.dag.topological_order()
     return PublishedImage(name=info.name, owner=info.owner or "", public=info.public, base=info.parent or "",
-                          steps=tuple(n for n in order if n != info.dag.start.id), size=info.disk.stat().st_size)
+                          steps=tuple(n for n in order if n != info.dag.start.id), size=info.disk.stat().st_size,
+                          with_state=info.state is not None)
 
 
 def published_steps(runs: Sequence[ActionRun], vm_id: str) -> list[tuple[str, Action]]:
@@ -134,7 +156,7 @@ def image_dag(base: str, steps: Sequence[tuple[str, Action]]) -> Dag:
 
 
 def image_document(name: str, owner: str, public: bool, base: ImageInfo, disk_gib: int, memory: int, vcpus: int,
-                   dag: Dag) -> bytes:
+                   dag: Dag, state: SavedState | None = None) -> bytes:
     """The ``image.xml`` of a published image (its disk is ``disk.qcow2`` beside it; it boots as its base)."""
     root = etree.Element(f"{{{IMAGE_NS}}}image", nsmap={None: IMAGE_NS})
     root.set("name", name)
@@ -155,6 +177,9 @@ def image_document(name: str, owner: str, public: bool, base: ImageInfo, disk_gi
     guest = base.guest
     etree.SubElement(root, f"{{{IMAGE_NS}}}guest", {"agent": guest.agent, "contextualization": guest.contextualization,
                                                     "kernel": guest.kernel, "data-share": guest.data_share})
+    if state is not None:
+        etree.SubElement(root, f"{{{IMAGE_NS}}}state", {"file": STATE_FILE, "model": state.model,
+                                                        "macs": ",".join(state.macs)})
     root.append(dag_to_element(dag, DAG_ROOT))
     etree.indent(root, space="  ")
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n"
@@ -208,32 +233,52 @@ class Publisher:
 
     def make(self, name: str, owner: str, public: bool, base: ImageInfo, overlay: Path,
              steps: Sequence[tuple[str, Action]], memory: int, vcpus: int, disk_gib: int,
-             quiesced: Callable[[Callable[[], None]], None]) -> PublishedImage:
+             quiesced: Callable[[Callable[[], None]], None],
+             save_state: Callable[[int], SavedState] | None = None) -> PublishedImage:
         """Make image ``name`` from ``overlay`` (``quiesced(work)`` runs ``work`` with the guest quiesced) and list
         it in the index. ImageExistsError if the name is taken (even by a publish that finished meanwhile);
-        DiskFullError when the warehouse lacks the room; nothing is left behind by a failure."""
+        DiskFullError when the warehouse lacks the room; nothing is left behind by a failure. ``save_state(fd)``
+        (with_state): writes the paused guest's machine state into ``fd`` (the image's ``state.bin``, opened
+        here) while the guest is quiesced, before its disk is copied."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
         final = self.root / name
         if name in self.warehouse.images or final.exists():
             raise ImageExistsError(f"this plant's warehouse has an image named '{name}' already")
-        self._check_room(overlay)
+        extra = memory * 2**20 if save_state is not None else 0
+        self._check_room(overlay, extra)
         partial = self.root / f".{name}{PARTIAL}{uuid.uuid4().hex[:12]}"
         partial.mkdir(mode=0o755)
         try:
             disk = partial / DISK_FILE
+            saved: list[SavedState] = []
 
             def copy() -> None:
-                self._check_room(overlay)  # again, once the guest is still: it may have written more since
+                self._check_room(overlay, extra)  # again, once the guest is still: it may have written more since
+                if save_state is not None:
+                    fd = os.open(partial / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                    try:
+                        saved.append(save_state(fd))
+                        os.fsync(fd)
+                    except OSError as exc:
+                        if exc.errno == errno.ENOSPC:
+                            raise DiskFullError("the warehouse's file system filled up while the state was "
+                                                "written") from None
+                        raise
+                    finally:
+                        os.close(fd)
                 copy_changes(overlay, base, disk)
 
             quiesced(copy)
+            if save_state is not None and not saved:
+                raise BackendError("the guest's state was not saved")
             os.chmod(disk, 0o644)  # the hypervisor's user reads the chain of the clones made from it
             fsync_file(disk)
             dag = image_dag(base.name, steps)
             config = partial / CONFIG_FILE
             fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             with os.fdopen(fd, "wb") as handle:
-                handle.write(image_document(name, owner, public, base, disk_gib, memory, vcpus, dag))
+                handle.write(image_document(name, owner, public, base, disk_gib, memory, vcpus, dag,
+                                            saved[0] if saved else None))
                 handle.flush()
                 os.fsync(handle.fileno())
             fsync_directory(partial)
@@ -259,18 +304,20 @@ class Publisher:
         log.info("published image %s (owner %s, base %s, %d steps, %d bytes)", name, owner, base.name, len(steps),
                  size)
         return PublishedImage(name=name, owner=owner, public=public, base=base.name,
-                              steps=tuple(dag.topological_order()[1:]), size=size)
+                              steps=tuple(dag.topological_order()[1:]), size=size, with_state=bool(saved))
 
-    def _check_room(self, overlay: Path) -> None:
-        """DiskFullError unless the warehouse's file system has room for the overlay's bytes and the reserve."""
+    def _check_room(self, overlay: Path, extra: int = 0) -> None:
+        """DiskFullError unless the warehouse's file system has room for the overlay's bytes, ``extra`` bytes (a
+        saved state: at most the guest's memory) and the reserve."""
         try:  # the bytes the overlay holds (not qemu-img info: the VM's QEMU holds the overlay locked)
             used = overlay.stat().st_blocks * 512
         except OSError as exc:
             raise BackendError(f"the VM's disk {overlay.name} cannot be read: {exc.strerror or exc}") from None
         free = self.free_space(self.root)
-        if free < used + RESERVE_BYTES:
+        if free < used + extra + RESERVE_BYTES:
             raise DiskFullError(f"the warehouse has {free // 2**20} MiB free; the image needs about "
-                                f"{(used + RESERVE_BYTES) // 2**20} MiB (its changes and a reserve)")
+                                f"{(used + extra + RESERVE_BYTES) // 2**20} MiB (its changes"
+                                f"{', its state' if extra else ''} and a reserve)")
 
     def set_public(self, info: ImageInfo, public: bool) -> None:
         """Rewrite a published image's file with ``public`` (atomically: a temporary file, fsynced and renamed
@@ -346,4 +393,4 @@ class Publisher:
 
 
 
-__all__ = ["PublishedImage", "Publisher", "check_image_name", "image_dag", "published_steps"]
+__all__ = ["PublishedImage", "Publisher", "SavedState", "check_image_name", "image_dag", "published_steps"]

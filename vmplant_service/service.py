@@ -32,7 +32,7 @@ from vmshop_common.soap.offer_wire import offer_fields
 from vmshop_common.threads import ThreadPoolService
 
 from .notify import ShopNotifier
-from .plant import BOOT_TIMEOUT, Plant
+from .plant import BOOT_TIMEOUT, SAVE_TIMEOUT, Plant
 from .publish import CONVERT_TIMEOUT
 from .quiesce import FREEZE_TIMEOUT, PAUSE_TIMEOUT
 from .wire import (
@@ -60,7 +60,7 @@ COLLECT_DEADLINE = 300.0
 #: Seconds added to a create's or configure's own bounds for what surrounds them (clone, records, reclaiming).
 SLACK = 300.0
 #: Seconds a publish may hold a thread: freezing, pausing, copying, resuming and thawing, and slack.
-PUBLISH_DEADLINE = 2 * FREEZE_TIMEOUT + 2 * PAUSE_TIMEOUT + CONVERT_TIMEOUT + SLACK
+PUBLISH_DEADLINE = 2 * FREEZE_TIMEOUT + 2 * PAUSE_TIMEOUT + SAVE_TIMEOUT + CONVERT_TIMEOUT + SLACK
 
 
 class PlantRuntime:
@@ -191,13 +191,16 @@ class VMPlantService(ServiceBase):
         rt = _runtime(ctx)
         return rt.run(lambda: spyne_record(Offer, **_offer_records(rt.offer_fields())), what="getOffer")
 
-    @rpc(VmId, ImageName, Unicode(max_len=256), Boolean, _returns=Image)
-    def publishVM(ctx, vm_id: str, image: str, owner: str | None, is_public: bool | None):  # noqa: N802, N805
+    @rpc(VmId, ImageName, Unicode(max_len=256), Boolean, Boolean, _returns=Image)
+    def publishVM(ctx, vm_id: str, image: str, owner: str | None, is_public: bool | None,  # noqa: N802, N805
+                  with_state: bool | None):
         """Make the VM's disk a new cached image named ``image`` (its changes over its base; its steps as the
         image's DAG), owned by the VM's owner; ``owner``, when given, must be that owner. ``is_public``: it serves
-        every owner (the shop lets only admins ask)."""
+        every owner (the shop lets only admins ask). ``with_state``: the image also carries the guest's running
+        state, so its clones resume instead of booting (a backend that cannot save one: Client.NotSupported)."""
         rt = _runtime(ctx)
-        return rt.run(lambda: image_out(rt.plant.publish(vm_id, image, owner or "", bool(is_public))), changes=True,
+        return rt.run(lambda: image_out(rt.plant.publish(vm_id, image, owner or "", bool(is_public),
+                                                         bool(with_state))), changes=True,
                       deadline=PUBLISH_DEADLINE, what=f"publishVM {vm_id!r}")
 
     @rpc(ImageName, Unicode(max_len=256), _returns=Unicode)

@@ -91,6 +91,12 @@ class ImageInfo:
     owner: str | None = None
     #: Whether it serves every owner's requests (always True for an installer's image).
     public: bool = True
+    #: Its saved running state (``<state file>``: publishVM with_state), or None.
+    state: Path | None = None
+    #: The backend's machine model that state can be restored into (:meth:`~.backends.base.Backend.machine_model`).
+    state_model: str = ""
+    #: The saved guest's NICs' MACs, in order (a clone changes each to its own).
+    state_macs: tuple[str, ...] = ()
 
     def visible_to(self, owner: str) -> bool:
         """Whether ``owner``'s requests may use this image (and see its name)."""
@@ -186,13 +192,21 @@ def load_image_config(path: str | Path) -> ImageInfo:
     guest = GuestTraits() if guest_el is None else GuestTraits(
         agent=guest_el.get("agent", "qemu-ga"), contextualization=guest_el.get("contextualization", "none"),
         kernel=guest_el.get("kernel", "own"), data_share=guest_el.get("data-share", "9p"))
+    state_el = _child(root, "state")
+    state = None
+    state_model, state_macs = "", ()
+    if state_el is not None:
+        state = _host_file(base, state_el.get("file"), "state", what, state_el.sourceline)
+        state_model = state_el.get("model", "")
+        state_macs = tuple(mac for mac in state_el.get("macs", "").split(",") if mac)
     description_el = _child(root, "description")
     description = (description_el.text or "").strip() if description_el is not None else None
     owner = root.get("owner")
     public = owner is None or root.get("public", "false") in ("true", "1")
     return ImageInfo(name=root.get("name"), config_path=real, disk=disk, disk_format=disk_format, kernel=kernel,
                      initrd=initrd, cmdline=cmdline, machine=machine, hardware=hardware, dag=dag,
-                     description=description, guest=guest, owner=owner, public=public)
+                     description=description, guest=guest, owner=owner, public=public, state=state,
+                     state_model=state_model, state_macs=state_macs)
 
 
 def _child(root: etree._Element, local: str) -> etree._Element | None:

@@ -115,6 +115,7 @@ class PlantInfo(ComplexModel):
     networks = _many(Unicode)
     channel = Unicode
     publish = Boolean  # its backend can publish VMs as images (it can pause a guest with its disk flushed)
+    resume = Boolean  # its backend can save a guest's running state and resume clones from it
 
 
 class Image(ComplexModel):
@@ -127,11 +128,12 @@ class Image(ComplexModel):
     base = Unicode
     steps = _many(Unicode)
     size = Integer
+    with_state = Boolean  # it carries a saved running state (its clones resume where the backend can)
 
 
 def image_out(image: PublishedImage) -> Image:
     return spyne_record(Image, name=image.name, owner=image.owner, is_public=image.public, base=image.base,
-                        steps=list(image.steps), size=image.size)
+                        steps=list(image.steps), size=image.size, with_state=image.with_state)
 
 
 Offer = offer_type(TNS)

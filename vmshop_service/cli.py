@@ -14,8 +14,10 @@ Usage::
                                   a VM; or its WSRF resource properties
     collect VM                    destroy the VM (its record stays)
     lease VM DURATION|none        the VM is collected DURATION from now; none: never
-    publish VM IMAGE [--public]   make the VM's disk a cached image named IMAGE (its changes,
-                                  its steps); --public (admins): it serves every owner
+    publish VM IMAGE [--public] [--with-state]
+                                  make the VM's disk a cached image named IMAGE (its changes,
+                                  its steps); --public (admins): it serves every owner;
+                                  --with-state: its running state too (clones resume)
     unpublish IMAGE               remove your published image (once no VM uses it as a base)
     public IMAGE yes|no           (admins) a published image serves every owner, or its own only
     plants [--reload]             the shop's plants and their health
@@ -414,12 +416,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        image = client.publish(args.vm, args.image, args.public)
+        image = client.publish(args.vm, args.image, args.public, args.with_state)
     serves = "public" if image.public else f"private to {display.cell(image.owner or '?')}"
     _emit(args, image, lambda: f"{display.cell(args.vm)}: published as image {display.cell(image.name)} on "
           f"{display.cell(image.plant or '?')} ({serves}, base {display.cell(image.base or '?')}, "
           f"{len(image.steps)} step(s): {', '.join(display.cell(step) for step in image.steps) or 'none'}; "
-          f"{image.size or 0} bytes)")
+          f"{image.size or 0} bytes{'; with its running state: clones resume' if image.with_state else ''})")
     return EXIT_OK
 
 
@@ -549,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("vm", metavar="VM", help="the VM's key")
     publish.add_argument("image", metavar="IMAGE", help="the new image's name (unique on its plant)")
     publish.add_argument("--public", action="store_true", help="serve every owner's requests (admins only)")
+    publish.add_argument("--with-state", action="store_true",
+                         help="save the running guest's state too: clones resume from it instead of booting")
     publish.set_defaults(handler=cmd_publish)
 
     unpublish = commands.add_parser("unpublish", parents=[common], help="remove a published image")

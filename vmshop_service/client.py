@@ -276,6 +276,7 @@ class PublishedImage:
     base: str | None
     steps: list[str]
     size: int | None
+    with_state: bool = False
 
 
 VMRef = VM | EndpointRef | str
@@ -596,13 +597,15 @@ class VMShopClient:
         """WSRF QueryResourceProperties: an XPath 1.0 expression over the document (prefix ``rp``)."""
         return _strings(self._call("queryResourceProperties", vm=self._epr(vm), xpath=xpath))
 
-    def publish(self, vm: VMRef, image: str, public: bool = False) -> PublishedImage:
+    def publish(self, vm: VMRef, image: str, public: bool = False, with_state: bool = False) -> PublishedImage:
         """publishVM: make the VM's disk a new cached image named ``image`` on its plant (its changes over its
-        base, the steps it ran as the image's DAG); ``public`` (admins only): it serves every owner."""
-        got = self._call("publishVM", vm=self._epr(vm), image=image, is_public=public)
+        base, the steps it ran as the image's DAG); ``public`` (admins only): it serves every owner;
+        ``with_state``: it carries the guest's running state too (its clones resume instead of booting)."""
+        got = self._call("publishVM", vm=self._epr(vm), image=image, is_public=public, with_state=with_state)
         return PublishedImage(name=_str(got, "name") or image, plant=_str(got, "plant"), owner=_str(got, "owner"),
                               public=bool(_get(got, "is_public")), base=_str(got, "base"),
-                              steps=_strings(_get(got, "steps")), size=_int(got, "size"))
+                              steps=_strings(_get(got, "steps")), size=_int(got, "size"),
+                              with_state=bool(_get(got, "with_state")))
 
     def unpublish(self, image: str) -> list[str]:
         """unpublishImage: remove the caller's published image from every plant that has it; those plants."""

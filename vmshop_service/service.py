@@ -72,7 +72,8 @@ class ShopOperations(Protocol):
 
     def resource_query(self, caller: Identity, vm: Any, xpath: str, /) -> Answer[list[str]]: ...
 
-    def publish(self, caller: Identity, vm: Any, image: str, public: bool, /) -> Answer[PublishedImage]: ...
+    def publish(self, caller: Identity, vm: Any, image: str, public: bool, with_state: bool = False, /
+                ) -> Answer[PublishedImage]: ...
 
     def unpublish(self, caller: Identity, image: str, /) -> Answer[list[str]]: ...
 
@@ -169,12 +170,14 @@ class VMShopService(ServiceBase):
         """WSRF QueryResourceProperties: an XPath 1.0 expression over the document (prefix rp)."""
         return _call(ctx, "resource_query", vm, xpath)
 
-    @rpc(Epr, Unicode(min_occurs=1, nillable=False, max_len=256), Boolean, _returns=PublishedImage)
-    def publishVM(ctx, vm, image, is_public):  # noqa: N802, N805
+    @rpc(Epr, Unicode(min_occurs=1, nillable=False, max_len=256), Boolean, Boolean, _returns=PublishedImage)
+    def publishVM(ctx, vm, image, is_public, with_state):  # noqa: N802, N805
         """Make the VM's disk a new cached image named ``image`` on its plant: its changes over its base, with the
         steps it ran as the image's DAG. The image serves only the VM's owner unless ``is_public`` (admins
-        only; not ``public``, a keyword of Java and C#, whose WSDL tools refuse it as a parameter name)."""
-        return _call(ctx, "publish", vm, image, bool(is_public))
+        only; not ``public``, a keyword of Java and C#, whose WSDL tools refuse it as a parameter name).
+        ``with_state``: the image also carries the guest's running state; its clones resume from it instead of
+        booting, on plants whose backend can (the others boot them)."""
+        return _call(ctx, "publish", vm, image, bool(is_public), bool(with_state))
 
     @rpc(Unicode(min_occurs=1, nillable=False, max_len=256), _returns=Strings)
     def unpublishImage(ctx, image):  # noqa: N802, N805

@@ -619,12 +619,13 @@ class Shop:
 
     # Images -------------------------------------------------------------------
     @defer.inlineCallbacks
-    def publish(self, caller: Identity, reference: Any, image: str, public: bool) -> Any:
+    def publish(self, caller: Identity, reference: Any, image: str, public: bool, with_state: bool = False) -> Any:
         """Publish the caller's VM as image ``image`` on the VM's plant (:mod:`vmplant_service.publish`).
 
         Only the VM's owner (or an admin) may: anyone else is told there is no
         such VM. The image belongs to the VM's owner; ``public`` (it serves
-        every owner) is for admins only.
+        every owner) is for admins only; ``with_state``: the image carries the
+        guest's running state too (its clones resume instead of booting).
         """
         check_image_name(image)
         if public:
@@ -638,7 +639,7 @@ class Shop:
         try:
             made = yield handle.client.call_with_timeout(self.config.create_timeout, "publishVM",
                                                          vm_id=entry.plant_vm_id, image=image, owner=entry.owner,
-                                                         is_public=bool(public))
+                                                         is_public=bool(public), with_state=bool(with_state))
         except zeep.exceptions.Fault as fault:
             raise from_fault(fault) from None
         except Exception as exc:  # noqa: BLE001
@@ -648,7 +649,8 @@ class Shop:
         if not self.live_bids:
             yield self.offers.pull(handle)  # its offer with the image: the caller's next bids match it
         return spyne_record(PublishedImage, name=made.name, plant=entry.plant, owner=made.owner,
-                            is_public=made.is_public, base=made.base, steps=list(made.steps or []), size=made.size)
+                            is_public=made.is_public, base=made.base, steps=list(made.steps or []), size=made.size,
+                            with_state=bool(getattr(made, "with_state", False)))
 
     @defer.inlineCallbacks
     def unpublish(self, caller: Identity, image: str) -> Any:

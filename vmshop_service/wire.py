@@ -155,3 +155,4 @@ class PublishedImage(ComplexModel):
     base = Unicode
     steps = _many(Unicode)
     size = Integer
+    with_state = Boolean  # it carries a saved running state: its clones resume instead of booting

@@ -14,6 +14,7 @@ Commands used (qemu-ga 7.2's QAPI schema, qga/qapi-schema.json):
   ``out-data``, ``out-truncated``);
 - ``guest-file-open``/``guest-file-write``/``guest-file-close``;
 - ``guest-fsfreeze-freeze``/``-thaw``/``-status`` (a publish quiesces the guest's file systems);
+- ``guest-set-time`` (a clone resumed from a saved state gets the host's time);
 - ``guest-shutdown`` (``mode``: powerdown).
 """
 
@@ -180,6 +181,12 @@ class GuestAgent:
         if answer not in ("thawed", "frozen"):
             raise AgentError("the agent's answer to guest-fsfreeze-status is neither 'thawed' nor 'frozen'")
         return str(answer)
+
+    def set_time(self, nanoseconds: int, timeout: float = EXCHANGE_TIMEOUT) -> None:
+        """Set the guest's clock to ``nanoseconds`` since the epoch (``guest-set-time``)."""
+        answer = self.transport.command("guest-set-time", {"time": int(nanoseconds)}, timeout)
+        if answer != {}:
+            raise AgentError("the agent's answer to guest-set-time is not an empty object")
 
     def shutdown(self, timeout: float = EXCHANGE_TIMEOUT) -> None:
         """Ask the guest to power down. qemu-ga sends no answer to guest-shutdown: silence means it was sent."""

@@ -71,6 +71,24 @@ Rules every backend keeps (the contract tests in
     or a hypervisor that fails. A backend whose ``capabilities().publish``
     is False keeps the base class's methods, which raise NotSupportedError.
 
+12. Saved running states (a backend whose ``capabilities().resume`` is
+    True; the others keep the base class's methods, which raise
+    NotSupportedError). ``machine_model(spec)`` names, as a short string,
+    everything of the virtual machine ``spec`` would run that a saved state
+    depends on (hypervisor version, machine type, memory, vCPUs, kernel, the
+    devices and their order); a state saved from one VM can be restored only
+    into a spec with the same model. ``save_state(vm_id, fd, timeout)``
+    writes the machine state of a guest that ``pause`` holds still into the
+    open file ``fd`` (the plant opened it; the hypervisor never gets a path)
+    and returns once it is whole; the guest stays paused (``resume`` lets it
+    run on, also after a save that failed). ``restore(spec, fd, timeout)``
+    is ``start`` for a guest that resumes from the state in ``fd`` (open for
+    reading) instead of booting, with ``spec.disk`` an overlay of the disk
+    saved with that state; it returns once the guest runs again, and keeps
+    rule 1 when it fails. A restored guest learns that it is a new machine
+    where the hypervisor can tell it (QEMU: a new VM generation id, on which
+    the guest's kernel reseeds its random generator at once).
+
 A backend is built as ``Backend(options)`` from the plant configuration's
 string options; an option it cannot use raises ``ConfigurationError``.
 Every wait inside a backend has a deadline: no method blocks forever.
@@ -159,7 +177,8 @@ class Capabilities:
     need theirs (``<guest kernel="own">``) are declined; ``seed_disk``
     whether it attaches a seed disk (rule 10), which images with cloud-init
     need; ``publish`` whether its VMs can be published as images (rule 11:
-    it can pause a guest with its disk flushed).
+    it can pause a guest with its disk flushed); ``resume`` whether it can
+    save a guest's running state and start clones from it (rule 12).
     """
 
     name: str
@@ -174,6 +193,7 @@ class Capabilities:
     kernel_limit: str = ""
     seed_disk: bool = True
     publish: bool = False
+    resume: bool = False
 
 
 class Backend(abc.ABC):
@@ -223,6 +243,18 @@ class Backend(abc.ABC):
     def resume(self, vm_id: str, timeout: float = 30.0) -> None:
         """Let a paused guest run on (rule 11); here: not supported."""
         raise NotSupportedError(f"backend {self.name} cannot pause or resume a guest")
+
+    def machine_model(self, spec: GuestSpec) -> str:
+        """What a saved state of ``spec``'s machine depends on (rule 12); here: not supported."""
+        raise NotSupportedError(f"backend {self.name} cannot save or restore a guest's running state")
+
+    def save_state(self, vm_id: str, fd: int, timeout: float = 60.0) -> None:
+        """Write a paused guest's machine state into ``fd`` (rule 12); here: not supported."""
+        raise NotSupportedError(f"backend {self.name} cannot save a guest's running state")
+
+    def restore(self, spec: GuestSpec, fd: int, timeout: float = 60.0) -> None:
+        """Start a guest from the machine state in ``fd`` (rule 12); here: not supported."""
+        raise NotSupportedError(f"backend {self.name} cannot start a guest from a saved state")
 
     def close(self) -> None:
         """Release the backend's own resources (VMs are left as they are)."""

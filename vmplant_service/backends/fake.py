@@ -22,7 +22,12 @@ Actions never run, here or anywhere on the host.
 Options: ``boot_seconds`` (default 0.05), ``max_memory`` (MiB, default
 65536), ``max_vcpus`` (default 64), ``architectures`` (comma-separated,
 default ``x86_64``), ``pause_seconds`` (how long ``pause`` takes once the
-guest is paused, default 0: a publish a test wants to kill midway).
+guest is paused, default 0: a publish a test wants to kill midway),
+``resume`` (``on``, default, or ``off``: whether it saves and restores
+running states, rule 12), ``resume_seconds`` (how long a restored guest's
+agent takes to answer, default 0.01). A saved state is a small JSON
+document (the saved VM's id and model, and whether its file system was
+frozen); a restored guest starts frozen when its state was.
 
 Subclasses each inject one failure (:class:`FailingStartBackend`) or delay
 (:class:`SlowBidBackend`).
@@ -30,6 +35,7 @@ Subclasses each inject one failure (:class:`FailingStartBackend`) or delay
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -90,18 +96,22 @@ class FakeBackend(Backend):
             self.max_memory = int(options.get("max_memory", "65536"))
             self.max_vcpus = int(options.get("max_vcpus", "64"))
             self.pause_seconds = float(options.get("pause_seconds", "0"))
+            self.resume_seconds = float(options.get("resume_seconds", "0.01"))
         except ValueError as exc:
             raise ConfigurationError(f"fake backend: a numeric option is not a number: {exc}") from None
         self.architectures = tuple(a.strip() for a in options.get("architectures", "x86_64").split(",") if a.strip())
+        self.can_resume = options.get("resume", "on") == "on"
         self.token = uuid.uuid4().hex
         self._vms: dict[str, _FakeVM] = {}
         self._ended: set[str] = set()
+        #: The VMs this backend restored from a saved state (tests: resumed, not booted).
+        self.restored: set[str] = set()
         self._lock = threading.Lock()
 
     def capabilities(self) -> Capabilities:
         return Capabilities(name=self.name, available=True, accelerator="none", architectures=self.architectures,
                             max_memory=self.max_memory, max_vcpus=self.max_vcpus, networks=NIC_KINDS,
-                            channel="fake", publish=True)
+                            channel="fake", publish=True, resume=self.can_resume)
 
     # Starting -------------------------------------------------------------------
     def start(self, spec: GuestSpec) -> None:
@@ -120,6 +130,59 @@ class FakeBackend(Backend):
             with self._lock:
                 self._vms.pop(spec.vm_id, None)
             raise
+
+    def machine_model(self, spec: GuestSpec) -> str:
+        if not self.can_resume:
+            return super().machine_model(spec)
+        parts = [spec.machine, str(spec.memory), str(spec.vcpus), str(spec.kernel), str(spec.initrd), spec.cmdline,
+                 f"seed={spec.seed is not None}", f"data={spec.data_dir is not None}",
+                 "nics=" + ",".join(nic.kind for nic in spec.nics)]
+        return "fake:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def save_state(self, vm_id: str, fd: int, timeout: float = 60.0) -> None:
+        if not self.can_resume:
+            super().save_state(vm_id, fd, timeout)
+        vm = self._vms.get(vm_id)
+        if vm is None or self._file_state(vm) != "paused":
+            raise BackendError(f"VM {vm_id} is not paused under this backend: only a paused guest's state is saved")
+        state = {"fake-state": 1, "vm_id": vm_id, "model": self.machine_model(vm.spec),
+                 "frozen": bool(vm.agent is not None and vm.agent.frozen)}
+        os.write(fd, json.dumps(state).encode())
+
+    def restore(self, spec: GuestSpec, fd: int, timeout: float = 60.0) -> None:
+        if not self.can_resume:
+            super().restore(spec, fd, timeout)
+        try:
+            state = json.loads(os.read(fd, 65536))
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"VM {spec.vm_id}: the saved state cannot be read: {exc}") from None
+        if not isinstance(state, dict) or state.get("fake-state") != 1:
+            raise BackendError(f"VM {spec.vm_id}: not a saved state of the fake backend")
+        if state.get("model") != self.machine_model(spec):
+            raise BackendError(f"VM {spec.vm_id}: the saved state is of another machine model")
+        vm = _FakeVM(spec)
+        with self._lock:
+            self._check(spec)
+            self._vms[spec.vm_id] = vm
+            self._ended.discard(spec.vm_id)
+        try:
+            Path(spec.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._write_state(vm, "running")
+            self._run_agent(vm, boot=False, delay=self.resume_seconds)
+            assert vm.agent is not None
+            vm.agent.frozen = bool(state.get("frozen"))
+            self.restored.add(spec.vm_id)
+        except BaseException:
+            self._halt(vm)
+            _remove(vm)
+            with self._lock:
+                self._vms.pop(spec.vm_id, None)
+            raise
+
+    def ex_agent(self, vm_id: str) -> FakeAgent | None:
+        """The fake agent of a VM (tests read what the plant told the guest)."""
+        vm = self._vms.get(vm_id)
+        return vm.agent if vm is not None else None
 
     def _check(self, spec: GuestSpec) -> None:
         """Refuse what a real backend would refuse (called under the lock)."""
@@ -149,8 +212,8 @@ class FakeBackend(Backend):
         """Start the guest: its agent (subclasses inject failures here)."""
         self._run_agent(vm, boot=True)
 
-    def _run_agent(self, vm: _FakeVM, boot: bool) -> None:
-        ready_at = time.monotonic() + (self.boot_seconds if boot else 0.0)
+    def _run_agent(self, vm: _FakeVM, boot: bool, delay: float = 0.0) -> None:
+        ready_at = time.monotonic() + (self.boot_seconds if boot else delay)
         vm.agent = FakeAgent(vm.socket, ready_at, on_shutdown=lambda: self._shut_down(vm),
                              name=f"{vm.spec.vm_id}-{self.token[:8]}", seed=vm.spec.seed)
         vm.watcher = threading.Thread(target=self._watch, args=(vm,), daemon=True,

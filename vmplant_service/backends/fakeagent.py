@@ -76,6 +76,10 @@ class FakeAgent:
         self._next = 1000
         #: Whether the guest's (one, pretended) file system is frozen (guest-fsfreeze-*).
         self.frozen = False
+        #: The clock the guest was set to (guest-set-time), in nanoseconds since the epoch.
+        self.time_set: int | None = None
+        #: The argument lists of the processes it "ran" (the latest 256), and the files it was given.
+        self.execs: list[list[str]] = []
         self.path.unlink(missing_ok=True)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(str(self.path))
@@ -198,6 +202,14 @@ class FakeAgent:
             return {}
         if command in ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status"):
             return self._fsfreeze(command)
+        if command == "guest-set-time":
+            if self.frozen:
+                raise _Refused("Command guest-set-time has been disabled: file systems are frozen")
+            value = arguments.get("time")
+            if type(value) is not int:
+                raise _Refused("Invalid parameter type for 'time', expected: integer")
+            self.time_set = value
+            return {}
         raise _Refused(f"The command {command} has not been found")
 
     def _fsfreeze(self, command: str) -> Any:
@@ -215,6 +227,11 @@ class FakeAgent:
         self.frozen = True
         return 1
 
+    @property
+    def files(self) -> dict[str, bytes]:
+        """The files the guest was given (guest-file-*), by path."""
+        return dict(self._written)
+
     def _file(self, arguments: dict[str, Any]) -> tuple[str, bytearray]:
         entry = self._files.get(arguments.get("handle", -1))
         if entry is None:
@@ -227,6 +244,9 @@ class FakeAgent:
 
     def _exec(self, arguments: dict[str, Any]) -> int:
         args = [str(a) for a in arguments.get("arg") or []]
+        if self.frozen:  # as qemu-ga: only a few commands run while the file systems are frozen
+            raise _Refused("Command guest-exec has been disabled: file systems are frozen")
+        self.execs = (self.execs + [args])[-256:]
         given = base64.b64decode(arguments.get("input-data", "") or "").decode(errors="replace")
         # A file action's chmod carries the markers of the content written before it.
         marked = given + "\n".join(args) + "".join(

@@ -66,6 +66,7 @@ Options (strings, from the plant's configuration):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -134,6 +135,12 @@ DEFAULT_RUNAS = "vmshop-qemu"
 #: measured). Once dropped, QEMU holds no capability, and ``spawn=deny`` forbids the execve (of a set-uid program)
 #: that could give it one back.
 SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+#: The id of a VM's generation id device (QOM path /machine/peripheral/<id>).
+VMGENID = "vmgenid0"
+#: The name a state file's descriptor gets in QEMU (``getfd``), for a ``fd:`` migration.
+STATE_FD = "vmshop-state"
+#: Bytes per second a state is saved or restored at (QEMU's default, 32 MiB/s, is for live networks).
+STATE_BANDWIDTH = 8 * 1024**3
 PROBE_CMDLINE = ("console=ttyS0 quiet loglevel=0 panic=-1 "
                  f'rdinit=/bin/sh -- -c "echo {PROBE_MARKER}; /bin/busybox poweroff -f"')
 
@@ -182,9 +189,15 @@ class RunPaths:
                 self.console.with_name("console.log.1"), self.stderr)
 
 
+def has_vmgenid(machine: str) -> bool:
+    """Whether a VM of QEMU machine type ``machine`` gets a VM generation id device (ACPI: pc and q35 types)."""
+    return machine in ("pc", "q35") or machine.startswith(("pc-", "pc-i440fx", "pc-q35"))
+
+
 def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str = "unsafe",
-                 runas: str | None = None, sandbox: bool = True) -> list[str]:
-    """The command line that runs ``spec`` under QEMU (see the module docstring)."""
+                 runas: str | None = None, sandbox: bool = True, incoming: bool = False) -> list[str]:
+    """The command line that runs ``spec`` under QEMU (see the module docstring); ``incoming``: the guest does not
+    boot, QEMU waits (paused) for its machine state (``migrate-incoming``, :meth:`QemuBackend.restore`)."""
     paths = RunPaths.of(spec.run_dir)
     command = [
         binary,
@@ -201,13 +214,23 @@ def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str
             command += ["-initrd", str(Path(spec.initrd).absolute())]
         if spec.cmdline:
             command += ["-append", spec.cmdline]
-    command += ["-drive", f"file={Path(spec.disk).absolute()},if=virtio,format=qcow2,cache={disk_cache}"]
+    # file.auto-read-only=off: the overlay's file stays open read-write while a saved state is written or loaded.
+    # With -drive's default (on), QEMU reopens the file BY PATH, read-only, when a migration inactivates the disk
+    # (and read-write when it is activated again), which QEMU, by then the runas user, may not do in the plant's
+    # 0700 directory: the save (or a restore) failed with "bdrv_inactivate_all() failed (-1)" (measured, 7.2).
+    command += ["-drive", f"file={Path(spec.disk).absolute()},file.auto-read-only=off,if=virtio,format=qcow2,"
+                          f"cache={disk_cache}"]
     if spec.seed is not None:
         # The cloud-init seed: a second virtio disk, read-only (QEMU opens it read-only, as root, before -runas).
         command += ["-drive", f"file={Path(spec.seed).absolute()},if=virtio,format=raw,readonly=on"]
     command += ["-chardev", f"socket,id=qga0,path={paths.agent},server=on,wait=off",
                 "-device", "virtio-serial-pci,id=vser0",
                 "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
+    if has_vmgenid(spec.machine):
+        # A VM generation id (guid=auto: a new one each time QEMU starts). A clone restored from a saved state gets
+        # its own as the state loads (QEMU writes it into the guest and notifies it), on which the guest kernel
+        # reseeds its random generator at once (Linux's vmgenid driver): clones never share a random stream.
+        command += ["-device", f"vmgenid,id={VMGENID}"]
     if spec.data_dir is not None:
         command += ["-fsdev", f"local,id=data,path={Path(spec.data_dir).absolute()},security_model=none,readonly=on",
                     "-device", "virtio-9p-pci,fsdev=data,mount_tag=vmdata"]
@@ -225,6 +248,8 @@ def qemu_command(spec: GuestSpec, binary: str, accelerator: str, disk_cache: str
         "-serial", "chardev:con0",
         "-pidfile", str(paths.pidfile),
     ]
+    if incoming:
+        command += ["-incoming", "defer", "-S"]
     if sandbox:
         command += ["-sandbox", SANDBOX]
     if runas:
@@ -309,7 +334,8 @@ class QemuBackend(Backend):
             reason="" if binary is not None else f"{self.binary} is not installed",
             accelerator=self._known_accelerator() if binary is not None else "",
             architectures=ARCHITECTURES, networks=NIC_KINDS, channel="virtio-serial",
-            max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=self.max_vcpus, publish=True)
+            max_memory=int(host_memory_mib() * self.memory_fraction), max_vcpus=self.max_vcpus, publish=True,
+            resume=True)
 
     # Accelerator ---------------------------------------------------------------------
     @property
@@ -422,6 +448,14 @@ class QemuBackend(Backend):
 
     # The contract ----------------------------------------------------------------------
     def start(self, spec: GuestSpec) -> None:
+        self._run(spec, None, 0.0)
+
+    def restore(self, spec: GuestSpec, fd: int, timeout: float = 60.0) -> None:
+        """Start QEMU with ``-incoming defer -S``, give it ``fd`` (``getfd``, SCM_RIGHTS on the QMP socket) and
+        ``migrate-incoming fd:``, wait (until ``timeout``) until the state is loaded, then ``cont``."""
+        self._run(spec, fd, timeout)
+
+    def _run(self, spec: GuestSpec, state_fd: int | None, timeout: float) -> None:
         self._check(spec)
         paths = RunPaths.of(spec.run_dir)
         with self._lock:
@@ -441,8 +475,10 @@ class QemuBackend(Backend):
             paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(paths.run_dir, 0o700)
             self._launch(qemu_command(spec, binary, accelerator, self.disk_cache, self._runas_user(),
-                                      self.sandbox), spec, paths)
+                                      self.sandbox, incoming=state_fd is not None), spec, paths)
             self.consoles.keep(spec.vm_id, paths.console_socket, paths.console)
+            if state_fd is not None:
+                self._incoming(spec, paths, state_fd, timeout)
         except BaseException:
             self.consoles.forget(spec.vm_id)
             try:
@@ -491,6 +527,72 @@ class QemuBackend(Backend):
                 raise BackendError(f"QEMU did not start VM {spec.vm_id} within {self.start_timeout:g} s: "
                                    f"{tail(paths.stderr) or last}") from None
             time.sleep(POLL)
+
+    def _incoming(self, spec: GuestSpec, paths: RunPaths, fd: int, timeout: float) -> None:
+        """Load the machine state from ``fd`` into the QEMU that waits for it, then let the guest run."""
+        deadline = time.monotonic() + timeout
+        with QMPClient(paths.qmp, self.qmp_timeout) as qmp:
+            qmp.execute("getfd", {"fdname": STATE_FD}, fds=(fd,))
+            qmp.execute("migrate-incoming", {"uri": f"fd:{STATE_FD}"})
+        status = self._wait_migration(spec.vm_id, paths, deadline, incoming=True)
+        if status not in ("paused", "prelaunch", "postmigrate"):
+            raise BackendError(f"VM {spec.vm_id}: QEMU loaded the saved state and is {status[:40]!r}, not paused")
+        with QMPClient(paths.qmp, self.qmp_timeout) as qmp:
+            qmp.execute("cont")
+            status = str(qmp.execute("query-status").get("status", ""))
+        if translate_status(status) != VMState.RUNNING:
+            raise BackendError(f"VM {spec.vm_id} did not run from its saved state (QEMU says {status[:40]!r})")
+
+    def _wait_migration(self, vm_id: str, paths: RunPaths, deadline: float, incoming: bool,
+                        lock: threading.Lock | None = None) -> str:
+        """Poll ``query-migrate`` (a short QMP connection each time) until the migration ended; QEMU's run state
+        then. BackendError when it failed, or it did not end by ``deadline`` (an outgoing one is cancelled)."""
+        what = "load the saved state" if incoming else "save the guest's state"
+        while True:
+            if qemu_pid(paths) is None:
+                raise BackendError(f"VM {vm_id}: QEMU ended while it was to {what}: "
+                                   f"{tail(paths.stderr) or 'no message'}")
+            with lock or threading.Lock(), QMPClient(paths.qmp, self.qmp_timeout) as qmp:
+                info = qmp.execute("query-migrate")
+                migration = str(info.get("status", "")) if isinstance(info, dict) else ""
+                status = str(qmp.execute("query-status").get("status", ""))
+            if migration == "completed" or (incoming and status not in ("inmigrate", "") and migration != "failed"):
+                return status
+            if migration in ("failed", "cancelled"):
+                detail = str(info.get("error-desc", ""))[:300] if isinstance(info, dict) else ""
+                raise BackendError(f"VM {vm_id}: QEMU could not {what}: {detail or tail(paths.stderr) or migration}")
+            if time.monotonic() > deadline:
+                if not incoming:
+                    try:
+                        with lock or threading.Lock(), QMPClient(paths.qmp, self.qmp_timeout) as qmp:
+                            qmp.execute("migrate_cancel")
+                    except QMPError as exc:
+                        log.warning("VM %s: cancelling the save of its state failed: %s", vm_id, exc)
+                raise BackendError(f"VM {vm_id}: QEMU did not {what} in time (migration {migration or 'unknown'})")
+            time.sleep(POLL)
+
+    def machine_model(self, spec: GuestSpec) -> str:
+        """A digest of what a saved state of ``spec``'s machine depends on: QEMU's version and accelerator, the
+        machine type, memory, vCPUs, kernel, and every device in :func:`qemu_command`'s order (kinds, not paths)."""
+        parts = [self.qemu_version(), self.accelerator_for(spec), spec.machine, str(spec.memory), str(spec.vcpus),
+                 str(spec.kernel), str(spec.initrd), spec.cmdline, f"seed={spec.seed is not None}",
+                 f"data={spec.data_dir is not None}", f"vmgenid={has_vmgenid(spec.machine)}",
+                 "nics=" + ",".join(nic.kind for nic in spec.nics)]
+        return "qemu:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def save_state(self, vm_id: str, fd: int, timeout: float = 60.0) -> None:
+        """``getfd`` (``fd`` over the QMP socket) then ``migrate fd:`` of the paused guest, polled until it
+        completed (QEMU is then in ``postmigrate``: :meth:`resume` lets the guest run on)."""
+        vm = self._controlled(vm_id)
+        deadline = time.monotonic() + timeout
+        with vm.lock, QMPClient(vm.paths.qmp, self.qmp_timeout) as qmp:
+            status = str(qmp.execute("query-status").get("status", ""))
+            if translate_status(status) != VMState.PAUSED:
+                raise BackendError(f"VM {vm_id} is {status[:40]!r}: only a paused guest's state is saved")
+            qmp.execute("getfd", {"fdname": STATE_FD}, fds=(fd,))
+            qmp.execute("migrate-set-parameters", {"max-bandwidth": STATE_BANDWIDTH})
+            qmp.execute("migrate", {"uri": f"fd:{STATE_FD}"})
+        self._wait_migration(vm_id, vm.paths, deadline, incoming=False, lock=vm.lock)
 
     def _check(self, spec: GuestSpec) -> None:
         """Refuse a spec QEMU could not run, before anything is made."""
@@ -582,7 +684,7 @@ class QemuBackend(Backend):
             return
         with vm.lock, QMPClient(vm.paths.qmp, min(self.qmp_timeout, max(timeout, 0.1))) as qmp:
             status = str(qmp.execute("query-status").get("status", ""))
-            if status == "paused":
+            if status in ("paused", "postmigrate"):  # postmigrate: after its state was saved (rule 12)
                 qmp.execute("cont")
 
     def _controlled(self, vm_id: str) -> _VM:
@@ -638,7 +740,7 @@ class QemuBackend(Backend):
         try:
             with vm.lock, QMPClient(paths.qmp, self.qmp_timeout) as qmp:
                 status = qmp.execute("query-status").get("status", "")
-                if status == "paused":  # paused by a publish (rule 11) that the plant's restart cut short
+                if status in ("paused", "postmigrate"):  # paused by a publish (rule 11) a restart cut short
                     log.info("VM %s was left paused: resumed", spec.vm_id)
                     qmp.execute("cont")
                     status = qmp.execute("query-status").get("status", "")

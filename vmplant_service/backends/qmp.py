@@ -85,8 +85,10 @@ class QMPClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run ``command`` and return its ``return`` value (a dict for the commands the backend uses)."""
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, fds: tuple[int, ...] = ()) -> Any:
+        """Run ``command`` and return its ``return`` value (a dict for the commands the backend uses).
+
+        ``fds``: file descriptors sent with the command (SCM_RIGHTS), as ``getfd`` wants them."""
         if self._sock is None:
             raise QMPError(f"the QMP connection to {self.path} is closed")
         request_id = next(self._ids)
@@ -96,7 +98,13 @@ class QMPClient:
         deadline = time.monotonic() + self.timeout
         try:
             self._sock.settimeout(self.timeout)
-            self._sock.sendall(json.dumps(request).encode() + b"\n")
+            data = json.dumps(request).encode() + b"\n"
+            if fds:
+                sent = socket.send_fds(self._sock, [data], list(fds))
+                if sent < len(data):
+                    self._sock.sendall(data[sent:])
+            else:
+                self._sock.sendall(data)
             while True:
                 reply = self._read_message(deadline)
                 if "event" in reply:
