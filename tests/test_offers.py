@@ -438,6 +438,14 @@ def test_an_offer_names_private_images_owners_and_is_priced_for_the_requests_own
     plant.create(chain(script("a", "echo a"), script("b", "echo b"), script("c", "echo c")), owner="alice",
                  vm_id="v2")
     plant.publish("v2", "alices-app-plus", owner="alice")
+    # What the choice below depends on, set: every image boots alike, every step takes 1 s (measured boots and
+    # steps of the fake backend vary with the machine's load, and so would the cheapest image).
+    for name in (IMAGE, "alices-app", "alices-app-plus"):
+        plant.records.set_metric(f"boot_seconds:{name}", 1.0)
+    for node in "abcd":
+        xml = chain(script(node, f"echo {node}"))
+        plant.records.add_action_run(vm_id="old", node_id=node, digest=_digest_of(xml, node), kind="script",
+                                     started=0.0, seconds=1.0, status=0, output="", ok=True)
     offer = offer_from_wire(_wire(offer_fields(plant.offer("https://p:1/"))), "https://p:1/", CatalogCache(), 0.0)
     assert offer.catalog.owners == {"alices-app": "alice", "alices-app-plus": "alice"}
     assert {i.name for i in offer.catalog.for_owner("bob").images} == {IMAGE}
