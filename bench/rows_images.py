@@ -73,9 +73,25 @@ def row_publish(ctx: Context) -> list[Row]:
     source = shop.service.createVM(dag=request, owner="bench").vm
     publish_seconds, image = timed(lambda: shop.service.publishVM(vm=source.epr, image="bench-app"))
     shop.service.collectVM(vm=source.epr)
-    from_base, from_image = [], []
+    # The same, published with its running state by another owner (bob): bob's creates resume from it.
+    bob = shop.service_as("bob")
+    saved_source = bob.createVM(dag=request).vm
+    saved_seconds, _ = timed(lambda: bob.publishVM(vm=saved_source.epr, image="bench-app-saved", with_state=True))
+    bob.collectVM(vm=saved_source.epr)
+
+    def create_saved() -> float:
+        seconds, made = timed(lambda: bob.createVM(dag=request))
+        try:
+            if made.vm.image != "bench-app-saved" or len(made.runs or []) != 0:
+                raise RuntimeError(f"bob's create used {made.vm.image} with {len(made.runs or [])} actions run")
+        finally:
+            bob.collectVM(vm=made.vm.epr)
+        return seconds
+
+    create_saved()  # warm-up: its state in the page cache, the resume measured once
+    from_base, from_image, from_saved = [], [], []
     for i in range(ctx.n(3, 1)):
-        order = [("base", from_base), ("image", from_image)]
+        order = [("base", from_base), ("image", from_image), ("saved", from_saved)]
         for name, into in order if i % 2 == 0 else order[::-1]:
             common.settle()
             log(f"publish: round {i + 1}: create from the {name}")
@@ -88,6 +104,8 @@ def row_publish(ctx: Context) -> list[Row]:
                 finally:
                     shop.service_as("alice").collectVM(vm=made.vm.epr)
                 into.append(seconds)
+            elif name == "saved":
+                into.append(create_saved())
             else:
                 into.append(create("bench-app", 0))
     log("publish: a VM with 64 MiB of changes")
@@ -96,7 +114,8 @@ def row_publish(ctx: Context) -> list[Row]:
     shop.service.collectVM(vm=big.epr)
     for name in ("bench-app", "bench-big"):
         shop.service.unpublishImage(image=name)
-    base, published = median(from_base), median(from_image)
+    bob.unpublishImage(image="bench-app-saved")
+    base, published, saved = median(from_base), median(from_image), median(from_saved)
     return [
         Row("16a", "Publish pays off: create through the shop of tiny + 3 script actions of ~1 s each, from the base "
                    "image (another owner's request) vs from the image published from such a VM (0 actions left), "
@@ -105,6 +124,12 @@ def row_publish(ctx: Context) -> list[Row]:
             "<= 0.5x", at_most(published / base, 0.5, x),
             [f"from the base {spread(from_base, sec)}; from the image {spread(from_image, sec)}; the published "
              f"image held {image.size / 2**20:.1f} MiB of changes (publish took {sec(publish_seconds)})"]),
+        Row("16c", "The same, published with its running state (publishVM with_state, by another owner): create "
+                   "through the shop from the base vs resumed from that image (0 actions left; restore and identity "
+                   "reset), medians",
+            f"from the base: {sec(base)}; resumed from the image: {sec(saved)}", x(saved / base),
+            "<= 0.5x", at_most(saved / base, 0.5, x),
+            [f"resumed {spread(from_saved, sec)}; publishing with the state took {sec(saved_seconds)}"]),
         Row("16b", "Publish time: publishVM through the shop of a running VM holding 64 MiB of changes (random "
                    "bytes): freeze, pause, qemu-img convert -B, resume, thaw, index",
             f"{sec(big_seconds)} for {big_image.size / 2**20:.1f} MiB", "-", "(state it)", "info",
