@@ -891,3 +891,22 @@ def test_a_create_does_not_analyze_but_a_bulk_load_does(tmp_path: Path) -> None:
         assert _statistics_rows(registry) == 0  # the create path leaves the planner's statistics alone
         registry.bulk_add(VMEntry(vm_id=f"many-{i}", owner=f"u{i % 7}", state="running") for i in range(200))
         assert _statistics_rows(registry) > 0
+
+
+def test_the_generation_grows_with_every_write_and_is_none_when_others_write(reg: Registry) -> None:
+    """A shop may keep a query's answer while the generation is unchanged: every write moves it (SQLite: the
+    shop is its only writer); a registry several shops share has none (PostgreSQL)."""
+    if isinstance(reg, PostgresRegistry):
+        assert reg.generation is None and reg.query_with_generation("state=running")[0] is None
+        return
+    first = reg.generation
+    assert first is not None
+    reg.add(_entry("vm-g"))
+    second = reg.generation
+    assert second is not None and second > first
+    generation, entries = reg.query_with_generation("state=running")
+    assert generation == second and _ids(entries) == ["vm-g"]
+    reg.update("vm-g", memory=1)
+    assert reg.generation != second
+    with pytest.raises(ValueError):
+        reg.add(_entry("vm-g"))  # a refused write moves it too (harmless: a kept answer is asked again)

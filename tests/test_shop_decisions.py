@@ -330,3 +330,34 @@ def test_notices_are_heard_only_from_the_plant_or_an_admin_and_for_listed_plants
     with pytest.raises(NoSuchPlantError):
         w.shop.plant_changed(ADMIN_ID, "https://elsewhere.test:9000/")
     assert w.plants["home"].calls == []
+
+
+# Query answers kept between writes ------------------------------------------------------------------------
+
+
+def test_a_kept_query_answer_is_given_only_while_the_registry_is_unchanged(world: Any) -> None:
+    """The shop keeps a query's answer with the registry's generation and gives it again only while no write
+    came between: every write (a new VM, an update, a delete) shows in the next answer; scopes never mix."""
+    w = world()
+    for vm_id, owner in (("vm-1", "alice"), ("vm-2", "bob")):
+        w.registry.add(VMEntry(vm_id=vm_id, owner=owner, state="running", created=1.0, updated=1.0, memory=256))
+
+    def ids(caller: Identity, text: str = "memory>=256", limit: int | None = None) -> list[str]:
+        return [vm.vm_id for vm in result_of(w.shop.query(caller, text, limit))]
+
+    asked: list[int] = []
+    real = w.registry.query_with_generation
+    w.registry.query_with_generation = lambda *a, **k: asked.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    assert ids(ALICE) == ["vm-1"] and ids(ALICE) == ["vm-1"] and len(asked) == 1  # the second from the kept answer
+    assert sorted(ids(ADMIN_ID)) == ["vm-1", "vm-2"] and len(asked) == 2  # another scope: asked
+    w.registry.add(VMEntry(vm_id="vm-3", owner="alice", state="running", created=2.0, updated=2.0, memory=512))
+    assert ids(ALICE) == ["vm-1", "vm-3"] and len(asked) == 3
+    w.registry.update("vm-1", memory=128)
+    assert ids(ALICE) == ["vm-3"]
+    assert ids(ALICE, limit=1) == ["vm-3"]
+    w.registry.delete("vm-3")
+    assert ids(ALICE) == [] and sorted(ids(ADMIN_ID)) == ["vm-2"]
+    with pytest.raises(Exception, match="attribute"):
+        result_of(w.shop.query(ALICE, "nosuchattr=1", None))  # a bad query is refused every time, never kept
+    with pytest.raises(Exception, match="attribute"):
+        result_of(w.shop.query(ALICE, "nosuchattr=1", None))

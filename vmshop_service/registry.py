@@ -262,6 +262,7 @@ class Registry:
         self.clock = clock
         self._lock = threading.RLock()
         self._known_names: set[str] = set()  # user attribute names seen in attribute_names (insert-only)
+        self._generation = 0  # grows after every write transaction (see generation)
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
@@ -300,6 +301,15 @@ class Registry:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._generation += 1  # still under the lock: a reader sees the data and its generation together
+
+    @property
+    def generation(self) -> int | None:
+        """A number that grows after every write this registry object makes, or None when others may write
+        too (a registry shared by several shops). Equal generations mean equal contents: the shop is the
+        only writer of its SQLite registry (it opens the file, and nothing else does)."""
+        return self._generation
 
     @contextmanager
     def _reading(self) -> Iterator[Any]:
@@ -648,6 +658,14 @@ class Registry:
             rows = conn.execute(sql, params).fetchall()
             return self._rows_to_entries(conn, rows)
 
+    def query_with_generation(self, q: Query | str, limit: int | None = None) -> tuple[int | None, list[VMEntry]]:
+        """:meth:`query`, with the :attr:`generation` its answer is of (read with the data, under one lock)."""
+        with self._reading() as conn:
+            generation = self.generation
+            sql, params = self._query_sql(conn, q, limit)
+            rows = conn.execute(sql, params).fetchall()
+            return generation, self._rows_to_entries(conn, rows)
+
     def due_terminations(self, now: float) -> list[VMEntry]:
         """The VMs not yet collected whose lease ended at or before ``now``, soonest first."""
         with self._reading() as conn:
@@ -755,6 +773,11 @@ class PostgresRegistry(Registry):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def generation(self) -> int | None:
+        """None: other shops write this registry too, so no answer of it can be kept."""
+        return None
 
     def describe(self) -> str:
         return f"PostgreSQL {self.path}"

@@ -94,6 +94,9 @@ MAX_TERMINATION = 253402300799.0
 
 #: Accepted DAGs kept by their text's digest (a repeated request is not parsed and validated again).
 DAG_CACHE = 256
+#: Query answers kept (by query text, the caller's scope and limit), each of at most QUERY_CACHE_VMS VMs.
+QUERY_CACHE = 256
+QUERY_CACHE_VMS = 256
 #: Offer-priced bids an answer lists (the best ones, and as many declines); the others are counted.
 SHOWN_BIDS = 16
 
@@ -160,6 +163,8 @@ class Shop:
                                 timeout=min(config.call_timeout, 10.0))
         self.live_bids = config.bids == "live"
         self._dags: OrderedDict[bytes, Any] = OrderedDict()  # accepted DAGs by the sha256 of their text
+        # Query answers by (text, scope, limit): (the registry generation they are of, the entries).
+        self._queries: OrderedDict[tuple[str, str | None, int | None], tuple[int, list[VMEntry]]] = OrderedDict()
 
     def _usage(self, owner: str, exclude: str) -> defer.Deferred[Usage]:
         return self._in_thread(self.registry.usage, owner, exclude).addCallback(lambda row: Usage(*row))
@@ -712,15 +717,28 @@ class Shop:
     # Queries ------------------------------------------------------------------
     @defer.inlineCallbacks
     def query(self, caller: Identity, text: str, limit: int | None) -> Any:
+        """The caller's VMs that match ``text`` (an admin's: all). A registry only this shop writes (SQLite) has a
+        generation that grows with every write: an answer of the current generation is given again without
+        asking the registry (the same query text, scope and limit; answers of up to QUERY_CACHE_VMS VMs)."""
         owner = authz.visible_owner(caller)
+        key = (text, owner, limit)
+        kept = self._queries.get(key)
+        if kept is not None and kept[0] == self.registry.generation:
+            self._queries.move_to_end(key)
+            return [self.vm_out(entry) for entry in kept[1]]
 
-        def run() -> list[VMEntry]:
+        def run() -> tuple[int | None, list[VMEntry]]:
             query = parse_query(text)
             if owner is not None:
                 query = query + (Term("owner", "=", owner),)  # a user's queries see only its own VMs
-            return self.registry.query(query, limit)
+            return self.registry.query_with_generation(query, limit)
 
-        entries = yield self._in_thread(run)
+        generation, entries = yield self._in_thread(run)
+        if generation is not None and len(entries) <= QUERY_CACHE_VMS:
+            self._queries[key] = (generation, entries)
+            self._queries.move_to_end(key)
+            while len(self._queries) > QUERY_CACHE:
+                self._queries.popitem(last=False)
         return [self.vm_out(entry) for entry in entries]
 
     @defer.inlineCallbacks
