@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import sqlite3
 import threading
@@ -344,8 +345,10 @@ def test_shops_and_their_heartbeats(reg: Registry) -> None:
 
 
 def test_a_lease_is_claimed_by_one_shop_at_a_time(opener: Callable[[], Registry]) -> None:
-    """Two shops (two registries on one store) claim due leases from many threads: each VM goes to one."""
-    first, second = opener(), opener()
+    """Two shops (two registries on one store) claim due leases from many threads: each VM goes to one. An
+    SQLite file belongs to one registry object (a second is refused), so there both names claim through one."""
+    first = opener()
+    second = opener() if isinstance(first, PostgresRegistry) else first
     try:
         first.bulk_add([_entry(f"vm-{i}", termination=float(i)) for i in range(60)]
                        + [_entry("placing", state="placing", termination=1.0),
@@ -910,3 +913,40 @@ def test_the_generation_grows_with_every_write_and_is_none_when_others_write(reg
     assert reg.generation != second
     with pytest.raises(ValueError):
         reg.add(_entry("vm-g"))  # a refused write moves it too (harmless: a kept answer is asked again)
+
+
+# One SQLite file, one registry -----------------------------------------------------------------------------
+
+def test_a_second_registry_on_one_sqlite_file_is_refused_until_the_first_is_closed(tmp_path: Path) -> None:
+    """The shop keeps query answers while its registry's generation holds, so nothing else may write the file."""
+    path = tmp_path / "registry.db"
+    first = Registry(path)
+    try:
+        first.add(_entry("vm-1"))
+        with pytest.raises(ConfigurationError, match=rf"in use by another shop \(pid {os.getpid()}\)"):
+            Registry(path)
+        assert first.get("vm-1").owner == "alice"  # the refused one changed nothing
+    finally:
+        first.close()
+    with Registry(path) as again:
+        assert _ids(again.query("owner=alice")) == ["vm-1"]
+    assert (path.parent / "registry.db.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_refused_open_releases_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    with Registry(path) as reg:
+        with reg._transaction() as conn:
+            conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(ConfigurationError, match="schema version 99"):
+        Registry(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = ?", (registry_module.SCHEMA_VERSION,))
+    conn.close()
+    Registry(path).close()  # not held by the refused open
+
+
+def test_in_memory_registries_hold_no_file(tmp_path: Path) -> None:
+    with Registry(":memory:"), Registry(":memory:"):
+        pass
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,8 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,3 +302,26 @@ def test_a_real_plant_stopped_in_the_middle_of_a_create_exits_on_time_and_readop
         clean(plant.output())
     finally:
         plant.cleanup()
+
+
+def test_a_second_shop_on_one_sqlite_registry_is_refused_and_a_killed_shop_restarts_on_it(
+        tmp_path: Path, plant: ServerProcess) -> None:
+    """Two shops on one SQLite file would each keep query answers the other's writes made stale: the second
+    one stops at start with a message naming the registry and the first one's pid. SIGKILL drops the hold."""
+    shop = start_shop(tmp_path / "shop", [host_port(plant)])
+    try:
+        assert shop.process is not None
+        second = subprocess.run(
+            [sys.executable, "-m", "vmshop_service.main", "--config", str(shop.config), "--port", "0"],
+            capture_output=True, text=True, timeout=120, cwd=str(shop.directory))
+        words = second.stdout + second.stderr
+        assert second.returncode != 0, words
+        assert f"is in use by another shop (pid {shop.process.pid})" in words, words
+        assert "Traceback" not in words, words
+        shop.process.kill()
+        shop.process.wait(30)
+        shop.start()  # the kernel dropped the dead shop's hold
+        shop.client()
+        assert not shop.service.queryVMs(query="", limit=None)  # it answers, on the same file
+    finally:
+        shop.cleanup()

@@ -44,6 +44,14 @@ Contracts:
   claim, taken with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so a lease is
   enforced once however many shops look; a claim older than its expiry (its
   shop died) may be taken again.
+- One SQLite file, one registry object: :class:`Registry` holds an exclusive
+  lock (``flock``) on ``PATH.lock`` while it is open, so a second shop (or a
+  second registry object) on the same file is refused with
+  :class:`~vmshop_common.errors.ConfigurationError` naming the holder's pid.
+  The shop keeps query answers while the registry's :attr:`Registry.generation`
+  is unchanged, which is only right while nothing else writes the file. The
+  kernel drops the lock when its holder dies, so a shop killed by SIGKILL
+  restarts on its file at once.
 - Errors: an unknown VM id raises :class:`NoSuchVMError`; a malformed query
   :class:`QueryInvalidError`; a database that cannot be reached (or a
   connection lost during the call) :class:`RegistryUnavailableError`, after
@@ -55,7 +63,9 @@ Contracts:
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import select
 import sqlite3
 import threading
@@ -245,6 +255,37 @@ def _attribute_rows(vm_id: str, attributes: dict[str, str]) -> list[tuple[str, s
     return rows
 
 
+def _hold_sqlite_file(path: str) -> int | None:
+    """An exclusive, non-blocking ``flock`` on ``PATH.lock`` (made 0600 if missing; the holder's pid written
+    in it), or ConfigurationError naming the pid that holds it. None for a private in-memory database."""
+    if path == ":memory:" or path.startswith("file:"):
+        return None
+    lock_path = path + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot open the registry's lock file {lock_path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise ConfigurationError(
+            f"the registry {path} is in use by another shop (pid {holder}): an SQLite registry belongs to one "
+            f"shop; shops that share a registry use PostgreSQL") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the pid is only for the message of a refused second shop
+    return fd
+
+
 class Registry:
     """The VM registry in the SQLite database at ``path`` (``":memory:"`` for a private in-memory one).
 
@@ -263,14 +304,22 @@ class Registry:
         self._lock = threading.RLock()
         self._known_names: set[str] = set()  # user attribute names seen in attribute_names (insert-only)
         self._generation = 0  # grows after every write transaction (see generation)
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        conn = self._conn
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        self._init_schema()
+        self._hold: int | None = _hold_sqlite_file(self.path)
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._conn = conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            self._init_schema()
+        except BaseException:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._release_file()
+            raise
 
     def describe(self) -> str:
         """Where the registry is, fit for logs (never a credential)."""
@@ -687,9 +736,17 @@ class Registry:
         """Close the database; further calls raise ``ValueError``. Closing twice is harmless."""
         with self._lock:
             if self._conn is not None:
-                self._conn.execute("PRAGMA optimize")
-                self._conn.close()
-                self._conn = None
+                try:
+                    self._conn.execute("PRAGMA optimize")
+                    self._conn.close()
+                finally:
+                    self._conn = None
+                    self._release_file()
+
+    def _release_file(self) -> None:
+        if self._hold is not None:
+            os.close(self._hold)  # closing the descriptor drops its flock
+            self._hold = None
 
     def __enter__(self) -> Registry:
         return self
