@@ -269,3 +269,89 @@ def test_the_fetched_copy_is_evicted_like_any_fetched_image(site: dict[str, Any]
     index = (site["base"] / "p2-warehouse" / "index.txt").read_text()
     assert "/moved/" not in index and "/bobs/" in index
     p2.service.collectVM(vm_id="bobs-vm")
+
+
+# Units: the scoping rules, without servers ------------------------------------------------------------------
+def _image_xml(name: str, parent: str, owner: str | None, *, public: bool = False, movable: bool = False,
+               step: str = "echo x") -> str:
+    attributes = f' owner="{owner}"' if owner else ""
+    attributes += ' public="true"' if public else ""
+    attributes += ' movable="true"' if movable else ""
+    return (f'<?xml version="1.0"?><image xmlns="urn:vmshop:image:1" name="{name}"{attributes}>'
+            f'<disk file="disk" format="qcow2"/><hardware memory="128" disk="1"/>'
+            f'<dag xmlns="{DAG_NS}"><nodes><image id="base" name="{parent}"/><script id="s">{step}</script></nodes>'
+            f'<edges><edge from="base" to="s"/></edges></dag></image>')
+
+
+def test_a_catalog_keeps_private_entries_only_when_this_plant_fetches_movable_images() -> None:
+    from vmplant_service.transfer import remote_images
+
+    entries = [{"name": name, "parent": "tiny", "size": 10, "config": _image_xml(name, "tiny", owner, **flags)}
+               for name, owner, flags in (("pub", "alice", {"public": True}), ("mov", "alice", {"movable": True}),
+                                          ("fix", "alice", {}), ("bad", "../x", {"movable": True}))]
+    document = {"images": entries}
+    assert {n: i.owner for n, i in remote_images("https://p/", document).items()} == {"pub": None}
+    assert {n: i.owner for n, i in remote_images("https://p/", document, movable=True).items()} == \
+        {"pub": None, "mov": "alice"}
+
+
+def test_offerable_names_a_movable_image_to_its_owner_only_and_over_its_owners_lineage(
+        tmp_path: Path, warehouse_dir: Path) -> None:
+    from vmplant_service.transfer import RemoteImage, Transfers
+    from vmplant_service.warehouse import Warehouse
+    from vmshop_common.dag import Hardware
+    from vmshop_common.dagxml import load_dag
+    from vmshop_common.guest import GuestTraits
+
+    (tmp_path / "index.txt").write_text(f"{(warehouse_dir / 'tiny' / 'image.xml').resolve()}\n")
+    class Records:
+        def metric(self, name: str) -> None:
+            return None
+
+    transfers = Transfers(Warehouse(tmp_path), "p", [], None, Records(), cache_bytes=0, bandwidth=1.0, in_use=set,
+                          fetch_movable=True)
+
+    def remote(name: str, parent: str, owner: str | None) -> RemoteImage:
+        return RemoteImage("https://peer/", name, parent, 100, load_dag(dag(f"echo {name}", image=parent)),
+                           Hardware(128, 1, 1), GuestTraits(), owner)
+
+    images = [remote("pub", "tiny", None), remote("a1", "tiny", "alice"), remote("a2", "a1", "alice"),
+              remote("b1", "tiny", "bob"), remote("b2", "a1", "bob"), remote("p2", "a1", None)]
+    transfers._remote = {image.name: image for image in images}
+    local = transfers.warehouse.images
+    assert set(transfers.offerable(local, "alice")) == {"pub", "a1", "a2"}
+    assert set(transfers.offerable(local, "bob")) == {"pub", "b1"}  # b2 starts from alice's image
+    assert set(transfers.offerable(local, "")) == {"pub"}  # p2: a public image never starts from a private one
+    every = transfers.offerable(local, None)
+    assert {name: image.owner for name, (image, _) in every.items()} == \
+        {"pub": None, "a1": "alice", "a2": "alice", "b1": "bob"}
+    from vmshop_common.errors import NoSuchImageError
+    for owner, name in (("bob", "a1"), ("", "a1"), ("bob", "b2"), ("alice", "b1")):
+        with pytest.raises(NoSuchImageError):
+            transfers.ensure(name, owner)
+
+
+def test_shareable_images_are_public_or_the_owners_movable_ones_closed_under_lineage(
+        tmp_path: Path, warehouse_dir: Path) -> None:
+    from dataclasses import replace
+
+    from vmplant_service.warehouse import Warehouse
+    from vmshop_common.dagxml import load_dag
+
+    (tmp_path / "index.txt").write_text(f"{(warehouse_dir / 'tiny' / 'image.xml').resolve()}\n")
+    warehouse = Warehouse(tmp_path)
+    tiny = warehouse.get("tiny")
+
+    def image(name: str, parent: str, owner: str, public: bool = False, movable: bool = False) -> Any:
+        return replace(tiny, name=name, dag=load_dag(dag(f"echo {name}", image=parent)), owner=owner, public=public,
+                       movable=movable)
+
+    made = [image("pub", "tiny", "alice", public=True), image("a1", "tiny", "alice", movable=True),
+            image("a2", "a1", "alice", movable=True), image("fixed", "tiny", "alice"),
+            image("a3", "fixed", "alice", movable=True), image("b1", "a1", "bob", movable=True),
+            image("b2", "tiny", "bob", movable=True)]
+    warehouse._images = {"tiny": tiny, **{info.name: info for info in made}}
+    assert set(warehouse.shareable("alice")) == {"tiny", "pub", "a1", "a2"}  # a3 starts from a fixed image
+    assert set(warehouse.shareable("bob")) == {"tiny", "pub", "b2"}  # b1 starts from alice's
+    assert set(warehouse.shareable(None)) == {"tiny", "pub", "a1", "a2", "b2"}
+    assert set(warehouse.shareable("")) == set(warehouse.visible("")) == {"tiny", "pub"}
