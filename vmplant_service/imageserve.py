@@ -5,7 +5,8 @@ The layout (a plain HTTPS warehouse server may serve the same files; :mod:`.tran
 
     GET /images/catalog          {"images": [{"name", "parent", "size", "config"}, ...]}
     GET /images/NAME/manifest    {"name", "parent", "parent_disk_sha256", "files": [{"role", "size", "sha256"}]}
-    GET /images/NAME/ROLE        the bytes of one file: config (image.xml), disk, kernel, initrd
+    GET /images/NAME/ROLE        the bytes of one file: config (image.xml), disk, kernel, initrd, state (a saved
+                                 running state: ``<state file model macs>``)
 
     GET /images/catalog?movable=1        also every owner's movable private images (each config names its owner)
     GET /images/catalog?owner=O          also owner O's movable private images
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 IMAGES_PREFIX = b"/images/"
 #: The catalog's query for every owner's movable images too.
 MOVABLE_QUERY = "movable=1"
-ROLES = ("config", "disk", "kernel", "initrd")
+ROLES = ("config", "disk", "kernel", "initrd", "state")
 #: Bounds on what a catalog holds.
 MAX_CONFIG_BYTES = 256 * 1024
 MAX_IMAGES = 512
@@ -111,6 +112,8 @@ def image_files(info: ImageInfo) -> dict[str, Path]:
         files["kernel"] = info.kernel
     if info.initrd is not None:
         files["initrd"] = info.initrd
+    if info.state is not None:
+        files["state"] = info.state
     return files
 
 

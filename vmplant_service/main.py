@@ -106,7 +106,8 @@ def build_plant(config: PlantConfig, credentials: Credentials | None = None) -> 
 
         transfers = Transfers(warehouse, config.name, config.peers, credentials, records,
                               cache_bytes=config.cache_mib * 2**20, bandwidth=config.bandwidth_mib * 2**20,
-                              in_use=in_use, lock=plant._lock, fetch_movable=config.fetch_movable)
+                              in_use=in_use, lock=plant._lock, fetch_movable=config.fetch_movable,
+                              state_model=plant.clone_model)
         transfers.sweep()
         plant.attach_peers(transfers)
     return plant

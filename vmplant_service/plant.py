@@ -645,11 +645,28 @@ class Plant:
         if self.segments is not None:
             # The owner's own switch: their VMs reach each other, no one else's.
             nics.append(Nic("segment", mac_for(vm_id, 1), switch=str(self.segments.start(owner).control)))
+        return self._guest_spec(vm_id, info, memory, vcpus, paths, tuple(nics))
+
+    def _guest_spec(self, vm_id: str, info: ImageInfo, memory: int, vcpus: int, paths: dict[str, Path],
+                    nics: tuple[Nic, ...]) -> GuestSpec:
         datastore = Path(self.config.datastore) if self.config.datastore else None
         return GuestSpec(vm_id=vm_id, disk=paths["overlay"], memory=memory, vcpus=vcpus, run_dir=paths["run"],
                          kernel=info.kernel, initrd=info.initrd, cmdline=info.cmdline,
-                         machine=info.machine, arch=info.hardware.arch, data_dir=datastore, nics=tuple(nics),
+                         machine=info.machine, arch=info.hardware.arch, data_dir=datastore, nics=nics,
                          seed=paths["seed"] if info.guest.cloud_init else None)
+
+    def clone_model(self, info: ImageInfo) -> str | None:
+        """The backend's machine model of a clone of ``info`` made here with the image's own hardware (what a saved
+        state must have been saved for to be restored: :meth:`_resumable`), or None when this backend cannot
+        resume. Starts nothing (no switch, no port): the model depends on the NICs' kinds only."""
+        if not self.backend.capabilities().resume:
+            return None
+        vm_id = "model"
+        nics = [Nic("user", mac_for(vm_id, 0))]
+        if self.segments is not None:
+            nics.append(Nic("segment", mac_for(vm_id, 1), switch=""))
+        return self.backend.machine_model(self._guest_spec(vm_id, info, info.hardware.memory, info.hardware.vcpus,
+                                                           self._paths(vm_id), tuple(nics)))
 
     def _write_seed(self, spec: GuestSpec, dag: Dag, flat: Dag, address: str | None) -> None:
         """The VM's cloud-init NoCloud seed (:mod:`.seed`) at ``spec.seed``: its key, host name, NICs, user data.

@@ -25,11 +25,18 @@ Fetching (:class:`Transfers`):
   the image has a parent, then rebased onto this plant's parent disk, whose
   sha256 must be the one the manifest names), the configuration is rewritten
   to name the fetched files only (any element but :data:`KEPT_ELEMENTS` is
-  dropped: a saved state is not fetched, a clone of the image boots), must
+  dropped), must
   describe the image the catalog described (the bid was made on that: its
   DAG, hardware and guest traits), and is loaded by the warehouse's own loader, the
   directory renamed into place, then listed in ``index.txt`` (atomically, the
   commit point). A failure leaves nothing: ``Server.TransferFailed``;
+- a saved running state (``<state file model macs>``, the ``state`` role) is
+  fetched and checked like any file when this plant's backend can resume
+  (``state_model``), and kept only when the machine a clone of the fetched
+  image runs as here has the model the state was saved for (``<state
+  model>``: the plant's own rule, :meth:`~.plant.Plant.clone_model`);
+  otherwise it is dropped (never fetched, on a backend that cannot resume)
+  and clones of the image boot;
 - fetched images live in ``<warehouse>/fetched/<plant>/NAME/``; past
   ``<peers cache>`` MiB the least recently used are evicted (:func:`evictable`):
   never one a live VM, a VM being made or a fetch in progress uses (or
@@ -90,7 +97,8 @@ QEMU_IMG_TIMEOUT = 60.0
 RESERVE_BYTES = 64 * 1024 * 1024
 RATE_METRIC = "transfer_bytes_per_second"
 #: The elements of a fetched image's configuration that are kept (every other one is dropped: nothing of a peer's
-#: file names a file of this host but the disk, kernel and initrd, which are rewritten to the fetched files).
+#: file names a file of this host but the disk, kernel and initrd, which are rewritten to the fetched files, and a
+#: saved state, kept only when it was fetched and fits this plant: Transfers._state_fits).
 KEPT_ELEMENTS = frozenset({"description", "disk", "boot", "hardware", "guest"})
 USED_METRIC = "fetched_used:"
 HEX64 = frozenset("0123456789abcdef")
@@ -197,14 +205,17 @@ class Transfers:
     plant (http peers only). ``records``: the plant's records (the measured rate, when each fetched image was
     last used). ``in_use()``: the images live VMs and VMs being made use (called under ``lock``, the plant's).
     ``fetch_movable``: also fetch owners' movable private images (``<peers fetch-movable>``), each for its owner's
-    requests only.
+    requests only. ``state_model(info)``: the machine model a clone of ``info`` runs as here, or None when this
+    plant cannot resume (None: saved states are never fetched).
     """
 
     def __init__(self, warehouse: Warehouse, plant: str, peers: Iterable[str], credentials: Credentials | None,
                  records: Any, *, cache_bytes: int, bandwidth: float, in_use: Callable[[], set[str]],
                  lock: threading.Lock | None = None, clock: Callable[[], float] = time.time,
-                 free_space: Callable[[Path], int] | None = None, fetch_movable: bool = False) -> None:
+                 free_space: Callable[[Path], int] | None = None, fetch_movable: bool = False,
+                 state_model: Callable[[ImageInfo], str | None] | None = None) -> None:
         self.warehouse = warehouse
+        self.state_model = state_model
         self.fetch_movable = fetch_movable
         self.peers = tuple(peers)
         self.credentials = credentials
@@ -420,6 +431,8 @@ class Transfers:
         document = self._manifest(image)
         query = f"?owner={image.owner}" if image.owner is not None else ""
         files = {entry["role"]: entry for entry in document["files"]}
+        if self.state_model is None:
+            files.pop("state", None)  # this plant cannot resume: the state is never fetched, clones boot
         total = sum(entry["size"] for entry in files.values())
         if total > image.size:
             raise TransferFailedError(f"image '{name}' from {image.peer} is larger ({total} bytes) than its catalog "
@@ -444,19 +457,17 @@ class Transfers:
             for role, entry in files.items():
                 self._download(image, role, entry, partial / role, deadline, query)
             disk_format = self._check_disk(partial / "disk", parent)
-            config = self._rewrite_config(image, (partial / "config").read_bytes(), disk_format, files)
+            peer_config = (partial / "config").read_bytes()
             target = partial / "image.xml"
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(config)
-                handle.flush()
-                os.fsync(handle.fileno())
+            info = self._write_config(image, target, self._rewrite_config(image, peer_config, disk_format, files))
+            if info.state is not None and not self._state_fits(info):
+                files.pop("state")
+                (partial / "state").unlink()
+                target.unlink()
+                info = self._write_config(image, target, self._rewrite_config(image, peer_config, disk_format,
+                                                                              files))
             (partial / "manifest.json").write_text(json.dumps(document))
             fsync_directory(partial)
-            try:
-                info = load_image_config(target)
-            except VMShopError as exc:
-                raise TransferFailedError(f"image '{name}' from {image.peer} does not load: {exc.message}") from None
             if info.name != name or info.parent != image.parent:
                 raise TransferFailedError(f"image '{name}' from {image.peer} names another image or parent")
             if (None if info.public else info.owner) != image.owner or (image.owner is not None and not info.movable):
@@ -489,6 +500,33 @@ class Transfers:
         self.fetched_count += 1
         log.info("fetched image %s from %s (%d bytes in %.2f s)", name, image.peer, total, seconds)
 
+    def _write_config(self, image: RemoteImage, target: Path, config: bytes) -> ImageInfo:
+        """Write the fetched image's (rewritten) configuration to ``target``, fsynced, and load it."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(config)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            return load_image_config(target)
+        except VMShopError as exc:
+            raise TransferFailedError(f"image '{image.name}' from {image.peer} does not load: {exc.message}") \
+                from None
+
+    def _state_fits(self, info: ImageInfo) -> bool:
+        """Whether the fetched saved state of ``info`` can be restored here: a clone's machine model here is the
+        one it was saved for (else it is dropped: clones boot)."""
+        try:
+            model = self.state_model(info) if self.state_model is not None else None
+        except VMShopError as exc:
+            model = None
+            log.info("image %s: no machine model here (%s)", info.name, exc.message)
+        if model is not None and model == info.state_model:
+            return True
+        log.info("image %s: its saved state was made for machine %r, a clone here runs as %r: the state is "
+                 "dropped, clones boot", info.name, info.state_model, model)
+        return False
+
     def _manifest(self, image: RemoteImage) -> dict[str, Any]:
         query = f"?owner={image.owner}" if image.owner is not None else ""
         body = self._get(image.peer, f"images/{image.name}/manifest{query}", MAX_MANIFEST_BYTES, MANIFEST_TIMEOUT)
@@ -506,8 +544,8 @@ class Transfers:
         roles = set()
         for entry in entries:
             if not isinstance(entry, dict) or entry.get("role") not in ROLES or entry["role"] in roles:
-                raise TransferFailedError(f"{what} names a file that is not config, disk, kernel or initrd, or "
-                                          "one twice")
+                raise TransferFailedError(f"{what} names a file that is not config, disk, kernel, initrd or "
+                                          "state, or one twice")
             roles.add(entry["role"])
             size, digest = entry.get("size"), entry.get("sha256")
             if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_FILE_BYTES:
@@ -539,7 +577,9 @@ class Transfers:
                 with response:
                     if response.status_code != 200:
                         raise TransferFailedError(f"{url} answered {response.status_code}")
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                    # A saved state holds the guest's memory: for the plant only, as publish writes it.
+                    mode = 0o600 if role == "state" else 0o644
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
                     with os.fdopen(fd, "wb") as handle:
                         for block in response.iter_content(CHUNK):
                             written += len(block)
@@ -605,10 +645,17 @@ class Transfers:
             raise TransferFailedError(f"image '{image.name}': its disk is declared {disk.get('format')} but is "
                                       f"{disk_format}")
         disk.set("file", "disk")
-        for child in list(root):  # anything else naming a host file (a saved state: not fetched) goes
+        state = root.find(f"{{{IMAGE_NS}}}state")
+        if state is None and "state" in files:
+            raise TransferFailedError(f"image '{image.name}': its manifest lists a saved state its configuration "
+                                      "lacks")
+        for child in list(root):  # anything else naming a host file goes (a state not fetched too: clones boot)
             if isinstance(child.tag, str) and child.tag.startswith(f"{{{IMAGE_NS}}}") \
-                    and etree.QName(child).localname not in KEPT_ELEMENTS:
+                    and etree.QName(child).localname not in KEPT_ELEMENTS \
+                    and not (child is state and "state" in files):
                 root.remove(child)
+        if state is not None and "state" in files:
+            state.set("file", "state")
         boot = root.find(f"{{{IMAGE_NS}}}boot")
         if boot is not None:
             for attribute in ("kernel", "initrd"):
