@@ -178,6 +178,12 @@ def test_owner_and_both_plants_agreed_the_image_is_fetched_and_stays_private_to_
     again = estimate(p2, "moved", "alice")
     assert again.image == "moved" and "transfer" not in {i.source for i in again.items}
     p2.service.collectVM(vm_id="alices")
+    # Her withdrawal reaches the fetched copy too (it is then served on by no plant); she may agree again.
+    alice = site["shop"].service_as("alice")
+    assert set(alice.setImageMovable(image="moved", is_movable=False)) == {site["p1"].url, p2.url}
+    assert etree.parse(str(fetched(site, "moved") / "image.xml")).getroot().get("movable") is None
+    assert set(alice.setImageMovable(image="moved", is_movable=True)) == {site["p1"].url, p2.url}
+    assert etree.parse(str(fetched(site, "moved") / "image.xml")).getroot().get("movable") == "true"
 
 
 def test_another_owner_never_sees_it_in_bids_declines_or_estimates(site: dict[str, Any]) -> None:

@@ -1010,8 +1010,8 @@ class Plant:
         owners' movable images may then fetch it from this one, if this one serves them, for ``owner``'s requests
         only (:mod:`.transfer`). The owner agrees (or an admin: ``owner`` ''). ``owner`` (when given) must be the
         image's owner, else NoSuchImageError exactly as for an image that does not exist; NotSupportedError for
-        an installer's image (public already). An image this plant published or fetched is rewritten; copies
-        other plants fetched keep their flag until they are evicted."""
+        an installer's image (public already). An image this plant published or fetched is rewritten (the shop
+        asks every plant, so fetched copies follow the owner's word too)."""
         name = check_image_name(name)
         with self._lock:
             info = self.warehouse.images.get(name)

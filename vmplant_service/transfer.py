@@ -4,6 +4,15 @@ Peers are plants (which serve their public images: :mod:`.imageserve`, whose
 docstring gives the layout) or plain HTTPS warehouse servers with the same
 layout.
 
+Owners' private images move only when the owner and both plants agree: the
+image is ``movable`` (its owner or an admin said so), its plant serves
+movable images to peer plants, and this plant fetches them
+(``fetch_movable``). This plant then reads the catalog of every owner's
+movable images (``catalog?movable=1``), offers each only to its own owner's
+requests (:meth:`Transfers.offerable`; the offer names its owner, so a shop
+prices it for that owner only) over a lineage that owner may use, fetches
+it with ``?owner=O``, and keeps the copy that owner's: private, movable.
+
 Fetching (:class:`Transfers`):
 
 - the peers' catalogs are read at start and every ``<peers refresh>``
