@@ -133,9 +133,10 @@ def manifest(info: ImageInfo, images: Mapping[str, ImageInfo], hashes: HashCache
 
 
 def catalog(images: Mapping[str, ImageInfo]) -> dict[str, Any]:
-    """The catalog of ``images`` (blocking: reads their configurations)."""
+    """The catalog of ``images`` (blocking: reads their configurations): at most MAX_IMAGES, the public ones
+    first (owners' movable images never crowd them out)."""
     entries = []
-    for name, info in sorted(images.items())[:MAX_IMAGES]:
+    for name, info in sorted(images.items(), key=lambda item: (not item[1].public, item[0]))[:MAX_IMAGES]:
         try:
             config = info.config_path.read_bytes()
             size = image_size(info)
