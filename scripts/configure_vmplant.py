@@ -108,7 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--metrics-refresh", type=float, default=DEFAULT_REFRESH,
         help=f"seconds between two reads of the VM records' counts for the metrics (default {DEFAULT_REFRESH:g})")
     add("--peer", action="append", default=[], metavar="URL",
-        help="a plant (or warehouse server) whose public images this plant may fetch (repeatable)")
+        help="a plant (or warehouse server) whose public images (and, with --fetch-movable, owners' "
+             "movable ones) this plant may fetch (repeatable)")
     add("--cache-size", type=int, default=DEFAULT_CACHE_MIB,
         help=f"MiB the images fetched from peers may hold; the least recently used go past it "
              f"(default {DEFAULT_CACHE_MIB})")
@@ -116,6 +117,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"MiB/s a transfer is estimated at until one was measured (default {DEFAULT_BANDWIDTH_MIB:g})")
     add("--peers-refresh", type=float, default=DEFAULT_PEERS_REFRESH,
         help=f"seconds between two reads of the peers' catalogs (default {DEFAULT_PEERS_REFRESH:g})")
+    add("--serve-movable", action="store_true",
+        help="serve owners' movable private images to peer plants (default: public images only)")
+    add("--fetch-movable", action="store_true",
+        help="fetch owners' movable private images from peers, for their owners only (default: public only)")
     add_security_flags(parser, "plant")
     add("--output", "-o", default=CONFIG_FILE, help=f"the file to write (default ./{CONFIG_FILE})")
     add("--yes", "-y", action="store_true", help="take the defaults for everything not given; ask nothing")
@@ -247,7 +252,8 @@ def build_config(args: argparse.Namespace, asker: Asker, cwd: Path) -> PlantConf
                        threads=args.threads, queue=args.queue, max_creates=args.max_creates,
                        shutdown_grace=args.shutdown_grace, security=security, metrics=args.metrics,
                        metrics_refresh=args.metrics_refresh, peers=tuple(_url(p) for p in args.peer),
-                       cache_mib=args.cache_size, bandwidth_mib=args.bandwidth, peers_refresh=args.peers_refresh)
+                       cache_mib=args.cache_size, bandwidth_mib=args.bandwidth, peers_refresh=args.peers_refresh,
+                       serve_movable=args.serve_movable, fetch_movable=args.fetch_movable)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,

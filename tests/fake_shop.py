@@ -38,7 +38,8 @@ Behaviour tests can rely on:
   VM's, its owner: the VM's; a name in use, ``tiny`` included, is
   ``Client.ImageExists``; ``public`` is for admins); ``unpublish`` removes
   the caller's own (anyone else's: ``Client.NoSuchImage``); ``set_image_public``
-  (admins) flips an image's ``is_public``.
+  (admins) flips an image's ``is_public``; ``set_image_movable`` (its owner
+  or an admin) answers its plant.
 
 Serve it with :func:`serve_fake_shop` (mutual TLS with the session's PKI,
 its authorisation file mapping the test identities).
@@ -318,6 +319,14 @@ class FakeShop:
         if made is None:
             raise NoSuchImageError(f"no plant has an image named '{image}'")
         made.is_public = public
+        return [PLANT_UP]
+
+    def set_image_movable(self, caller: Identity, image: str, movable: bool) -> list[str]:
+        authz.require(caller, authz.VM_ROLES, "make images movable")
+        check_image_name(image)
+        made = self.images.get(image)
+        if made is None or not authz.may_manage(caller, made.owner):
+            raise NoSuchImageError(f"no plant has an image named '{image}'")
         return [PLANT_UP]
 
     def plants_list(self, caller: Identity) -> list[wire.PlantStatus]:

@@ -335,6 +335,13 @@ def test_publish_and_unpublish(run, shop: fake_shop.FakeShop) -> None:
     assert run("public", "alices-app", "yes") == (cli.EXIT_OK, "alices-app: public on 127.0.0.1:9001\n", "")
     assert shop.images["alices-app"].is_public is True
     assert run("public", "alices-app", "maybe")[0] == cli.EXIT_USAGE
+    assert run("movable", "alices-app", "yes") == \
+        (cli.EXIT_OK, "alices-app: movable between the plants that agree, on 127.0.0.1:9001\n", "")
+    status, out, _ = run("movable", "alices-app", "no", "--json")
+    assert json.loads(out) == {"image": "alices-app", "movable": False, "plants": [fake_shop.PLANT_UP]}
+    status, _, err = run("movable", "no-such-image", "yes")
+    assert status == cli.EXIT_INVALID and err.startswith("vmshop: [Client.NoSuchImage]")
+    assert run("movable", "alices-app", "maybe")[0] == cli.EXIT_USAGE
     assert run("unpublish", "alices-app") == (cli.EXIT_OK, "alices-app: unpublished from 127.0.0.1:9001\n", "")
     status, out, _ = run("unpublish", "bobs-app", "--json")
     assert json.loads(out) == {"image": "bobs-app", "plants": [fake_shop.PLANT_UP]}

@@ -483,7 +483,7 @@ def test_an_image_a_peer_holds_is_priced_with_its_transfer_by_plant_and_shop_ali
     remote = RemoteImage(peer="https://peer:1/", name="fetchable", parent=IMAGE, size=10 * 2**20,
                          dag=load_dag(chain(script("a", "echo a"), start=image_start())), hardware=local.hardware,
                          guest=GuestTraits())
-    plant._fetchable = lambda images: {"fetchable": (remote, 3.5)}
+    plant._fetchable = lambda images, owner: {"fetchable": (remote, 3.5)}
     plant._catalogs.clear()
     request = chain(script("a", "echo a"), script("b", "echo b"))
     at_plant = plant.estimate(request)
@@ -498,6 +498,6 @@ def test_an_image_a_peer_holds_is_priced_with_its_transfer_by_plant_and_shop_ali
     assert (at_shop.cost, at_shop.image, at_shop.remaining, at_shop.items) == \
         (at_plant.cost, at_plant.image, at_plant.remaining, at_plant.items)
     # Dearer to fetch than to run the step: the plant's own image wins.
-    plant._fetchable = lambda images: {"fetchable": (remote, 60.0)}
+    plant._fetchable = lambda images, owner: {"fetchable": (remote, 60.0)}
     plant._catalogs.clear()
     assert plant.estimate(request).image == IMAGE

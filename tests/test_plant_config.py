@@ -301,6 +301,15 @@ def test_peers_round_trip_and_plain_http_peers_refused_with_tls(tmp_path: Path) 
         load_config(write(tmp_path, WITH_TLS.replace("</vmplant>", '<peers bandwidth="0"/></vmplant>'), "z.xml"))
     defaults = load_config(write(tmp_path, WITH_TLS, "d.xml"))
     assert (defaults.peers, defaults.cache_mib, defaults.bandwidth_mib) == ((), 4096, 50.0)
+    assert (defaults.serve_movable, defaults.fetch_movable) == (False, False)  # public images only, by default
+    for serve, fetch in ((True, False), (False, True), (True, True)):
+        movable = f'<peers serve-movable="{str(serve).lower()}" fetch-movable="{str(fetch).lower()}"/></vmplant>'
+        agreed = load_config(write(tmp_path, WITH_TLS.replace("</vmplant>", movable), "m.xml"))
+        assert (agreed.serve_movable, agreed.fetch_movable) == (serve, fetch)
+        assert load_config(write_config(agreed, tmp_path / "m-again.xml")) == agreed
+    with pytest.raises(SchemaInvalidError):
+        load_config(write(tmp_path, WITH_TLS.replace("</vmplant>", '<peers serve-movable="yes"/></vmplant>'),
+                          "y.xml"))
 
 
 def test_peer_flags(script: ModuleType, tmp_path: Path, pki: TestPki) -> None:
@@ -312,3 +321,10 @@ def test_peer_flags(script: ModuleType, tmp_path: Path, pki: TestPki) -> None:
     config = load_config(tmp_path / "conf" / "plant.xml")
     assert config.peers == ("https://127.0.0.1:8091/", "https://127.0.0.1:8092/")
     assert (config.cache_mib, config.bandwidth_mib, config.peers_refresh) == (512, 20.0, 15.0)
+    assert (config.serve_movable, config.fetch_movable) == (False, False)
+    status, out = run(script, tmp_path, "--yes", "--warehouse", "wh", "--state-dir", "st", "--network", "none",
+                      "--output", "conf/movable.xml", *pki.tls_flags("plant"), "--authorization", "conf/mapfile",
+                      "--serve-movable", "--fetch-movable")
+    assert status == 0, out
+    config = load_config(tmp_path / "conf" / "movable.xml")
+    assert (config.peers, config.serve_movable, config.fetch_movable) == ((), True, True)

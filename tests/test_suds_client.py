@@ -147,7 +147,7 @@ def reference(client: Client, shop: ServerProcess, key: str) -> Any:
 
 def test_suds_reads_every_operation_of_the_wsdl(client: Client, shop: ServerProcess) -> None:
     methods = client.wsdl.services[0].ports[0].methods
-    assert set(methods) == wsdl_operations() and len(methods) == 17
+    assert set(methods) == wsdl_operations() and len(methods) == 18
     assert client.service.createVM.method.location == "https://localhost:8080/"  # the WSDL's placeholder
     assert client.options.location == shop.url  # what suds sends to
     epr = client.factory.create("ns0:EndpointReference")
@@ -225,6 +225,7 @@ def test_every_operation_through_suds(client: Client, answered: AnsweredOperatio
         "suds-image", cheap, "suds-alice", False, "tiny")
     assert list(image.steps) == SAMPLE_STEPS + ["run"] and image.size > 0
     assert list(client.service.setImagePublic("suds-image", True)) == [cheap]
+    assert list(client.service.setImageMovable("suds-image", True)) == [cheap]  # an admin, for its owner
     assert "suds-image" in plants["cheap"].service.plantInfo().images
     assert list(client.service.unpublishImage("suds-image")) == [cheap]  # an admin removes anyone's image
     with pytest.raises(WebFault) as info:

@@ -4,6 +4,9 @@ p1 holds the tiny image and publishes a public image from a VM that wrote a file
 p1 as its peer; the shop knows p2 only. Through the shop, alice's first create (the published image's step plus
 one more) is made on p2 from p1's image, which p2 fetches (over mutual TLS, checked, stored): only the last step
 runs, and it finds the first VM's file. A second create clones the fetched image without any fetch.
+
+The same VM, configured once more, is also published as alice's private image, which she makes movable; p1
+serves movable images and p2 fetches them: her create is made on p2 from it, and bob never sees it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from vmshop_common.dagxml import DAG_NS
 pytestmark = [pytest.mark.guest, pytest.mark.integration]
 
 FIRST = "mkdir -p /srv/app && echo 'made on p1' > /srv/app/origin && sync"
+PRIVATE = "echo 'alice only' > /srv/app/private && sync"
 
 
-def dag(*bodies: str) -> str:
+def dag(*bodies: str, first: int = 1) -> str:
     nodes = "".join(f'<script id="s{n}" timeout="60" cost="30">{escape(body)}</script>'
-                    for n, body in enumerate(bodies, start=1))
-    ids = ["start"] + [f"s{n}" for n in range(1, len(bodies) + 1)]
+                    for n, body in enumerate(bodies, start=first))
+    ids = ["start"] + [f"s{n}" for n in range(first, first + len(bodies))]
     edges = "".join(f'<edge from="{a}" to="{b}"/>' for a, b in zip(ids, ids[1:], strict=False))
     return (f'<vm xmlns="{DAG_NS}"><nodes><image id="start" name="tiny"/>{nodes}</nodes>'
             f"<edges>{edges}</edges></vm>")
@@ -44,16 +48,19 @@ def site(tmp_path_factory: pytest.TempPathFactory, warehouse_dir: Path) -> Itera
             (base / f"{name}-warehouse").mkdir()
             (base / f"{name}-warehouse" / "index.txt").write_text(f"{tiny}\n")
         p1 = made["p1"] = start_plant(base / "p1", base / "p1-warehouse", name="p1", network="none",
-                                      capacity_vms=2)
+                                      capacity_vms=2, flags=["--serve-movable"])
         pki.plant_mapfile(p1.mapfile, [f'"{pki.subject("plant2")}" plant2 plant'])
         p1.stop()
         p1.start()
         p1.client()
         source = p1.service.createVM(dag=dag(FIRST), owner="alice", vm_id="source", max_cost=None)
         p1.service.publishVM(vm_id=source.vm.vm_id, image="shared-app", owner="alice", is_public=True)
+        p1.service.configureVM(vm_id="source", dag=dag(PRIVATE, first=2))
+        p1.service.publishVM(vm_id=source.vm.vm_id, image="alices-own", owner="alice", is_public=False)
+        p1.service.setImageMovable(image="alices-own", is_movable=True, owner="alice")
         p1.service.collectVM(vm_id="source")
         made["p2"] = start_plant(base / "p2", base / "p2-warehouse", name="p2", network="none", capacity_vms=2,
-                                 identity="plant2", flags=["--peer", p1.url])
+                                 identity="plant2", flags=["--peer", p1.url, "--fetch-movable"])
         made["shop"] = start_shop(base / "shop", [host_port(made["p2"])],
                                   plant_identities={"plant2": [host_port(made["p2"])]})
         # p2 tells the shop of its changes (its offer without the fetch, once it holds the image).
@@ -87,3 +94,20 @@ def test_a_create_fetches_the_peers_image_and_the_next_one_clones_it(site: dict[
     assert "transfer" not in {item.source for item in chosen.items}
     for made in (first, second):
         alice.collectVM(vm=made.vm.epr)
+
+
+def test_an_owners_movable_image_is_fetched_for_her_and_never_shown_to_another(site: dict[str, Any]) -> None:
+    alice, bob = site["shop"].service_as("alice"), site["shop"].service_as("bob")
+    wanted = dag(FIRST, PRIVATE, "cat /srv/app/private")
+    wait_for(lambda: alice.estimateCost(dag=wanted).image == "alices-own", timeout=60,
+             what="the shop to price p2's offer with alice's movable image")
+    seen = bob.estimateCost(dag=wanted)
+    assert "alices-own" not in str(seen) and seen.image != "alices-own"
+    made = alice.createVM(dag=wanted, vm_key="own")
+    assert (made.plant, made.vm.image) == (site["p2"].url, "alices-own")
+    assert [run.node for run in made.runs] == ["s3"] and "alice only" in made.runs[0].output
+    p2 = site["p2"]
+    assert p2.output().count("fetched image alices-own from") == 1
+    assert "alices-own" not in p2.service.plantInfo().images  # hers, private: not listed as public
+    assert "alices-own" not in str(bob.estimateCost(dag=wanted))
+    alice.collectVM(vm=made.vm.epr)

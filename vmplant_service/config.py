@@ -103,6 +103,10 @@ class PlantConfig:
     cache_mib: int = DEFAULT_CACHE_MIB
     bandwidth_mib: float = DEFAULT_BANDWIDTH_MIB
     peers_refresh: float = DEFAULT_PEERS_REFRESH
+    #: Whether this plant serves its owners' movable private images to peer plants, and whether it fetches them
+    #: from its peers (``<peers serve-movable fetch-movable>``; both off: public images only move).
+    serve_movable: bool = False
+    fetch_movable: bool = False
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -231,6 +235,8 @@ def _config_from_root(root: etree._Element, source: Path, what: str) -> PlantCon
                        else DEFAULT_BANDWIDTH_MIB),
         peers_refresh=(float(peers_el.get("refresh", DEFAULT_PEERS_REFRESH)) if peers_el is not None
                        else DEFAULT_PEERS_REFRESH),
+        serve_movable=peers_el is not None and peers_el.get("serve-movable", "false") in ("true", "1"),
+        fetch_movable=peers_el is not None and peers_el.get("fetch-movable", "false") in ("true", "1"),
         security=security, source=source)
 
 
@@ -285,10 +291,13 @@ def config_to_xml(config: PlantConfig) -> str:
         add("limits", **limits)
     if (config.threads, config.queue, config.max_creates) != (DEFAULT_THREADS, DEFAULT_QUEUE, DEFAULT_CREATES):
         add("work", threads=config.threads, queue=config.queue, creates=config.max_creates)
-    if config.peers or (config.cache_mib, config.bandwidth_mib, config.peers_refresh) != (
+    if config.peers or config.serve_movable or config.fetch_movable or (
+            config.cache_mib, config.bandwidth_mib, config.peers_refresh) != (
             DEFAULT_CACHE_MIB, DEFAULT_BANDWIDTH_MIB, DEFAULT_PEERS_REFRESH):
+        movable = {key: "true" for key, on in (("serve-movable", config.serve_movable),
+                                                ("fetch-movable", config.fetch_movable)) if on}
         peers = add("peers", cache=config.cache_mib, bandwidth=f"{config.bandwidth_mib:g}",
-                    refresh=f"{config.peers_refresh:g}")
+                    refresh=f"{config.peers_refresh:g}", **movable)
         for peer in config.peers:
             etree.SubElement(peers, f"{{{ns}}}peer", {"url": peer})
     etree.indent(root, space="  ")

@@ -106,7 +106,8 @@ def build_plant(config: PlantConfig, credentials: Credentials | None = None) -> 
 
         transfers = Transfers(warehouse, config.name, config.peers, credentials, records,
                               cache_bytes=config.cache_mib * 2**20, bandwidth=config.bandwidth_mib * 2**20,
-                              in_use=in_use, lock=plant._lock)
+                              in_use=in_use, lock=plant._lock, fetch_movable=config.fetch_movable,
+                              state_model=plant.clone_model)
         transfers.sweep()
         plant.attach_peers(transfers)
     return plant
@@ -177,7 +178,7 @@ def build_plant_server(config: PlantConfig, host: str | None = None, port: int |
     metrics = attach_metrics(site, plant, reactor) if config.metrics else None
     site.images_resource = ImagesResource(
         plant.warehouse, site, reactor,
-        run=lambda work, what: pool.run(work, deadline=HASH_DEADLINE, what=what))
+        run=lambda work, what: pool.run(work, deadline=HASH_DEADLINE, what=what), serve_movable=config.serve_movable)
     listener = SoapListener(site, host, config.listen_port if port is None else port, shutdown=shutdown,
                             tls=security.credentials, insecure=security.insecure, reactor=reactor)
 

@@ -84,7 +84,7 @@ from .channel import ActionContext, ActionResult, Channel
 from .clone import make_overlay
 from .config import PlantConfig
 from .ippool import IPPool
-from .publish import PublishedImage, Publisher, SavedState, check_image_name, described, published_steps
+from .publish import PublishedImage, Publisher, SavedState, check_image_name, described, published_steps, set_flag
 from .quiesce import quiesced, thaw_cut_short
 from .records import PlantRecords, VMRecord
 from .seed import SeedNic, hostname_for, write_seed
@@ -249,7 +249,7 @@ class Plant:
         those images are the same. ``None``: every image, each private one with its owner (what the offer holds:
         a shop prices a request of an owner against :meth:`Catalog.for_owner`)."""
         images = self.warehouse.images if owner is None else self.warehouse.visible(owner)
-        remote = self._fetchable(images)
+        remote = self._fetchable(images, owner)
         key = (tuple((name, id(info)) for name, info in sorted(images.items())),
                tuple((name, id(image)) for name, (image, _) in sorted(remote.items())))
         cached = self._catalogs.get(owner)
@@ -258,7 +258,8 @@ class Plant:
         every = {**{name: image.cached_image() for name, (image, _) in remote.items()},
                  **{name: info.cached_image() for name, info in images.items()}}
         cached_images = tuple(image for _, image in sorted(every.items()))
-        owners = {name: info.owner for name, info in images.items() if not info.public and info.owner}
+        owners = {name: image.owner for name, (image, _) in remote.items() if image.owner}
+        owners.update({name: info.owner for name, info in images.items() if not info.public and info.owner})
         digest = catalog_digest(((image.name, dag_to_xml(image.dag), image.hardware) for image in cached_images),
                                 owners)
         catalog = Catalog(cached_images, digest, owners)
@@ -267,12 +268,13 @@ class Plant:
         self._catalogs[owner] = (key, catalog)
         return catalog
 
-    def _fetchable(self, images: dict[str, ImageInfo]) -> dict[str, Any]:
-        """The images peers hold that ``images`` lacks and this plant could fetch (name -> (RemoteImage,
-        seconds)); none without peers."""
+    def _fetchable(self, images: dict[str, ImageInfo], owner: str | None) -> dict[str, Any]:
+        """The images peers hold that ``images`` lacks and this plant could fetch for ``owner``'s requests (None:
+        for any owner's, each private one for its own owner only) as name -> (RemoteImage, seconds); none without
+        peers."""
         if self.transfers is None:
             return {}
-        return self.transfers.offerable(images)
+        return self.transfers.offerable(images, owner)
 
     def attach_peers(self, transfers: Transfers) -> None:
         """Fetch the images this plant lacks from ``transfers``' peers (see :mod:`.transfer`)."""
@@ -302,7 +304,7 @@ class Plant:
                 creating -= sum(shop == besides_shop for shop in self._reserved_shops.values())
             used = sum(r.memory for r in live_vms if r.vm_id not in self._reserved) + sum(self._reserved.values())
         infos = self.warehouse.images if owner is None else self.warehouse.visible(owner)
-        remote = self._fetchable(infos)
+        remote = self._fetchable(infos, owner)
         booted = self._booted({name: info.parent for name, info in infos.items()}
                               | {name: image.parent for name, (image, _) in remote.items()},
                               [name for name, info in infos.items() if info.state is not None])
@@ -395,7 +397,7 @@ class Plant:
             pinned = self.transfers.pin(self.transfers.lineage(estimate.image))
         try:
             if estimate.image not in self.warehouse.images and self.transfers is not None:
-                self.transfers.ensure(estimate.image)  # fetched, with its lineage, once (TransferFailedError)
+                self.transfers.ensure(estimate.image, owner)  # fetched, with its lineage, once (TransferFailedError)
             elif self.transfers is not None:
                 self.transfers.touch(estimate.image)
             return self._create(dag, estimate, owner, vm_id, shop)
@@ -643,11 +645,28 @@ class Plant:
         if self.segments is not None:
             # The owner's own switch: their VMs reach each other, no one else's.
             nics.append(Nic("segment", mac_for(vm_id, 1), switch=str(self.segments.start(owner).control)))
+        return self._guest_spec(vm_id, info, memory, vcpus, paths, tuple(nics))
+
+    def _guest_spec(self, vm_id: str, info: ImageInfo, memory: int, vcpus: int, paths: dict[str, Path],
+                    nics: tuple[Nic, ...]) -> GuestSpec:
         datastore = Path(self.config.datastore) if self.config.datastore else None
         return GuestSpec(vm_id=vm_id, disk=paths["overlay"], memory=memory, vcpus=vcpus, run_dir=paths["run"],
                          kernel=info.kernel, initrd=info.initrd, cmdline=info.cmdline,
-                         machine=info.machine, arch=info.hardware.arch, data_dir=datastore, nics=tuple(nics),
+                         machine=info.machine, arch=info.hardware.arch, data_dir=datastore, nics=nics,
                          seed=paths["seed"] if info.guest.cloud_init else None)
+
+    def clone_model(self, info: ImageInfo) -> str | None:
+        """The backend's machine model of a clone of ``info`` made here with the image's own hardware (what a saved
+        state must have been saved for to be restored: :meth:`_resumable`), or None when this backend cannot
+        resume. Starts nothing (no switch, no port): the model depends on the NICs' kinds only."""
+        if not self.backend.capabilities().resume:
+            return None
+        vm_id = "model"
+        nics = [Nic("user", mac_for(vm_id, 0))]
+        if self.segments is not None:
+            nics.append(Nic("segment", mac_for(vm_id, 1), switch=""))
+        return self.backend.machine_model(self._guest_spec(vm_id, info, info.hardware.memory, info.hardware.vcpus,
+                                                           self._paths(vm_id), tuple(nics)))
 
     def _write_seed(self, spec: GuestSpec, dag: Dag, flat: Dag, address: str | None) -> None:
         """The VM's cloud-init NoCloud seed (:mod:`.seed`) at ``spec.seed``: its key, host name, NICs, user data.
@@ -984,6 +1003,27 @@ class Plant:
                                         "be private")
             if info.public != public:
                 self.publisher.set_public(info, public)
+            return described(self.warehouse.get(name))
+
+    def set_movable(self, name: str, movable: bool, owner: str = "") -> PublishedImage:
+        """Let the private image ``name`` move between the site's plants (or stop it): a peer plant that fetches
+        owners' movable images may then fetch it from this one, if this one serves them, for ``owner``'s requests
+        only (:mod:`.transfer`). The owner agrees (or an admin: ``owner`` ''). ``owner`` (when given) must be the
+        image's owner, else NoSuchImageError exactly as for an image that does not exist; NotSupportedError for
+        an installer's image (public already). An image this plant published or fetched is rewritten (the shop
+        asks every plant, so fetched copies follow the owner's word too)."""
+        name = check_image_name(name)
+        with self._lock:
+            info = self.warehouse.images.get(name)
+            if info is None or (owner and info.owner != owner):
+                raise NoSuchImageError(f"the warehouse has no image named '{name}'")
+            if info.owner is None:
+                raise NotSupportedError(f"image '{name}' is the installer's: it serves everyone and moves already")
+            if info.movable != movable:
+                if self.transfers is not None and self.transfers.is_fetched(info):
+                    set_flag(self.warehouse, info.config_path.parent, info, "movable", movable)
+                else:
+                    self.publisher.set_movable(info, movable)
             return described(self.warehouse.get(name))
 
     # Start-up -----------------------------------------------------------------

@@ -12,7 +12,8 @@ holding ``disk.qcow2`` and ``image.xml`` (``xsd/vmimage-1.1.xsd``):
   actions, then every configure's), each as recorded when it ran
   (:func:`vmshop_common.dagxml.step_to_xml`);
 - it belongs to the VM's owner (``owner=``), and is ``public`` only when an
-  admin says so.
+  admin says so, ``movable`` (a private image a peer plant may fetch for its
+  owner: :mod:`.transfer`) only when its owner or an admin says so.
 
 A running guest is quiesced for the copy: its file systems are frozen
 through its agent (``guest-fsfreeze-freeze``), then the backend pauses it
@@ -93,6 +94,7 @@ class PublishedImage:
     steps: tuple[str, ...]
     size: int
     with_state: bool = False
+    movable: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def described(info: ImageInfo) -> PublishedImage:
     order = info.dag.topological_order()
     return PublishedImage(name=info.name, owner=info.owner or "", public=info.public, base=info.parent or "",
                           steps=tuple(n for n in order if n != info.dag.start.id), size=info.disk.stat().st_size,
-                          with_state=info.state is not None)
+                          with_state=info.state is not None, movable=info.movable)
 
 
 def published_steps(runs: Sequence[ActionRun], vm_id: str) -> list[tuple[str, Action]]:
@@ -202,6 +204,31 @@ def copy_changes(overlay: Path, base: ImageInfo, target: Path) -> None:
         if "No space left" in words:
             raise DiskFullError(f"the warehouse's file system filled up while the image was written: {words}")
         raise BackendError(f"qemu-img could not copy the VM's changes: {words}")
+
+
+def set_flag(warehouse: Warehouse, directory: Path, info: ImageInfo, attribute: str, on: bool) -> None:
+    """Rewrite the image file of ``info`` (in ``directory``, this plant's own: published or fetched) with the
+    boolean ``attribute`` (``public``, ``movable``) set or removed, atomically (a temporary file, fsynced and
+    renamed over it), and reload the warehouse."""
+    root = parse_xml_file(info.config_path, what=f"image configuration {info.config_path}",
+                          expected_root=f"{{{IMAGE_NS}}}image")
+    if on:
+        root.set(attribute, "true")
+    elif attribute in root.attrib:
+        del root.attrib[attribute]
+    tmp = directory / f".{CONFIG_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / CONFIG_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(directory)
+    warehouse.load()
 
 
 def fsync_file(path: Path) -> None:
@@ -320,28 +347,14 @@ class Publisher:
                                 f"{', its state' if extra else ''} and a reserve)")
 
     def set_public(self, info: ImageInfo, public: bool) -> None:
-        """Rewrite a published image's file with ``public`` (atomically: a temporary file, fsynced and renamed
-        over it) and reload the warehouse; NotSupportedError for an image this plant did not publish."""
-        directory = self._own(info)
-        root = parse_xml_file(info.config_path, what=f"image configuration {info.config_path}",
-                              expected_root=f"{{{IMAGE_NS}}}image")
-        if public:
-            root.set("public", "true")
-        elif "public" in root.attrib:
-            del root.attrib["public"]
-        tmp = directory / f".{CONFIG_FILE}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, directory / CONFIG_FILE)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_directory(directory)
-        self.warehouse.load()
+        """Rewrite a published image's file with ``public`` (:func:`set_flag`); NotSupportedError for an image this
+        plant did not publish."""
+        set_flag(self.warehouse, self._own(info), info, "public", public)
+
+    def set_movable(self, info: ImageInfo, movable: bool) -> None:
+        """Rewrite a published image's file with ``movable`` (:func:`set_flag`); NotSupportedError for an image
+        this plant did not publish."""
+        set_flag(self.warehouse, self._own(info), info, "movable", movable)
 
     def _own(self, info: ImageInfo) -> Path:
         """The directory of an image this plant published; NotSupportedError for any other."""
@@ -393,4 +406,4 @@ class Publisher:
 
 
 
-__all__ = ["PublishedImage", "Publisher", "SavedState", "check_image_name", "image_dag", "published_steps"]
+__all__ = ["PublishedImage", "Publisher", "SavedState", "check_image_name", "image_dag", "published_steps", "set_flag"]

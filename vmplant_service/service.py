@@ -219,6 +219,15 @@ class VMPlantService(ServiceBase):
         return rt.run(lambda: image_out(rt.plant.set_public(image, bool(is_public))), changes=True,
                       what=f"setImagePublic {image!r}")
 
+    @rpc(ImageName, Boolean(min_occurs=1, nillable=False), Unicode(max_len=256), _returns=Image)
+    def setImageMovable(ctx, image: str, is_movable: bool, owner: str | None):  # noqa: N802, N805
+        """Let a private image move between the site's plants that agree (or stop it): a peer plant may then fetch
+        it for its owner's requests only. ``owner``, when given, must be the image's owner (else Client.NoSuchImage,
+        as for an image that does not exist); the shop passes the caller's name, or none for an admin."""
+        rt = _runtime(ctx)
+        return rt.run(lambda: image_out(rt.plant.set_movable(image, bool(is_movable), owner or "")), changes=True,
+                      what=f"setImageMovable {image!r}")
+
     @rpc(_returns=PlantInfo)
     def plantInfo(ctx):  # noqa: N802, N805
         """Backend, capacity, free memory and addresses, cached images, measured costs."""

@@ -4,6 +4,15 @@ Peers are plants (which serve their public images: :mod:`.imageserve`, whose
 docstring gives the layout) or plain HTTPS warehouse servers with the same
 layout.
 
+Owners' private images move only when the owner and both plants agree: the
+image is ``movable`` (its owner or an admin said so), its plant serves
+movable images to peer plants, and this plant fetches them
+(``fetch_movable``). This plant then reads the catalog of every owner's
+movable images (``catalog?movable=1``), offers each only to its own owner's
+requests (:meth:`Transfers.offerable`; the offer names its owner, so a shop
+prices it for that owner only) over a lineage that owner may use, fetches
+it with ``?owner=O``, and keeps the copy that owner's: private, movable.
+
 Fetching (:class:`Transfers`):
 
 - the peers' catalogs are read at start and every ``<peers refresh>``
@@ -25,11 +34,18 @@ Fetching (:class:`Transfers`):
   the image has a parent, then rebased onto this plant's parent disk, whose
   sha256 must be the one the manifest names), the configuration is rewritten
   to name the fetched files only (any element but :data:`KEPT_ELEMENTS` is
-  dropped: a saved state is not fetched, a clone of the image boots), must
+  dropped), must
   describe the image the catalog described (the bid was made on that: its
   DAG, hardware and guest traits), and is loaded by the warehouse's own loader, the
   directory renamed into place, then listed in ``index.txt`` (atomically, the
   commit point). A failure leaves nothing: ``Server.TransferFailed``;
+- a saved running state (``<state file model macs>``, the ``state`` role) is
+  fetched and checked like any file when this plant's backend can resume
+  (``state_model``), and kept only when the machine a clone of the fetched
+  image runs as here has the model the state was saved for (``<state
+  model>``: the plant's own rule, :meth:`~.plant.Plant.clone_model`);
+  otherwise it is dropped (never fetched, on a backend that cannot resume)
+  and clones of the image boot;
 - fetched images live in ``<warehouse>/fetched/<plant>/NAME/``; past
   ``<peers cache>`` MiB the least recently used are evicted (:func:`evictable`):
   never one a live VM, a VM being made or a fetch in progress uses (or
@@ -55,6 +71,7 @@ from typing import Any
 
 from lxml import etree
 
+from vmshop_common.authz import NAME as OWNER_NAME
 from vmshop_common.dag import BlankStart, Dag, Hardware
 from vmshop_common.dagxml import DAG_NS, DAG_ROOT, dag_to_xml, load_embedded_dag, validate_against
 from vmshop_common.errors import DiskFullError, NoSuchImageError, TransferFailedError, VMShopError
@@ -65,7 +82,7 @@ from vmshop_common.tls import Credentials, describe_tls_failure, requests_tls
 from vmshop_common.xmlload import parse_xml
 
 from .clone import qemu_img
-from .imageserve import CHUNK, HASH_DEADLINE, MAX_CONFIG_BYTES, MAX_IMAGES, ROLES, HashCache
+from .imageserve import CHUNK, HASH_DEADLINE, MAX_CONFIG_BYTES, MAX_IMAGES, MOVABLE_QUERY, ROLES, HashCache
 from .warehouse import IMAGE_NS, IMAGE_ROOT, IMAGE_XSD, ImageInfo, Warehouse, fsync_directory, load_image_config
 
 log = logging.getLogger(__name__)
@@ -89,7 +106,8 @@ QEMU_IMG_TIMEOUT = 60.0
 RESERVE_BYTES = 64 * 1024 * 1024
 RATE_METRIC = "transfer_bytes_per_second"
 #: The elements of a fetched image's configuration that are kept (every other one is dropped: nothing of a peer's
-#: file names a file of this host but the disk, kernel and initrd, which are rewritten to the fetched files).
+#: file names a file of this host but the disk, kernel and initrd, which are rewritten to the fetched files, and a
+#: saved state, kept only when it was fetched and fits this plant: Transfers._state_fits).
 KEPT_ELEMENTS = frozenset({"description", "disk", "boot", "hardware", "guest"})
 USED_METRIC = "fetched_used:"
 HEX64 = frozenset("0123456789abcdef")
@@ -98,7 +116,8 @@ HEX64 = frozenset("0123456789abcdef")
 # What peers hold ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RemoteImage:
-    """An image a peer serves: where, its name, parent, total bytes, and what matching needs of it."""
+    """An image a peer serves: where, its name, parent, total bytes, and what matching needs of it; ``owner``: the
+    owner of a movable private image (it serves that owner's requests only), None for a public image."""
 
     peer: str
     name: str
@@ -107,21 +126,43 @@ class RemoteImage:
     dag: Dag
     hardware: Hardware
     guest: GuestTraits
+    owner: str | None = None
+
+    def usable_by(self, owner: str | None) -> bool:
+        """Whether a request of ``owner`` may use it (``None``: some owner's, as an offer lists every image)."""
+        return self.owner is None or owner is None or self.owner == owner
 
     def cached_image(self) -> CachedImage:
         return CachedImage(name=self.name, dag=self.dag, hardware=self.hardware)
 
 
-def parse_image_document(data: bytes, what: str) -> tuple[etree._Element, str, Dag, Hardware, GuestTraits]:
-    """An image configuration sent by a peer: (root, name, DAG, hardware, guest traits); the hardened loader, the
-    image XSD and the embedded DAG's rules (never its files: they are the peer's)."""
+def image_owner(root: etree._Element, what: str, movable: bool) -> str | None:
+    """The owner of the private image ``root`` describes (None: a public image). A private image moves only when
+    this plant fetches movable images (``movable``) and its owner made it movable; else TransferFailedError."""
+    if root.get("owner") is None or root.get("public", "false") in ("true", "1"):
+        return None
+    if not movable:
+        raise TransferFailedError(f"{what} is a private image: only public images move between plants (this plant "
+                                  "fetches no owner's movable images)")
+    if root.get("movable", "false") not in ("true", "1"):
+        raise TransferFailedError(f"{what} is a private image its owner did not make movable")
+    owner = root.get("owner")
+    if not isinstance(owner, str) or not OWNER_NAME.fullmatch(owner):
+        raise TransferFailedError(f"{what} names no valid owner")
+    return owner
+
+
+def parse_image_document(data: bytes, what: str, movable: bool = False) -> tuple[etree._Element, str, Dag, Hardware,
+                                                                                   GuestTraits, str | None]:
+    """An image configuration sent by a peer: (root, name, DAG, hardware, guest traits, owner of a private image
+    or None); the hardened loader, the image XSD and the embedded DAG's rules (never its files: they are the
+    peer's). A private image is refused unless ``movable`` (:func:`image_owner`)."""
     root = parse_xml(data, what=what, expected_root=IMAGE_ROOT)
     validate_against(IMAGE_XSD, root, what)
     dag_element = next(child for child in root if isinstance(child.tag, str) and child.tag.startswith(f"{{{DAG_NS}}}"))
     if dag_element.tag != DAG_ROOT:
         raise TransferFailedError(f"{what} embodies no <dag>")
-    if root.get("owner") is not None and root.get("public", "false") not in ("true", "1"):
-        raise TransferFailedError(f"{what} is a private image: only public images move between plants")
+    owner = image_owner(root, what, movable)
     dag = load_embedded_dag(dag_element, f"the DAG of {what}")
     hw = root.find(f"{{{IMAGE_NS}}}hardware")
     assert hw is not None
@@ -131,11 +172,12 @@ def parse_image_document(data: bytes, what: str) -> tuple[etree._Element, str, D
     guest = GuestTraits() if guest_el is None else GuestTraits(
         agent=guest_el.get("agent", "qemu-ga"), contextualization=guest_el.get("contextualization", "none"),
         kernel=guest_el.get("kernel", "own"), data_share=guest_el.get("data-share", "9p"))
-    return root, root.get("name"), dag, hardware, guest
+    return root, root.get("name"), dag, hardware, guest, owner
 
 
-def remote_images(peer: str, document: Any) -> dict[str, RemoteImage]:
-    """The images of a peer's catalog ``document`` (bad entries skipped, logged)."""
+def remote_images(peer: str, document: Any, movable: bool = False) -> dict[str, RemoteImage]:
+    """The images of a peer's catalog ``document`` (bad entries skipped, logged); owners' movable private images
+    only with ``movable`` (else skipped too)."""
     found: dict[str, RemoteImage] = {}
     entries = document.get("images") if isinstance(document, dict) else None
     if not isinstance(entries, list):
@@ -153,11 +195,12 @@ def remote_images(peer: str, document: Any) -> dict[str, RemoteImage]:
                 raise TransferFailedError(f"image '{name}': its size is not a number of bytes")
             if not isinstance(config, str) or len(config) > MAX_CONFIG_BYTES:
                 raise TransferFailedError(f"image '{name}': no configuration, or one too long")
-            _, named, dag, hardware, guest = parse_image_document(config.encode(), f"image '{name}' of {peer}")
+            _, named, dag, hardware, guest, owner = parse_image_document(config.encode(), f"image '{name}' of {peer}",
+                                                                         movable)
             own_parent = None if isinstance(dag.start, BlankStart) else dag.start.name
             if named != name or own_parent != parent:
                 raise TransferFailedError(f"image '{name}': its configuration names another image or parent")
-            found[name] = RemoteImage(peer, name, parent, size, dag, hardware, guest)
+            found[name] = RemoteImage(peer, name, parent, size, dag, hardware, guest, owner)
         except VMShopError as exc:
             log.warning("peer %s: catalog entry skipped: %s", peer, exc.message)
     return found
@@ -170,13 +213,19 @@ class Transfers:
     ``credentials``: the plant's own (presented to its peers; their CA verifies them); ``None``: an insecure
     plant (http peers only). ``records``: the plant's records (the measured rate, when each fetched image was
     last used). ``in_use()``: the images live VMs and VMs being made use (called under ``lock``, the plant's).
+    ``fetch_movable``: also fetch owners' movable private images (``<peers fetch-movable>``), each for its owner's
+    requests only. ``state_model(info)``: the machine model a clone of ``info`` runs as here, or None when this
+    plant cannot resume (None: saved states are never fetched).
     """
 
     def __init__(self, warehouse: Warehouse, plant: str, peers: Iterable[str], credentials: Credentials | None,
                  records: Any, *, cache_bytes: int, bandwidth: float, in_use: Callable[[], set[str]],
                  lock: threading.Lock | None = None, clock: Callable[[], float] = time.time,
-                 free_space: Callable[[Path], int] | None = None) -> None:
+                 free_space: Callable[[Path], int] | None = None, fetch_movable: bool = False,
+                 state_model: Callable[[ImageInfo], str | None] | None = None) -> None:
         self.warehouse = warehouse
+        self.state_model = state_model
+        self.fetch_movable = fetch_movable
         self.peers = tuple(peers)
         self.credentials = credentials
         self.records = records
@@ -210,18 +259,21 @@ class Transfers:
         """Read every peer's catalog (blocking, each within CATALOG_TIMEOUT); a peer that fails keeps its last.
         Returns the count of images per peer."""
         counts = {}
+        path = f"images/catalog?{MOVABLE_QUERY}" if self.fetch_movable else "images/catalog"
         for peer in self.peers:
             try:
-                document = json.loads(self._get(peer, "images/catalog", MAX_CATALOG_BYTES, CATALOG_TIMEOUT))
-                self._by_peer[peer] = remote_images(peer, document)
+                document = json.loads(self._get(peer, path, MAX_CATALOG_BYTES, CATALOG_TIMEOUT))
+                self._by_peer[peer] = remote_images(peer, document, self.fetch_movable)
             except (VMShopError, ValueError) as exc:
                 log.warning("peer %s: catalog not read (%s); its last one stays", peer,
                             getattr(exc, "message", None) or exc)
             counts[peer] = len(self._by_peer.get(peer, {}))
         merged: dict[str, RemoteImage] = {}
-        for peer in self.peers:  # the first peer listed wins a name
-            for name, image in self._by_peer.get(peer, {}).items():
-                merged.setdefault(name, image)
+        for public in (True, False):  # a public image wins a name over a private one, then the first peer listed
+            for peer in self.peers:
+                for name, image in self._by_peer.get(peer, {}).items():
+                    if (image.owner is None) == public:
+                        merged.setdefault(name, image)
         self._remote = merged
         return counts
 
@@ -260,22 +312,34 @@ class Transfers:
         measured = self.records.metric(RATE_METRIC)
         return measured if measured else self.bandwidth
 
-    def offerable(self, local: Mapping[str, ImageInfo]) -> dict[str, tuple[RemoteImage, float]]:
+    def offerable(self, local: Mapping[str, ImageInfo],
+                  owner: str | None = None) -> dict[str, tuple[RemoteImage, float]]:
         """The images a peer holds that this plant lacks and whose whole lineage is in ``local`` (the images a
         request may use here) or fetchable, with the seconds fetching what is missing of it would take. A name
-        this plant holds (even as another owner's private image) is never fetched."""
+        this plant holds (even as another owner's private image) is never fetched.
+
+        ``owner``: whose request it is; a movable private image is offered to its own owner's requests only
+        (``None``: every image, each private one with its owner: what the offer lists), and its lineage is
+        looked for among what that owner may use only (here and at the peers)."""
         remote = self._remote
         held = self.warehouse.images
         rate = self.rate()
         found: dict[str, tuple[RemoteImage, float]] = {}
         for name, image in remote.items():
-            if name in held:
+            if name in held or not image.usable_by(owner):
                 continue
-            missing = self._missing(name, local, remote)
-            if missing is not None and any(n in held for n in missing):
-                continue  # an ancestor's name is taken here by an image this request may not use
+            if image.owner is None:  # a public image: public ancestors only
+                scope_local: Mapping[str, Any] = {n: i for n, i in local.items() if i.public}
+                scope_remote = {n: r for n, r in remote.items() if r.owner is None}
+            else:
+                who = image.owner
+                scope_local = {n: i for n, i in local.items() if i.visible_to(who)}
+                scope_remote = {n: r for n, r in remote.items() if r.owner in (None, who)}
+            missing = self._missing(name, scope_local, scope_remote)
             if missing is None:
                 continue
+            if any(n in held for n in missing):
+                continue  # an ancestor's name is taken here by an image this request may not use
             seconds = sum(remote[n].size for n in missing) / rate
             found[name] = (image, round(seconds, 3))
         return found
@@ -322,14 +386,17 @@ class Transfers:
             current = info.parent if info is not None else (remote[current].parent if current in remote else None)
         return chain
 
-    def ensure(self, name: str) -> None:
-        """Have image ``name`` (and its lineage) in the warehouse: fetch what is missing, parents first, each once
-        at a time. NoSuchImageError when no peer holds a missing ancestor; TransferFailedError, DiskFullError."""
+    def ensure(self, name: str, owner: str = "") -> None:
+        """Have image ``name`` (and its lineage) in the warehouse for a request of ``owner``: fetch what is
+        missing, parents first, each once at a time (a movable private image only for its own owner).
+        NoSuchImageError when no peer holds a missing ancestor that ``owner`` may use; TransferFailedError,
+        DiskFullError."""
         images = self.warehouse.images
         if name in images:
             self.touch(name)
             return
-        missing = self._missing(name, images, self._remote)
+        usable = {n: r for n, r in self._remote.items() if r.owner is None or (owner and r.owner == owner)}
+        missing = self._missing(name, {n: i for n, i in images.items() if i.visible_to(owner)}, usable)
         if missing is None:
             raise NoSuchImageError(f"image '{name}' (or an image it starts from) is neither here nor at a peer")
         for each in missing:
@@ -371,14 +438,17 @@ class Transfers:
         started = time.monotonic()
         deadline = started + IMAGE_TIMEOUT
         document = self._manifest(image)
+        query = f"?owner={image.owner}" if image.owner is not None else ""
         files = {entry["role"]: entry for entry in document["files"]}
+        if self.state_model is None:
+            files.pop("state", None)  # this plant cannot resume: the state is never fetched, clones boot
         total = sum(entry["size"] for entry in files.values())
         if total > image.size:
             raise TransferFailedError(f"image '{name}' from {image.peer} is larger ({total} bytes) than its catalog "
                                       f"said ({image.size} bytes; what the bid was priced on): refused")
         parent = self.warehouse.images.get(image.parent) if image.parent else None
         if image.parent is not None:
-            if parent is None:
+            if parent is None or not parent.visible_to(image.owner or ""):
                 raise NoSuchImageError(f"image '{name}' starts from '{image.parent}', which this plant lacks")
             local_sha = self.hashes.sha256(parent.disk)[1]
             if local_sha != document["parent_disk_sha256"]:
@@ -394,23 +464,24 @@ class Transfers:
         partial.mkdir(mode=0o755)
         try:
             for role, entry in files.items():
-                self._download(image, role, entry, partial / role, deadline)
+                self._download(image, role, entry, partial / role, deadline, query)
             disk_format = self._check_disk(partial / "disk", parent)
-            config = self._rewrite_config(image, (partial / "config").read_bytes(), disk_format, files)
+            peer_config = (partial / "config").read_bytes()
             target = partial / "image.xml"
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(config)
-                handle.flush()
-                os.fsync(handle.fileno())
+            info = self._write_config(image, target, self._rewrite_config(image, peer_config, disk_format, files))
+            if info.state is not None and not self._state_fits(info):
+                files.pop("state")
+                (partial / "state").unlink()
+                target.unlink()
+                info = self._write_config(image, target, self._rewrite_config(image, peer_config, disk_format,
+                                                                              files))
             (partial / "manifest.json").write_text(json.dumps(document))
             fsync_directory(partial)
-            try:
-                info = load_image_config(target)
-            except VMShopError as exc:
-                raise TransferFailedError(f"image '{name}' from {image.peer} does not load: {exc.message}") from None
             if info.name != name or info.parent != image.parent:
                 raise TransferFailedError(f"image '{name}' from {image.peer} names another image or parent")
+            if (None if info.public else info.owner) != image.owner or (image.owner is not None and not info.movable):
+                raise TransferFailedError(f"image '{name}' from {image.peer} is not the owner's movable image its "
+                                          "catalog described: refused")
             if dag_to_xml(info.dag) != dag_to_xml(image.dag) or info.hardware != image.hardware \
                     or info.guest != image.guest:
                 raise TransferFailedError(f"image '{name}' from {image.peer} is not the image its catalog described "
@@ -438,8 +509,36 @@ class Transfers:
         self.fetched_count += 1
         log.info("fetched image %s from %s (%d bytes in %.2f s)", name, image.peer, total, seconds)
 
+    def _write_config(self, image: RemoteImage, target: Path, config: bytes) -> ImageInfo:
+        """Write the fetched image's (rewritten) configuration to ``target``, fsynced, and load it."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(config)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            return load_image_config(target)
+        except VMShopError as exc:
+            raise TransferFailedError(f"image '{image.name}' from {image.peer} does not load: {exc.message}") \
+                from None
+
+    def _state_fits(self, info: ImageInfo) -> bool:
+        """Whether the fetched saved state of ``info`` can be restored here: a clone's machine model here is the
+        one it was saved for (else it is dropped: clones boot)."""
+        try:
+            model = self.state_model(info) if self.state_model is not None else None
+        except VMShopError as exc:
+            model = None
+            log.info("image %s: no machine model here (%s)", info.name, exc.message)
+        if model is not None and model == info.state_model:
+            return True
+        log.info("image %s: its saved state was made for machine %r, a clone here runs as %r: the state is "
+                 "dropped, clones boot", info.name, info.state_model, model)
+        return False
+
     def _manifest(self, image: RemoteImage) -> dict[str, Any]:
-        body = self._get(image.peer, f"images/{image.name}/manifest", MAX_MANIFEST_BYTES, MANIFEST_TIMEOUT)
+        query = f"?owner={image.owner}" if image.owner is not None else ""
+        body = self._get(image.peer, f"images/{image.name}/manifest{query}", MAX_MANIFEST_BYTES, MANIFEST_TIMEOUT)
         try:
             document = json.loads(body)
         except ValueError:
@@ -454,8 +553,8 @@ class Transfers:
         roles = set()
         for entry in entries:
             if not isinstance(entry, dict) or entry.get("role") not in ROLES or entry["role"] in roles:
-                raise TransferFailedError(f"{what} names a file that is not config, disk, kernel or initrd, or "
-                                          "one twice")
+                raise TransferFailedError(f"{what} names a file that is not config, disk, kernel, initrd or "
+                                          "state, or one twice")
             roles.add(entry["role"])
             size, digest = entry.get("size"), entry.get("sha256")
             if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_FILE_BYTES:
@@ -471,9 +570,11 @@ class Transfers:
             raise TransferFailedError(f"{what} does not say which disk its parent is")
         return document
 
-    def _download(self, image: RemoteImage, role: str, entry: dict[str, Any], target: Path, deadline: float) -> None:
-        """One file, checked for its size (never more is written) and its sha256."""
-        url = f"{image.peer.rstrip('/')}/images/{image.name}/{role}"
+    def _download(self, image: RemoteImage, role: str, entry: dict[str, Any], target: Path, deadline: float,
+                  query: str = "") -> None:
+        """One file, checked for its size (never more is written) and its sha256; ``query``: ``?owner=O`` for an
+        owner's movable image."""
+        url = f"{image.peer.rstrip('/')}/images/{image.name}/{role}{query}"
         size, expected = entry["size"], entry["sha256"]
         digest = hashlib.sha256()
         written = 0
@@ -485,7 +586,9 @@ class Transfers:
                 with response:
                     if response.status_code != 200:
                         raise TransferFailedError(f"{url} answered {response.status_code}")
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                    # A saved state holds the guest's memory: for the plant only, as publish writes it.
+                    mode = 0o600 if role == "state" else 0o644
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
                     with os.fdopen(fd, "wb") as handle:
                         for block in response.iter_content(CHUNK):
                             written += len(block)
@@ -538,19 +641,30 @@ class Transfers:
 
     def _rewrite_config(self, image: RemoteImage, data: bytes, disk_format: str, files: Mapping[str, Any]) -> bytes:
         """The fetched configuration, naming the fetched files (and nothing else of the host)."""
-        root, name, _, _, _ = parse_image_document(data, f"image '{image.name}' from {image.peer}")
+        root, name, _, _, _, owner = parse_image_document(data, f"image '{image.name}' from {image.peer}",
+                                                          self.fetch_movable)
         if name != image.name:
             raise TransferFailedError(f"the configuration of '{image.name}' from {image.peer} names '{name}'")
+        if owner != image.owner:
+            raise TransferFailedError(f"image '{image.name}' from {image.peer} belongs to another owner than its "
+                                      "catalog said: refused")
         disk = root.find(f"{{{IMAGE_NS}}}disk")
         assert disk is not None
         if disk.get("format") != disk_format:
             raise TransferFailedError(f"image '{image.name}': its disk is declared {disk.get('format')} but is "
                                       f"{disk_format}")
         disk.set("file", "disk")
-        for child in list(root):  # anything else naming a host file (a saved state: not fetched) goes
+        state = root.find(f"{{{IMAGE_NS}}}state")
+        if state is None and "state" in files:
+            raise TransferFailedError(f"image '{image.name}': its manifest lists a saved state its configuration "
+                                      "lacks")
+        for child in list(root):  # anything else naming a host file goes (a state not fetched too: clones boot)
             if isinstance(child.tag, str) and child.tag.startswith(f"{{{IMAGE_NS}}}") \
-                    and etree.QName(child).localname not in KEPT_ELEMENTS:
+                    and etree.QName(child).localname not in KEPT_ELEMENTS \
+                    and not (child is state and "state" in files):
                 root.remove(child)
+        if state is not None and "state" in files:
+            state.set("file", "state")
         boot = root.find(f"{{{IMAGE_NS}}}boot")
         if boot is not None:
             for attribute in ("kernel", "initrd"):
@@ -614,6 +728,10 @@ class Transfers:
             if PARTIAL in entry.name or entry.resolve() not in listed:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
+                continue
+            for leftover in entry.glob(".image.xml.*.tmp"):  # a setImageMovable cut short
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
         if removed:
             log.warning("removed %d leftover(s) of fetches: %s", len(removed), ", ".join(p.name for p in removed))
         return removed

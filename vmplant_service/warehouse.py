@@ -91,6 +91,8 @@ class ImageInfo:
     owner: str | None = None
     #: Whether it serves every owner's requests (always True for an installer's image).
     public: bool = True
+    #: Whether its owner let it move between the site's plants (``movable="true"``; see :meth:`Warehouse.shareable`).
+    movable: bool = False
     #: Its saved running state (``<state file>``: publishVM with_state), or None.
     state: Path | None = None
     #: The backend's machine model that state can be restored into (:meth:`~.backends.base.Backend.machine_model`).
@@ -203,9 +205,10 @@ def load_image_config(path: str | Path) -> ImageInfo:
     description = (description_el.text or "").strip() if description_el is not None else None
     owner = root.get("owner")
     public = owner is None or root.get("public", "false") in ("true", "1")
+    movable = owner is not None and root.get("movable", "false") in ("true", "1")
     return ImageInfo(name=root.get("name"), config_path=real, disk=disk, disk_format=disk_format, kernel=kernel,
                      initrd=initrd, cmdline=cmdline, machine=machine, hardware=hardware, dag=dag,
-                     description=description, guest=guest, owner=owner, public=public, state=state,
+                     description=description, guest=guest, owner=owner, public=public, movable=movable, state=state,
                      state_model=state_model, state_macs=state_macs)
 
 
@@ -325,6 +328,27 @@ class Warehouse:
             changed = False
             for name, info in list(images.items()):
                 if info.parent is not None and info.parent not in images:
+                    del images[name]
+                    changed = True
+        return images
+
+    def shareable(self, owner: str | None) -> dict[str, ImageInfo]:
+        """Name -> image, for the images a peer plant may fetch on behalf of ``owner``: the public ones and
+        ``owner``'s movable private ones (``None``: every owner's movable ones).
+
+        Closed under lineage, per image: a public image's parent must be public, a private image's parent public
+        or the same owner's movable image (an image whose parent is not shareable cannot be fetched anyway, and
+        its entry would name that parent).
+        """
+        images = {name: info for name, info in self._images.items()
+                  if info.public or (info.movable and info.owner and (owner is None or info.owner == owner))}
+        changed = True
+        while changed:
+            changed = False
+            for name, info in list(images.items()):
+                parent = images.get(info.parent) if info.parent is not None else None
+                if info.parent is not None and (
+                        parent is None or not (parent.public if info.public else parent.visible_to(info.owner or ""))):
                     del images[name]
                     changed = True
         return images

@@ -129,11 +129,13 @@ class Image(ComplexModel):
     steps = _many(Unicode)
     size = Integer
     with_state = Boolean  # it carries a saved running state (its clones resume where the backend can)
+    is_movable = Boolean  # its owner let it move between the site's plants that agree (vmplant_service/transfer.py)
 
 
 def image_out(image: PublishedImage) -> Image:
     return spyne_record(Image, name=image.name, owner=image.owner, is_public=image.public, base=image.base,
-                        steps=list(image.steps), size=image.size, with_state=image.with_state)
+                        steps=list(image.steps), size=image.size, with_state=image.with_state,
+                        is_movable=image.movable)
 
 
 Offer = offer_type(TNS)

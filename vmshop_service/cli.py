@@ -20,6 +20,8 @@ Usage::
                                   --with-state: its running state too (clones resume)
     unpublish IMAGE               remove your published image (once no VM uses it as a base)
     public IMAGE yes|no           (admins) a published image serves every owner, or its own only
+    movable IMAGE yes|no          your private image may move between the site's plants that agree
+                                  (for your requests only), or not
     plants [--reload]             the shop's plants and their health
     validate FILE...              check DAG files against the language (offline)
 
@@ -443,6 +445,16 @@ def cmd_public(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_movable(args: argparse.Namespace) -> int:
+    movable = args.setting == "yes"
+    with _client(args) as client:
+        plants = client.set_image_movable(args.image, movable)
+    _emit(args, {"image": args.image, "movable": movable, "plants": plants},
+          lambda: f"{display.cell(args.image)}: {'movable between' if movable else 'kept on'} the plants that agree, "
+          f"on {', '.join(display.cell(p) for p in plants)}")
+    return EXIT_OK
+
+
 def cmd_lease(args: argparse.Namespace) -> int:
     termination = None if args.duration is None else time.time() + args.duration
     with _client(args) as client:
@@ -563,6 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
     public.add_argument("image", metavar="IMAGE", help="the image's name")
     public.add_argument("setting", choices=("yes", "no"), help="yes: it serves every owner; no: its owner only")
     public.set_defaults(handler=cmd_public)
+
+    movable = commands.add_parser("movable", parents=[common],
+                                  help="let your private image move between the site's plants that agree, or not")
+    movable.add_argument("image", metavar="IMAGE", help="the image's name")
+    movable.add_argument("setting", choices=("yes", "no"),
+                         help="yes: plants that agree may fetch it for your requests; no: it stays where it is")
+    movable.set_defaults(handler=cmd_movable)
 
     plants = commands.add_parser("plants", parents=[common], help="the shop's plants and their health")
     plants.add_argument("--reload", action="store_true", help="make the shop re-read its plant list first")

@@ -616,6 +616,11 @@ class VMShopClient:
         plants that have it."""
         return _strings(self._call("setImagePublic", image=image, is_public=public))
 
+    def set_image_movable(self, image: str, movable: bool) -> list[str]:
+        """setImageMovable (the image's owner, or an admin): let the private image move between the site's plants
+        that agree, for its owner's requests only, or stop it; the plants that have it."""
+        return _strings(self._call("setImageMovable", image=image, is_movable=movable))
+
     def plants(self) -> list[PlantHealth]:
         """listPlants: the plants the shop knows, with their health."""
         return [_plant(p) for p in _list(self._call("listPlants"))]

@@ -79,6 +79,8 @@ class ShopOperations(Protocol):
 
     def set_image_public(self, caller: Identity, image: str, public: bool, /) -> Answer[list[str]]: ...
 
+    def set_image_movable(self, caller: Identity, image: str, movable: bool, /) -> Answer[list[str]]: ...
+
     def plants_list(self, caller: Identity, /) -> Answer[list[PlantStatus]]: ...
 
     def reload_plants(self, caller: Identity, /) -> Answer[list[PlantStatus]]: ...
@@ -89,7 +91,7 @@ class ShopOperations(Protocol):
 #: The operation names of :class:`ShopOperations` (what ``_call`` may be asked to run).
 SHOP_OPERATIONS = ("create", "estimate", "configure", "query", "describe", "collect", "set_termination",
                    "resource_document", "resource_property", "resource_query", "publish", "unpublish",
-                   "set_image_public", "plants_list", "reload_plants", "plant_changed")
+                   "set_image_public", "set_image_movable", "plants_list", "reload_plants", "plant_changed")
 
 
 def _shop(ctx: Any) -> ShopOperations:
@@ -190,6 +192,13 @@ class VMShopService(ServiceBase):
         """Make a published image public (it serves every owner's requests) or private again, on every plant that
         has it (admins only); the addresses of those plants."""
         return _call(ctx, "set_image_public", image, bool(is_public))
+
+    @rpc(Unicode(min_occurs=1, nillable=False, max_len=256), Boolean(min_occurs=1, nillable=False), _returns=Strings)
+    def setImageMovable(ctx, image, is_movable):  # noqa: N802, N805
+        """Let the caller's private published image move between the site's plants that agree to serve and fetch
+        owners' movable images (each fetched copy stays the owner's, private), or stop it, on every plant that
+        has it (its owner or an admin; another owner's image does not exist to the caller); those plants."""
+        return _call(ctx, "set_image_movable", image, bool(is_movable))
 
     @rpc(_returns=PlantStatus.customize(max_occurs="unbounded"))
     def listPlants(ctx):  # noqa: N802, N805

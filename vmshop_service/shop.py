@@ -682,6 +682,17 @@ class Shop:
         return done
 
     @defer.inlineCallbacks
+    def set_image_movable(self, caller: Identity, image: str, movable: bool) -> Any:
+        """Let the published private image ``image`` move between the site's plants that agree (or stop it), on
+        every plant that has it; the plants' addresses. Its owner agrees (a user, for its own images only: another
+        owner's do not exist to it, ``Client.NoSuchImage``) or an admin for any."""
+        authz.require(caller, authz.VM_ROLES, "make images movable")
+        check_image_name(image)
+        owner = "" if caller.is_admin else caller.name
+        done = yield self._on_every_plant("setImageMovable", image=image, is_movable=bool(movable), owner=owner)
+        return done
+
+    @defer.inlineCallbacks
     def _on_every_plant(self, operation: str, **arguments: Any) -> Any:
         """Ask every plant to do ``operation`` on ``arguments['image']``; the addresses of those that did. When
         none did: the first refusal other than Client.NoSuchImage, else PlantGoneError if a plant did not answer,
