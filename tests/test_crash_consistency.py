@@ -114,6 +114,10 @@ def world(tmp_path: Path, warehouse_dir: Path) -> Iterator[World]:
         assert "Traceback" not in server.output(), server.output()[-4000:]
 
 
+class CallFailed(Exception):
+    """A call of a burst that got no answer (what it raised, in words)."""
+
+
 def burst(world: World, count: int, dag: str) -> tuple[threading.Thread, list[Any]]:
     """Start ``count`` creates at once through the shop (each its own client); what they answered, as they end."""
     answers: list[Any] = []
@@ -124,11 +128,20 @@ def burst(world: World, count: int, dag: str) -> tuple[threading.Thread, list[An
         try:
             answers.append(service.createVM(dag=dag, owner="crash"))
         except Exception as exc:  # noqa: BLE001 - a killed server answers nothing: that is the point
-            answers.append(exc)
+            failures.append(exc)
+            answers.append(CallFailed(f"{type(exc).__name__}: {exc}"))
+
+    # The exceptions hold the cut calls' sockets (through their tracebacks, in reference cycles). They are kept
+    # here until the burst is over and then collected with their warnings ignored. Kept in ``answers``, they
+    # outlived that collection and warned in whichever later test a full collection came (f1 of stop 19: a suds
+    # test's setup); dropped as each call failed, a collection during the burst found them (with warnings as
+    # errors).
+    failures: list[Exception] = []
 
     def run() -> None:
         with ThreadPoolExecutor(count) as pool:
             list(pool.map(create, services))
+        failures.clear()
         forget_broken_connections()
 
     thread = threading.Thread(target=run)
@@ -248,17 +261,20 @@ def test_the_shop_killed_during_a_burst_of_collects(world: World) -> None:
     assert len(made) == 10
     services = [world.service(world.shop, 120) for _ in made]
 
+    failures: list[Exception] = []  # kept until the burst is over, as in burst()
+
     def collect(pair: tuple[Any, Any]) -> None:
         try:
             pair[0].collectVM(vm=pair[1].epr)
-        except Exception:  # noqa: BLE001 - the shop dies under it
-            pass
+        except Exception as exc:  # noqa: BLE001 - the shop dies under it
+            failures.append(exc)
 
     with ThreadPoolExecutor(10) as pool:
         future = pool.map(collect, zip(services, made, strict=True))
         time.sleep(0.2)
         world.shop.stop(signal.SIGKILL)
         list(future)
+    failures.clear()
     forget_broken_connections()
     world.restart(world.shop)
     settled(world)
