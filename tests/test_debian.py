@@ -12,9 +12,14 @@ a collect (the seed, overlay and processes gone).
   declines the Debian DAG at bid time with its capability reason (no
   boot), and declines nothing it can run (tiny).
 - ``libvirt``: the same flow on a plant of its own.
+- Resume (issue 14): the qemu plant publishes a Debian VM with its running
+  state; two clones resume from it, each with its own identity (MACs, pool
+  address, host name, entropy), which systemd-networkd keeps across its
+  restart, and one reaches the other over their owner's segment.
 
-Each backend boots ONE Debian guest (about a minute and a half under TCG
-here); the tests that can share it do.
+Each backend boots ONE Debian guest for the sample (about a minute and a
+half under TCG here), and the qemu plant one more, the saved guest, whose
+clones resume in seconds; the tests that can share them do.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import pytest
 from servers import ROOT, ServerProcess, host_port, processes_mentioning, start_plant, start_shop, wait_for
@@ -94,9 +100,9 @@ def datastore() -> Iterator[Path]:
 
 
 def _site(base: Path, warehouse: Path, datastore: Path, backend: str, options: dict[str, str],
-          extra_plants: list[ServerProcess] = ()) -> Site:  # type: ignore[assignment]
+          extra_plants: list[ServerProcess] = (), capacity_vms: int = 2) -> Site:  # type: ignore[assignment]
     plant = start_plant(base / backend, warehouse, name=backend, backend=backend, backend_options=options,
-                        datastore=datastore, capacity_vms=2, capacity_memory=1536)
+                        datastore=datastore, capacity_vms=capacity_vms, capacity_memory=1536)
     try:
         # The backend's first look (libvirt: starting its daemons) happens before the shop asks for bids; and a
         # bid may be slow on a busy 2-core machine, which is not what these tests are about.
@@ -123,10 +129,23 @@ def uml_plant(tmp_path_factory: pytest.TempPathFactory, debian_warehouse: Path,
         plant.cleanup()
 
 
+def own_warehouse(base: Path, shared: Path) -> Path:
+    """A warehouse of its own in ``base`` whose index lists ``shared``'s images (what a plant publishes goes
+    there, never into the shared warehouse)."""
+    warehouse = base / "warehouse"
+    warehouse.mkdir()
+    lines = [line.strip() for line in (shared / "index.txt").read_text().splitlines()]
+    (warehouse / "index.txt").write_text("".join(f"{(shared / line).resolve()}\n" for line in lines
+                                                 if line and not line.startswith("#")))
+    return warehouse
+
+
 @pytest.fixture(scope="module")
 def qemu_site(tmp_path_factory: pytest.TempPathFactory, debian_warehouse: Path, datastore: Path,
               uml_plant: ServerProcess) -> Iterator[Site]:
-    site = _site(tmp_path_factory.mktemp("deb-qemu"), debian_warehouse, datastore, "qemu", {}, [uml_plant])
+    base = tmp_path_factory.mktemp("deb-qemu")
+    # Three Debian guests at most (512 MiB each): the saved guest and its two resumed clones.
+    site = _site(base, own_warehouse(base, debian_warehouse), datastore, "qemu", {}, [uml_plant], capacity_vms=3)
     try:
         yield site
     finally:
@@ -203,6 +222,98 @@ def test_a_blank_request_naming_debian_12_is_served_from_the_debian_image(qemu_s
 
 def test_the_debian_sample_through_the_shop_on_qemu(qemu_site: Site) -> None:
     sample_through_the_shop(qemu_site)
+
+
+#: What a resumed Debian clone reports of itself (key=value lines): the saved guest's file, its uptime, MACs, host
+#: name, its segment NIC's MAC, IPv4 and IPv6 link-local addresses, 32 bytes of /dev/urandom, how often its kernel
+#: reseeded its random generator on a new VM generation id, and how systemd-networkd sees its NICs (once it has
+#: configured them all, or after 30 s).
+RESUMED = r"""
+seg=$(ip -4 -o addr show | awk '$2 != "lo" && $4 !~ /^10\.0\.2\./ {print $2; exit}')
+links() { networkctl list --no-legend | awk '$3 == "ether" {print $2 ":" $5}' | sort | tr '\n' ' '; }
+echo "mark=$(cat /srv/saved/mark)"
+echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
+echo "macs=$(cat /sys/class/net/e*/address | sort | tr '\n' ' ')"
+echo "hostname=$(hostname)"
+echo "segmac=$(cat /sys/class/net/$seg/address)"
+echo "addresses=$(ip -4 -o addr show dev $seg | awk '{print $4}' | tr '\n' ' ')"
+echo "linklocal=$(ip -6 -o addr show dev $seg scope link | awk '{print $4}' | tr '\n' ' ')"
+echo "random=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+echo "reseeded=$(dmesg | grep -c 'crng reseeded due to virtual machine fork')"
+settled() { networkctl list --no-legend | awk '$3 == "ether" && $5 != "configured" {n++} END {exit n > 0}'; }
+for i in $(seq 150); do settled && break; sleep 0.2; done
+echo "links=$(links)"
+"""
+#: networkd started over (it matches its .network files again, by MAC): the segment's addresses and the NICs' setup.
+RESTARTED = r"""
+systemctl restart systemd-networkd
+for i in $(seq 150); do settled && ip -4 -o addr show dev $seg | grep -q . && break; sleep 0.2; done
+echo "restarted=$(ip -4 -o addr show dev $seg | awk '{print $4}' | tr '\n' ' ')"
+echo "relinks=$(links)"
+"""
+
+
+def report(output: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+
+def test_two_debian_clones_resume_from_one_saved_state_each_with_its_own_identity(qemu_site: Site) -> None:
+    """Issue 14's resume acceptance on Debian: systemd-networkd (cloud-init's files match NICs by MAC) keeps each
+    clone's MACs and pool address, also when it starts over; each clone reaches the other over alice's segment."""
+    alice = qemu_site.shop.service_as("alice", timeout=900)
+
+    def one(body: str, image: str = "debian12") -> str:
+        return (f'<vm xmlns="{DAG_NS}"><nodes><image id="os" name="{image}"/>'
+                f'<script id="go" interpreter="/bin/bash" timeout="120">{escape(body)}</script></nodes>'
+                '<edges><edge from="os" to="go"/></edges></vm>')
+
+    def configure(vm: Any, body: str, image: str) -> str:
+        runs = alice.configureVM(vm=vm.epr, dag=one(body, image))
+        assert [run.ok for run in runs] == [True], [run.output for run in runs]
+        wait_for(lambda: alice.describeVM(vm=vm.epr).state == "running", 30, "the VM running again")
+        return str(runs[0].output)
+
+    # The saved guest: its random generator initialised (as a guest that ran a while has), a file of its own.
+    saved = alice.createVM(dag=one("head -c 8 /dev/urandom >/dev/null && mkdir -p /srv/saved && "
+                                   "echo 'saved guest' >/srv/saved/mark && sync && "
+                                   "cut -d' ' -f1 /proc/uptime; cat /sys/class/net/e*/address | sort | tr '\\n' ' '"),
+                           vm_key="alice-deb-saved")
+    assert saved.vm.state == "running" and saved.vm.image == "debian12"
+    uptime, macs = saved.runs[0].output.splitlines()[:2]
+    wait_for(lambda: alice.describeVM(vm=saved.vm.epr).state == "running", 30, "the VM running")
+    image = alice.publishVM(vm=saved.vm.epr, image="alice-deb-saved", with_state=True)
+    assert (image.base, image.with_state) == ("debian12", True)
+
+    clones = []
+    for key, body in (("alice-deb-1", RESUMED + RESTARTED), ("alice-deb-2", RESUMED)):
+        made = alice.createVM(dag=one(body, "alice-deb-saved"), vm_key=key)
+        assert made.vm.image == "alice-deb-saved" and [run.ok for run in made.runs] == [True], made.runs
+        seen = report(made.runs[0].output)
+        # Resumed, not booted: the saved guest's file, and its uptime goes on from the saved guest's.
+        assert seen["mark"] == "saved guest" and float(seen["uptime"]) >= float(uptime), seen
+        assert seen["reseeded"] == "1", seen
+        # Its pool address alone on its segment NIC (never the saved guest's), set by networkd from its own
+        # files (every NIC configured), and so again after networkd started over (the first clone: once is enough).
+        assert seen["addresses"].split() == [f"{made.vm.address}/24"], seen
+        assert seen["links"].count(":configured") == 2, seen
+        if "restarted" in seen:
+            assert seen["restarted"].split() == [f"{made.vm.address}/24"] and seen["relinks"] == seen["links"], seen
+        clones.append((made.vm, seen))
+    (one_vm, first), (two_vm, second) = clones
+    assert len(first["random"]) == len(second["random"]) == 64 and first["random"] != second["random"]
+    for a, b in ((first["macs"], second["macs"]), (first["macs"], macs), (second["macs"], macs)):
+        assert set(a.split()).isdisjoint(b.split())
+    assert first["linklocal"].split() != [] and first["linklocal"] != second["linklocal"]
+    assert first["hostname"] != second["hostname"] and one_vm.address not in (two_vm.address, saved.vm.address)
+    # Both answer their agent, and the second reaches the first over alice's segment, at its new MAC (a
+    # closed port answers with a reset: the guest has no ping).
+    reached = configure(two_vm, f"timeout 10 bash -c ': >/dev/tcp/{one_vm.address}/9' 2>&1; "
+                                f"ip neigh show {one_vm.address}", "alice-deb-saved")
+    assert "Connection refused" in reached and f"lladdr {first['segmac']} " in reached, reached
+    assert configure(one_vm, "hostname", "alice-deb-saved") == f"{first['hostname']}\n"
+    for vm in (one_vm, two_vm, saved.vm):
+        alice.collectVM(vm=vm.epr)
+    assert alice.unpublishImage(image="alice-deb-saved") == [qemu_site.plant.url]
 
 
 def test_the_debian_sample_through_the_shop_on_libvirt(tmp_path_factory: pytest.TempPathFactory,
