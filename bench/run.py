@@ -24,7 +24,7 @@ Rows (names for ``--only``; numbers work too):
 16. ``publish``    create from the base vs from a published image (3 actions of ~1 s left vs none); the time to
                    publish a VM with 64 MiB of changes (bench/rows_images.py)
 17. ``resume``     create from an image's saved running state (restore + identity reset) vs a bare boot of the
-                   same image, no actions (bench/rows_images.py)
+                   same image, no actions: tiny (17) and debian12 (17b) (bench/rows_images.py)
 18. ``transfer``   a create on a plant that lacks an image its peer holds (fetched), then a second (cloned), against
                    the same create on the peer (bench/rows_images.py)
 

@@ -599,7 +599,8 @@ class Plant:
         """Give a clone resumed from a saved state its own identity, through its agent, before any action runs:
         thaw its file systems (frozen when the state was saved), write :data:`ENTROPY_BYTES` random bytes of the
         host's into its /dev/urandom, set its clock, give each NIC its own MAC (the saved guest's are in the state)
-        and the segment NIC its pool address, and set its host name. Every value comes from the plant, never from
+        and the segment NIC its pool address (under systemd-networkd, through its files, which follow the new MACs:
+        :data:`IDENTITY_PROGRAM`), and set its host name. Every value comes from the plant, never from
         the guest; what the guest answers is bounded (the agent client) and the whole reset has a deadline
         (:data:`IDENTITY_TIMEOUT`). ActionFailedError when the guest does not comply."""
         agent = channel.agent
@@ -1106,19 +1107,58 @@ class Plant:
 #: The guest program of an identity reset (POSIX sh, busybox and Debian alike). $1 host name, $2 the segment NIC's
 #: (new) MAC or '', $3 its address/prefix or '', then OLD=NEW MAC pairs: each NIC with the saved guest's MAC OLD
 #: gets the clone's own MAC NEW (virtio-net tells the device: the hypervisor's NIC then uses it too).
+#: Under systemd-networkd (Debian: cloud-init's ``10-cloud-init-*.network`` match NICs by MAC) its files follow:
+#: the old MACs in them become the new ones, the segment NIC gets ``05-vmshop-segment.network`` (as a network
+#: action writes it: it sorts first) with the clone's address, and networkd reloads and reconfigures the NICs, so
+#: that its next restart, reload or carrier change (or a reboot: cloud-init then also sees the clone's new
+#: instance-id) keeps the clone's identity, never gives back the saved guest's address, nor leaves a NIC unmanaged.
 IDENTITY_PROGRAM = """\
 name=$1; seg=$2; addr=$3; shift 3
+nd=; devs=
+if [ -d /run/systemd/system ] && command -v networkctl >/dev/null 2>&1 && \\
+   systemctl -q is-enabled systemd-networkd.service 2>/dev/null; then nd=1; fi
 for pair in "$@"; do
   old=${pair%%=*}; new=${pair#*=}; dev=
   for n in /sys/class/net/*; do [ "$(cat "$n/address")" = "$old" ] && dev=${n##*/}; done
   [ -n "$dev" ] || { echo "no NIC with MAC $old"; exit 3; }
+  # Under networkd, down and up again: the kernel then drops the IPv6 link-local address made from the old MAC
+  # and makes one from the new (clones never share one), and networkd configures the NIC anew below.
+  [ -z "$nd" ] || ip link set dev "$dev" down
   ip link set dev "$dev" address "$new" || { echo "$dev kept MAC $old"; exit 3; }
+  [ -z "$nd" ] || ip link set dev "$dev" up || exit 3
+  devs="$devs $dev"
 done
+sdev=
 if [ -n "$seg" ] && [ -n "$addr" ]; then
-  dev=
-  for n in /sys/class/net/*; do [ "$(cat "$n/address")" = "$seg" ] && dev=${n##*/}; done
-  [ -n "$dev" ] || { echo "no NIC with MAC $seg"; exit 4; }
-  ip link set "$dev" up && ip addr flush dev "$dev" && ip addr add "$addr" dev "$dev" || exit 4
+  for n in /sys/class/net/*; do [ "$(cat "$n/address")" = "$seg" ] && sdev=${n##*/}; done
+  [ -n "$sdev" ] || { echo "no NIC with MAC $seg"; exit 4; }
+fi
+if [ -n "$nd" ]; then
+  for pair in "$@"; do
+    old=${pair%%=*}; new=${pair#*=}
+    for f in /etc/systemd/network/* /run/systemd/network/*; do
+      [ -f "$f" ] && [ ! -L "$f" ] || continue
+      ! grep -qi "$old" "$f" || sed -i "s/$old/$new/gI" "$f" || { echo "$f kept MAC $old"; exit 4; }
+    done
+  done
+  if [ -n "$sdev" ]; then
+    f=/etc/systemd/network/05-vmshop-segment.network
+    mkdir -p /etc/systemd/network
+    printf '[Match]\\nMACAddress=%s\\n\\n[Network]\\nAddress=%s\\n' "$seg" "$addr" >"$f.new" || exit 4
+    mv -f "$f.new" "$f" || exit 4
+    ip -4 addr flush dev "$sdev"
+  fi
+  # networkctl needs D-Bus, which a minimal image may lack; a restart of networkd reads the files too.
+  { networkctl reload && networkctl reconfigure $devs; } >/dev/null 2>&1 || \\
+    systemctl restart systemd-networkd.service || { echo "systemd-networkd did not take the new MACs"; exit 4; }
+elif [ -n "$sdev" ]; then
+  ip link set "$sdev" up && ip addr flush dev "$sdev" && ip addr add "$addr" dev "$sdev" || exit 4
+fi
+if [ -n "$sdev" ]; then
+  i=0
+  until ip -4 -o addr show dev "$sdev" | grep -q " ${addr%/*}/"; do
+    i=$((i + 1)); [ "$i" -le 150 ] || { echo "$sdev did not get $addr"; exit 4; }; sleep 0.1
+  done
 fi
 echo "$name" >/etc/hostname && hostname "$name" || exit 5
 echo "identity: $name"
